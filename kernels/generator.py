@@ -1,0 +1,147 @@
+"""Generator: (BlockSpec, Schedule) -> Variant, i.e. Triton source text plus its launch metadata.
+
+Same spec + schedule -> byte-identical source -> the same content hash (the variant id).
+Each (kind, op) has one Template: a Jinja2 file, a context builder and a grid function.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import jinja2
+
+from . import epilogue as _ep
+from . import schedule as _sched
+from .schedule import Schedule
+from .spec import BlockSpec, SpecError
+
+GENERATOR_VERSION = "0.1.0"
+_INT32_LIMIT = 2 ** 31 - 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One generated kernel: spec + schedule + the exact source and how to launch it."""
+
+    spec: BlockSpec
+    schedule: Schedule
+    source: str
+    kernel_name: str
+    grid: tuple[int, ...]
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()[:24]
+
+    @property
+    def num_warps(self) -> int:
+        return self.schedule.num_warps
+
+    @property
+    def num_stages(self) -> int:
+        return self.schedule.num_stages
+
+
+@dataclass(frozen=True)
+class Template:
+    file: str
+    context: Callable[[BlockSpec, Schedule], dict[str, Any]]
+    grid: Callable[[BlockSpec, Schedule], tuple[int, ...]]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for v in xs:
+        out *= v
+    return out
+
+
+class _Ctx(dict):
+    """Template context with attribute access (v.BM rather than v['BM'])."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
+    """Shape constants every template shares: NHWC strides and window geometry."""
+    nd = spec.ndim
+    sx = [spec.c * _prod(spec.in_size[d + 1:]) for d in range(nd)]
+    largest = max(spec.n * spec.c * _prod(spec.in_size), spec.out_pixels * spec.k)
+    return dict(
+        ndim=nd, dims=list(range(nd)), N=spec.n, C=spec.c, K=spec.k, CG=spec.cg, KG=spec.kg, G=spec.groups,
+        IN=list(spec.in_size), OUT=list(spec.out_size), KS=list(spec.kernel), ST=list(spec.stride),
+        PAD=[p[0] for p in spec.padding], DIL=list(spec.dilation), TAPS=spec.taps, M=spec.out_pixels,
+        SX=sx, SXN=spec.c * _prod(spec.in_size), padded=spec.has_padding, i64=largest > _INT32_LIMIT,
+        BM=s.block_m, BN=s.block_n, BK=s.block_k, GROUP_M=s.group_m, ep=spec.epilogue,
+        ep_args=_ep.arg_names(spec.epilogue), act=lambda var: _ep.activation_expr(spec.epilogue.activation, var),
+    )
+
+
+def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
+    g = _geometry(spec, s)
+    pointwise = spec.taps == 1 and all(v == 1 for v in spec.stride) and not spec.has_padding
+    dot_kw = f', input_precision="{spec.precision}"' if spec.dtype == "float32" else ""
+    g.update(NPID_M=_cdiv(spec.out_pixels, s.block_m), NPID_N=_cdiv(spec.kg, s.block_n),
+             NCB=_cdiv(spec.cg, s.block_k), KTOT=spec.cg * spec.taps, k_order=s.k_order,
+             pointwise=pointwise, dot_kw=dot_kw)
+    return g
+
+
+def _conv_fwd_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
+    return (_cdiv(spec.out_pixels, s.block_m) * _cdiv(spec.kg, s.block_n), spec.groups)
+
+
+def _depthwise_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
+    g = _geometry(spec, s)
+    # Unroll the innermost window dim when short; longer ones (31x31) stay runtime loops.
+    static = [d == spec.ndim - 1 and spec.kernel[d] <= 16 for d in range(spec.ndim)]
+    g.update(MULT=spec.k // spec.c, static=static)
+    return g
+
+
+def _depthwise_fwd_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
+    return (_cdiv(spec.out_pixels, s.block_m), _cdiv(spec.k, s.block_n))
+
+
+TEMPLATES: dict[tuple[str, str], Template] = {
+    ("conv", "fwd"): Template("conv_fwd.py.j2", _conv_fwd_context, _conv_fwd_grid),
+    ("depthwise", "fwd"): Template("depthwise_fwd.py.j2", _depthwise_fwd_context, _depthwise_fwd_grid),
+}
+
+
+def register(kind: str, op: str, template: Template) -> None:
+    """Add a (kind, op) template; the backward families register themselves this way."""
+    TEMPLATES[(kind, op)] = template
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+        autoescape=False)
+
+
+def kernel_name(spec: BlockSpec) -> str:
+    return f"tunerd_{spec.kind}{spec.ndim}d_{spec.op}"
+
+
+def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant:
+    """Render the Triton source for spec under schedule (default heuristic when None)."""
+    tpl = TEMPLATES.get((spec.kind, spec.op))
+    if tpl is None:
+        raise SpecError(f"no generator for kind={spec.kind!r} op={spec.op!r}")
+    s = _sched.resolve(spec, schedule)
+    ctx = _Ctx(tpl.context(spec, s))
+    name = kernel_name(spec)
+    ctx.update(name=name, generator_version=GENERATOR_VERSION, spec_json=spec.to_json(), schedule_json=s.to_json())
+    source = _env().get_template(tpl.file).render(v=ctx)
+    source = "\n".join(line.rstrip() for line in source.splitlines()) + "\n"
+    return Variant(spec=spec, schedule=s, source=source, kernel_name=name, grid=tpl.grid(spec, s))

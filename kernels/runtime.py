@@ -1,0 +1,146 @@
+"""Launch runtime: load generated source once per variant id, bind arguments by name, launch.
+
+CUDA tensors run the compiled kernel; CPU tensors run the same kernel through Triton's
+interpreter. Source files live in a content-addressed cache directory, written atomically.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+from .generator import Variant
+
+_lock = threading.Lock()
+_loaded: dict[str, Any] = {}  # variant id -> JITFunction, or InterpretedFunction when interpreting
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+                 torch.int64: "i64", torch.uint8: "u8"}
+
+
+def cache_dir() -> Path:
+    """Where generated kernel sources are kept: $TUNERD_CACHE_DIR/kernels or ~/.cache/tunerd/kernels."""
+    root = os.environ.get("TUNERD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tunerd")
+    return Path(root) / "kernels"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def source_path(variant: Variant) -> Path:
+    return cache_dir() / f"{variant.kernel_name}_{variant.id}.py"
+
+
+def load(variant: Variant) -> Any:
+    """The JITFunction of a variant, compiled from its exact source (cached by id)."""
+    with _lock:
+        fn = _loaded.get(variant.id)
+        if fn is not None:
+            return fn
+        path = source_path(variant)
+        if not path.exists() or path.read_text() != variant.source:
+            atomic_write_text(path, variant.source)
+        mod_name = f"tunerd_generated_{variant.id}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module  # triton resolves globals through the module
+        spec.loader.exec_module(module)
+        fn = getattr(module, variant.kernel_name)
+        _loaded[variant.id] = fn
+        return fn
+
+
+def interpreting() -> bool:
+    """True when this process runs Triton kernels through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def is_interpreted(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+def bind(fn: Any, args: dict[str, Any]) -> list[Any]:
+    """Order args by the kernel's own parameter names; refuse missing or unknown names."""
+    names = list(fn.arg_names)
+    missing = [n for n in names if n not in args]
+    extra = [n for n in args if n not in names]
+    if missing or extra:
+        raise TypeError(f"kernel arguments do not match: missing {missing}, unexpected {extra}")
+    return [args[n] for n in names]
+
+
+def launch(variant: Variant, args: dict[str, Any], device: torch.device) -> None:
+    """Run the variant on device: compiled on CUDA, Triton's interpreter on CPU."""
+    if device.type == "cuda":
+        if interpreting():
+            raise RuntimeError("CUDA tensors given while TRITON_INTERPRET=1: unset it to run compiled kernels")
+        fn = load(variant)
+        fn[variant.grid](*bind(fn, args), num_warps=variant.num_warps, num_stages=variant.num_stages)
+    elif device.type == "cpu":
+        if not interpreting():
+            raise RuntimeError("CPU tensors run through Triton's interpreter, which must be chosen before triton is "
+                               "imported: set TRITON_INTERPRET=1 in the environment (tunerd does this itself on "
+                               "machines without CUDA)")
+        fn = load(variant)
+        fn[variant.grid](*bind(fn, args))
+    else:
+        raise RuntimeError(f"unsupported device {device}: tunerd runs on CUDA, or on CPU through the interpreter")
+
+
+def signature_of(args: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Triton signature types and constexprs for AOT compilation; tensors may live on the meta device."""
+    sig: dict[str, str] = {}
+    const: dict[str, Any] = {}
+    for name, v in args.items():
+        if isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TRITON_TYPES[v.dtype]
+        elif isinstance(v, bool) or name.isupper():
+            sig[name] = "constexpr"
+            const[name] = v
+        elif isinstance(v, int):
+            sig[name] = "i32"
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"cannot type kernel argument {name}={v!r}")
+    return sig, const
+
+
+def aot_compile(variant: Variant, args: dict[str, Any], arch: int = 90) -> Any:
+    """Compile a variant for a CUDA target without a GPU (Triton's compiler and ptxas only).
+
+    Proves the source is compile-valid for real hardware, which the interpreter does not check.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = load(variant)
+    if not isinstance(fn, JITFunction):  # interpreting: compile the same Python function
+        fn = JITFunction(fn.fn)
+    ordered = dict(zip(fn.arg_names, bind(fn, args)))
+    sig, const = signature_of(ordered)
+    src = ASTSource(fn=fn, signature=sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})

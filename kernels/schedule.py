@@ -1,0 +1,171 @@
+"""Schedule: the knobs of one variant, their validity rules and a default heuristic per kind."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .spec import BlockSpec
+
+K_ORDERS = ("tap", "flat")  # reduction order of implicit GEMM: tap-major channel blocks | flattened (tap, c)
+
+
+class ScheduleError(ValueError):
+    """A schedule that is illegal for its spec (not compile-valid or not meaningful)."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Tile and launch knobs.
+
+    conv (implicit GEMM): block_m output pixels x block_n output channels of a group, block_k
+      reduction step, group_m swizzle, k_order, split_k (wgrad).
+    depthwise (direct): block_m output pixels x block_n channels; the rest is unused.
+    """
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 32
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 2
+    split_k: int = 1
+    k_order: str = "tap"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Schedule":
+        if not isinstance(d, dict):
+            raise ScheduleError(f"a schedule must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ScheduleError(f"unknown schedule fields: {sorted(set(d) - known)}")
+        for name, v in d.items():
+            if name == "k_order":
+                if v not in K_ORDERS:
+                    raise ScheduleError(f"k_order must be one of {K_ORDERS}, got {v!r}")
+            elif not isinstance(v, int) or isinstance(v, bool):
+                raise ScheduleError(f"schedule field {name} must be an int, got {v!r}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Schedule":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ScheduleError(f"schedule is not valid JSON: {e}") from None
+
+    def describe(self) -> str:
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
+                f"s{self.num_stages} sk{self.split_k} {self.k_order}")
+
+
+def is_pow2(v: int) -> bool:
+    return v >= 1 and (v & (v - 1)) == 0
+
+
+def next_pow2(v: int) -> int:
+    p = 1
+    while p < v:
+        p *= 2
+    return p
+
+
+def _clamp_pow2(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, next_pow2(max(v, 1))))
+
+
+def uses_dot(spec: BlockSpec) -> bool:
+    return spec.kind == "conv"
+
+
+def canonical(spec: BlockSpec, s: Schedule) -> Schedule:
+    """Reset knobs the spec's template does not read, so equal effective schedules render equal source."""
+    if spec.kind == "depthwise":
+        s = replace(s, block_k=Schedule.block_k, group_m=1, split_k=1, k_order="tap")
+    else:
+        if spec.op != "wgrad":
+            s = replace(s, split_k=1)
+        if spec.taps == 1:  # one tap: both reduction orders are the same loop
+            s = replace(s, k_order="tap")
+    return s
+
+
+def check(spec: BlockSpec, s: Schedule) -> None:
+    """Raise ScheduleError unless the schedule is compile-valid Triton for this spec."""
+    for name in ("block_m", "block_n", "block_k", "num_warps"):
+        v = getattr(s, name)
+        if not isinstance(v, int) or not is_pow2(v):
+            raise ScheduleError(f"{name}={v!r} must be a power of two")
+    if s.num_warps > 32:
+        raise ScheduleError("num_warps must be <= 32")
+    if s.num_stages < 1 or s.group_m < 1 or s.split_k < 1:
+        raise ScheduleError("num_stages, group_m and split_k must be >= 1")
+    if s.k_order not in K_ORDERS:
+        raise ScheduleError(f"k_order must be one of {K_ORDERS}")
+    if uses_dot(spec):
+        for name in ("block_m", "block_n", "block_k"):
+            if getattr(s, name) < 16:
+                raise ScheduleError(f"{name}={getattr(s, name)} is below tl.dot's minimum of 16")
+    if s.block_m * s.block_n > 256 * 256:
+        raise ScheduleError("tile larger than 256x256 elements")
+
+
+def default(spec: BlockSpec) -> Schedule:
+    """A schedule sized to the problem, used when no tuned winner is known."""
+    if spec.kind == "depthwise":
+        return _default_depthwise(spec)
+    return _default_conv(spec)
+
+
+def _default_conv(spec: BlockSpec) -> Schedule:
+    m, n, _ = spec.gemm_shape()
+    if spec.op == "wgrad":  # GEMM [K, taps*Cg] reduced over pixels
+        m, n = spec.kg, spec.cg * spec.taps
+    block_n = _clamp_pow2(n, 16, 128)
+    block_m = 128 if m >= 4096 and block_n <= 64 else 64
+    if m < 64:
+        block_m = _clamp_pow2(m, 16, 64)
+    # Small channel groups (stems, C=3) reduce over the flattened (tap, channel) axis.
+    flat = spec.cg < 16 and spec.taps > 1 and spec.op == "fwd"
+    red = spec.cg * spec.taps if flat else spec.cg
+    if spec.op == "wgrad":
+        red = spec.out_pixels
+    block_k = _clamp_pow2(red, 16, 64 if spec.itemsize == 2 else 32)
+    tile = block_m * block_n
+    num_warps = 8 if tile >= 128 * 128 else 4
+    split_k = 1
+    if spec.op == "wgrad":
+        tiles = -(-m // block_m) * -(-n // block_n) * spec.groups
+        split_k = max(1, min(32, next_pow2(max(1, 264 // max(tiles, 1)))))
+        split_k = min(split_k, max(1, next_pow2(spec.out_pixels // (block_k * 4) + 1) // 2))
+    return Schedule(block_m=block_m, block_n=block_n, block_k=block_k, group_m=8, num_warps=num_warps,
+                    num_stages=3, split_k=split_k, k_order="flat" if flat else "tap")
+
+
+def _default_depthwise(spec: BlockSpec) -> Schedule:
+    block_n = _clamp_pow2(spec.k, 1, 64)
+    block_m = max(8, min(256, 4096 // block_n))
+    block_m = min(block_m, _clamp_pow2(spec.out_pixels, 1, 256))
+    return Schedule(block_m=block_m, block_n=block_n, block_k=32, group_m=1,
+                    num_warps=4 if block_m * block_n >= 2048 else 2, num_stages=1)
+
+
+def resolve(spec: BlockSpec, schedule: Schedule | dict | None) -> Schedule:
+    """Explicit schedule (validated) or the default; always canonical."""
+    if schedule is None:
+        s = default(spec)
+    elif isinstance(schedule, dict):
+        s = Schedule.from_dict(schedule)
+    elif isinstance(schedule, Schedule):
+        s = schedule
+    else:
+        raise ScheduleError(f"schedule must be a Schedule, a dict or None, got {type(schedule).__name__}")
+    s = canonical(spec, s)
+    check(spec, s)
+    return s

@@ -1,0 +1,301 @@
+"""BlockSpec: what one kernel computes. Frozen, hashable, canonical JSON is the lookup key."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+ACTIVATIONS = ("relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish", "sigmoid", "starrelu")
+DTYPES = ("float32", "float16", "bfloat16")
+KINDS = ("conv", "depthwise")  # implicit GEMM | direct per-channel kernel
+OPS = ("fwd", "dgrad", "wgrad")
+RESIDUAL = (None, "pre", "post")  # residual added before or after the activation
+PRECISIONS = ("ieee", "tf32")  # fp32 tl.dot math; ignored for fp16/bf16
+
+
+class SpecError(ValueError):
+    """A malformed or unsupported block description."""
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """Fused output chain, applied in this order to the fp32 accumulator:
+
+    acc (+ bias) (* scale + shift) (+ residual if 'pre') -> activation (* gamma) (+ residual if 'post')
+
+    ResNet's relu(bn(conv(x)) + identity) is affine + residual='pre' + relu;
+    ConvNeXt's identity + gamma * conv(x) is layer_scale + residual='post'.
+    """
+
+    bias: bool = False
+    affine: bool = False  # per-channel scale/shift: a folded eval BatchNorm
+    activation: str | None = None
+    residual: str | None = None
+    layer_scale: bool = False  # per-channel gamma
+
+    def __post_init__(self) -> None:
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise SpecError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+        if self.residual not in RESIDUAL:
+            raise SpecError(f"residual must be None, 'pre' or 'post', got {self.residual!r}")
+        for name in ("bias", "affine", "layer_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"epilogue.{name} must be a bool")
+
+    @property
+    def is_identity(self) -> bool:
+        return self == Epilogue()
+
+
+def _ints(name: str, value: Any, ndim: int) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * ndim
+    if not isinstance(value, (tuple, list)) or len(value) != ndim:
+        raise SpecError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise SpecError(f"{name} must hold ints, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One convolution instance (any of conv1d/2d/3d), its pass and its fused epilogue.
+
+    Shapes follow torch: input [n, c, *in_size], weight [k, c // groups, *kernel].
+    padding holds (low, high) per spatial dim, so 'same' with even kernels and causal
+    padding are exact. Kernels read and write channels-last tensors (layout).
+    """
+
+    kind: str
+    n: int
+    c: int
+    k: int
+    in_size: tuple[int, ...]
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+    dtype: str = "float32"
+    epilogue: Epilogue = field(default_factory=Epilogue)
+    op: str = "fwd"
+    layout: str = "channels_last"
+    precision: str = "ieee"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise SpecError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.op not in OPS:
+            raise SpecError(f"op must be one of {OPS}, got {self.op!r}")
+        if self.dtype not in DTYPES:
+            raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.layout != "channels_last":
+            raise SpecError(f"only the channels_last layout is generated, got {self.layout!r}")
+        if self.precision not in PRECISIONS:
+            raise SpecError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.epilogue, Epilogue):
+            raise SpecError("epilogue must be an Epilogue")
+        nd = len(self.in_size) if isinstance(self.in_size, (tuple, list)) else -1
+        if nd not in (1, 2, 3):
+            raise SpecError(f"in_size must have 1, 2 or 3 spatial dims, got {self.in_size!r}")
+        for name in ("in_size", "kernel", "stride", "dilation"):
+            object.__setattr__(self, name, _ints(name, getattr(self, name), nd))
+        pad = self.padding
+        if not isinstance(pad, (tuple, list)) or len(pad) != nd:
+            raise SpecError(f"padding must hold {nd} (low, high) pairs, got {pad!r}")
+        object.__setattr__(self, "padding", tuple(_ints("padding pair", p, 2) for p in pad))
+        for name in ("n", "c", "k", "groups"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SpecError(f"{name} must be a positive int, got {v!r}")
+        if any(v < 1 for v in self.in_size + self.kernel + self.stride + self.dilation):
+            raise SpecError("sizes, kernel, stride and dilation must be >= 1")
+        if any(v < 0 for p in self.padding for v in p):
+            raise SpecError(f"padding must be >= 0, got {self.padding}")
+        if self.c % self.groups or self.k % self.groups:
+            raise SpecError(
+                f"in_channels ({self.c}) and out_channels ({self.k}) must both be divisible by groups ({self.groups})")
+        if self.kind == "depthwise" and self.groups != self.c:
+            raise SpecError("a depthwise spec needs groups == in_channels")
+        for i in range(nd):
+            span = self.dilation[i] * (self.kernel[i] - 1) + 1
+            padded = self.in_size[i] + sum(self.padding[i])
+            if span > padded:
+                raise SpecError(
+                    f"kernel extent {span} (kernel {self.kernel[i]}, dilation {self.dilation[i]}) is larger than "
+                    f"the padded input {padded} along spatial dim {i}")
+
+    # ---- derived shapes -------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.in_size)
+
+    @property
+    def out_size(self) -> tuple[int, ...]:
+        return tuple(
+            (self.in_size[i] + sum(self.padding[i]) - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1
+            for i in range(self.ndim))
+
+    @property
+    def cg(self) -> int:
+        return self.c // self.groups
+
+    @property
+    def kg(self) -> int:
+        return self.k // self.groups
+
+    @property
+    def taps(self) -> int:
+        return _prod(self.kernel)
+
+    @property
+    def out_pixels(self) -> int:
+        return self.n * _prod(self.out_size)
+
+    @property
+    def has_padding(self) -> bool:
+        return any(v for p in self.padding for v in p)
+
+    def gemm_shape(self) -> tuple[int, int, int]:
+        """(M, N, K) of the per-group GEMM view of the forward pass."""
+        return self.out_pixels, self.kg, self.cg * self.taps
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.out_pixels * self.k * self.cg * self.taps
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    @property
+    def min_bytes(self) -> int:
+        """Compulsory traffic: read input and weight once, write output (and read residual) once."""
+        x = self.n * self.c * _prod(self.in_size)
+        w = self.k * self.cg * self.taps
+        y = self.out_pixels * self.k
+        extra = y if self.epilogue.residual else 0
+        return (x + w + y + extra) * self.itemsize
+
+    # ---- identity ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Epilogue):
+                v = {g.name: getattr(v, g.name) for g in fields(v)}
+            elif isinstance(v, tuple):
+                v = [list(p) if isinstance(p, tuple) else p for p in v]
+            d[f.name] = v
+        return d
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no spaces. Equal specs give equal strings."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def key(self) -> str:
+        return self.to_json()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "BlockSpec":
+        if not isinstance(d, dict):
+            raise SpecError(f"a spec must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise SpecError(f"unknown spec fields: {sorted(unknown)}")
+        missing = {"kind", "n", "c", "k", "in_size", "kernel", "stride", "padding", "dilation"} - set(d)
+        if missing:
+            raise SpecError(f"missing spec fields: {sorted(missing)}")
+        d = dict(d)
+        ep = d.get("epilogue", {})
+        if not isinstance(ep, dict):
+            raise SpecError("epilogue must be a JSON object")
+        ep_known = {f.name for f in fields(Epilogue)}
+        if set(ep) - ep_known:
+            raise SpecError(f"unknown epilogue fields: {sorted(set(ep) - ep_known)}")
+        d["epilogue"] = Epilogue(**ep)
+        for name in ("in_size", "kernel", "stride", "dilation"):
+            if isinstance(d[name], list):
+                d[name] = tuple(d[name])
+        if isinstance(d["padding"], list):
+            d["padding"] = tuple(tuple(p) if isinstance(p, list) else p for p in d["padding"])
+        try:
+            return cls(**d)
+        except TypeError as e:  # wrong value types that dataclass init itself rejects
+            raise SpecError(str(e)) from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "BlockSpec":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"spec is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def with_(self, **changes: Any) -> "BlockSpec":
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        dims = "x".join(map(str, self.kernel))
+        size = "x".join(map(str, self.in_size))
+        s = f"{self.kind}{self.ndim}d {self.op} n{self.n} c{self.c}->k{self.k} @{size} k{dims}"
+        if any(v != 1 for v in self.stride):
+            s += " s" + "x".join(map(str, self.stride))
+        if any(v != 1 for v in self.dilation):
+            s += " d" + "x".join(map(str, self.dilation))
+        if self.groups != 1:
+            s += f" g{self.groups}"
+        return s + f" {self.dtype}"
+
+
+def _prod(xs: tuple[int, ...]) -> int:
+    out = 1
+    for v in xs:
+        out *= v
+    return out
+
+
+def normalize_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...],
+                      stride: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """torch padding (int, tuple, 'same', 'valid') -> (low, high) per dim.
+
+    'same' pads total d*(k-1) with the extra element on the high side, as torch does.
+    """
+    nd = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * nd
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise SpecError("padding='same' is not supported for strided convolutions (as in torch)")
+            out = []
+            for k, d in zip(kernel, dilation):
+                total = d * (k - 1)
+                out.append((total // 2, total - total // 2))
+            return tuple(out)
+        raise SpecError(f"padding string must be 'same' or 'valid', got {padding!r}")
+    if isinstance(padding, (tuple, list)) and len(padding) == nd and all(isinstance(p, (tuple, list)) for p in padding):
+        return tuple(_ints("padding pair", p, 2) for p in padding)
+    return tuple((p, p) for p in _ints("padding", padding, nd))
+
+
+def conv_spec(*, n: int, c: int, k: int, in_size: tuple[int, ...], kernel: Any, stride: Any = 1, padding: Any = 0,
+              dilation: Any = 1, groups: int = 1, dtype: str = "float32", epilogue: Epilogue | None = None,
+              op: str = "fwd", precision: str = "ieee") -> BlockSpec:
+    """Build a spec from torch-style arguments; picks the depthwise kind when groups == c."""
+    nd = len(in_size)
+    kernel_t = _ints("kernel_size", kernel, nd)
+    stride_t = _ints("stride", stride, nd)
+    dilation_t = _ints("dilation", dilation, nd)
+    pad = normalize_padding(padding, kernel_t, dilation_t, stride_t)
+    kind = "depthwise" if groups == c and groups > 1 else "conv"
+    return BlockSpec(kind=kind, n=n, c=c, k=k, in_size=tuple(in_size), kernel=kernel_t, stride=stride_t,
+                     padding=pad, dilation=dilation_t, groups=groups, dtype=dtype,
+                     epilogue=epilogue or Epilogue(), op=op, precision=precision)
