@@ -145,3 +145,12 @@ def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant:
     source = _env().get_template(tpl.file).render(v=ctx)
     source = "\n".join(line.rstrip() for line in source.splitlines()) + "\n"
     return Variant(spec=spec, schedule=s, source=source, kernel_name=name, grid=tpl.grid(spec, s))
+
+
+def from_source(spec: BlockSpec, schedule: Schedule, source: str) -> Variant:
+    """A variant whose source came from elsewhere (a store, a server, a bundle): launched exactly as given."""
+    tpl = TEMPLATES.get((spec.kind, spec.op))
+    if tpl is None:
+        raise SpecError(f"no generator for kind={spec.kind!r} op={spec.op!r}")
+    s = _sched.resolve(spec, schedule)
+    return Variant(spec=spec, schedule=s, source=source, kernel_name=kernel_name(spec), grid=tpl.grid(spec, s))

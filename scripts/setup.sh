@@ -1,9 +1,25 @@
 #!/usr/bin/env bash
-# Install tunerd and its test tools. torch is pinned first: 2.13.0 is a local CPU build here;
-# an unpinned torch would pull gigabytes of CUDA wheels.
+# Install tunerd, its test tools and the system services its tests use (PostgreSQL, Chromium).
+# torch is pinned first: 2.13.0 is a local CPU build here; an unpinned torch would pull
+# gigabytes of CUDA wheels. A GPU box keeps the torch it has.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-$PY -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>/dev/null \
-  || $PY -c "import torch" # a GPU box keeps its own torch
-$PY -m pip install -q --disable-pip-version-check -e ".[service,test]"
+pip() { $PY -m pip install -q --disable-pip-version-check "$@"; }
+
+if ! $PY -c "import torch" 2>/dev/null; then
+  pip "torch==2.13.0"
+fi
+pip -e ".[service,test]"
+
+# System packages for the fleet (PostgreSQL) and dashboard (headless Chromium) tests.
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    echo "note: ${need[*]} not installed (needs root + apt-get); their tests will skip" >&2
+  fi
+fi

@@ -1,0 +1,128 @@
+"""tunerd.nn modules and tunerd.patch: drop-in behaviour, fusion, state_dict, training end to end."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tunerd.nn as tnn
+from models import BasicBlock, ConvNeXtBlock, InvertedResidual
+from tunerd.patch import patch, unpatch
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+
+
+@pytest.mark.parametrize("ndim,cls,tcls", [(1, nn.Conv1d, tnn.Conv1d), (2, nn.Conv2d, tnn.Conv2d),
+                                           (3, nn.Conv3d, tnn.Conv3d)])
+def test_drop_in_state_dict_round_trip(ndim, cls, tcls):
+    kw = dict(in_channels=4, out_channels=8, kernel_size=3, padding=1, groups=2)
+    ours, theirs = tcls(**kw), cls(**kw)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn((2, 4) + (5,) * ndim)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    theirs2 = cls(**kw)
+    theirs2.load_state_dict(ours.state_dict())
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    torch.testing.assert_close(theirs2(x), theirs(x))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_padding_modes(mode):
+    torch_conv = nn.Conv2d(4, 4, 3, padding=1, padding_mode=mode)
+    ours = tnn.Conv2d(4, 4, 3, padding=1, padding_mode=mode)
+    ours.load_state_dict(torch_conv.state_dict())
+    x = torch.randn(1, 4, 6, 6)
+    torch.testing.assert_close(ours(x), torch_conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_fuses_exclusive_chains_and_reports():
+    model = nn.Sequential(BasicBlock(), InvertedResidual())
+    report = patch(model)
+    fused = dict(report.fused)
+    assert fused["0.conv1"] == "0.bn1"  # relu is shared in BasicBlock: not fused
+    assert fused["1.conv.0"] == "1.conv.1 + 1.conv.2" and fused["1.conv.6"] == "1.conv.7"
+    assert len(report.swapped) == 5 and "5 convolutions swapped" in str(report)
+
+
+def test_patch_leaves_what_it_cannot_run():
+    class WSConv(nn.Conv2d):  # weight-standardised conv: its own forward
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3).double(), WSConv(4, 4, 1).double())
+    report = patch(model)
+    reasons = dict(report.left)
+    assert "float64" in reasons["0"] and "subclass" in reasons["1"]
+    assert not report.swapped
+
+
+@pytest.mark.parametrize("make", [BasicBlock, InvertedResidual, ConvNeXtBlock])
+def test_patch_eval_matches_torch_and_unpatch_restores(make):
+    model = make().eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 8, 8, 8)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model(x)
+        patch(model)
+        out = model(x)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert unpatch(model) > 0
+    assert all(type(m).__module__.startswith("torch.") or m is model or type(m).__module__ == "models"
+               for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
+def _train(model: nn.Module, steps: int, x: torch.Tensor, target: torch.Tensor) -> list[float]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("make", [BasicBlock, InvertedResidual, ConvNeXtBlock])
+def test_sgd_steps_patched_match_unpatched(make):
+    base = make().train()
+    _randomize_bn(base)
+    ours = copy.deepcopy(base)
+    report = patch(ours)
+    assert report.swapped
+    x, target = torch.randn(4, 8, 8, 8), torch.randn(4, 8, 8, 8)
+    ref_losses = _train(base, 3, x, target)
+    losses = _train(ours, 3, x, target)
+    assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
+    for (n, p), (_, q) in zip(base.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4, msg=n)
+    for (n, b), (_, c) in zip(base.named_buffers(), ours.named_buffers()):
+        torch.testing.assert_close(c.float(), b.float(), rtol=1e-4, atol=1e-4, msg=n)
+
+
+def test_tune_mode_folds_bn_and_freezes_stats():
+    block = tnn.ConvBNAct(4, 8, 3, padding=1, activation="relu", bn_mode="tune").train()
+    _randomize_bn(block)
+    mean0 = block.bn.running_mean.clone()
+    x = torch.randn(2, 4, 6, 6)
+    y = block(x)
+    # Tune mode == eval-mode BN math, with gradients through the fold
+    ref = torch.relu(nn.functional.batch_norm(nn.functional.conv2d(x, block.conv.weight, None, 1, 1),
+                                              block.bn.running_mean, block.bn.running_var, block.bn.weight,
+                                              block.bn.bias, False, 0.0, block.bn.eps))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    assert block.conv.weight.grad is not None and block.bn.weight.grad is not None and block.bn.bias.grad is not None
+    assert torch.equal(block.bn.running_mean, mean0)
+    assert set(block.state_dict()) == {"conv.weight", "bn.weight", "bn.bias", "bn.running_mean",
+                                       "bn.running_var", "bn.num_batches_tracked"}

@@ -1,0 +1,185 @@
+"""Drop-in torch modules backed by tunerd kernels.
+
+`Conv1d/2d/3d` subclass the torch classes and only replace the convolution call, so their
+state_dict, parameters and hooks are the torch ones. `ConvBNAct` fuses a conv with the
+BatchNorm (and activation) that follows it, in three modes:
+
+- eval:  BN's running statistics as the kernel's per-channel scale/shift epilogue.
+- tune:  BN folded into the weights on every step (Efficient ConvBN "Tune mode"): gradients flow
+         through the fold to W, gamma and beta; running statistics stay frozen.
+- train: batch statistics, exactly torch's BatchNorm semantics (running stats updated).
+
+Fused modules keep the BN module where it was (now a pass-through), so state_dict keys and
+optimizer parameter lists do not change when a model is patched.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernels import prologue
+from kernels.epilogue import activation_torch
+
+from . import functional as F
+
+_FUNCTIONAL = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+BN_MODES = ("train", "tune", "eval")
+
+
+def activation_name(m: nn.Module) -> str | None:
+    """The epilogue's name for a torch activation module it can absorb, else None."""
+    if type(m) is nn.GELU:
+        return "gelu_tanh" if m.approximate == "tanh" else "gelu"
+    return {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
+            nn.Sigmoid: "sigmoid"}.get(type(m))
+
+
+class _TunerdConv:
+    """Mixin over torch's _ConvNd: the convolution runs as a generated Triton kernel."""
+
+    _ndim: int
+    activation: str | None = None
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      **epilogue: Any) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return _FUNCTIONAL[self._ndim](input, weight, bias, self.stride, padding, self.dilation, self.groups,
+                                       **epilogue)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self.weight, self.bias, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", activation={self.activation}" if self.activation else "")
+
+
+class Conv1d(_TunerdConv, nn.Conv1d):
+    _ndim = 1
+
+    def __init__(self, *args: Any, activation: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+
+
+class Conv2d(_TunerdConv, nn.Conv2d):
+    _ndim = 2
+
+    def __init__(self, *args: Any, activation: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+
+
+class Conv3d(_TunerdConv, nn.Conv3d):
+    _ndim = 3
+
+    def __init__(self, *args: Any, activation: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+
+
+TUNERD_CONV = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+
+
+class _FusedConvBN(_TunerdConv):
+    """A conv that also applies the BatchNorm (and activation) that followed it in the model."""
+
+    bn: nn.modules.batchnorm._BatchNorm  # not registered as a submodule: it stays in its place
+    bn_mode: str = "train"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bn = self.__dict__["_tunerd_bn"]
+        training = bn.training and self.bn_mode != "eval"
+        if training and self.bn_mode == "tune":
+            w, b = prologue.fold_bn(self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                    bn.eps)
+            return self._conv_forward(input, w, b, activation=self.activation)
+        if training or not bn.track_running_stats:
+            # batch statistics: torch's own BatchNorm forward keeps its exact semantics
+            # (momentum, cumulative averages, num_batches_tracked, unbiased running variance)
+            y = self._conv_forward(input, self.weight, self.bias)
+            y = bn._tunerd_orig_class.forward(bn, y)
+            return activation_torch(self.activation, y)
+        scale, shift = prologue.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        return self._conv_forward(input, self.weight, self.bias, scale=scale, shift=shift,
+                                  activation=self.activation)
+
+
+class FusedConvBN1d(_FusedConvBN, nn.Conv1d):
+    _ndim = 1
+
+
+class FusedConvBN2d(_FusedConvBN, nn.Conv2d):
+    _ndim = 2
+
+
+class FusedConvBN3d(_FusedConvBN, nn.Conv3d):
+    _ndim = 3
+
+
+FUSED_CONV = {nn.Conv1d: FusedConvBN1d, nn.Conv2d: FusedConvBN2d, nn.Conv3d: FusedConvBN3d}
+
+
+class _PassThrough:
+    """A module whose work a fused conv now does; it keeps its parameters and buffers."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
+
+
+def pass_through_class(cls: type) -> type:
+    """A subclass of cls (BatchNorm or activation) that returns its input unchanged."""
+    name = f"FusedAway{cls.__name__}"
+    return _PASS_THROUGH.setdefault(cls, type(name, (_PassThrough, cls), {"__module__": __name__}))
+
+
+_PASS_THROUGH: dict[type, type] = {}
+
+
+def fuse_conv_bn(conv: nn.Module, bn: nn.Module, act: nn.Module | None = None, bn_mode: str = "train") -> None:
+    """Fuse conv -> bn (-> act) in place: conv computes all three, bn and act become pass-throughs."""
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    base = type(conv)
+    if base not in FUSED_CONV:
+        raise TypeError(f"cannot fuse into {base.__name__}")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"BatchNorm has {bn.num_features} features but the conv has {conv.out_channels} outputs")
+    conv._tunerd_orig_class = base
+    conv.__class__ = FUSED_CONV[base]
+    conv.__dict__["_tunerd_bn"] = bn
+    conv.bn_mode = bn_mode
+    conv.activation = activation_name(act) if act is not None else None
+    for m in (bn, act):
+        if m is not None:
+            m._tunerd_orig_class = type(m)
+            m.__class__ = pass_through_class(type(m))
+
+
+class ConvBNAct(nn.Module):
+    """A standalone conv + BatchNorm + activation block (state_dict keys conv.*, bn.*).
+
+    `bn_mode` picks how BN is applied while training ('train', 'tune' or 'eval'); in eval() it is
+    always the running statistics, fused as the kernel's scale/shift epilogue.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, bias: bool = False, *, ndim: int = 2,
+                 activation: str | None = "relu", bn_mode: str = "train", eps: float = 1e-5,
+                 momentum: float | None = 0.1, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ndim]
+        bn_cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[ndim]
+        self.conv = conv_cls(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                             device=device, dtype=dtype)
+        self.bn = bn_cls(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        fuse_conv_bn(self.conv, self.bn, None, bn_mode)
+        self.conv.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
