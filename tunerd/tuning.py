@@ -1,0 +1,131 @@
+"""Tuning against the store: resume from what is measured, record trials as they complete,
+keep winner statistics, run queued jobs, and answer conv calls from the local store."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+
+from db.fingerprint import DeviceFingerprint, current
+from db.rows import TrialRow
+from db.store import Store
+from kernels import generator
+from kernels.conv import set_schedule_lookup
+from kernels.spec import BlockSpec, SpecError
+from schedules import suites
+from schedules.trial import Trial
+from schedules.tuner import Progress, TuneResult, tune
+
+DEFAULT_STRATEGY = "halving"
+
+
+def _known(store: Store, device: DeviceFingerprint, spec: BlockSpec) -> dict[str, Trial]:
+    """Trials already in the store for (device, spec), as the tuner's resume input."""
+    out: dict[str, Trial] = {}
+    rows: dict[str, TrialRow] = store.measured(device, spec)
+    for vid, row in rows.items():
+        v = store.variant(vid)
+        out[vid] = Trial(schedule=row.schedule, variant_id=vid, source=v.source if v else "", status=row.status,
+                         median_ms=row.median_ms, reps=row.reps, max_error=row.max_error, error=row.error,
+                         device=device.name)
+    return out
+
+
+def tune_spec(store: Store, device: DeviceFingerprint, spec: BlockSpec, *, strategy: str = DEFAULT_STRATEGY,
+              budget_trials: int | None = None, budget_seconds: float | None = None, job_id: int | None = None,
+              seed: int = 0, on_progress: Callable[[Progress], None] | None = None, **tune_options: Any) -> TuneResult:
+    """Tune one spec on this process's device, writing every trial to the store as it completes.
+
+    A run killed halfway resumes: trials already stored count toward the budget and are not measured again.
+    """
+    here = current()
+    if device.key != here.key:
+        raise ValueError(f"cannot tune for {device.describe()} on {here.describe()}: measurements are per device")
+
+    def record(t: Trial) -> None:
+        if not t.source:  # a schedule rejected before rendering has no variant to store
+            return
+        store.record_trial(device, spec, t.schedule, t.source, status=t.status, median_ms=t.median_ms,
+                           spread_ms=t.spread_ms, reps=t.reps, max_error=t.max_error, error=t.error,
+                           strategy=strategy, job_id=job_id)
+
+    result = tune(spec, strategy=strategy, budget_trials=budget_trials, budget_seconds=budget_seconds, seed=seed,
+                  known=_known(store, device, spec), on_trial=record, on_progress=on_progress, **tune_options)
+    if result.best is not None and store.winner(device, spec) is not None:
+        store.set_winner_stats(device, spec, speedup_vs_default=result.speedup_vs_default,
+                               fraction_of_roofline=result.roofline_fraction)
+    return result
+
+
+def job_specs(specs: tuple[BlockSpec, ...] | list[BlockSpec] | None, suite: str | None) -> list[BlockSpec]:
+    """The specs a job names: explicit specs and/or every spec of a suite."""
+    out = list(specs or ())
+    if suite:
+        out += suites.suite(suite)
+    if not out:
+        raise SpecError("a job needs specs or a suite")
+    return list(dict.fromkeys(out))
+
+
+def run_job(store: Store, job: Any, device: DeviceFingerprint | None = None,
+            on_progress: Callable[[dict[str, Any]], None] | None = None, **tune_options: Any) -> dict[str, Any]:
+    """Tune every spec of a claimed job; returns the result summary stored with the job."""
+    device = device or current()
+    specs = job_specs(job.specs, job.suite)
+    summary: list[dict[str, Any]] = []
+    for i, spec in enumerate(specs):
+        def progress(p: Progress, i: int = i) -> None:
+            if on_progress is not None:
+                on_progress({"spec_index": i, "specs": len(specs), "spec": spec.describe(), "trials_done": p.done,
+                             "trials_total": p.total, "best_ms": p.best.median_ms if p.best else None,
+                             "eta_s": p.eta_s})
+
+        res = tune_spec(store, device, spec, strategy=job.strategy, budget_trials=job.budget_trials,
+                        budget_seconds=job.budget_seconds, job_id=job.id, on_progress=progress, **tune_options)
+        summary.append({"spec": spec.key, "describe": spec.describe(),
+                        "best_ms": res.best.median_ms if res.best else None,
+                        "default_ms": res.default_trial.median_ms, "speedup_vs_default": res.speedup_vs_default,
+                        "statuses": res.statuses, "measured": res.measured})
+    return {"device": device.key, "specs": summary}
+
+
+class StoreLookup:
+    """kernels.conv's schedule lookup backed by the local store: the winner for this device, else None.
+
+    Answers are cached in memory per (device, spec); misses too, so a conv call costs one dict lookup.
+    """
+
+    def __init__(self, store: Store | None = None, url: str | None = None) -> None:
+        self._store = store
+        self._url = url
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def _open(self) -> Store:
+        if self._store is None:
+            self._store = Store(self._url)
+        return self._store
+
+    def __call__(self, spec: BlockSpec, device: torch.device) -> Any:
+        fp = current(device)
+        key = (fp.key, spec.key)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        row = self._open().winner(fp, spec)
+        answer = generator.from_source(spec, row.schedule, row.source) if row is not None else None
+        with self._lock:
+            self._cache[key] = answer
+        return answer
+
+    def forget(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+def use_local_store(store: Store | None = None, url: str | None = None) -> StoreLookup:
+    """Make tunerd.functional / tunerd.nn use this store's winners for the current device."""
+    lookup = StoreLookup(store, url)
+    set_schedule_lookup(lookup)
+    return lookup
