@@ -1,0 +1,207 @@
+"""Bundle: a versioned, checksummed file of winners with their exact source, for CI -> cluster.
+
+File = gzip of canonical JSON {"format": "tunerd-bundle", "version": 1, "sha256": <hex>, "payload": {...}}
+where sha256 is taken over the canonical JSON of payload = {generator_version, exported_at, snapshot,
+provenance, winners: [WinnerRow.portable(), ...]}. Import verifies everything before touching the
+store, then merges in one transaction: any failure leaves the store exactly as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kernels import GENERATOR_VERSION
+
+from .errors import BundleError, InvalidRecord
+from .rows import WinnerRow, jsonable
+from .models import utcnow
+from .store import DeviceLike, Store
+
+FORMAT = "tunerd-bundle"
+VERSION = 1
+MAX_BYTES = 1 << 30  # decompressed size limit: refuse gzip bombs
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class BundleSummary:
+    """What an export wrote."""
+
+    sha256: str
+    winners: int
+    devices: int
+    bytes: int
+    skipped_stale: int = 0  # winners measured with another generator version (their keys are dead)
+    path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What an import did: per-winner outcomes summed, plus the bundle's own provenance."""
+
+    sha256: str
+    version: int
+    generator_version: str
+    exported_at: str
+    provenance: dict
+    winners: int
+    added: int
+    replaced: int
+    kept: int
+    unchanged: int
+    devices: tuple[str, ...] = field(default=())  # digests of the devices the bundle covers
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(self.__dict__)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def bundle_bytes(store: Store, *, device: DeviceLike | None = None, snapshot: str | None = None,
+                 provenance: dict) -> bytes:
+    """The bundle of the store's winners (one device's, or all; live or as pinned in snapshot)."""
+    return _build(store, device, snapshot, provenance)[0]
+
+
+def export_bundle(store: Store, path: str | os.PathLike, *, device: DeviceLike | None = None,
+                  snapshot: str | None = None, provenance: dict) -> BundleSummary:
+    """Write the bundle atomically (temp file + os.replace): path holds the old file or the whole new one."""
+    data, sha, rows, stale = _build(store, device, snapshot, provenance)
+    _atomic_write_bytes(Path(path), data)
+    return BundleSummary(sha256=sha, winners=len(rows), devices=len({r.device_key for r in rows}), bytes=len(data),
+                         skipped_stale=stale, path=str(path))
+
+
+def _build(store: Store, device: DeviceLike | None, snapshot: str | None,
+           provenance: dict) -> tuple[bytes, str, list[WinnerRow], int]:
+    """(file bytes, payload sha256, exported winners, winners skipped for an older generator)."""
+    if not isinstance(provenance, dict):
+        raise BundleError(f"provenance must be a dict, got {type(provenance).__name__}")
+    every = store.winners(device=device, snapshot=snapshot)
+    rows = [w for w in every if w.device.generator_version == GENERATOR_VERSION]
+    payload = {"generator_version": GENERATOR_VERSION, "exported_at": utcnow().isoformat(), "snapshot": snapshot,
+               "provenance": provenance, "winners": [w.portable() for w in rows]}
+    try:
+        body = _canonical(payload)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"provenance is not JSON-serialisable: {e}") from None
+    sha = hashlib.sha256(body).hexdigest()
+    envelope = {"format": FORMAT, "version": VERSION, "sha256": sha, "payload": payload}
+    return _gzip(_canonical(envelope)), sha, rows, len(every) - len(rows)
+
+
+def _gzip(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip container, no file name or mtime (reproducible)
+    return c.compress(data) + c.flush()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_bundle(data: bytes, *, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
+    """Decode and verify a bundle (format, version, checksum, generator); returns the envelope.
+
+    Raises BundleError saying exactly what is wrong; touches no store."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise BundleError(f"bundle data must be bytes, got {type(data).__name__}")
+    if len(data) < 2 or data[:2] != _GZIP_MAGIC:
+        raise BundleError(f"not a tunerd bundle: not gzip data (starts with {bytes(data[:8])!r})")
+    d = zlib.decompressobj(31)
+    try:
+        raw = d.decompress(data, max_bytes + 1)
+    except zlib.error as e:
+        raise BundleError(f"corrupt bundle: the gzip stream is damaged ({e})") from None
+    if len(raw) > max_bytes:
+        raise BundleError(f"bundle expands to more than {max_bytes} bytes; refusing it")
+    if not d.eof:
+        raise BundleError("truncated bundle: the gzip stream ends early (incomplete download or copy?)")
+    if d.unused_data:
+        raise BundleError(f"corrupt bundle: {len(d.unused_data)} unexpected bytes after the gzip stream")
+    try:
+        env = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"not a tunerd bundle: the content is not JSON ({e})") from None
+    if not isinstance(env, dict):
+        raise BundleError(f"not a tunerd bundle: the JSON is a {type(env).__name__}, not an object")
+    if env.get("format") != FORMAT:
+        raise BundleError(f"not a tunerd bundle: format is {env.get('format')!r}, expected {FORMAT!r}")
+    version = env.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"bundle has no valid format version (got {version!r})")
+    if version != VERSION:
+        newer = "newer than" if version > VERSION else "older than and not readable by"
+        raise BundleError(f"bundle format version {version} is {newer} this tunerd (reads version {VERSION})")
+    if set(env) != {"format", "version", "sha256", "payload"}:
+        raise BundleError(f"bundle envelope has unexpected fields {sorted(set(env))}")
+    payload = env["payload"]
+    try:
+        digest = hashlib.sha256(_canonical(payload)).hexdigest()
+    except ValueError as e:  # NaN/Infinity smuggled into the JSON
+        raise BundleError(f"corrupt bundle: payload is not canonical JSON ({e})") from None
+    if digest != env["sha256"]:
+        raise BundleError(f"bundle checksum mismatch: payload hashes to {digest[:16]}..., the bundle records "
+                          f"{str(env['sha256'])[:16]}...: the file was modified or corrupted")
+    if not isinstance(payload, dict) or not isinstance(payload.get("winners"), list):
+        raise BundleError("bundle payload has no winners list")
+    gen = payload.get("generator_version")
+    if gen != GENERATOR_VERSION:
+        raise BundleError(f"incompatible bundle: made by kernel generator {gen!r}, this tunerd's generator is "
+                          f"{GENERATOR_VERSION!r}; its sources and device keys would not match (re-tune or "
+                          f"export with the same tunerd version)")
+    return env
+
+
+def import_bundle_bytes(store: Store, data: bytes) -> ImportReport:
+    """Verify then merge a bundle; on any problem raise BundleError and change nothing."""
+    env = read_bundle(data)
+    payload = env["payload"]
+    rows = []
+    for i, d in enumerate(payload["winners"]):
+        try:
+            row = WinnerRow.from_portable(d)
+        except InvalidRecord as e:
+            raise BundleError(f"bundle winner {i} is malformed: {e}") from None
+        if row.device.generator_version != GENERATOR_VERSION:
+            raise BundleError(f"incompatible bundle: winner {i} was measured with generator "
+                              f"{row.device.generator_version!r}, this tunerd's is {GENERATOR_VERSION!r}")
+        rows.append(row)
+    try:
+        outcomes = store.ingest(rows, origin=f"bundle:{env['sha256']}")
+    except InvalidRecord as e:
+        raise BundleError(f"bundle rejected, nothing imported: {e}") from None
+    return ImportReport(sha256=env["sha256"], version=env["version"], generator_version=payload["generator_version"],
+                        exported_at=str(payload.get("exported_at")), provenance=dict(payload.get("provenance") or {}),
+                        winners=len(rows), added=outcomes.count("added"), replaced=outcomes.count("replaced"),
+                        kept=outcomes.count("kept"), unchanged=outcomes.count("unchanged"),
+                        devices=tuple(sorted({r.device.digest for r in rows})))
+
+
+def import_bundle(store: Store, path: str | os.PathLike) -> ImportReport:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read bundle {path}: {e.strerror or e}") from None
+    return import_bundle_bytes(store, data)

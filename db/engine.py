@@ -1,0 +1,149 @@
+"""The database engine: URL resolution, SQLite connection setup, and schema migration on open.
+
+SQLite (the default) runs in WAL mode with a busy timeout; SQLAlchemy emits BEGIN itself so a
+write transaction can take the write lock up front (BEGIN IMMEDIATE) instead of failing when it
+upgrades from a read lock. PostgreSQL gets the psycopg 3 driver unless the URL names another.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, exc, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import StaticPool
+
+from kernels.runtime import cache_dir
+
+from .errors import SchemaError, StoreError, StoreUnavailable
+
+SUPPORTED = ("sqlite", "postgresql")
+MIGRATIONS = Path(__file__).parent / "migrations"
+WRITE = "tunerd_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
+_PG_MIGRATION_LOCK = 0x74756E6572  # pg_advisory_xact_lock key held while migrating ("tuner")
+
+
+def default_url() -> str:
+    """$TUNERD_DB, else a SQLite file next to the kernel cache (honours $TUNERD_CACHE_DIR)."""
+    env = os.environ.get("TUNERD_DB")
+    if env:
+        return env
+    return f"sqlite:///{cache_dir().parent / 'tunerd.sqlite'}"
+
+
+def parse_url(url: str | URL | None) -> URL:
+    try:
+        u = make_url(url if url is not None else default_url())
+    except exc.ArgumentError as e:
+        raise StoreError(f"not a database URL: {url!r} ({e})") from None
+    backend = u.get_backend_name()
+    if backend not in SUPPORTED:
+        raise StoreError(f"tunerd's store runs on {' or '.join(SUPPORTED)}, not {backend!r} ({safe(u)})")
+    if backend == "postgresql" and u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg")  # psycopg 3, the driver tunerd installs
+    return u
+
+
+def safe(url: URL) -> str:
+    """The URL with its password hidden, for messages."""
+    return url.render_as_string(hide_password=True)
+
+
+def create(url: str | URL | None = None, *, busy_timeout_s: float = 30.0) -> Engine:
+    """An engine for url (default_url() when None), not yet migrated."""
+    u = parse_url(url)
+    if u.get_backend_name() == "sqlite":
+        return _sqlite(u, busy_timeout_s)
+    return create_engine(u, pool_pre_ping=True, connect_args={"connect_timeout": max(1, int(busy_timeout_s))})
+
+
+def _sqlite(u: URL, busy_timeout_s: float) -> Engine:
+    """A file (WAL, busy timeout, foreign keys) or, for "sqlite://", one shared in-memory connection:
+    the latter is for tests and single-threaded tools, not for a daemon serving threads."""
+    memory = u.database in (None, "", ":memory:")
+    if not memory:
+        try:
+            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot create the directory of {safe(u)}: {e}") from None
+    kw = dict(poolclass=StaticPool) if memory else {}
+    engine = create_engine(u, connect_args={"timeout": busy_timeout_s, "check_same_thread": False}, **kw)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (see _on_begin)
+        cur = dbapi_conn.cursor()
+        if not memory:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # durable across process kills; WAL keeps it consistent
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
+
+    return engine
+
+
+def _alembic_config(conn: Connection) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
+def head_revision() -> str:
+    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+
+
+def current_revision(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine) -> str:
+    """Bring the schema to head; safe when several processes open one database at once."""
+    head = head_revision()
+    with guard(engine):
+        with engine.connect() as conn:
+            if current_revision(conn) == head:  # fast path: no write lock taken
+                return head
+        with engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            rev = current_revision(conn)  # re-read under the lock: another process may have migrated
+            known = {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
+            if rev is not None and rev not in known:
+                raise SchemaError(f"database {safe(engine.url)} is at schema revision {rev!r}, which this tunerd "
+                                  f"does not know (its newest is {head!r}): it was written by a newer tunerd")
+            if rev != head:
+                command.upgrade(_alembic_config(conn), "head")
+    return head
+
+
+@contextmanager
+def guard(engine: Engine) -> Iterator[None]:
+    """Translate driver errors into StoreUnavailable / StoreError with the (password-free) URL."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except exc.OperationalError as e:
+        raise StoreUnavailable(f"database {safe(engine.url)} unavailable: {_first_line(e)}") from e
+    except exc.InterfaceError as e:
+        raise StoreUnavailable(f"database {safe(engine.url)} connection failed: {_first_line(e)}") from e
+    except exc.DBAPIError as e:
+        if e.connection_invalidated:
+            raise StoreUnavailable(f"database {safe(engine.url)} connection lost: {_first_line(e)}") from e
+        raise StoreError(f"database {safe(engine.url)} rejected the operation: {_first_line(e)}") from e
+
+
+def _first_line(e: exc.DBAPIError) -> str:
+    return str(e.orig if e.orig is not None else e).strip().splitlines()[0]

@@ -1,0 +1,173 @@
+"""SQLAlchemy 2 models of the store. The Alembic migrations in db/migrations create exactly this schema.
+
+JSON values (spec keys, schedules, fingerprints, job payloads) are stored as canonical JSON text so
+SQLite and PostgreSQL hold byte-identical keys. Timestamps are naive UTC in the database and
+timezone-aware UTC in Python.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
+                        TypeDecorator)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+TRIAL_STATUSES = ("ok", "wrong-result", "compile-error", "crash", "timeout")
+JOB_STATUSES = ("queued", "running", "done", "failed")
+
+NAMING = {"ix": "ix_%(table_name)s_%(column_0_N_name)s", "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+          "ck": "ck_%(table_name)s_%(constraint_name)s", "fk": "fk_%(table_name)s_%(column_0_name)s",
+          "pk": "pk_%(table_name)s"}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Stores naive UTC; returns aware UTC. Naive inputs are taken to be UTC already."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, unique=True)  # DeviceFingerprint.key
+    digest: Mapped[str] = mapped_column(String(16), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    interpreter: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Spec(Base):
+    __tablename__ = "specs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, unique=True)  # BlockSpec.to_json()
+    digest: Mapped[str] = mapped_column(String(16), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    op: Mapped[str] = mapped_column(String(8))
+    dtype: Mapped[str] = mapped_column(String(16))
+    summary: Mapped[str] = mapped_column(String(300))  # BlockSpec.describe()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Variant(Base):
+    """One generated kernel, keyed by the hash of its exact source text."""
+
+    __tablename__ = "variants"
+    id: Mapped[str] = mapped_column(String(24), primary_key=True)  # sha256(source)[:24]
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"), index=True)
+    schedule: Mapped[str] = mapped_column(Text)  # Schedule.to_json()
+    source: Mapped[str] = mapped_column(Text)
+    generator_version: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+                      CheckConstraint("specs IS NOT NULL OR suite IS NOT NULL", name="target"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    specs: Mapped[str | None] = mapped_column(Text)  # JSON list of spec objects
+    suite: Mapped[str | None] = mapped_column(String(100))
+    strategy: Mapped[str] = mapped_column(String(64))
+    budget_trials: Mapped[int | None] = mapped_column(Integer)
+    budget_seconds: Mapped[float | None] = mapped_column(Float)
+    device_key: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    progress: Mapped[str | None] = mapped_column(Text)  # JSON object
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    result: Mapped[str | None] = mapped_column(Text)  # JSON object
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Trial(Base):
+    """One measurement of one variant on one device. Never updated after it is written."""
+
+    __tablename__ = "trials"
+    __table_args__ = (CheckConstraint(_in("status", TRIAL_STATUSES), name="status"),
+                      Index(None, "device_id", "spec_id"), Index(None, "device_id", "variant_id"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"))
+    variant_id: Mapped[str] = mapped_column(ForeignKey("variants.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    median_ms: Mapped[float | None] = mapped_column(Float)
+    spread_ms: Mapped[float | None] = mapped_column(Float)  # p90 - p10 (or stdev), as the harness reports it
+    reps: Mapped[int] = mapped_column(Integer)
+    max_error: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    strategy: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    origin: Mapped[str | None] = mapped_column(String(80))  # "bundle:<sha256>" when imported
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Winner(Base):
+    """The fastest correct trial per (device, spec). Ratios are rescaled when the winner changes."""
+
+    __tablename__ = "winners"
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"), primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"))
+    variant_id: Mapped[str] = mapped_column(ForeignKey("variants.id"))
+    median_ms: Mapped[float] = mapped_column(Float)
+    speedup_vs_default: Mapped[float | None] = mapped_column(Float)
+    fraction_of_roofline: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Snapshot(Base):
+    __tablename__ = "snapshots"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    winner_count: Mapped[int] = mapped_column(Integer)
+
+
+class SnapshotWinner(Base):
+    """A frozen copy of one winner row; trials and variants are immutable, so answers never change."""
+
+    __tablename__ = "snapshot_winners"
+    snapshot: Mapped[str] = mapped_column(ForeignKey("snapshots.name"), primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"), primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"))
+    variant_id: Mapped[str] = mapped_column(ForeignKey("variants.id"))
+    median_ms: Mapped[float] = mapped_column(Float)
+    speedup_vs_default: Mapped[float | None] = mapped_column(Float)
+    fraction_of_roofline: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Miss(Base):
+    """A lookup that found no winner: what clients want that nobody has tuned yet."""
+
+    __tablename__ = "misses"
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -1,0 +1,234 @@
+"""Rows the store hands out: plain frozen dataclasses (no ORM objects), each with a JSON-ready to_dict()."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from functools import lru_cache
+from numbers import Real
+from typing import Any
+
+from kernels.schedule import Schedule, ScheduleError
+from kernels.spec import BlockSpec, SpecError
+
+from .errors import InvalidRecord, SchemaError, field_mismatch
+from .fingerprint import DeviceFingerprint
+
+
+def jsonable(value: Any) -> Any:
+    """Spec/Schedule/fingerprint -> dict, datetime -> ISO 8601 UTC, tuples -> lists; the rest as is."""
+    if isinstance(value, (BlockSpec, Schedule, DeviceFingerprint)):
+        return value.to_dict()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    return value
+
+
+class _Row:
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
+
+
+# ---- parsing stored keys (cached: the same few specs and devices are read over and over) ----
+@lru_cache(maxsize=4096)
+def spec_of(key: str) -> BlockSpec:
+    try:
+        return BlockSpec.from_json(key)
+    except SpecError as e:
+        raise SchemaError(f"a stored spec no longer parses with this tunerd ({e}): {key[:200]}") from None
+
+
+@lru_cache(maxsize=4096)
+def schedule_of(text: str) -> Schedule:
+    try:
+        return Schedule.from_json(text)
+    except ScheduleError as e:
+        raise SchemaError(f"a stored schedule no longer parses with this tunerd ({e}): {text[:200]}") from None
+
+
+@lru_cache(maxsize=256)
+def device_of(key: str) -> DeviceFingerprint:
+    try:
+        return DeviceFingerprint.from_key(key)
+    except InvalidRecord as e:
+        raise SchemaError(f"a stored device fingerprint no longer parses ({e}): {key[:200]}") from None
+
+
+def parse_time(value: Any, name: str) -> datetime:
+    if isinstance(value, datetime):
+        t = value
+    elif isinstance(value, str):
+        try:
+            t = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidRecord(f"{name} is not an ISO 8601 time: {value!r}") from None
+    else:
+        raise InvalidRecord(f"{name} must be an ISO 8601 time string, got {type(value).__name__}")
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def number(name: str, value: Any, *, optional: bool = True, positive: bool = False) -> float | None:
+    """A finite real >= 0 (> 0 when positive), or None when optional."""
+    if value is None:
+        if optional:
+            return None
+        raise InvalidRecord(f"{name} is required")
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise InvalidRecord(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise InvalidRecord(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class TrialRow(_Row):
+    """One measured variant on one device."""
+
+    id: int
+    device_key: str
+    spec: BlockSpec
+    variant_id: str
+    schedule: Schedule
+    status: str
+    median_ms: float | None
+    spread_ms: float | None
+    reps: int
+    max_error: float | None
+    error: str | None
+    strategy: str | None
+    job_id: int | None
+    origin: str | None  # "bundle:<sha256>" for imported trials
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class WinnerRow(_Row):
+    """The fastest correct variant for (device, spec), with the exact source that was measured."""
+
+    device: DeviceFingerprint
+    spec: BlockSpec
+    schedule: Schedule
+    source: str
+    variant_id: str
+    median_ms: float
+    spread_ms: float | None
+    reps: int
+    max_error: float | None
+    speedup_vs_default: float | None
+    fraction_of_roofline: float | None
+    strategy: str | None
+    created_at: datetime  # when the winning trial was measured
+    trial_id: int | None = None  # local to one store; not carried by bundles
+    job_id: int | None = None
+    origin: str | None = None
+    snapshot: str | None = None  # the snapshot this answer came from, None for live winners
+
+    @property
+    def device_key(self) -> str:
+        return self.device.key
+
+    PORTABLE = ("device", "spec", "schedule", "source", "variant_id", "median_ms", "spread_ms", "reps", "max_error",
+                "speedup_vs_default", "fraction_of_roofline", "strategy", "created_at")
+
+    def portable(self) -> dict[str, Any]:
+        """The fields that mean the same thing in another store (what a bundle carries)."""
+        return {k: jsonable(getattr(self, k)) for k in self.PORTABLE}
+
+    @classmethod
+    def from_portable(cls, d: Any) -> "WinnerRow":
+        """Parse portable() output; raises InvalidRecord naming the bad field."""
+        if not isinstance(d, dict):
+            raise InvalidRecord(f"a winner must be a JSON object, got {type(d).__name__}")
+        if set(d) != set(cls.PORTABLE):
+            raise InvalidRecord(field_mismatch("winner", cls.PORTABLE, d))
+        try:
+            spec = BlockSpec.from_dict(d["spec"])
+            schedule = Schedule.from_dict(d["schedule"])
+        except (SpecError, ScheduleError) as e:
+            raise InvalidRecord(str(e)) from None
+        for name in ("source", "variant_id"):
+            if not isinstance(d[name], str) or not d[name]:
+                raise InvalidRecord(f"{name} must be a non-empty string")
+        if not isinstance(d["reps"], int) or isinstance(d["reps"], bool):
+            raise InvalidRecord(f"reps must be an int, got {d['reps']!r}")
+        if d["strategy"] is not None and not isinstance(d["strategy"], str):
+            raise InvalidRecord("strategy must be a string or null")
+        return cls(device=DeviceFingerprint.from_dict(d["device"]), spec=spec, schedule=schedule, source=d["source"],
+                   variant_id=d["variant_id"],
+                   median_ms=number("median_ms", d["median_ms"], optional=False, positive=True),
+                   spread_ms=number("spread_ms", d["spread_ms"]), reps=d["reps"],
+                   max_error=number("max_error", d["max_error"]),
+                   speedup_vs_default=number("speedup_vs_default", d["speedup_vs_default"], positive=True),
+                   fraction_of_roofline=number("fraction_of_roofline", d["fraction_of_roofline"], positive=True),
+                   strategy=d["strategy"], created_at=parse_time(d["created_at"], "created_at"))
+
+
+@dataclass(frozen=True)
+class VariantRow(_Row):
+    id: str
+    spec: BlockSpec
+    schedule: Schedule
+    source: str
+    generator_version: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DeviceRow(_Row):
+    fingerprint: DeviceFingerprint
+    trials: int
+    winners: int
+    misses: int
+    created_at: datetime
+
+    @property
+    def key(self) -> str:
+        return self.fingerprint.key
+
+    @property
+    def digest(self) -> str:
+        return self.fingerprint.digest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "key": self.key, "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class JobRow(_Row):
+    id: int
+    status: str
+    strategy: str
+    specs: tuple[BlockSpec, ...] | None
+    suite: str | None
+    budget_trials: int | None
+    budget_seconds: float | None
+    device_key: str | None
+    progress: dict | None
+    worker_id: str | None
+    attempts: int
+    created_at: datetime
+    claimed_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+    result: dict | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class MissRow(_Row):
+    device_key: str
+    spec: BlockSpec
+    count: int
+    last_seen: datetime
+
+
+@dataclass(frozen=True)
+class SnapshotRow(_Row):
+    name: str
+    created_at: datetime
+    winners: int
