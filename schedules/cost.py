@@ -1,0 +1,273 @@
+"""Cost model: resources (shared memory, registers) and predicted time of one schedule.
+
+An analytical prior, not a substitute for measurement ("FLOPs do not predict latency"): it
+ranks candidates for the model-guided strategies, caps oversized spaces, and gives each winner
+its fraction of the roofline.
+
+GPU model, per kernel launch:
+- programs = output tiles x groups (x split_k); the reduction is padded to whole block_k steps,
+  output tiles to whole block_m x block_n tiles (tile quantization is paid as extra math);
+- math time: padded FLOPs at the dtype's peak (tensor cores for fp16/bf16/tf32, CUDA cores for
+  fp32 'ieee' and direct depthwise kernels), scaled by wave quantization (programs per resident
+  slot, rounded up) and a small-tile/few-warp efficiency;
+- memory time: bytes each program loads (the tiling's re-reads: every output tile re-reads its
+  input rows and weight columns) against L2 bandwidth, and compulsory DRAM bytes (plus L2 misses
+  when the working set exceeds L2) against DRAM bandwidth;
+- pipelining overlaps math and memory by 1 - 1/num_stages; each wave adds a fixed latency.
+
+Interpreter model (DeviceLimits.interpreted): programs x (per-program cost + reduction steps x
+per-step cost, growing with tile elements), since the interpreter runs programs one by one in
+Python and numpy, with overheads per operation far above the arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from kernels.schedule import Schedule
+from kernels.spec import BlockSpec
+
+from .device import DeviceLimits
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class GemmView:
+    """The implicit-GEMM shape of a conv pass: m x n outputs per group, reduced over taps x inner.
+
+    fwd:   output pixels x K/g, over (taps, C/g);
+    dgrad: input pixels of one stride phase x C/g, over (the phase's taps, K/g); phases run as
+           extra program groups;
+    wgrad: K/g x C/g per tap (columns taps x C/g), reduced over the output pixels (split_k ways).
+    A tap-major loop runs taps x cdiv(inner, block_k) steps, a flat one cdiv(taps x inner, block_k).
+    """
+
+    m: int
+    n: int
+    inner: int
+    taps: int
+    groups: int
+
+    @property
+    def red(self) -> int:
+        return self.inner * self.taps
+
+
+def _prod(xs: Iterable[int]) -> int:
+    out = 1
+    for v in xs:
+        out *= v
+    return out
+
+
+def phases(spec: BlockSpec) -> int:
+    """Stride phases of a backward-data pass (1 for a unit stride)."""
+    return _prod(spec.stride)
+
+
+def phase_pixels(spec: BlockSpec) -> int:
+    """Input pixels of the largest stride phase."""
+    return spec.n * _prod(cdiv(i, s) for i, s in zip(spec.in_size, spec.stride))
+
+
+def gemm_view(spec: BlockSpec) -> GemmView:
+    """The GEMM a conv kernel of spec's op runs (see GemmView)."""
+    if spec.op == "dgrad":
+        return GemmView(m=phase_pixels(spec), n=spec.cg, inner=spec.kg, taps=max(1, spec.taps // phases(spec)),
+                        groups=spec.groups * phases(spec))
+    if spec.op == "wgrad":
+        return GemmView(m=spec.kg, n=spec.cg, inner=spec.out_pixels, taps=spec.taps, groups=spec.groups)
+    return GemmView(m=spec.out_pixels, n=spec.kg, inner=spec.cg, taps=spec.taps, groups=spec.groups)
+
+
+def direct_pixels(spec: BlockSpec) -> int:
+    """Pixels a direct (depthwise) kernel tiles: a stride phase's input pixels for dgrad, else the output's."""
+    return phase_pixels(spec) if spec.op == "dgrad" else spec.out_pixels
+
+
+def direct_channels(spec: BlockSpec) -> int:
+    """Channels a direct kernel tiles: input channels for dgrad, else output channels."""
+    return spec.c if spec.op == "dgrad" else spec.k
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one launch does, per program and per reduction step (elements, not bytes)."""
+
+    programs: int
+    steps: int  # reduction iterations of one program
+    step_flops: float
+    step_loads: float  # elements loaded per step
+    out_elems: int  # elements one program writes
+    step_elems: int  # elements of the tiles one step touches (the interpreter's cost driver)
+
+
+def work(spec: BlockSpec, s: Schedule) -> Work:
+    """Programs, steps and per-step work of spec under s, following each template's tiling."""
+    bm, bn, bk = s.block_m, s.block_n, s.block_k
+    if spec.kind == "depthwise":
+        if spec.op == "wgrad":  # [bm pixels, bk taps, bn channels] products summed over pixels
+            progs = s.split_k * cdiv(spec.k, bn) * cdiv(spec.taps, bk)
+            steps = cdiv(cdiv(spec.out_pixels, bm), s.split_k)
+            return Work(progs, steps, 2.0 * bm * bk * bn, bm * bn * (bk + 1), bk * bn, bm * bn * (bk + 1))
+        progs = cdiv(direct_pixels(spec), bm) * cdiv(direct_channels(spec), bn)
+        steps = spec.taps
+        if spec.op == "dgrad":
+            progs *= phases(spec)
+            steps = max(1, spec.taps // phases(spec))
+        return Work(progs, steps, 2.0 * bm * bn, bm * bn + bn, bm * bn, 2 * bm * bn)
+    g = gemm_view(spec)
+    if spec.op == "wgrad":
+        cols = g.taps * cdiv(g.n, bn) if s.k_order == "tap" else cdiv(g.taps * g.n, bn)
+        progs = cdiv(g.m, bm) * cols * g.groups * s.split_k
+        steps = cdiv(cdiv(g.inner, bk), s.split_k)
+    else:
+        progs = cdiv(g.m, bm) * cdiv(g.n, bn) * g.groups
+        steps = cdiv(g.red, bk) if s.k_order == "flat" else g.taps * cdiv(g.inner, bk)
+    return Work(progs, steps, 2.0 * bm * bn * bk, (bm + bn) * bk, bm * bn, bm * bk + bk * bn + bm * bn)
+
+
+def reduction_steps(spec: BlockSpec, s: Schedule) -> int:
+    """Iterations of the reduction loop one program runs."""
+    return work(spec, s).steps
+
+
+def programs(spec: BlockSpec, s: Schedule) -> int:
+    """Programs (thread blocks) one launch runs."""
+    return work(spec, s).programs
+
+
+def smem_bytes(spec: BlockSpec, s: Schedule) -> int:
+    """Shared memory a compiled variant needs, an upper bound fitted to Triton's sm_90 output.
+
+    Implicit GEMM: the pipeliner keeps max(1, num_stages - 1) copies of the A (block_m x block_k)
+    and B (block_k x block_n) operand tiles; the epilogue's layout conversion of the output tile
+    reuses that space, so the larger of the two counts. Direct depthwise kernels use none.
+    """
+    if spec.kind == "depthwise":  # wgrad: cross-warp reduction scratch of the [taps, channels] sums
+        return s.block_k * s.block_n * 4 if spec.op == "wgrad" else 0
+    item = spec.itemsize
+    operands = max(1, s.num_stages - 1) * (s.block_m * s.block_k + s.block_k * s.block_n) * item
+    epilogue = s.block_m * s.block_n * spec.itemsize
+    return max(operands, epilogue)
+
+
+def registers_per_thread(spec: BlockSpec, s: Schedule) -> int:
+    """32-bit registers per thread: the fp32 accumulator, the operand fragments, ~32 for addressing."""
+    threads = 32 * s.num_warps
+    acc = s.block_m * s.block_n / threads
+    if spec.kind == "depthwise" and spec.op == "wgrad":  # the [bm, bk, bn] product tile, [bk, bn] sums
+        return int((s.block_m + 1) * s.block_k * s.block_n / threads + s.block_m * s.block_n / threads + 32)
+    if spec.kind == "depthwise":
+        operands = acc * (1.0 if spec.itemsize == 4 else 0.5)  # the input tile of one tap
+    else:
+        operands = (s.block_m * s.block_k + s.block_k * s.block_n) / threads * spec.itemsize / 4
+    return int(acc + operands + 32)
+
+
+def occupancy(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> int:
+    """Programs resident per SM (at least 1), limited by shared memory, registers and threads."""
+    threads = 32 * s.num_warps
+    smem = smem_bytes(spec, s)
+    by_smem = limits.smem_per_sm // smem if smem else limits.max_blocks_per_sm
+    regs = max(1, registers_per_thread(spec, s)) * threads
+    by_regs = limits.regs_per_sm // regs
+    by_threads = limits.max_threads_per_sm // threads
+    return max(1, min(by_smem, by_regs, by_threads, limits.max_blocks_per_sm))
+
+
+def math_rate(spec: BlockSpec, limits: DeviceLimits) -> float:
+    """Peak FLOP/s of the unit spec's kernels use (tensor cores, or CUDA cores for fp32 ieee / direct)."""
+    if spec.kind == "depthwise":
+        return limits.fp32_flops
+    if spec.dtype == "float32":
+        return limits.tf32_flops if spec.precision == "tf32" else limits.fp32_flops
+    return limits.fp16_flops
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted time of one schedule and the terms it came from."""
+
+    seconds: float
+    programs: int
+    waves: int
+    occupancy: int
+    padded_flops: float
+    l2_bytes: float
+    dram_bytes: float
+    t_math: float
+    t_mem: float
+
+
+def estimate(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> Estimate:
+    """The cost model's breakdown for (spec, schedule) on limits' device."""
+    w = work(spec, s)
+    progs, steps = w.programs, w.steps
+    item = spec.itemsize
+    tile_flops = w.step_flops * steps
+    loads = w.step_loads * steps * item
+    out_tile = w.out_elems * item * (2 if spec.epilogue.residual else 1)
+    padded_flops = tile_flops * progs
+    l2 = (loads + out_tile) * progs
+    if limits.interpreted:
+        secs = progs * (limits.program_s + limits.element_s * w.out_elems
+                        + steps * (limits.step_s + limits.element_s * w.step_elems))
+        return Estimate(secs, progs, progs, 1, padded_flops, l2, float(spec.min_bytes), secs, 0.0)
+
+    occ = occupancy(spec, s, limits)
+    slots = limits.sm_count * occ
+    waves = cdiv(progs, slots)
+    # Each resident program gets 1/occ of its SM's rate; quantization: `waves` full rounds.
+    sm_rate = math_rate(spec, limits) / limits.sm_count
+    t_math = waves * occ * tile_flops / sm_rate / _tile_efficiency(spec, s)
+    dram = float(spec.min_bytes) * (1.0 + _l2_miss(spec, s, limits))
+    if spec.kind == "depthwise":
+        # channel-contiguous rows: a row narrower than a 32-byte sector wastes the rest
+        sector = min(1.0, s.block_n * item / 32.0)
+        t_mem = max(dram / limits.dram_bw, l2 / (4.0 * limits.l2_bw)) / sector  # taps re-read through L1
+    else:
+        t_mem = max(dram / limits.dram_bw, l2 / limits.l2_bw)
+    overlap = 1.0 - 1.0 / max(1, s.num_stages) if spec.kind == "conv" else 0.5
+    body = max(t_math, t_mem) + (1.0 - overlap) * min(t_math, t_mem)
+    secs = limits.launch_s + waves * limits.wave_s + body
+    return Estimate(secs, progs, waves, occ, padded_flops, l2, dram, t_math, t_mem)
+
+
+def _tile_efficiency(spec: BlockSpec, s: Schedule) -> float:
+    """Fraction of peak one program reaches: small MMA tiles and starved or crowded warps lose."""
+    elems = s.block_m * s.block_n
+    per_thread = elems / (32 * s.num_warps)
+    warp_eff = min(1.0, per_thread / 8.0) ** 0.5 * min(1.0, 64.0 / per_thread) ** 0.3
+    if spec.kind == "depthwise":
+        return max(0.05, warp_eff)
+    return max(0.05, min(1.0, elems / (128.0 * 128.0)) ** 0.35 * min(1.0, s.block_k / 32.0) ** 0.3 * warp_eff)
+
+
+def _l2_miss(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> float:
+    """Extra DRAM traffic (fraction of compulsory) when re-read operands fall out of L2."""
+    working = spec.min_bytes
+    if working <= limits.l2_bytes // 2:
+        return 0.0
+    swizzled = spec.kind == "conv" and s.group_m > 1
+    return 0.15 if swizzled else 0.5
+
+
+def predict(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> float:
+    """Predicted seconds of one launch."""
+    return estimate(spec, s, limits).seconds
+
+
+def roofline_seconds(spec: BlockSpec, limits: DeviceLimits) -> float:
+    """Lower bound: compulsory bytes at DRAM bandwidth or useful FLOPs at the dtype's peak."""
+    return max(spec.flops / math_rate(spec, limits), spec.min_bytes / limits.dram_bw)
+
+
+def roofline_fraction(spec: BlockSpec, seconds: float, limits: DeviceLimits) -> float:
+    """Fraction of the roofline a measured time reaches (1.0 = at the bound)."""
+    if not seconds > 0:
+        raise ValueError(f"seconds must be positive, got {seconds!r}")
+    return roofline_seconds(spec, limits) / seconds

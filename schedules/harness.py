@@ -1,0 +1,340 @@
+"""Harness: measure candidates in isolated worker processes; a candidate can never kill the tuner.
+
+measure(spec, schedule, reps) renders the variant here (a `source_hook` may substitute its
+source, which is how tests plant bad kernels), then:
+- GPU: compiles it in a pool of worker processes (Triton's JIT warmup fills the on-disk cache;
+  `prefetch` queues candidates ahead of time so compiles run in parallel with timing);
+  CPU: nothing to compile, the timing worker loads the source (syntax errors show up there);
+- the timing worker (one process, spawn context) runs the correctness gate: fresh random
+  inputs (seeded per variant), a NaN-poisoned output buffer, the float64 torch reference at
+  kernels.reference.tolerance(dtype); then warm-up, L2 flush and CUDA-event timing per
+  repetition (wall clock on the CPU interpreter); then checks the output again;
+- a timeout kills the worker; a dead worker (segfault, os._exit) or a lost CUDA context is
+  replaced by a fresh one for the next candidate. Statuses: ok | wrong-result | compile-error |
+  crash | timeout.
+Workers use the spawn start method, which re-imports the main module: a script that measures
+needs the usual `if __name__ == "__main__":` guard (python -m, pytest and consoles are fine).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Callable, Iterable
+
+import torch
+
+import kernels  # noqa: F401  (before triton: picks the interpreter on CPU-only machines)
+from kernels import generator, runtime
+from kernels.generator import Variant
+from kernels.schedule import Schedule, ScheduleError
+from kernels.spec import BlockSpec, SpecError
+
+from . import ops
+from . import worker as _worker
+from .device import INTERPRETER_NAME
+from .trial import COMPILE_ERROR, CRASH, OK, TIMEOUT, Trial
+
+SourceHook = Callable[[Variant], "str | None"]
+_spawn_lock = threading.Lock()
+
+
+class HarnessError(RuntimeError):
+    """The harness itself cannot work (a worker process does not start): not a candidate's fault."""
+
+
+class WorkerDied(Exception):
+    pass
+
+
+class WorkerTimeout(Exception):
+    pass
+
+
+def exit_reason(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Worker:
+    """One spawned worker process and its pipe."""
+
+    def __init__(self, device: str, threads: int, startup_timeout_s: float) -> None:
+        self.device = device
+        self.threads = threads
+        self.startup_timeout_s = startup_timeout_s
+        self.process: Any = None
+        self.conn: Any = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker.serve, args=(child, self.device, self.threads), daemon=True,
+                                   name="tunerd-measure")
+        with _spawn_lock:  # the child inherits os.environ at start: choose the interpreter for CPU runs
+            saved = os.environ.get("TRITON_INTERPRET")
+            if self.device == "cpu":
+                os.environ["TRITON_INTERPRET"] = "1"
+            else:
+                os.environ.pop("TRITON_INTERPRET", None)
+            try:
+                self.process.start()
+            except BaseException:
+                self.process = None
+                raise
+            finally:
+                if saved is None:
+                    os.environ.pop("TRITON_INTERPRET", None)
+                else:
+                    os.environ["TRITON_INTERPRET"] = saved
+        child.close()
+        self.conn = parent
+        if not parent.poll(self.startup_timeout_s):
+            self.kill()
+            raise HarnessError(f"measurement worker did not start within {self.startup_timeout_s:.0f}s")
+        try:
+            hello = parent.recv()
+        except EOFError:
+            self.process.join(5)
+            code = self.process.exitcode
+            self.kill()
+            raise HarnessError(f"measurement worker died while starting ({exit_reason(code)})") from None
+        if not hello.get("ready"):
+            self.kill()
+            raise HarnessError(f"measurement worker refused to start: {hello.get('error')}")
+
+    def request(self, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Send one request; WorkerTimeout if no reply in time, WorkerDied if the process ended."""
+        if not self.alive:
+            self.start()
+        try:
+            self.conn.send(msg)
+            if not self.conn.poll(timeout_s):
+                raise WorkerTimeout()
+            return self.conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+            self.process.join(5)
+            code = self.process.exitcode
+            self.kill()
+            raise WorkerDied(exit_reason(code)) from None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(10)
+        if self.conn is not None:
+            self.conn.close()
+        self.process = self.conn = None
+
+    def stop(self) -> None:
+        """Ask the worker to exit, then make sure it did."""
+        if self.alive:
+            try:
+                self.conn.send(None)
+                self.process.join(5)
+            except (BrokenPipeError, OSError):
+                pass
+        self.kill()
+
+
+def isolated_request(w: Worker, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """A worker's reply, or a timeout/crash reply after which the worker is replaced next time."""
+    try:
+        reply = w.request(msg, timeout_s)
+    except WorkerTimeout:
+        w.kill()
+        return {"status": TIMEOUT, "error": f"no result within {timeout_s:g}s: worker killed and replaced"}
+    except WorkerDied as d:
+        return {"status": CRASH, "error": f"worker process died ({d}) running this candidate; replaced"}
+    if reply.get("fatal"):
+        w.kill()
+    return reply
+
+
+class CompilePool:
+    """GPU compiles in parallel worker processes; results keyed by variant id.
+
+    Queue entries are (priority, sequence, vid, msg): the unique sequence number keeps entries
+    from ever comparing their payloads. Prefetched jobs run in submission order; a job a caller
+    is waiting for jumps the queue.
+    """
+
+    def __init__(self, n: int, device: str, threads: int, startup_timeout_s: float, timeout_s: float) -> None:
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._done: dict[str, threading.Event] = {}
+        self._started: set[str] = set()
+        self._results: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+        self._timeout_s = timeout_s
+        self._workers = [Worker(device, threads, startup_timeout_s) for _ in range(n)]
+        self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in self._workers]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, vid: str, msg: dict[str, Any], urgent: bool = False) -> None:
+        with self._lock:
+            queued = vid in self._done
+            if queued and (not urgent or vid in self._started):
+                return
+            self._done.setdefault(vid, threading.Event())
+        # an urgent re-submit adds a front copy; whichever copy is taken first runs, the other is skipped
+        self._queue.put((0 if urgent else 1, next(self._seq), vid, msg))
+
+    def result(self, vid: str) -> dict[str, Any]:
+        self._done[vid].wait()
+        return self._results[vid]
+
+    def _run(self, w: Worker) -> None:
+        while True:
+            _, _, vid, msg = self._queue.get()
+            if vid is None:
+                w.stop()
+                return
+            with self._lock:
+                if vid in self._started:
+                    continue
+                self._started.add(vid)
+            try:
+                reply = isolated_request(w, msg, self._timeout_s)
+            except Exception as e:  # a worker that cannot start: fail this job, never the waiting caller
+                w.kill()
+                reply = {"status": CRASH, "error": f"compile worker failed: {type(e).__name__}: {e}"}
+            self._results[vid] = reply
+            self._done[vid].set()
+
+    def close(self) -> None:
+        """Stop after the compiles in progress; queued prefetches are dropped."""
+        for _ in self._threads:
+            self._queue.put((-1, next(self._seq), None, None))
+        for t in self._threads:
+            t.join(30)
+        for w in self._workers:
+            w.kill()
+
+
+class Harness:
+    """Measures (spec, schedule) candidates; see the module doc.
+
+    device: "cuda" / "cuda:N" or "cpu" (the interpreter); default: CUDA when usable, else CPU.
+    reps / warmup: default repetitions (GPU 50 / 5, CPU 3 / 0: the gate run warms the interpreter).
+    timeout_s: per-candidate limit on the gate + timing (and on each compile).
+    compile_workers: parallel compile processes (GPU default: min(8, cpus - 1); CPU default 0:
+      the timing worker loads the source itself).
+    source_hook: Variant -> replacement source or None (tests plant broken kernels with it).
+    seed: inputs of each candidate come from a generator seeded by (seed, variant id).
+    """
+
+    def __init__(self, *, device: str | None = None, reps: int | None = None, warmup: int | None = None,
+                 timeout_s: float = 60.0, startup_timeout_s: float = 300.0, flush_l2: bool = True,
+                 compile_workers: int | None = None, source_hook: SourceHook | None = None, seed: int = 0,
+                 threads: int = 1) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() and not runtime.interpreting() else "cpu"
+        dev = torch.device(device)
+        if dev.type not in ("cuda", "cpu"):
+            raise ValueError(f"device must be cuda or cpu, got {device!r}")
+        if dev.type == "cuda" and runtime.interpreting():
+            raise ValueError("TRITON_INTERPRET=1 is set in this process: CUDA measurement needs compiled kernels")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        gpu = dev.type == "cuda"
+        self.device = str(dev)
+        self.device_name = torch.cuda.get_device_name(dev) if gpu else INTERPRETER_NAME
+        self.reps = reps if reps is not None else (50 if gpu else 3)
+        self.warmup = warmup if warmup is not None else (5 if gpu else 0)
+        if self.reps < 1 or self.warmup < 0:
+            raise ValueError("reps must be >= 1 and warmup >= 0")
+        self.timeout_s = timeout_s
+        self.flush_l2 = flush_l2
+        self.source_hook = source_hook
+        self.seed = seed
+        if compile_workers is None:
+            compile_workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if gpu else 0
+        self._pool = CompilePool(compile_workers, self.device, threads, startup_timeout_s, timeout_s) \
+            if compile_workers > 0 else None
+        self._timing = Worker(self.device, threads, startup_timeout_s)
+
+    # ---- variants ---------------------------------------------------------------------
+    def variant(self, spec: BlockSpec, schedule: Schedule) -> Variant:
+        """The exact variant measured for (spec, schedule): rendered, then the source hook applied."""
+        v = generator.render(spec, schedule)
+        if self.source_hook is not None:
+            src = self.source_hook(v)
+            if src is not None and src != v.source:
+                v = replace(v, source=src)
+        return v
+
+    def _message(self, v: Variant, kind: str, reps: int | None) -> dict[str, Any]:
+        seed = int(hashlib.sha256(f"{self.seed}:{v.id}".encode()).hexdigest()[:8], 16)
+        return {"kind": kind, "spec": v.spec.to_dict(), "schedule": v.schedule.to_dict(), "source": v.source,
+                "kernel_name": v.kernel_name, "grid": list(v.grid), "reps": reps or self.reps,
+                "warmup": self.warmup, "flush_l2": self.flush_l2, "seed": seed}
+
+    # ---- measuring --------------------------------------------------------------------
+    def prefetch(self, spec: BlockSpec, schedules: Iterable[Schedule]) -> None:
+        """Queue compiles of candidates that will be measured soon (GPU; a no-op without a pool)."""
+        if self._pool is None:
+            return
+        for s in schedules:
+            try:
+                v = self.variant(spec, s)
+            except (ScheduleError, SpecError):
+                continue
+            self._pool.submit(v.id, self._message(v, "compile", None))
+
+    def measure(self, spec: BlockSpec, schedule: Schedule, reps: int | None = None) -> Trial:
+        """Compile, gate and time one candidate. Never raises for a candidate's failure; raises
+        SpecError for a spec the harness cannot gate (an unbound op or gradient chain)."""
+        ops.check(spec)
+        t0 = time.monotonic()
+        try:
+            v = self.variant(spec, schedule)
+        except (ScheduleError, SpecError) as e:
+            return Trial(schedule=schedule, variant_id="", source="", status=COMPILE_ERROR, error=str(e),
+                         device=self.device_name, seconds=time.monotonic() - t0)
+        if self._pool is not None:
+            self._pool.submit(v.id, self._message(v, "compile", None), urgent=True)
+            compiled = self._pool.result(v.id)
+            if compiled["status"] != "compiled":
+                return self._trial(v, compiled, t0)
+        reply = isolated_request(self._timing, self._message(v, "measure", reps), self.timeout_s)
+        return self._trial(v, reply, t0)
+
+    def _trial(self, v: Variant, reply: dict[str, Any], t0: float) -> Trial:
+        ok = reply["status"] == OK
+        return Trial(schedule=v.schedule, variant_id=v.id, source=v.source, status=reply["status"],
+                     median_ms=reply.get("median_ms"), p10_ms=reply.get("p10_ms"), p90_ms=reply.get("p90_ms"),
+                     reps=reply.get("reps", 0) if ok else 0, rel_error=reply.get("rel_error"),
+                     max_error=reply.get("max_error"), error=reply.get("error"), device=self.device_name,
+                     seconds=time.monotonic() - t0)
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self._timing.stop()
+
+    def __enter__(self) -> "Harness":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,210 @@
+"""Schedule space: the legal knobs of one spec's family and op, pruned before anything compiles.
+
+Enumeration (per kind):
+- conv (implicit GEMM; fwd, dgrad per stride phase, wgrad): block_m x block_n x block_k in powers
+  of two (16..256, 16..256, 16..128), num_warps 2/4/8, num_stages 2/3/4, group_m 1/8, k_order
+  tap/flat, split_k 1..32 (wgrad only);
+- depthwise (direct): block_m pixels (4..1024) x block_n channels (4..128), num_warps 1/2/4/8;
+  wgrad: block_m pixels per step (16..256) x block_k taps (1..32) x block_n channels, split_k.
+
+Pruning rules, in order (each candidate is dropped by the first rule it breaks; `Space.pruned`
+counts them):
+- `problem`: tiles no larger than the problem (block <= next_pow2(extent), at least the minimum);
+- `order`: flat k_order only for multi-tap specs whose channel groups do not fill a block_k step
+  (C/g < 64 or not a multiple of 64); group_m varies only when there are several tiles both ways;
+  num_stages no more than the reduction's steps + 1; split_k keeps >= 2 block_k steps per split;
+- `check`: kernels.schedule.check (powers of two, tl.dot dims >= 16, tile <= 256x256);
+- `smem`: cost.smem_bytes (fitted to Triton's sm_90 output) <= limits.smem_per_block;
+- `registers`: cost.registers_per_thread <= limits.max_regs_per_thread (would spill);
+- `warps`: at least 4 accumulator elements per thread (idle warps otherwise);
+- `duplicate`: the same canonical schedule (kernels.schedule.canonical) seen before; on the
+  interpreter also the same tiles with other launch knobs (num_warps, num_stages and group_m do
+  not change what the interpreter executes), so CPU spaces hold one variant per tile shape;
+- `cap`: when more than `max_candidates` (default 256) survive, keep the cost model's best
+  variant of every tile shape (block_m, block_n, block_k, k_order, split_k), then fill up with
+  the best-predicted remaining ones (enumeration order is kept).
+Sizes (H100 profile, the SEEDS suites): 36-2716 legal after the rules, median ~1000-1300 for
+dense/grouped layers, 107 for depthwise; 256 or fewer after the cap. Interpreter profile: 4-188.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+from kernels import schedule as _sched
+from kernels.schedule import Schedule, ScheduleError, next_pow2
+from kernels.spec import BlockSpec
+
+from . import cost
+from .device import DeviceLimits
+
+CONV_M = (16, 32, 64, 128, 256)
+CONV_N = (16, 32, 64, 128, 256)
+CONV_K = (16, 32, 64, 128)
+CONV_WARPS = (4, 8, 2)  # preferred value first: the interpreter keeps the first legal one
+CONV_STAGES = (3, 2, 4)
+GROUP_M = (8, 1)
+SPLIT_K = (1, 2, 4, 8, 16, 32)
+DW_M = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DW_N = (4, 8, 16, 32, 64, 128)
+DW_WARPS = (4, 2, 8, 1)
+DW_WGRAD_M = (16, 32, 64, 128, 256)  # depthwise wgrad: pixels per reduction step
+DW_TAPS = (1, 2, 4, 8, 16, 32)  # depthwise wgrad: taps per program
+DEFAULT_MAX_CANDIDATES = 256
+MIN_ACC_PER_THREAD = 4
+
+RULES = ("problem", "order", "check", "smem", "registers", "warps", "duplicate", "cap")
+
+
+@dataclass
+class Space:
+    """The candidates of one spec on one device, and how many were pruned by each rule."""
+
+    spec: BlockSpec
+    limits: DeviceLimits
+    candidates: list[Schedule]
+    pruned: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+
+def space(spec: BlockSpec, limits: DeviceLimits | None = None,
+          max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> list[Schedule]:
+    """Legal, pruned, deduplicated schedules for spec (see the module doc for the rules)."""
+    return build(spec, limits, max_candidates).candidates
+
+
+def build(spec: BlockSpec, limits: DeviceLimits | None = None,
+          max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> Space:
+    """Enumerate and prune; max_candidates=None keeps every legal schedule."""
+    if max_candidates is not None and max_candidates < 1:
+        raise ValueError(f"max_candidates must be >= 1 or None, got {max_candidates}")
+    limits = limits or DeviceLimits.detect()
+    pruned = {r: 0 for r in RULES}
+    out: list[Schedule] = []
+    seen: set[Schedule] = set()
+    seen_tiles: set[tuple] = set()
+    gen = _depthwise(spec) if spec.kind == "depthwise" else _conv(spec)
+    for s, rule in gen:
+        rule = rule or _resource_rule(spec, s, limits)
+        if rule is None:
+            s = _sched.canonical(spec, s)
+            tiles = tile_shape(s)  # all the interpreter runs: it ignores the launch knobs
+            if s in seen or (limits.interpreted and tiles in seen_tiles):
+                rule = "duplicate"
+            else:
+                seen.add(s)
+                seen_tiles.add(tiles)
+                out.append(s)
+                continue
+        pruned[rule] += 1
+    if max_candidates is not None and len(out) > max_candidates:
+        keep = _capped(spec, out, limits, max_candidates)
+        pruned["cap"] = len(out) - max_candidates
+        out = [s for i, s in enumerate(out) if i in keep]
+    return Space(spec=spec, limits=limits, candidates=out, pruned=pruned)
+
+
+def tile_shape(s: Schedule) -> tuple:
+    """What a schedule computes, without its launch knobs (num_warps, num_stages, group_m)."""
+    return (s.block_m, s.block_n, s.block_k, s.k_order, s.split_k)
+
+
+def _capped(spec: BlockSpec, cands: list[Schedule], limits: DeviceLimits, n: int) -> set[int]:
+    """Indices to keep: the best-predicted variant of every tile shape first (so a cost-model error
+    about launch knobs cannot drop a tiling), then the best-predicted of the rest."""
+    ranked = sorted(range(len(cands)), key=lambda i: (cost.predict(spec, cands[i], limits), i))
+    first: dict[tuple, int] = {}
+    for i in ranked:
+        first.setdefault(tile_shape(cands[i]), i)
+    keep = sorted(first.values(), key=ranked.index)[:n]
+    chosen = set(keep)
+    keep += [i for i in ranked if i not in chosen][: n - len(keep)]
+    return set(keep)
+
+
+def _resource_rule(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> str | None:
+    """The first of check / smem / registers / warps that s breaks, or None."""
+    try:
+        _sched.check(spec, s)
+    except ScheduleError:
+        return "check"
+    if cost.smem_bytes(spec, s) > limits.smem_per_block:
+        return "smem"
+    if cost.registers_per_thread(spec, s) > limits.max_regs_per_thread:
+        return "registers"
+    if s.block_m * s.block_n < 32 * s.num_warps * MIN_ACC_PER_THREAD and s.num_warps > min(_warps(spec)):
+        return "warps"
+    return None
+
+
+def _warps(spec: BlockSpec) -> tuple[int, ...]:
+    return DW_WARPS if spec.kind == "depthwise" else CONV_WARPS
+
+
+def _cap(extent: int, lo: int) -> int:
+    """Largest useful power-of-two tile for an extent: next_pow2(extent), at least lo."""
+    return max(lo, next_pow2(extent))
+
+
+Candidate = tuple[Schedule, "str | None"]  # a schedule and the enumeration rule it breaks, if any
+
+
+def _conv(spec: BlockSpec) -> Iterator[Candidate]:
+    g = cost.gemm_view(spec)
+    wgrad = spec.op == "wgrad"
+    # the flat order helps when one tap's channels (columns for wgrad) do not fill whole block_k steps
+    flat_extent = g.n if wgrad else g.inner
+    flat_ok = g.taps > 1 and (flat_extent < 64 or flat_extent % 64 != 0)
+    k_orders = ("tap", "flat") if flat_ok else ("tap",)
+    splits = SPLIT_K if wgrad else (1,)
+    for bm, bn, bk, order, split in itertools.product(CONV_M, CONV_N, CONV_K, k_orders, splits):
+        flat = order == "flat"
+        if wgrad:  # columns: (tap, C/g) tiles; reduction: the pixels of one split
+            n_extent, k_extent = (g.taps * g.n if flat else g.n), cost.cdiv(g.inner, split)
+        else:
+            n_extent, k_extent = g.n, (g.red if flat else g.inner)
+        base = Schedule(block_m=bm, block_n=bn, block_k=bk, k_order=order, split_k=split)
+        if bm > _cap(g.m, 16) or bn > _cap(n_extent, 16) or bk > _cap(k_extent, 16):
+            yield base, "problem"
+            continue
+        if wgrad and split > 1 and k_extent < 2 * bk:
+            yield base, "order"
+            continue
+        steps = cost.reduction_steps(spec, base)
+        swizzle = cost.cdiv(g.m, bm) > 1 and cost.cdiv(n_extent, bn) > 1
+        for warps, stages, group in itertools.product(CONV_WARPS, CONV_STAGES, GROUP_M):
+            s = replace(base, num_warps=warps, num_stages=stages, group_m=group)
+            if (group != GROUP_M[0] and not swizzle) or stages > steps + 1:
+                yield s, "order"
+            else:
+                yield s, None
+
+
+def _depthwise(spec: BlockSpec) -> Iterator[Candidate]:
+    if spec.op == "wgrad":
+        yield from _depthwise_wgrad(spec)
+        return
+    pixels, channels = cost.direct_pixels(spec), cost.direct_channels(spec)
+    for bm, bn, warps in itertools.product(DW_M, DW_N, DW_WARPS):
+        s = Schedule(block_m=bm, block_n=bn, block_k=Schedule.block_k, group_m=1, num_warps=warps, num_stages=1)
+        too_big = bm > _cap(pixels, 8) or bn > _cap(channels, 8)
+        too_small = bm < min(8, _cap(pixels, 1)) or bn < min(8, _cap(channels, 1))
+        yield s, ("problem" if too_big or too_small else None)
+
+
+def _depthwise_wgrad(spec: BlockSpec) -> Iterator[Candidate]:
+    """block_m pixels per step x block_k taps x block_n channels, pixels split split_k ways."""
+    for bm, bn, bt, split, warps in itertools.product(DW_WGRAD_M, DW_N, DW_TAPS, SPLIT_K, DW_WARPS):
+        s = Schedule(block_m=bm, block_n=bn, block_k=bt, group_m=1, num_warps=warps, num_stages=1, split_k=split)
+        per_split = cost.cdiv(spec.out_pixels, split)
+        too_big = bm > _cap(per_split, 16) or bn > _cap(spec.k, 8) or bt > _cap(spec.taps, 1)
+        too_small = bn < min(8, _cap(spec.k, 1))
+        if too_big or too_small:
+            yield s, "problem"
+        elif split > 1 and per_split < 2 * bm:
+            yield s, "order"
+        else:
+            yield s, None
