@@ -1,12 +1,16 @@
 """Forward convolution entry: validate torch arguments, build the spec, pack, launch.
 
 Public API of the generator for any convolution (1d/2d/3d, dense, grouped, depthwise) with
-its fused epilogue. tunerd.functional wraps this with autograd.
+its fused epilogue. kernels.autograd wraps it (and kernels.backward) for training.
+
+BatchNorm train mode: `conv_forward(..., stats=True)` also returns the per-channel sum and sum of
+squares (fp32, [K]) of the pre-epilogue conv output z, gathered by the same kernel from its fp32
+accumulator (per-tile partials, reduced in fixed order), so batch statistics need no second read.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 
@@ -45,17 +49,24 @@ class EpilogueArgs:
     gamma: torch.Tensor | None = None
     activation: str | None = None
     residual_mode: str = "post"
-    star_s: float = 1.0
-    star_b: float = 0.0
+    star_s: float | torch.Tensor = 1.0  # StarReLU s and b: floats or 0-dim tensors (learnable)
+    star_b: float | torch.Tensor = 0.0
 
-    def spec(self) -> Epilogue:
+    def spec(self, stats: bool = False, save_z: bool = False) -> Epilogue:
         if (self.scale is None) != (self.shift is None):
             raise SpecError("scale and shift (folded BatchNorm) must be given together")
         if self.residual_mode not in ("pre", "post"):
             raise SpecError(f"residual_mode must be 'pre' or 'post', got {self.residual_mode!r}")
         return Epilogue(bias=self.bias is not None, affine=self.scale is not None, activation=self.activation,
                         residual=self.residual_mode if self.residual is not None else None,
-                        layer_scale=self.gamma is not None)
+                        layer_scale=self.gamma is not None, stats=stats, save_z=save_z)
+
+    def star_tensor(self, device: torch.device) -> torch.Tensor:
+        """(s, b) as the [2] fp32 tensor the kernels read through star_ptr (no host sync for tensors)."""
+        if isinstance(self.star_s, torch.Tensor) or isinstance(self.star_b, torch.Tensor):
+            return torch.stack([torch.as_tensor(v, device=device).detach().to(torch.float32).reshape(())
+                                for v in (self.star_s, self.star_b)])
+        return torch.tensor([float(self.star_s), float(self.star_b)], dtype=torch.float32, device=device)
 
 
 def _check_tensor(name: str, t: Any) -> torch.Tensor:
@@ -65,8 +76,9 @@ def _check_tensor(name: str, t: Any) -> torch.Tensor:
 
 
 def make_spec(x: torch.Tensor, weight: torch.Tensor, ndim: int, stride: Any, padding: Any, dilation: Any,
-              groups: int, ep: EpilogueArgs, precision: str = "ieee", op: str = "fwd") -> BlockSpec:
-    """Validate the torch-style call and describe it as a BlockSpec."""
+              groups: int, ep: EpilogueArgs, precision: str = "ieee", op: str = "fwd", stats: bool = False,
+              save_z: bool = False) -> BlockSpec:
+    """Validate the torch-style call and describe it as a BlockSpec (stats / save_z: forward options)."""
     _check_tensor("input", x)
     _check_tensor("weight", weight)
     fn = f"conv{ndim}d"
@@ -107,9 +119,20 @@ def make_spec(x: torch.Tensor, weight: torch.Tensor, ndim: int, stride: Any, pad
             raise SpecError(f"bias dtype {t.dtype} does not match input dtype {x.dtype}")
         if t.dtype not in TORCH_DTYPES:
             raise SpecError(f"{name} dtype {t.dtype} is not a supported float type")
+    if ep.activation == "starrelu":
+        for name in ("star_s", "star_b"):
+            v = getattr(ep, name)
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1 or not v.is_floating_point():
+                    raise SpecError(f"starrelu {name} must be a float or a one-element float tensor, "
+                                    f"got shape {tuple(v.shape)} {v.dtype}")
+                if v.device != x.device:
+                    raise SpecError(f"starrelu {name} is on {v.device} but input is on {x.device}")
+            elif not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise SpecError(f"starrelu {name} must be a float or a tensor, got {type(v).__name__}")
     spec = conv_spec(n=n, c=c, k=k, in_size=tuple(x.shape[2:]), kernel=tuple(weight.shape[2:]), stride=stride,
                      padding=padding, dilation=dilation, groups=groups, dtype=TORCH_DTYPES[x.dtype],
-                     epilogue=ep.spec(), op=op, precision=precision)
+                     epilogue=ep.spec(stats=stats, save_z=save_z), op=op, precision=precision)
     if ep.residual is not None:
         r = _check_tensor("residual", ep.residual)
         expected = (n, k, *spec.out_size)
@@ -133,6 +156,39 @@ def from_channels_last(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.contiguous() if like.is_contiguous() else out
 
 
+# Tests set this to fill every buffer a kernel writes with NaN first, so elements a kernel misses show up.
+POISON_OUTPUTS = False
+
+
+def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised kernel output (NaN-filled under POISON_OUTPUTS)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_channels_last(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised [N, C, *S] tensor whose memory is channels-last [N, *S, C].
+
+    to_channels_last() of it is a free view (the buffer a kernel writes); the tensor itself is
+    what from_channels_last returns for a non-contiguous `like`, but owns its storage (not a view).
+    """
+    n, c, *sp = shape
+    strides = [1] * len(shape)
+    step = c
+    for i in range(len(shape) - 1, 1, -1):
+        strides[i] = step
+        step *= shape[i]
+    strides[0] = step
+    out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def in_format_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A new_channels_last tensor in like's memory format (same rule as from_channels_last)."""
+    return full.contiguous() if like.is_contiguous() else full
+
+
 def pack_weight(spec: BlockSpec, weight: torch.Tensor) -> torch.Tensor:
     """conv: [K, C/g, *ks] -> [K, taps, C/g]; depthwise: [K, 1, *ks] -> [taps, K]."""
     if spec.kind == "depthwise":
@@ -140,50 +196,109 @@ def pack_weight(spec: BlockSpec, weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, *range(2, weight.dim()), 1).contiguous()
 
 
-def epilogue_kernel_args(spec: BlockSpec, ep: EpilogueArgs) -> dict[str, Any]:
-    """Epilogue arguments as the generated kernels name them (per-channel vectors in fp32)."""
+def epilogue_kernel_args(spec: BlockSpec, ep: EpilogueArgs, device: torch.device | None = None,
+                         only: Collection[str] | None = None) -> dict[str, Any]:
+    """Epilogue arguments as the generated kernels name them (per-channel vectors in fp32).
+
+    Every chain argument the spec's epilogue uses, or just the names in `only` (a backward
+    kernel's plan reads a subset).
+    """
     e = spec.epilogue
     args: dict[str, Any] = {}
 
     def vec(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(torch.float32).contiguous()
 
-    if e.bias:
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    if e.bias and want("bias_ptr"):
         args["bias_ptr"] = vec(ep.bias)
-    if e.affine:
-        args["scale_ptr"], args["shift_ptr"] = vec(ep.scale), vec(ep.shift)
-    if e.residual:
+    if e.affine and want("scale_ptr"):
+        args["scale_ptr"] = vec(ep.scale)
+    if e.affine and want("shift_ptr"):
+        args["shift_ptr"] = vec(ep.shift)
+    if e.residual and want("res_ptr"):
         args["res_ptr"] = to_channels_last(ep.residual.detach())
-    if e.layer_scale:
+    if e.layer_scale and want("gamma_ptr"):
         args["gamma_ptr"] = vec(ep.gamma)
-    if e.activation == "starrelu":
-        args["star_s"], args["star_b"] = float(ep.star_s), float(ep.star_b)
+    if e.activation == "starrelu" and want("star_ptr"):
+        if device is None:
+            device = next((t.device for t in (ep.bias, ep.scale, ep.residual, ep.gamma) if t is not None),
+                          torch.device("cpu"))
+        args["star_ptr"] = ep.star_tensor(device)
     return args
+
+
+def upcast(x: torch.Tensor) -> bool:
+    """The UPCAST constexpr: bf16 tl.dot operands go through fp32 on the interpreter only."""
+    return runtime.is_interpreted(x.device) and x.dtype == torch.bfloat16
 
 
 def forward_args(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor, ep: EpilogueArgs,
-                 out_buf: torch.Tensor) -> dict[str, Any]:
+                 out_buf: torch.Tensor, z_buf: torch.Tensor | None = None,
+                 stats_buf: torch.Tensor | None = None) -> dict[str, Any]:
+    """Kernel arguments of a forward variant; z_buf / stats_buf when its epilogue has save_z / stats."""
     args = {"x_ptr": to_channels_last(x.detach()), "w_ptr": pack_weight(spec, weight.detach()), "out_ptr": out_buf,
-            "UPCAST": runtime.is_interpreted(x.device) and x.dtype == torch.bfloat16}
-    args.update(epilogue_kernel_args(spec, ep))
+            "UPCAST": upcast(x)}
+    if spec.epilogue.save_z:
+        args["z_ptr"] = z_buf
+    if spec.epilogue.stats:
+        args["stats_ptr"] = stats_buf
+    args.update(epilogue_kernel_args(spec, ep, x.device))
     return args
+
+
+@dataclass
+class ForwardResult:
+    """What one forward launch produced.
+
+    y: the output in x's memory format. z: the channels-last [N, *out, K] pre-epilogue conv output
+    (only with epilogue.save_z). sum / sumsq: per-channel fp32 [K] sums of z (only with epilogue.stats).
+    """
+
+    y: torch.Tensor
+    z: torch.Tensor | None = None
+    sum: torch.Tensor | None = None
+    sumsq: torch.Tensor | None = None
+
+
+def run_forward(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor, ep: EpilogueArgs,
+                schedule: Schedule | dict | None = None, out: torch.Tensor | None = None) -> ForwardResult:
+    """Launch the forward variant of an already validated spec (see make_spec)."""
+    variant = generator.render(spec, choose_schedule(spec, x.device, schedule))
+    shape = (spec.n, *spec.out_size, spec.k)
+    full = None
+    if out is None:
+        full = new_channels_last((spec.n, spec.k, *spec.out_size), x.dtype, x.device)
+        out = to_channels_last(full)
+    elif tuple(out.shape) != shape or not out.is_contiguous() or out.dtype != x.dtype or out.device != x.device:
+        raise SpecError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
+    z = new_buffer(shape, x.dtype, x.device) if spec.epilogue.save_z else None
+    partial = None
+    if spec.epilogue.stats:  # one row of per-channel (sum, sumsq) per tile of block_m output pixels
+        rows = -(-spec.out_pixels // variant.schedule.block_m)
+        partial = new_buffer((rows, 2, spec.k), torch.float32, x.device)
+    runtime.launch(variant, forward_args(spec, x, weight, ep, out, z, partial), x.device)
+    res = ForwardResult(y=from_channels_last(out, x) if full is None else in_format_of(full, x), z=z)
+    if partial is not None:
+        res.sum, res.sumsq = partial.sum(dim=0).unbind(0)  # fixed-order reduction: deterministic
+    return res
 
 
 def conv_forward(x: torch.Tensor, weight: torch.Tensor, ndim: int, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1, groups: int = 1, ep: EpilogueArgs | None = None,
                  schedule: Schedule | dict | None = None, precision: str = "ieee",
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, stats: bool = False
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = epilogue(conv(x, weight)) with torch.nn.functional semantics; returns y in x's memory format.
 
     `out`, if given, is the [N, *out_spatial, K] channels-last buffer to write (tests poison it).
+    stats=True returns (y, sum, sumsq): per-channel fp32 [K] sum and sum of squares over N and the
+    output positions of the pre-epilogue conv output z (no bias), e.g. mean = sum / (N * P * Q).
+    No autograd here: kernels.autograd.conv differentiates through y, sum and sumsq.
     """
     ep = ep or EpilogueArgs()
-    spec = make_spec(x, weight, ndim, stride, padding, dilation, groups, ep, precision)
-    variant = generator.render(spec, choose_schedule(spec, x.device, schedule))
-    shape = (spec.n, *spec.out_size, spec.k)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != shape or not out.is_contiguous() or out.dtype != x.dtype or out.device != x.device:
-        raise SpecError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
-    runtime.launch(variant, forward_args(spec, x, weight, ep, out), x.device)
-    return from_channels_last(out, x)
+    spec = make_spec(x, weight, ndim, stride, padding, dilation, groups, ep, precision, stats=stats)
+    res = run_forward(spec, x, weight, ep, schedule, out)
+    return (res.y, res.sum, res.sumsq) if stats else res.y

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .spec import Epilogue
 
-# Triton expression of each activation on an fp32 tile `v`; starrelu reads runtime scalars star_s, star_b.
+# Triton expression of each activation on an fp32 tile `v`; starrelu reads star_s, star_b (from star_ptr).
 # tanh is written through sigmoid: tl.math has no tanh on every Triton version we support.
 _TANH = "(2.0 * tl.sigmoid(2.0 * ({x})) - 1.0)"
 ACT_TRITON: dict[str, str] = {
@@ -22,8 +23,27 @@ ACT_TRITON: dict[str, str] = {
 }
 
 
+# d act / d v, as torch's own backward formulas define it (relu'(0) = 0, hardswish at +-3, ...).
+_TANH_INNER = _TANH.format(x="0.7978845608028654 * ({v} + 0.044715 * {v} * {v} * {v})")
+ACT_GRAD_TRITON: dict[str, str] = {
+    "relu": "tl.where({v} > 0.0, 1.0, 0.0)",
+    "relu6": "tl.where(({v} > 0.0) & ({v} < 6.0), 1.0, 0.0)",
+    "silu": "tl.sigmoid({v}) * (1.0 + {v} * (1.0 - tl.sigmoid({v})))",
+    "gelu": "0.5 * (1.0 + tl.erf({v} * 0.7071067811865476)) + {v} * 0.3989422804014327 * tl.exp(-0.5 * {v} * {v})",
+    "gelu_tanh": ("0.5 * (1.0 + " + _TANH_INNER + ") + 0.5 * {v} * (1.0 - " + _TANH_INNER + " * " + _TANH_INNER
+                  + ") * 0.7978845608028654 * (1.0 + 0.134145 * {v} * {v})"),
+    "hardswish": "tl.where({v} < -3.0, 0.0, tl.where({v} <= 3.0, {v} * 0.3333333333333333 + 0.5, 1.0))",
+    "sigmoid": "tl.sigmoid({v}) * (1.0 - tl.sigmoid({v}))",
+    "starrelu": "2.0 * star_s * tl.maximum({v}, 0.0)",
+}
+
+
 def activation_expr(name: str, var: str) -> str:
     return ACT_TRITON[name].format(v=var)
+
+
+def activation_grad_expr(name: str, var: str) -> str:
+    return ACT_GRAD_TRITON[name].format(v=var)
 
 
 def activation_torch(name: str | None, v: torch.Tensor, star_s: float = 1.0, star_b: float = 0.0) -> torch.Tensor:
@@ -81,5 +101,89 @@ def arg_names(ep: Epilogue) -> list[str]:
     if ep.layer_scale:
         names.append("gamma_ptr")
     if ep.activation == "starrelu":
-        names += ["star_s", "star_b"]
+        names.append("star_ptr")  # [2] fp32: (s, b), a pointer so learnable scalars need no host sync
     return names
+
+
+# ---- backward of the chain --------------------------------------------------------------------
+@dataclass(frozen=True)
+class GradPlan:
+    """What one dgrad/wgrad kernel reads to turn dy into dz, and what wgrad reduces per channel.
+
+    dgrad and wgrad apply the chain's gradient to dy as they load it (never materialising dz):
+      da = dy * gamma;  du = da * act'(u);  dz = du * scale (+ dsum + 2 z dsumsq with stats)
+    with u = (z + bias) * scale + shift (+ residual 'pre') rebuilt from the saved z.
+    wgrad programs that own a channel's first column tile also sum, per channel:
+      dshift = sum du (dbias = scale * dshift), dscale = sum du * (z + bias),
+      dgamma = sum dy * act(u), and starrelu's dstar_s = sum da relu(u)^2, dstar_b = sum da.
+    """
+
+    epilogue: Epilogue
+    load_z: bool  # the kernel reads the saved pre-epilogue conv output z
+    need_u: bool  # ... and rebuilds the pre-activation u from it
+    params: tuple[str, ...]  # kernel arguments it reads, in signature order
+    reductions: tuple[str, ...]  # per-channel sums (wgrad)
+
+    @property
+    def plain(self) -> bool:
+        """dz is dy itself."""
+        e = self.epilogue
+        return not (e.affine or e.activation or e.layer_scale or e.stats)
+
+
+def grad_epilogue(ep: Epilogue, op: str) -> Epilogue:
+    """The part of a forward chain that matters to the op's backward kernel (its spec's epilogue).
+
+    Dropping what a kernel does not read keeps one kernel (and one tuned schedule) per real variant:
+    residual 'post' never matters (its gradient is dy); for dgrad, bias / residual 'pre' only
+    shape u, which only an activation reads.
+    """
+    if op == "fwd":
+        return ep
+    pre = ep.residual == "pre"
+    if op == "dgrad":
+        act = ep.activation is not None
+        return Epilogue(bias=ep.bias and act, affine=ep.affine, activation=ep.activation,
+                        residual="pre" if pre and act else None, layer_scale=ep.layer_scale, stats=ep.stats)
+    return Epilogue(bias=ep.bias, affine=ep.affine, activation=ep.activation, residual="pre" if pre else None,
+                    layer_scale=ep.layer_scale, stats=ep.stats)
+
+
+def grad_plan(ep: Epilogue, op: str) -> GradPlan:
+    """Plan of the op's kernel for a spec epilogue already reduced by grad_epilogue."""
+    if op == "dgrad":
+        need_u = ep.activation is not None
+        load_z = need_u or ep.stats
+        reductions: tuple[str, ...] = ()
+    else:
+        need_u = ep.activation is not None or ep.layer_scale
+        load_z = need_u or ep.affine or ep.stats
+        red = []
+        if ep.bias or ep.affine:
+            red.append("dshift")
+        if ep.affine:
+            red.append("dscale")
+        if ep.layer_scale:
+            red.append("dgamma")
+        if ep.activation == "starrelu":
+            red += ["dstar_s", "dstar_b"]
+        reductions = tuple(red)
+    params = []
+    if ep.bias and load_z:
+        params.append("bias_ptr")
+    if ep.affine:
+        params += ["scale_ptr", "shift_ptr"] if need_u else ["scale_ptr"]
+    if ep.residual == "pre" and need_u:
+        params.append("res_ptr")
+    if ep.layer_scale:
+        params.append("gamma_ptr")
+    if ep.activation == "starrelu":
+        params.append("star_ptr")
+    if ep.stats:
+        params.append("dstats_ptr")  # [2, K] fp32: gradients of the stats outputs sum and sumsq
+    return GradPlan(epilogue=ep, load_z=load_z, need_u=need_u, params=tuple(params), reductions=reductions)
+
+
+def saves_z(ep: Epilogue) -> bool:
+    """Does training with this forward chain need z kept for backward? (wgrad reads the most)."""
+    return grad_plan(grad_epilogue(ep, "wgrad"), "wgrad").load_z

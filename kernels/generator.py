@@ -6,6 +6,7 @@ Each (kind, op) has one Template: a Jinja2 file, a context builder and a grid fu
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -84,6 +85,57 @@ def _geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     )
 
 
+def _grad_geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
+    """Shared context of backward templates: geometry plus the plan of the chain's gradient."""
+    g = _geometry(spec, s)
+    ep = spec.epilogue
+    g.update(gep=ep, plan=_ep.grad_plan(ep, spec.op), SPLIT=s.split_k,
+             act_grad=lambda var: _ep.activation_grad_expr(ep.activation, var),
+             SO=[_prod(spec.out_size[d + 1:]) for d in range(spec.ndim)], OPIX=_prod(spec.out_size),
+             TS=[_prod(spec.kernel[d + 1:]) for d in range(spec.ndim)],
+             dot_kw=f', input_precision="{spec.precision}"' if spec.dtype == "float32" else "")
+    return g
+
+
+def _select(var: str, values: list[int]) -> str:
+    """Triton expression picking values[var] for a small runtime index (a literal when all agree)."""
+    if all(v == values[0] for v in values):
+        return str(values[0])
+    expr = str(values[-1])
+    for i in range(len(values) - 2, -1, -1):
+        expr = f"tl.where({var} == {i}, {values[i]}, {expr})"
+    return expr
+
+
+def _phases(spec: BlockSpec) -> dict[str, Any]:
+    """Stride-phase decomposition of dgrad, per spatial dim.
+
+    Input coordinate i receives dz[o] * w[t] only where i + pad = o * stride + t * dilation. Split the
+    input by phase ph = (i + pad) % stride: the phase's pixels are i = i0 + j * stride (j < cnt), and
+    exactly the taps t = t0 + a * step (a < nt, step = stride / gcd(stride, dilation)) reach them,
+    from o = q + j - a * stepo (stepo = dilation / gcd). Every multiply hits a real dz element.
+    """
+    nd = spec.ndim
+    tab: dict[str, list] = {k: [] for k in ("I0", "CNT", "CNTS", "T0", "NT", "Q")}
+    step, stepo = [], []
+    for d in range(nd):
+        st, dl, p, ks, n_in = spec.stride[d], spec.dilation[d], spec.padding[d][0], spec.kernel[d], spec.in_size[d]
+        gcd = math.gcd(st, dl)
+        step.append(st // gcd)
+        stepo.append(dl // gcd)
+        rows = []
+        for ph in range(st):
+            i0 = (ph - p) % st
+            cnt = max(0, _cdiv(n_in - i0, st))
+            taps = [t for t in range(ks) if (t * dl) % st == ph]
+            t0 = taps[0] if taps else 0
+            q = (i0 + p - t0 * dl) // st if taps else 0
+            rows.append((i0, cnt, max(cnt, 1), t0, len(taps), q))  # CNTS: a safe divisor
+        for key, col in zip(("I0", "CNT", "CNTS", "T0", "NT", "Q"), zip(*rows)):
+            tab[key].append(_select(f"ph{d}", list(col)))
+    return dict(PH=spec.phases, STEP=step, STEPO=stepo, MMAX=spec.phase_pixels, **tab)
+
+
 def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = _geometry(spec, s)
     pointwise = spec.taps == 1 and all(v == 1 for v in spec.stride) and not spec.has_padding
@@ -110,6 +162,59 @@ def _depthwise_fwd_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
     return (_cdiv(spec.out_pixels, s.block_m), _cdiv(spec.k, s.block_n))
 
 
+def _conv_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
+    g = _grad_geometry(spec, s)
+    g.update(_phases(spec))
+    g.update(NPID_M=_cdiv(g["MMAX"], s.block_m), NPID_N=_cdiv(spec.cg, s.block_n), NKB=_cdiv(spec.kg, s.block_k),
+             k_order=s.k_order)
+    return g
+
+
+def _conv_dgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
+    return (_cdiv(spec.phase_pixels, s.block_m) * _cdiv(spec.cg, s.block_n), spec.groups, spec.phases)
+
+
+def _wgrad_cols(spec: BlockSpec, s: Schedule) -> int:
+    """Column tiles of the wgrad GEMM: taps x channel blocks ('tap'), or the flattened (tap, c) axis."""
+    if s.k_order == "tap":
+        return spec.taps * _cdiv(spec.cg, s.block_n)
+    return _cdiv(spec.taps * spec.cg, s.block_n)
+
+
+def _conv_wgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
+    g = _grad_geometry(spec, s)
+    g.update(NPID_M=_cdiv(spec.kg, s.block_m), NPID_N=_wgrad_cols(spec, s), NCB=_cdiv(spec.cg, s.block_n),
+             k_order=s.k_order, KTOT=spec.taps * spec.cg,
+             CHUNK=_cdiv(_cdiv(spec.out_pixels, s.block_k), s.split_k) * s.block_k)
+    return g
+
+
+def _conv_wgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
+    return (_cdiv(spec.kg, s.block_m) * _wgrad_cols(spec, s), spec.groups, s.split_k)
+
+
+def _depthwise_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
+    g = _grad_geometry(spec, s)
+    g.update(_phases(spec))
+    g.update(MULT=spec.k // spec.c)
+    return g
+
+
+def _depthwise_dgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
+    return (_cdiv(spec.phase_pixels, s.block_m), _cdiv(spec.c, s.block_n), spec.phases)
+
+
+def _depthwise_wgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
+    g = _grad_geometry(spec, s)
+    g.update(MULT=spec.k // spec.c, BT=s.block_k,
+             CHUNK=_cdiv(_cdiv(spec.out_pixels, s.block_m), s.split_k) * s.block_m)
+    return g
+
+
+def _depthwise_wgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
+    return (s.split_k, _cdiv(spec.k, s.block_n), _cdiv(spec.taps, s.block_k))
+
+
 TEMPLATES: dict[tuple[str, str], Template] = {
     ("conv", "fwd"): Template("conv_fwd.py.j2", _conv_fwd_context, _conv_fwd_grid),
     ("depthwise", "fwd"): Template("depthwise_fwd.py.j2", _depthwise_fwd_context, _depthwise_fwd_grid),
@@ -119,6 +224,13 @@ TEMPLATES: dict[tuple[str, str], Template] = {
 def register(kind: str, op: str, template: Template) -> None:
     """Add a (kind, op) template; the backward families register themselves this way."""
     TEMPLATES[(kind, op)] = template
+
+
+# The backward families (kernels.backward launches them).
+register("conv", "dgrad", Template("conv_dgrad.py.j2", _conv_dgrad_context, _conv_dgrad_grid))
+register("conv", "wgrad", Template("conv_wgrad.py.j2", _conv_wgrad_context, _conv_wgrad_grid))
+register("depthwise", "dgrad", Template("depthwise_dgrad.py.j2", _depthwise_dgrad_context, _depthwise_dgrad_grid))
+register("depthwise", "wgrad", Template("depthwise_wgrad.py.j2", _depthwise_wgrad_context, _depthwise_wgrad_grid))
 
 
 @lru_cache(maxsize=1)

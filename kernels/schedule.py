@@ -20,7 +20,11 @@ class Schedule:
 
     conv (implicit GEMM): block_m output pixels x block_n output channels of a group, block_k
       reduction step, group_m swizzle, k_order, split_k (wgrad).
-    depthwise (direct): block_m output pixels x block_n channels; the rest is unused.
+      dgrad: block_m input pixels of a stride phase x block_n input channels, block_k output channels.
+      wgrad: block_m output channels x block_n (tap, input channel) columns, block_k pixels per step,
+      the pixel axis split split_k ways (k_order 'flat': columns over the flattened (tap, c) axis).
+    depthwise (direct): block_m output pixels x block_n channels; the rest is unused, except in
+      wgrad: block_m pixels per step x block_k taps x block_n channels, pixels split split_k ways.
     """
 
     block_m: int = 64
@@ -87,7 +91,10 @@ def uses_dot(spec: BlockSpec) -> bool:
 def canonical(spec: BlockSpec, s: Schedule) -> Schedule:
     """Reset knobs the spec's template does not read, so equal effective schedules render equal source."""
     if spec.kind == "depthwise":
-        s = replace(s, block_k=Schedule.block_k, group_m=1, split_k=1, k_order="tap")
+        if spec.op == "wgrad":
+            s = replace(s, group_m=1, k_order="tap")
+        else:
+            s = replace(s, block_k=Schedule.block_k, group_m=1, split_k=1, k_order="tap")
     else:
         if spec.op != "wgrad":
             s = replace(s, split_k=1)
@@ -114,38 +121,73 @@ def check(spec: BlockSpec, s: Schedule) -> None:
                 raise ScheduleError(f"{name}={getattr(s, name)} is below tl.dot's minimum of 16")
     if s.block_m * s.block_n > 256 * 256:
         raise ScheduleError("tile larger than 256x256 elements")
+    if s.split_k > 1024:
+        raise ScheduleError("split_k must be <= 1024")
+    if spec.kind == "depthwise" and spec.op == "wgrad" and s.block_m * s.block_n * s.block_k > 32768:
+        raise ScheduleError("depthwise wgrad tile block_m * block_k * block_n exceeds 32768 elements")
 
 
 def default(spec: BlockSpec) -> Schedule:
     """A schedule sized to the problem, used when no tuned winner is known."""
     if spec.kind == "depthwise":
-        return _default_depthwise(spec)
-    return _default_conv(spec)
+        return {"fwd": _default_depthwise, "dgrad": _default_depthwise_dgrad,
+                "wgrad": _default_depthwise_wgrad}[spec.op](spec)
+    return {"fwd": _default_conv, "dgrad": _default_conv_dgrad, "wgrad": _default_conv_wgrad}[spec.op](spec)
 
 
-def _default_conv(spec: BlockSpec) -> Schedule:
-    m, n, _ = spec.gemm_shape()
-    if spec.op == "wgrad":  # GEMM [K, taps*Cg] reduced over pixels
-        m, n = spec.kg, spec.cg * spec.taps
+# Programs that keep an H100 (132 SMs) busy: split-K aims for this many.
+_FILL = 264
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _gemm_tiles(m: int, n: int, red: int, itemsize: int) -> tuple[int, int, int, int]:
+    """block_m, block_n, block_k, num_warps of an implicit GEMM with these extents."""
     block_n = _clamp_pow2(n, 16, 128)
     block_m = 128 if m >= 4096 and block_n <= 64 else 64
     if m < 64:
         block_m = _clamp_pow2(m, 16, 64)
+    block_k = _clamp_pow2(red, 16, 64 if itemsize == 2 else 32)
+    return block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4
+
+
+def _split(programs: int, steps: int) -> int:
+    """Power-of-two split of a reduction of `steps` block steps so about _FILL programs run, >= 4 steps each."""
+    split = max(1, min(64, next_pow2(max(1, _FILL // max(programs, 1)))))
+    return max(1, min(split, next_pow2(steps // 4 + 1) // 2))
+
+
+def _default_conv(spec: BlockSpec) -> Schedule:
+    m, n, _ = spec.gemm_shape()
     # Small channel groups (stems, C=3) reduce over the flattened (tap, channel) axis.
-    flat = spec.cg < 16 and spec.taps > 1 and spec.op == "fwd"
-    red = spec.cg * spec.taps if flat else spec.cg
-    if spec.op == "wgrad":
-        red = spec.out_pixels
-    block_k = _clamp_pow2(red, 16, 64 if spec.itemsize == 2 else 32)
-    tile = block_m * block_n
-    num_warps = 8 if tile >= 128 * 128 else 4
-    split_k = 1
-    if spec.op == "wgrad":
-        tiles = -(-m // block_m) * -(-n // block_n) * spec.groups
-        split_k = max(1, min(32, next_pow2(max(1, 264 // max(tiles, 1)))))
-        split_k = min(split_k, max(1, next_pow2(spec.out_pixels // (block_k * 4) + 1) // 2))
-    return Schedule(block_m=block_m, block_n=block_n, block_k=block_k, group_m=8, num_warps=num_warps,
-                    num_stages=3, split_k=split_k, k_order="flat" if flat else "tap")
+    flat = spec.cg < 16 and spec.taps > 1
+    bm, bn, bk, warps = _gemm_tiles(m, n, spec.cg * spec.taps if flat else spec.cg, spec.itemsize)
+    return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=3,
+                    k_order="flat" if flat else "tap")
+
+
+def _default_conv_dgrad(spec: BlockSpec) -> Schedule:
+    # GEMM per stride phase: input pixels x C/g, reduced over K/g x (the phase's taps)
+    phase_taps = max(1, spec.taps // spec.phases)
+    flat = spec.kg < 16 and phase_taps > 1
+    bm, bn, bk, warps = _gemm_tiles(spec.phase_pixels, spec.cg, spec.kg * phase_taps if flat else spec.kg,
+                                    spec.itemsize)
+    return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=3,
+                    k_order="flat" if flat else "tap")
+
+
+def _default_conv_wgrad(spec: BlockSpec) -> Schedule:
+    # GEMM K/g x (taps, C/g) reduced over the output pixels, split to fill the GPU
+    flat = spec.cg < 16 and spec.taps > 1
+    cols = spec.cg * spec.taps if flat else spec.cg
+    bm, bn = _clamp_pow2(spec.kg, 16, 128), _clamp_pow2(cols, 16, 128)
+    bk = _clamp_pow2(spec.out_pixels, 16, 64 if spec.itemsize == 2 else 32)
+    tiles = _cdiv(spec.kg, bm) * _cdiv(cols, bn) * (1 if flat else spec.taps) * spec.groups
+    return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=8 if bm * bn >= 128 * 128 else 4,
+                    num_stages=3, split_k=_split(tiles, _cdiv(spec.out_pixels, bk)),
+                    k_order="flat" if flat else "tap")
 
 
 def _default_depthwise(spec: BlockSpec) -> Schedule:
@@ -154,6 +196,22 @@ def _default_depthwise(spec: BlockSpec) -> Schedule:
     block_m = min(block_m, _clamp_pow2(spec.out_pixels, 1, 256))
     return Schedule(block_m=block_m, block_n=block_n, block_k=32, group_m=1,
                     num_warps=4 if block_m * block_n >= 2048 else 2, num_stages=1)
+
+
+def _default_depthwise_dgrad(spec: BlockSpec) -> Schedule:
+    block_n = _clamp_pow2(spec.c, 1, 64)
+    block_m = min(max(8, min(256, 4096 // block_n)), _clamp_pow2(spec.phase_pixels, 1, 256))
+    return Schedule(block_m=block_m, block_n=block_n, group_m=1,
+                    num_warps=4 if block_m * block_n >= 2048 else 2, num_stages=1)
+
+
+def _default_depthwise_wgrad(spec: BlockSpec) -> Schedule:
+    block_n = _clamp_pow2(spec.k, 1, 32)
+    block_t = _clamp_pow2(spec.taps, 1, 16)
+    block_m = min(max(8, min(64, 8192 // (block_n * block_t))), _clamp_pow2(spec.out_pixels, 1, 64))
+    programs = _cdiv(spec.k, block_n) * _cdiv(spec.taps, block_t)
+    return Schedule(block_m=block_m, block_n=block_n, block_k=block_t, group_m=1, num_warps=4, num_stages=1,
+                    split_k=_split(programs, _cdiv(spec.out_pixels, block_m)))
 
 
 def resolve(spec: BlockSpec, schedule: Schedule | dict | None) -> Schedule:

@@ -26,6 +26,12 @@ class Epilogue:
 
     ResNet's relu(bn(conv(x)) + identity) is affine + residual='pre' + relu;
     ConvNeXt's identity + gamma * conv(x) is layer_scale + residual='post'.
+
+    Two training options (forward specs) change what else a kernel writes, not y:
+    save_z stores the pre-epilogue conv output z for the backward kernels; stats emits per-channel
+    partial sum / sum of squares of z (BatchNorm batch statistics). On dgrad/wgrad specs the chain
+    names the forward epilogue whose gradient the kernel applies to dy as it loads it, and stats
+    adds the gradients of those sums.
     """
 
     bias: bool = False
@@ -33,19 +39,33 @@ class Epilogue:
     activation: str | None = None
     residual: str | None = None
     layer_scale: bool = False  # per-channel gamma
+    stats: bool = False  # per-channel sum and sum of squares of z
+    save_z: bool = False  # also store z (forward of a training step)
 
     def __post_init__(self) -> None:
         if self.activation is not None and self.activation not in ACTIVATIONS:
             raise SpecError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if self.residual not in RESIDUAL:
             raise SpecError(f"residual must be None, 'pre' or 'post', got {self.residual!r}")
-        for name in ("bias", "affine", "layer_scale"):
+        for name in ("bias", "affine", "layer_scale", "stats", "save_z"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"epilogue.{name} must be a bool")
 
     @property
     def is_identity(self) -> bool:
-        return self == Epilogue()
+        """y == z: nothing applied to the conv output (stats may still be gathered)."""
+        return not (self.bias or self.affine or self.activation or self.residual or self.layer_scale)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Field dict; the training flags appear only when set, so inference keys never change."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in _OPTIONAL_FLAGS:
+            if not d[name]:
+                del d[name]
+        return d
+
+
+_OPTIONAL_FLAGS = ("stats", "save_z")
 
 
 def _ints(name: str, value: Any, ndim: int) -> tuple[int, ...]:
@@ -96,6 +116,8 @@ class BlockSpec:
             raise SpecError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.epilogue, Epilogue):
             raise SpecError("epilogue must be an Epilogue")
+        if self.epilogue.save_z and self.op != "fwd":
+            raise SpecError("epilogue.save_z is a forward option; backward specs must not set it")
         nd = len(self.in_size) if isinstance(self.in_size, (tuple, list)) else -1
         if nd not in (1, 2, 3):
             raise SpecError(f"in_size must have 1, 2 or 3 spatial dims, got {self.in_size!r}")
@@ -154,6 +176,16 @@ class BlockSpec:
         return self.n * _prod(self.out_size)
 
     @property
+    def phases(self) -> int:
+        """Stride phases of dgrad: input pixels split by residue per stride."""
+        return _prod(self.stride)
+
+    @property
+    def phase_pixels(self) -> int:
+        """Input pixels of dgrad's largest stride phase: n * prod(ceil(in / stride))."""
+        return self.n * _prod(tuple(-(-i // s) for i, s in zip(self.in_size, self.stride)))
+
+    @property
     def has_padding(self) -> bool:
         return any(v for p in self.padding for v in p)
 
@@ -184,7 +216,7 @@ class BlockSpec:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Epilogue):
-                v = {g.name: getattr(v, g.name) for g in fields(v)}
+                v = v.to_dict()
             elif isinstance(v, tuple):
                 v = [list(p) if isinstance(p, tuple) else p for p in v]
             d[f.name] = v

@@ -40,7 +40,13 @@ def example_args(spec: BlockSpec) -> dict[str, Any]:
                             gamma=t(torch.float32) if e.layer_scale else None,
                             activation=e.activation, residual_mode=e.residual or "post")
     args = {"x_ptr": t(), "w_ptr": t(), "out_ptr": t(), "UPCAST": False}
-    args.update(_conv.epilogue_kernel_args(spec, ep))
+    if e.save_z:
+        args["z_ptr"] = t()
+    if e.stats:
+        args["stats_ptr"] = t(torch.float32)
+    args.update(_conv.epilogue_kernel_args(spec, ep, torch.device("meta")))
+    if spec.op != "fwd":
+        from . import backward  # noqa: F401  (registers the backward ops' EXAMPLE_ARGS)
     extra = EXAMPLE_ARGS.get(spec.op)
     return extra(spec, args) if extra else args
 
@@ -88,4 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as kernels.validate, not __main__, so registrations into EXAMPLE_ARGS (kernels.backward) are seen
+    from kernels.validate import main as _main
+
+    sys.exit(_main())

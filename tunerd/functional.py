@@ -1,30 +1,37 @@
-"""torch.nn.functional-style convolutions with a fused epilogue, run by generated Triton kernels."""
+"""torch.nn.functional-style convolutions with a fused epilogue, run by generated Triton kernels.
+
+Differentiable (generated dgrad / wgrad kernels behind torch custom ops, see kernels.autograd), so
+they train eagerly and under torch.compile. starrelu_scale / starrelu_bias may be 0-dim tensors
+(learnable StarReLU scalars).
+"""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from kernels.conv import EpilogueArgs, conv_forward
+from kernels.autograd import conv as _autograd_conv
 from kernels.schedule import Schedule
+
+Scalar = float | torch.Tensor
 
 
 def _conv(ndim: int, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any,
           dilation: Any, groups: int, activation: str | None, scale: torch.Tensor | None,
           shift: torch.Tensor | None, residual: torch.Tensor | None, residual_mode: str,
-          layer_scale: torch.Tensor | None, starrelu_scale: float, starrelu_bias: float,
+          layer_scale: torch.Tensor | None, starrelu_scale: Scalar, starrelu_bias: Scalar,
           schedule: Schedule | dict | None, precision: str) -> torch.Tensor:
-    ep = EpilogueArgs(bias=bias, scale=scale, shift=shift, residual=residual, gamma=layer_scale,
-                      activation=activation, residual_mode=residual_mode, star_s=starrelu_scale,
-                      star_b=starrelu_bias)
-    return conv_forward(input, weight, ndim, stride, padding, dilation, groups, ep, schedule, precision)
+    return _autograd_conv(input, weight, bias, stride, padding, dilation, groups, ndim=ndim, activation=activation,
+                          scale=scale, shift=shift, residual=residual, residual_mode=residual_mode,
+                          layer_scale=layer_scale, starrelu_scale=starrelu_scale, starrelu_bias=starrelu_bias,
+                          schedule=schedule, precision=precision)
 
 
 def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
            padding: Any = 0, dilation: Any = 1, groups: int = 1, *, activation: str | None = None,
            scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, residual_mode: str = "post",
-           layer_scale: torch.Tensor | None = None, starrelu_scale: float = 1.0, starrelu_bias: float = 0.0,
+           layer_scale: torch.Tensor | None = None, starrelu_scale: Scalar = 1.0, starrelu_bias: Scalar = 0.0,
            schedule: Schedule | dict | None = None, precision: str = "ieee") -> torch.Tensor:
     """F.conv1d semantics plus the fused epilogue; padding may also be a ((low, high),) pair (causal: ((k-1, 0),))."""
     return _conv(1, input, weight, bias, stride, padding, dilation, groups, activation, scale, shift, residual,
@@ -35,7 +42,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
            padding: Any = 0, dilation: Any = 1, groups: int = 1, *, activation: str | None = None,
            scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, residual_mode: str = "post",
-           layer_scale: torch.Tensor | None = None, starrelu_scale: float = 1.0, starrelu_bias: float = 0.0,
+           layer_scale: torch.Tensor | None = None, starrelu_scale: Scalar = 1.0, starrelu_bias: Scalar = 0.0,
            schedule: Schedule | dict | None = None, precision: str = "ieee") -> torch.Tensor:
     """F.conv2d semantics plus the fused epilogue:
 
@@ -50,7 +57,7 @@ def conv3d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
            padding: Any = 0, dilation: Any = 1, groups: int = 1, *, activation: str | None = None,
            scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, residual_mode: str = "post",
-           layer_scale: torch.Tensor | None = None, starrelu_scale: float = 1.0, starrelu_bias: float = 0.0,
+           layer_scale: torch.Tensor | None = None, starrelu_scale: Scalar = 1.0, starrelu_bias: Scalar = 0.0,
            schedule: Schedule | dict | None = None, precision: str = "ieee") -> torch.Tensor:
     """F.conv3d semantics plus the fused epilogue (see conv2d)."""
     return _conv(3, input, weight, bias, stride, padding, dilation, groups, activation, scale, shift, residual,

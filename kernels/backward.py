@@ -1,0 +1,277 @@
+"""Backward convolution: dgrad (grad wrt input) and wgrad (grad wrt weight) launches, plus the
+gradients of the fused epilogue chain.
+
+Scheme (kernels.epilogue.GradPlan has the formulas):
+- The forward of a training step stores z, the pre-epilogue conv output, when the chain's gradient
+  needs it (activation, affine, layer scale, stats; kernels.epilogue.saves_z). No dz tensor is ever
+  materialised: dgrad and wgrad load dy (and z, and the residual for 'pre') and apply the chain's
+  gradient on the fly, rebuilding u = (z + bias) * scale + shift (+ residual) per element.
+- wgrad is a split-K GEMM over N*P*Q writing fp32 partials [split, ...] that are summed in fixed
+  order (deterministic, no atomics). Its programs that own a channel's first column tile also sum
+  the per-channel parameter gradients (dbias, dscale, dshift, dgamma, StarReLU's ds, db) into
+  [split, n, K] partials and write d residual for 'pre': no separate elementwise pass.
+- dgrad decomposes strided convs by stride phase (one launch, a grid axis over phases), so no
+  multiply touches an inserted zero; dilation and asymmetric padding are part of the phase tables.
+- Only with a frozen weight (no wgrad launch) but trainable chain parameters do the chain's
+  gradients come from torch autograd over kernels.epilogue.apply_torch on the saved z.
+Residual 'post' has gradient dy itself; the caller passes dy through.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import generator, runtime
+from . import epilogue as _ep
+from .conv import (EpilogueArgs, choose_schedule, epilogue_kernel_args, from_channels_last, in_format_of,
+                   SPEC_DTYPES, new_buffer, new_channels_last, pack_weight, to_channels_last, upcast)
+from .schedule import Schedule
+from .spec import BlockSpec
+from .validate import EXAMPLE_ARGS
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Which gradients to compute (autograd's needs_input_grad)."""
+
+    input: bool = True
+    weight: bool = True
+    bias: bool = False
+    scale: bool = False
+    shift: bool = False
+    residual: bool = False
+    gamma: bool = False
+    star: bool = False
+
+    @property
+    def chain(self) -> bool:
+        return self.bias or self.scale or self.shift or self.gamma or self.star
+
+
+@dataclass
+class Grads:
+    """Gradients of one conv call; None where not needed. star is [2] fp32: (d s, d b) of StarReLU."""
+
+    input: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    gamma: torch.Tensor | None = None
+    star: torch.Tensor | None = None
+
+
+def grad_spec(spec: BlockSpec, op: str) -> BlockSpec:
+    """The dgrad/wgrad spec of a forward spec: same geometry, the chain reduced to what the op reads."""
+    return spec.with_(op=op, epilogue=_ep.grad_epilogue(spec.epilogue, op))
+
+
+def _chain_args(gspec: BlockSpec, ep: EpilogueArgs, z: torch.Tensor | None, dstats: torch.Tensor | None,
+                device: torch.device) -> dict[str, Any]:
+    """The chain arguments a backward variant reads (its plan), bound from the forward's tensors."""
+    plan = _ep.grad_plan(gspec.epilogue, gspec.op)
+    args = epilogue_kernel_args(gspec, ep, device, only=plan.params)
+    if "dstats_ptr" in plan.params:
+        args["dstats_ptr"] = dstats
+    if plan.load_z:
+        args["z_ptr"] = z
+    return args
+
+
+def dgrad_args(gspec: BlockSpec, dy: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor,
+               ep: EpilogueArgs | None = None, z: torch.Tensor | None = None,
+               dstats: torch.Tensor | None = None) -> dict[str, Any]:
+    """Kernel arguments of a dgrad variant.
+
+    dy: channels-last [N, *out, K]; dx: the channels-last [N, *in, C] buffer it writes; ep / z /
+    dstats: the forward chain's tensors, saved z and [2, K] stats gradients, where the plan reads them.
+    """
+    args = {"dy_ptr": dy, "w_ptr": pack_weight(gspec, weight.detach()), "dx_ptr": dx, "UPCAST": upcast(dy)}
+    args.update(_chain_args(gspec, ep or EpilogueArgs(), z, dstats, dy.device))
+    return args
+
+
+def wgrad_partials(gspec: BlockSpec, split_k: int, device: torch.device) -> torch.Tensor:
+    """The fp32 partial buffer a wgrad variant writes: [split, taps, K] (depthwise), [split, K, taps * C/g]."""
+    shape = (split_k, gspec.taps, gspec.k) if gspec.kind == "depthwise" else (split_k, gspec.k, gspec.taps * gspec.cg)
+    return new_buffer(shape, torch.float32, device)
+
+
+def wgrad_args(gspec: BlockSpec, dy: torch.Tensor, x: torch.Tensor, dw: torch.Tensor, ep: EpilogueArgs | None = None,
+               z: torch.Tensor | None = None, dstats: torch.Tensor | None = None, red: torch.Tensor | None = None,
+               dres: torch.Tensor | None = None) -> dict[str, Any]:
+    """Kernel arguments of a wgrad variant.
+
+    dw: wgrad_partials(); red: [split, len(plan.reductions), K] fp32 when the plan reduces; dres:
+    the channels-last buffer for d residual ('pre'), or None to skip writing it.
+    """
+    args: dict[str, Any] = {"dy_ptr": dy, "x_ptr": to_channels_last(x.detach()), "dw_ptr": dw,
+                            "UPCAST": upcast(dy)}
+    args.update(_chain_args(gspec, ep or EpilogueArgs(), z, dstats, dy.device))
+    if _ep.grad_plan(gspec.epilogue, "wgrad").reductions:
+        args["red_ptr"] = red
+    if gspec.epilogue.residual:
+        args["dres_ptr"] = dres if dres is not None else dy  # never written when STORE_DRES is off
+        args["STORE_DRES"] = dres is not None
+    return args
+
+
+def unpack_weight_grad(spec: BlockSpec, dw: torch.Tensor) -> torch.Tensor:
+    """Packed weight gradient (conv [K, taps, C/g]; depthwise [taps, K]) -> torch's [K, C/g, *kernel] (a view)."""
+    nd = spec.ndim
+    if spec.kind == "depthwise":
+        return dw.t().reshape(spec.k, 1, *spec.kernel)
+    return dw.reshape(spec.k, *spec.kernel, spec.cg).permute(0, nd + 1, *range(1, nd + 1))
+
+
+def _launch_dgrad(spec: BlockSpec, dy: torch.Tensor, weight: torch.Tensor, ep: EpilogueArgs,
+                  z: torch.Tensor | None, dstats: torch.Tensor | None, like: torch.Tensor,
+                  schedule: Schedule | dict | None) -> torch.Tensor:
+    gspec = grad_spec(spec, "dgrad")
+    variant = generator.render(gspec, choose_schedule(gspec, dy.device, schedule))
+    dx = new_channels_last((spec.n, spec.c, *spec.in_size), dy.dtype, dy.device)
+    runtime.launch(variant, dgrad_args(gspec, dy, weight, to_channels_last(dx), ep, z, dstats), dy.device)
+    return in_format_of(dx, like)
+
+
+def _launch_wgrad(spec: BlockSpec, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ep: EpilogueArgs,
+                  z: torch.Tensor | None, dstats: torch.Tensor | None, want_dres: bool,
+                  schedule: Schedule | dict | None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """(weight gradient, per-channel chain sums by name, d residual for 'pre' or None)."""
+    gspec = grad_spec(spec, "wgrad")
+    plan = _ep.grad_plan(gspec.epilogue, "wgrad")
+    variant = generator.render(gspec, choose_schedule(gspec, dy.device, schedule))
+    split = variant.schedule.split_k
+    dw = wgrad_partials(gspec, split, dy.device)
+    red = new_buffer((split, len(plan.reductions), spec.k), torch.float32, dy.device) if plan.reductions else None
+    dres = new_channels_last((spec.n, spec.k, *spec.out_size), dy.dtype, dy.device) if want_dres else None
+    args = wgrad_args(gspec, dy, x, dw, ep, z, dstats, red, to_channels_last(dres) if want_dres else None)
+    runtime.launch(variant, args, dy.device)
+    # fixed-order sums of the split partials: bitwise reproducible
+    grad = unpack_weight_grad(spec, dw.sum(dim=0)).to(weight.dtype).contiguous()
+    sums = dict(zip(plan.reductions, red.sum(dim=0).unbind(0))) if red is not None else {}
+    return grad, sums, (in_format_of(dres, ep.residual) if want_dres else None)
+
+
+def _chain_grads_torch(spec: BlockSpec, dy: torch.Tensor, ep: EpilogueArgs, z: torch.Tensor | None,
+                       needs: Needs) -> Grads:
+    """Chain gradients when no wgrad runs (frozen weight): torch autograd over the reference chain, fp32.
+
+    Without a saved z the chain's parameter gradients do not depend on z (no activation, affine or
+    layer scale), so zeros stand in for it.
+    """
+    shape = (spec.n, spec.k, *spec.out_size)
+    if z is None:
+        zc = torch.zeros((), dtype=torch.float32, device=dy.device).expand(shape)
+    else:
+        zc = from_channels_last(z, dy).float()
+
+    def leaf(t: Any, need: bool) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.detach().float().requires_grad_(need)
+
+    star = ep.star_tensor(dy.device) if spec.epilogue.activation == "starrelu" else None
+    inp = dict(bias=leaf(ep.bias, needs.bias), scale=leaf(ep.scale, needs.scale), shift=leaf(ep.shift, needs.shift),
+               residual=leaf(ep.residual, needs.residual), gamma=leaf(ep.gamma, needs.gamma),
+               star=leaf(star, needs.star))
+    with torch.enable_grad():
+        st = inp["star"]
+        y = _ep.apply_torch(spec.epilogue, zc, bias=inp["bias"], scale=inp["scale"], shift=inp["shift"],
+                            residual=inp["residual"], gamma=inp["gamma"],
+                            star_s=st[0] if st is not None else 1.0, star_b=st[1] if st is not None else 0.0)
+        names = [n for n in ("bias", "scale", "shift", "residual", "gamma", "star")
+                 if getattr(needs, n) and isinstance(inp[n], torch.Tensor)]
+        got = torch.autograd.grad(y, [inp[n] for n in names], dy.float(), allow_unused=True)
+    out = Grads()
+    for n, g in zip(names, got):
+        setattr(out, n, g)
+    return out
+
+
+def conv_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec: BlockSpec, ep: EpilogueArgs,
+                  z: torch.Tensor | None = None, needs: Needs = Needs(), dsum: torch.Tensor | None = None,
+                  dsumsq: torch.Tensor | None = None,
+                  schedules: dict[str, Schedule | dict] | None = None) -> Grads:
+    """All requested gradients of y = epilogue(conv(x, weight)) (and of stats' sum / sumsq).
+
+    spec: the forward spec (make_spec); z: the channels-last pre-epilogue output the forward saved
+    (required when kernels.epilogue.saves_z(spec.epilogue)); dsum / dsumsq: [K] gradients of the
+    stats outputs (None = 0). schedules: optional {"dgrad": ..., "wgrad": ...} overrides of the
+    tuned / default schedules. Gradients come back in their tensor's dtype and memory format.
+    """
+    e = spec.epilogue
+    if z is None and _ep.saves_z(e) and (needs.input or needs.weight or needs.chain or e.residual == "pre"):
+        raise ValueError("this epilogue's backward needs z, the pre-epilogue output saved by the forward")
+    schedules = schedules or {}
+    dy_cl = to_channels_last(dy)
+    dstats = None
+    if e.stats:
+        zero = torch.zeros(spec.k, dtype=torch.float32, device=dy.device)
+        dstats = torch.stack([zero if g is None else g.detach().to(torch.float32).reshape(spec.k)
+                              for g in (dsum, dsumsq)]).contiguous()
+    out = Grads()
+    if needs.input:
+        out.input = _launch_dgrad(spec, dy_cl, weight, ep, z, dstats, x, schedules.get("dgrad"))
+    res_pre = needs.residual and e.residual == "pre"
+    if needs.weight:
+        out.weight, sums, dres = _launch_wgrad(spec, dy_cl, x, weight, ep, z, dstats, res_pre,
+                                               schedules.get("wgrad"))
+        if res_pre:
+            out.residual = dres
+        if "dshift" in sums:
+            out.shift = sums["dshift"]
+            out.bias = sums["dshift"] * ep.scale.float() if e.affine else sums["dshift"]
+        out.scale = sums.get("dscale")
+        out.gamma = sums.get("dgamma")
+        if "dstar_s" in sums:
+            out.star = torch.stack([sums["dstar_s"].sum(), sums["dstar_b"].sum()])
+    elif needs.chain or res_pre:
+        chain = _chain_grads_torch(spec, dy, ep, z, Needs(input=False, weight=False, bias=needs.bias,
+                                                            scale=needs.scale, shift=needs.shift, residual=res_pre,
+                                                            gamma=needs.gamma, star=needs.star))
+        for f in ("bias", "scale", "shift", "residual", "gamma", "star"):
+            setattr(out, f, getattr(chain, f))
+    if needs.residual and e.residual == "post":
+        out.residual = dy
+    # only what was asked for, in the dtype of the tensor it belongs to
+    for f, src in (("bias", ep.bias), ("scale", ep.scale), ("shift", ep.shift), ("gamma", ep.gamma)):
+        g = getattr(out, f)
+        setattr(out, f, g.to(src.dtype) if getattr(needs, f) and g is not None else None)
+    if out.residual is not None and out.residual is not dy:
+        out.residual = out.residual.to(ep.residual.dtype)
+    if not needs.star:
+        out.star = None
+    return out
+
+
+# ---- compile-validity examples (kernels.validate) ------------------------------------------------
+def _example_args(spec: BlockSpec, fwd: dict[str, Any]) -> dict[str, Any]:
+    """Kernel arguments of a dgrad/wgrad variant on the meta device (the real builders, no memory)."""
+    dt = SPEC_DTYPES[spec.dtype]
+    f32 = torch.float32
+
+    def meta(*shape: int, dtype: torch.dtype = dt) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    e, n, k, out = spec.epilogue, spec.n, spec.k, spec.out_size
+    ep = EpilogueArgs(bias=meta(k) if e.bias else None, scale=meta(k, dtype=f32) if e.affine else None,
+                      shift=meta(k, dtype=f32) if e.affine else None,
+                      residual=meta(n, k, *out) if e.residual else None, gamma=meta(k, dtype=f32) if e.layer_scale
+                      else None, activation=e.activation, residual_mode=e.residual or "post")
+    dy, dstats = meta(n, *out, k), meta(2, k, dtype=f32)
+    if spec.op == "dgrad":
+        return dgrad_args(spec, dy, meta(k, spec.cg, *spec.kernel), meta(n, *spec.in_size, spec.c), ep, dy, dstats)
+    return wgrad_args(spec, dy, meta(n, spec.c, *spec.in_size), meta(1, dtype=f32), ep, dy, dstats,
+                      red=meta(1, dtype=f32), dres=dy if e.residual else None)
+
+
+EXAMPLE_ARGS["dgrad"] = _example_args
+EXAMPLE_ARGS["wgrad"] = _example_args
+
+__all__ = ["Grads", "Needs", "conv_backward", "dgrad_args", "grad_spec", "unpack_weight_grad", "wgrad_args",
+           "wgrad_partials"]
