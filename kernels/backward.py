@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from . import generator, runtime
+from . import runtime
 from . import epilogue as _ep
-from .conv import (EpilogueArgs, choose_schedule, epilogue_kernel_args, from_channels_last, in_format_of,
+from .conv import (EpilogueArgs, choose_variant, epilogue_kernel_args, from_channels_last, in_format_of,
                    SPEC_DTYPES, new_buffer, new_channels_last, pack_weight, to_channels_last, upcast)
 from .schedule import Schedule
 from .spec import BlockSpec
@@ -131,7 +131,7 @@ def _launch_dgrad(spec: BlockSpec, dy: torch.Tensor, weight: torch.Tensor, ep: E
                   z: torch.Tensor | None, dstats: torch.Tensor | None, like: torch.Tensor,
                   schedule: Schedule | dict | None) -> torch.Tensor:
     gspec = grad_spec(spec, "dgrad")
-    variant = generator.render(gspec, choose_schedule(gspec, dy.device, schedule))
+    variant = choose_variant(gspec, dy.device, schedule)
     dx = new_channels_last((spec.n, spec.c, *spec.in_size), dy.dtype, dy.device)
     runtime.launch(variant, dgrad_args(gspec, dy, weight, to_channels_last(dx), ep, z, dstats), dy.device)
     return in_format_of(dx, like)
@@ -144,7 +144,7 @@ def _launch_wgrad(spec: BlockSpec, dy: torch.Tensor, x: torch.Tensor, weight: to
     """(weight gradient, per-channel chain sums by name, d residual for 'pre' or None)."""
     gspec = grad_spec(spec, "wgrad")
     plan = _ep.grad_plan(gspec.epilogue, "wgrad")
-    variant = generator.render(gspec, choose_schedule(gspec, dy.device, schedule))
+    variant = choose_variant(gspec, dy.device, schedule)
     split = variant.schedule.split_k
     dw = wgrad_partials(gspec, split, dy.device)
     red = new_buffer((split, len(plan.reductions), spec.k), torch.float32, dy.device) if plan.reductions else None

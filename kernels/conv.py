@@ -21,21 +21,29 @@ from .spec import BlockSpec, Epilogue, SpecError, conv_spec
 TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 SPEC_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
-# Tuned-schedule lookup installed by the product layer (tunerd); kernels never import it.
-ScheduleLookup = Callable[[BlockSpec, torch.device], "Schedule | None"]
+# Tuned-kernel lookup installed by the product layer (tunerd); kernels never import it. It
+# answers a Schedule (rendered here), a Variant (exact source from a store or server), or None.
+ScheduleLookup = Callable[[BlockSpec, torch.device], "Schedule | generator.Variant | None"]
 _lookup: ScheduleLookup | None = None
 
 
 def set_schedule_lookup(fn: ScheduleLookup | None) -> None:
-    """Install the function that returns a tuned schedule for (spec, device), or None."""
+    """Install the function that returns a tuned schedule or variant for (spec, device), or None."""
     global _lookup
     _lookup = fn
 
 
-def choose_schedule(spec: BlockSpec, device: torch.device, schedule: Schedule | dict | None) -> Schedule | dict | None:
-    if schedule is not None or _lookup is None:
-        return schedule
-    return _lookup(spec, device)
+def choose_variant(spec: BlockSpec, device: torch.device, schedule: Schedule | dict | None) -> generator.Variant:
+    """The variant to launch: an explicit schedule, else the lookup's answer, else the default heuristic."""
+    if schedule is None and _lookup is not None:
+        answer = _lookup(spec, device)
+        if isinstance(answer, generator.Variant):
+            if answer.spec != spec:
+                raise SpecError(f"schedule lookup answered a kernel for {answer.spec.describe()}, "
+                                f"not {spec.describe()}")
+            return answer
+        schedule = answer
+    return generator.render(spec, schedule)
 
 
 @dataclass
@@ -266,7 +274,7 @@ class ForwardResult:
 def run_forward(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor, ep: EpilogueArgs,
                 schedule: Schedule | dict | None = None, out: torch.Tensor | None = None) -> ForwardResult:
     """Launch the forward variant of an already validated spec (see make_spec)."""
-    variant = generator.render(spec, choose_schedule(spec, x.device, schedule))
+    variant = choose_variant(spec, x.device, schedule)
     shape = (spec.n, *spec.out_size, spec.k)
     full = None
     if out is None:
