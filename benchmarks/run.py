@@ -28,14 +28,14 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from kernels import GENERATOR_VERSION, generator, reference, runtime
+from db.fingerprint import current
+from kernels import generator, reference, runtime
 from kernels import schedule as _sched
 from kernels.conv import SPEC_DTYPES
 from kernels.spec import BlockSpec, Epilogue, SpecError
 from schedules import cost, ops, suites
-from schedules.device import INTERPRETER_NAME, DeviceLimits
+from schedules.device import DeviceLimits
 from schedules.harness import Harness
 from schedules.strategies import STRATEGIES
 from schedules.tuner import tune
@@ -177,27 +177,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 # ---- the device ------------------------------------------------------------------------------------
-def _driver_version() -> str | None:
-    try:
-        m = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", Path("/proc/driver/nvidia/version").read_text())
-        return m.group(1) if m else None
-    except OSError:
-        return None
-
-
 def fingerprint(device: torch.device) -> dict[str, Any]:
-    """Which machine and software stack produced the numbers."""
-    common = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-              "generator_version": GENERATOR_VERSION, "cuda": torch.version.cuda,
-              "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
-    if device.type != "cuda":
-        return {"name": INTERPRETER_NAME, "interpreter": True, "capability": None, "sm_count": 0,
-                "memory_bytes": 0, "driver": None, "host_cpu": platform.processor() or platform.machine(),
-                **common}
-    p = torch.cuda.get_device_properties(device)
-    return {"name": p.name, "interpreter": False, "capability": f"{p.major}.{p.minor}",
-            "sm_count": p.multi_processor_count, "memory_bytes": p.total_memory, "driver": _driver_version(),
-            **common}
+    """Which machine and software stack produced the numbers: the store's fingerprint plus a few extras."""
+    fp = current(device).to_dict()
+    fp.update(python=platform.python_version(),
+              cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+    if fp["interpreter"]:
+        fp["host_cpu"] = platform.processor() or platform.machine()
+    return fp
 
 
 def measured_limits(peaks: dict[str, Any]) -> DeviceLimits:

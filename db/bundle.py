@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kernels import GENERATOR_VERSION
+from kernels.runtime import atomic_write_bytes
 
 from .errors import BundleError, InvalidRecord
 from .rows import WinnerRow, jsonable
@@ -78,7 +78,7 @@ def export_bundle(store: Store, path: str | os.PathLike, *, device: DeviceLike |
                   snapshot: str | None = None, provenance: dict) -> BundleSummary:
     """Write the bundle atomically (temp file + os.replace): path holds the old file or the whole new one."""
     data, sha, rows, stale = _build(store, device, snapshot, provenance)
-    _atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(Path(path), data)
     return BundleSummary(sha256=sha, winners=len(rows), devices=len({r.device_key for r in rows}), bytes=len(data),
                          skipped_stale=stale, path=str(path))
 
@@ -104,21 +104,6 @@ def _build(store: Store, device: DeviceLike | None, snapshot: str | None,
 def _gzip(data: bytes) -> bytes:
     c = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip container, no file name or mtime (reproducible)
     return c.compress(data) + c.flush()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_bundle(data: bytes, *, max_bytes: int = MAX_BYTES) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,9 +33,9 @@ class Variant:
     kernel_name: str
     grid: tuple[int, ...]
 
-    @property
+    @cached_property
     def id(self) -> str:
-        return hashlib.sha256(self.source.encode()).hexdigest()[:24]
+        return source_id(self.source)
 
     @property
     def num_warps(self) -> int:
@@ -218,19 +218,17 @@ def _depthwise_wgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
 TEMPLATES: dict[tuple[str, str], Template] = {
     ("conv", "fwd"): Template("conv_fwd.py.j2", _conv_fwd_context, _conv_fwd_grid),
     ("depthwise", "fwd"): Template("depthwise_fwd.py.j2", _depthwise_fwd_context, _depthwise_fwd_grid),
+    ("conv", "dgrad"): Template("conv_dgrad.py.j2", _conv_dgrad_context, _conv_dgrad_grid),
+    ("conv", "wgrad"): Template("conv_wgrad.py.j2", _conv_wgrad_context, _conv_wgrad_grid),
+    ("depthwise", "dgrad"): Template("depthwise_dgrad.py.j2", _depthwise_dgrad_context, _depthwise_dgrad_grid),
+    ("depthwise", "wgrad"): Template("depthwise_wgrad.py.j2", _depthwise_wgrad_context, _depthwise_wgrad_grid),
 }
 
 
 def register(kind: str, op: str, template: Template) -> None:
-    """Add a (kind, op) template; the backward families register themselves this way."""
+    """Add or replace a (kind, op) template (e.g. a new family from outside this module)."""
     TEMPLATES[(kind, op)] = template
-
-
-# The backward families (kernels.backward launches them).
-register("conv", "dgrad", Template("conv_dgrad.py.j2", _conv_dgrad_context, _conv_dgrad_grid))
-register("conv", "wgrad", Template("conv_wgrad.py.j2", _conv_wgrad_context, _conv_wgrad_grid))
-register("depthwise", "dgrad", Template("depthwise_dgrad.py.j2", _depthwise_dgrad_context, _depthwise_dgrad_grid))
-register("depthwise", "wgrad", Template("depthwise_wgrad.py.j2", _depthwise_wgrad_context, _depthwise_wgrad_grid))
+    _render.cache_clear()
 
 
 @lru_cache(maxsize=1)
@@ -245,12 +243,30 @@ def kernel_name(spec: BlockSpec) -> str:
     return f"tunerd_{spec.kind}{spec.ndim}d_{spec.op}"
 
 
-def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant:
-    """Render the Triton source for spec under schedule (default heuristic when None)."""
+def source_id(source: str) -> str:
+    """A variant's id: the content hash of its exact source."""
+    return hashlib.sha256(source.encode()).hexdigest()[:24]
+
+
+def _template(spec: BlockSpec) -> Template:
     tpl = TEMPLATES.get((spec.kind, spec.op))
     if tpl is None:
         raise SpecError(f"no generator for kind={spec.kind!r} op={spec.op!r}")
-    s = _sched.resolve(spec, schedule)
+    return tpl
+
+
+def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant:
+    """Render the Triton source for spec under schedule (default heuristic when None).
+
+    Cached per (spec, canonical schedule): conv calls on the hot path do not re-run Jinja.
+    """
+    _template(spec)
+    return _render(spec, _sched.resolve(spec, schedule))
+
+
+@lru_cache(maxsize=4096)
+def _render(spec: BlockSpec, s: Schedule) -> Variant:
+    tpl = _template(spec)
     ctx = _Ctx(tpl.context(spec, s))
     name = kernel_name(spec)
     ctx.update(name=name, generator_version=GENERATOR_VERSION, spec_json=spec.to_json(), schedule_json=s.to_json())
@@ -261,8 +277,5 @@ def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant:
 
 def from_source(spec: BlockSpec, schedule: Schedule, source: str) -> Variant:
     """A variant whose source came from elsewhere (a store, a server, a bundle): launched exactly as given."""
-    tpl = TEMPLATES.get((spec.kind, spec.op))
-    if tpl is None:
-        raise SpecError(f"no generator for kind={spec.kind!r} op={spec.op!r}")
     s = _sched.resolve(spec, schedule)
-    return Variant(spec=spec, schedule=s, source=source, kernel_name=kernel_name(spec), grid=tpl.grid(spec, s))
+    return Variant(spec=spec, schedule=s, source=source, kernel_name=kernel_name(spec), grid=_template(spec).grid(spec, s))
