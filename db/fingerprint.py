@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ class DeviceFingerprint:
         except json.JSONDecodeError as e:
             raise InvalidRecord(f"device key is not valid JSON: {e}") from None
 
-    @property
+    @cached_property
     def key(self) -> str:
         """Canonical JSON (sorted keys, no spaces): equal fingerprints give equal keys."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -235,6 +235,49 @@ def import_(path: Path = typer.Argument(..., help="bundle file"),
                f"{r.unchanged} unchanged")
 
 
+_SERVE_HELP = {"host": "address to listen on (env TUNERD_HOST; default 127.0.0.1)",
+               "port": "port (env TUNERD_PORT; default 8521)",
+               "db": "SQLAlchemy URL of the store (env TUNERD_DB_URL or TUNERD_DB; default the local SQLite file)",
+               "token_file": "file holding the bearer token for write routes (env TUNERD_TOKEN)",
+               "worker": "run the tuning worker in this daemon (default on)",
+               "log_level": "log level (env TUNERD_LOG_LEVEL; default info)"}
+
+
+@app.command()
+def serve(host: Optional[str] = typer.Option(None, help=_SERVE_HELP["host"]),
+          port: Optional[int] = typer.Option(None, help=_SERVE_HELP["port"]),
+          db: Optional[str] = typer.Option(None, help=_SERVE_HELP["db"]),
+          token_file: Optional[Path] = typer.Option(None, help=_SERVE_HELP["token_file"]),
+          worker: Optional[bool] = typer.Option(None, "--worker/--no-worker", help=_SERVE_HELP["worker"]),
+          log_level: Optional[str] = typer.Option(None, help=_SERVE_HELP["log_level"])) -> None:
+    """Run the tunerd daemon: the HTTP API (/v1, /docs, /metrics, dashboard at /) and a tuning worker."""
+    from pydantic import ValidationError
+
+    from db.errors import StoreError
+
+    from .service import serve as run
+    from .settings import Settings
+
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as e:
+            raise typer.BadParameter(f"cannot read the token file {token_file}: {e.strerror or e}") from None
+    overrides = {k: v for k, v in dict(host=host, port=port, db_url=db, token=token, worker=worker,
+                                       log_level=log_level).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                           for err in e.errors())) from None
+    try:
+        run(settings=settings)
+    except StoreError as e:  # a bad URL or a schema from a newer tunerd (a database that is down only waits)
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,239 @@
+"""Load benchmark of the tunerd daemon's lookup route: open-loop requests at a fixed rate on loopback.
+
+    python -m benchmarks.load --rate 500 --duration 20 --out load.json
+
+Starts a daemon (worker off) in a subprocess on a fresh SQLite store seeded with one winner, then
+sends single-spec lookups (hits) at exactly --rate requests/s, each at its scheduled time whether
+or not earlier ones have answered (open loop: a slow server cannot slow the offered load down).
+Latency is measured from the scheduled send time, so client-side queueing counts against the
+server (no coordinated omission). Writes percentiles, achieved throughput and errors as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def seed_store(db_url: str, batch: int) -> list[dict]:
+    """A store with a winner for each of `batch` specs; returns the specs to look up."""
+    import kernels  # noqa: F401  (interpreter before triton)
+    from db.fingerprint import current
+    from db.store import Store
+    from kernels import conv_spec, render
+
+    store = Store(db_url)
+    specs = []
+    for i in range(batch):
+        spec = conv_spec(n=32, c=64 * (1 + i % 4), k=64, in_size=(56 - i % 8, 56 - i % 8), kernel=3, padding=1)
+        v = render(spec)
+        store.record_trial(current(), spec, v.schedule, v.source, status="ok", median_ms=1.0, spread_ms=0.01,
+                           reps=10, max_error=1e-6, strategy="bench")
+        specs.append(spec.to_dict())
+    store.close()
+    return specs
+
+
+def start_server(db_url: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    """The daemon in its own process (as `tunerd serve` runs it), worker off; returns (process, url)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import kernels; from tunerd.service import serve; "
+            f"serve(host='127.0.0.1', port={port}, db_url={db_url!r}, worker=False, log_level='warning')")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(workdir / "server.log", "w"), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    end = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise RuntimeError(f"server did not start: {(workdir / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+class RawPool:
+    """A minimal HTTP/1.1 keep-alive client over asyncio streams: a few microseconds per request, so
+    the load generator does not compete with the server it measures for the same CPUs."""
+
+    def __init__(self, url: str, size: int) -> None:
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host, self.port, self.size = host, int(port or 80), size
+        self.idle: asyncio.Queue = asyncio.Queue()
+        self.opened = 0
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.idle.empty() and self.opened < self.size:
+            self.opened += 1
+            conn = await asyncio.open_connection(self.host, self.port)
+        else:
+            conn = await self.idle.get()
+        reader, writer = conn
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        data = await reader.readexactly(length)
+        self.idle.put_nowait(conn)
+        return status, data
+
+    async def close(self) -> None:
+        while not self.idle.empty():
+            _, writer = self.idle.get_nowait()
+            writer.close()
+
+
+class HttpxPool:
+    """The same interface over httpx.AsyncClient (heavier: about a millisecond of CPU per request)."""
+
+    def __init__(self, url: str, size: int) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        self.http = httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        r = await self.http.post(path, content=body, headers={"Content-Type": "application/json"})
+        return r.status_code, r.content
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+async def open_loop(url: str, body: bytes, rate: float, duration: float, connections: int,
+                    client: str = "raw") -> dict[str, Any]:
+    """Send rate*duration requests, request i at start + i/rate; latency from the scheduled time."""
+    n = int(rate * duration)
+    latencies: list[float] = []
+    service: list[float] = []
+    errors: dict[str, int] = {}
+    pool = RawPool(url, connections) if client == "raw" else HttpxPool(url, connections)
+    for _ in range(50):  # warm the connections and the server's caches
+        await pool.post("/v1/lookup", body)
+
+    async def one(scheduled: float) -> None:
+        sent = time.perf_counter()
+        try:
+            status, data = await asyncio.wait_for(pool.post("/v1/lookup", body), 10.0)
+            key = None if status == 200 and json.loads(data)["hits"] >= 1 else f"HTTP {status}"
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+            key = type(e).__name__
+        done = time.perf_counter()
+        if key is None:
+            latencies.append(done - scheduled)
+            service.append(done - sent)
+        else:
+            errors[key] = errors.get(key, 0) + 1
+
+    tasks = []
+    start = time.perf_counter() + 0.05
+    for i in range(n):
+        at = start + i / rate
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(at)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    await pool.close()
+    return {"requests": n, "ok": len(latencies), "errors": errors, "elapsed_s": elapsed,
+            "throughput_rps": len(latencies) / elapsed, "latency_ms": _percentiles(latencies),
+            "service_latency_ms": _percentiles(service)}
+
+
+def _percentiles(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {}
+    s = sorted(xs)
+
+    def p(q: float) -> float:
+        return round(s[min(len(s) - 1, int(q * len(s)))] * 1000, 3)
+
+    return {"p50": p(0.50), "p90": p(0.90), "p99": p(0.99), "p999": p(0.999), "max": round(s[-1] * 1000, 3),
+            "mean": round(statistics.fmean(s) * 1000, 3)}
+
+
+def _run(coro: Any) -> Any:
+    """asyncio.run on uvloop when it is installed (a cheaper event loop for the load generator)."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _server_stack() -> dict[str, Any]:
+    """What uvicorn runs on: httptools and uvloop when installed ('auto'), else h11 and asyncio."""
+    import importlib.util
+
+    have = {m: importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop")}
+    return {"http": "httptools" if have["httptools"] else "h11", "loop": "uvloop" if have["uvloop"] else "asyncio"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", type=float, default=500.0, help="offered requests per second")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    ap.add_argument("--specs", type=int, default=1, help="specs per lookup request")
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="load generator: raw asyncio HTTP/1.1 (cheap) or httpx.AsyncClient")
+    ap.add_argument("--url", help="measure an already running daemon (must hold the seeded specs)")
+    ap.add_argument("--out", type=Path, default=Path("load.json"))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    with tempfile.TemporaryDirectory(prefix="tunerd-load-") as tmp:
+        workdir = Path(tmp)
+        db_url = f"sqlite:///{workdir / 'bench.sqlite'}"
+        specs = seed_store(db_url, args.specs)
+        proc, url = (None, args.url) if args.url else start_server(db_url, workdir)
+        try:
+            body = json.dumps({"specs": specs}).encode()
+            gc.collect()
+            gc.freeze()  # seeding imported torch: keep full collections of that heap out of the timings
+            result = _run(open_loop(url, body, args.rate, args.duration, args.connections, args.client))
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(15)
+    report = {"benchmark": "tunerd lookup, open loop on loopback", "offered_rps": args.rate,
+              "duration_s": args.duration, "specs_per_request": args.specs, "connections": args.connections,
+              "client": args.client, "server": _server_stack(),
+              "target": {"p99_ms": 5.0}, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                                     "platform": platform.platform()}, **result}
+    report["meets_target"] = bool(result["latency_ms"]) and result["latency_ms"]["p99"] <= 5.0 \
+        and not result["errors"]
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

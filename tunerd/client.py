@@ -1,0 +1,572 @@
+"""The tunerd HTTP client: batch lookups with an on-disk answer cache, bounded retries, fallbacks.
+
+A training step must never wait on the server for longer than the client's timeout: every
+lookup has one deadline covering all retries, and after a failure the client stops asking the
+server for a cool-down period (doubling while it stays down), answering from its disk cache, the
+local store (when one exists) or the default schedule instead.
+
+`install(client)` makes every tunerd convolution ask the server once per (device, spec) and then
+launch exactly the Triton source the server returned.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import httpx
+
+from db.errors import StoreError
+from db.fingerprint import DeviceFingerprint
+from db.fingerprint import current as current_device
+from kernels import conv as _conv
+from kernels import generator
+from kernels.runtime import atomic_write_text, cache_dir as kernel_cache_dir
+from kernels.schedule import Schedule, ScheduleError
+from kernels.spec import BlockSpec, SpecError
+
+log = logging.getLogger("tunerd.client")
+
+DeviceArg = Union[DeviceFingerprint, str, None]
+_RETRY_STATUS = (502, 503, 504)
+_CACHE_VERSION = 1
+
+
+class ClientError(Exception):
+    """The server answered with an error; status and detail say what it was."""
+
+    def __init__(self, status: int, detail: Any, body: Any = None) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.body = body
+
+
+class ServerUnavailable(ClientError):
+    """The server could not be reached (or kept answering 5xx) within the deadline."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.status = 0
+        self.detail = message
+        self.body = None
+
+
+class BadAnswer(Exception):
+    """A server answer that does not match the question (wrong spec, altered source): never launched."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a lookup found for one spec, and where the answer came from.
+
+    origin: 'server', 'cache' (this client's disk cache), 'local-store' (the local database) or
+    'default' (no tuned kernel: the default schedule runs).
+    """
+
+    spec: BlockSpec
+    hit: bool
+    origin: str
+    schedule: Schedule | None = None
+    source: str | None = None
+    variant_id: str | None = None
+    launch: dict | None = None
+    median_ms: float | None = None
+    max_error: float | None = None
+    speedup_vs_default: float | None = None
+    fraction_of_roofline: float | None = None
+    provenance: dict = field(default_factory=dict)
+
+    def variant(self) -> generator.Variant | None:
+        """The exact kernel to launch (None for a miss): built from the returned source, never regenerated."""
+        if not self.hit:
+            return None
+        return generator.from_source(self.spec, self.schedule, self.source)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hit": self.hit, "spec": self.spec.to_dict(),
+                "schedule": None if self.schedule is None else self.schedule.to_dict(), "source": self.source,
+                "variant_id": self.variant_id, "launch": self.launch,
+                "timings": {"median_ms": self.median_ms}, "numerics": {"max_error": self.max_error},
+                "speedup_vs_default": self.speedup_vs_default, "fraction_of_roofline": self.fraction_of_roofline,
+                "provenance": self.provenance}
+
+
+def _parse_answer(data: Any, expected: BlockSpec, origin: str) -> Answer:
+    """A lookup result -> Answer, verified: same spec, source hashing to its variant id, same launch."""
+    if not isinstance(data, dict) or not isinstance(data.get("hit"), bool):
+        raise BadAnswer(f"malformed lookup result: {str(data)[:200]}")
+    try:
+        spec = BlockSpec.from_dict(data.get("spec"))
+    except SpecError as e:
+        raise BadAnswer(f"the answer's spec is malformed: {e}") from None
+    if spec != expected:
+        raise BadAnswer(f"the answer is for another spec ({spec.describe()}), not {expected.describe()}")
+    if not data["hit"]:
+        return Answer(spec=expected, hit=False, origin=origin)
+    source, vid = data.get("source"), data.get("variant_id")
+    if not isinstance(source, str) or not isinstance(vid, str):
+        raise BadAnswer("a hit without source or variant_id")
+    if generator.source_id(source) != vid:
+        raise BadAnswer(f"the source does not hash to variant {vid}: it was altered in transit or storage")
+    try:
+        schedule = Schedule.from_dict(data.get("schedule"))
+        variant = generator.from_source(expected, schedule, source)
+    except (ScheduleError, SpecError) as e:
+        raise BadAnswer(f"the answer's schedule does not fit its spec: {e}") from None
+    launch = data.get("launch") or {}
+    mine = {"kernel_name": variant.kernel_name, "grid": list(variant.grid), "num_warps": variant.num_warps,
+            "num_stages": variant.num_stages}
+    if {k: launch.get(k) for k in mine} != mine:
+        raise BadAnswer(f"the answer's launch metadata {launch} differs from this client's {mine} "
+                        f"(different tunerd versions?)")
+    timings, numerics = data.get("timings") or {}, data.get("numerics") or {}
+    return Answer(spec=expected, hit=True, origin=origin, schedule=schedule, source=source, variant_id=vid,
+                  launch=mine, median_ms=timings.get("median_ms"), max_error=numerics.get("max_error"),
+                  speedup_vs_default=data.get("speedup_vs_default"),
+                  fraction_of_roofline=data.get("fraction_of_roofline"), provenance=data.get("provenance") or {})
+
+
+class AnswerCache:
+    """Answers on disk, one JSON file per (server, device, snapshot, spec), written atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._written: dict[Path, str] = {}  # path -> variant id this process last wrote there
+
+    def _path(self, key: tuple[str, str, str, str]) -> Path:
+        digest = hashlib.sha256("\x00".join(key).encode()).hexdigest()
+        return self.root / digest[:2] / f"{digest}.json"
+
+    def get(self, server: str, device: DeviceFingerprint, snapshot: str | None, spec: BlockSpec) -> Answer | None:
+        key = (server, device.key, snapshot or "", spec.to_json())
+        path = self._path(key)
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable cache entry %s: %s", path, e)
+            return None
+        if not isinstance(doc, dict) or doc.get("version") != _CACHE_VERSION or doc.get("key") != list(key):
+            return None
+        try:
+            return _parse_answer(doc.get("answer"), spec, "cache")
+        except BadAnswer as e:
+            log.warning("ignoring corrupt cache entry %s: %s", path, e)
+            return None
+
+    def put(self, server: str, device: DeviceFingerprint, snapshot: str | None, answer: Answer) -> None:
+        key = (server, device.key, snapshot or "", answer.spec.to_json())
+        path = self._path(key)
+        stamp = answer.variant_id or "miss"
+        if self._written.get(path) == stamp:
+            return  # the same answer is already on disk: no rewrite (and fsync) per lookup
+        doc = {"version": _CACHE_VERSION, "key": list(key), "answer": answer.to_json()}
+        try:
+            atomic_write_text(path, json.dumps(doc, sort_keys=True))
+            self._written[path] = stamp
+        except OSError as e:  # a full or read-only disk must not fail a lookup
+            log.warning("could not write the lookup cache under %s: %s", self.root, e)
+
+
+def default_cache_dir() -> Path:
+    """$TUNERD_CACHE_DIR/client (or ~/.cache/tunerd/client), beside the kernel source cache."""
+    return kernel_cache_dir().parent / "client"
+
+
+class Client:
+    """Talks to a tunerd daemon. Lookups never raise for an unreachable server: they fall back."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 2.0, retries: int = 2,
+                 cache_dir: str | Path | None = None, *, admin_timeout: float = 60.0, backoff_s: float = 0.05,
+                 cooldown_s: float = 5.0, max_cooldown_s: float = 300.0, local_store: Any = "auto",
+                 transport: httpx.BaseTransport | None = None) -> None:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"server url must start with http:// or https://, got {url!r}")
+        if timeout <= 0 or retries < 0:
+            raise ValueError("timeout must be > 0 and retries >= 0")
+        self.url = url.rstrip("/")
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.admin_timeout = float(admin_timeout)
+        self.backoff_s = backoff_s
+        self.cooldown_s = cooldown_s
+        self.max_cooldown_s = max_cooldown_s
+        self.cache = AnswerCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+        headers = {"User-Agent": "tunerd-client"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
+                                  limits=httpx.Limits(max_connections=8, max_keepalive_connections=4))
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._failures = 0
+        self._unknown_devices: dict[str, float] = {}  # device key -> until when the server said 404
+        self._local_arg = local_store
+        self._local: Any = None
+        self._local_checked = False
+        self._default_fp: DeviceFingerprint | None = None
+        self.last_error: str | None = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r})"
+
+    # ---- transport ----------------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """False while cooling down after a failure (lookups do not contact the server then)."""
+        return time.monotonic() >= self._down_until
+
+    def _mark(self, ok: bool, error: str | None = None) -> None:
+        with self._lock:
+            if ok:
+                self._failures, self._down_until = 0, 0.0
+                return
+            self._failures += 1
+            wait = min(self.max_cooldown_s, self.cooldown_s * 2 ** (self._failures - 1))
+            self._down_until = time.monotonic() + wait
+            self.last_error = error
+        log.warning("tunerd server %s unavailable (%s); not asking again for %.0f s", self.url, error, wait)
+
+    def request(self, method: str, path: str, *, timeout: float | None = None, idempotent: bool = True,
+                **kw: Any) -> httpx.Response:
+        """One call with a single deadline over all retries; raises ServerUnavailable or ClientError.
+
+        Retries connection failures and 502/503/504 with exponential backoff and jitter; requests
+        that are not idempotent are retried only when they provably never reached the server."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        last = "no attempt made"
+        for attempt in range(self.retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                r = self._http.request(method, path, timeout=httpx.Timeout(remaining), **kw)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+                last = f"{type(e).__name__}: {e}"
+            except httpx.TransportError as e:  # sent (or partly sent): retry only what is safe to repeat
+                last = f"{type(e).__name__}: {e}"
+                if not idempotent:
+                    raise ServerUnavailable(f"{method} {path} to {self.url} failed after sending: {last}") from None
+            else:
+                if r.status_code not in _RETRY_STATUS:
+                    return r
+                last = f"HTTP {r.status_code}: {_detail(r)}"
+                if not idempotent and r.status_code != 503:
+                    break
+            if attempt < self.retries:
+                pause = self.backoff_s * 2 ** attempt * (0.5 + random.random())
+                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+        raise ServerUnavailable(f"{method} {path} to {self.url} failed: {last}")
+
+    def _call(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kw: Any) -> httpx.Response:
+        kw.setdefault("timeout", self.admin_timeout)
+        r = self.request(method, path, **kw)
+        if r.status_code not in ok:
+            body = _body(r)
+            raise ClientError(r.status_code, body.get("detail", r.text[:500]) if isinstance(body, dict) else body,
+                              body)
+        return r
+
+    # ---- lookups ------------------------------------------------------------------------------------
+    def lookup(self, specs: BlockSpec | Sequence[BlockSpec], device: DeviceArg = None,
+               snapshot: str | None = None) -> list[Answer]:
+        """One answer per spec, in order. Never raises for an unreachable server; returns within
+        about `timeout` seconds (immediately while cooling down after a failure)."""
+        specs = [specs] if isinstance(specs, BlockSpec) else list(specs)
+        for s in specs:
+            if not isinstance(s, BlockSpec):
+                raise TypeError(f"lookup takes BlockSpecs, got {type(s).__name__}")
+        fp = self._device_fp() if device is None else _fingerprint(device)
+        answers: dict[int, Answer] = {}
+        if snapshot is not None:  # snapshot answers never change: the disk cache is authoritative
+            for i, s in enumerate(specs):
+                cached = self.cache.get(self.url, fp, snapshot, s)
+                if cached is not None:
+                    answers[i] = cached
+        todo = [i for i in range(len(specs)) if i not in answers]
+        if todo:
+            answers.update(self._ask_server(specs, todo, fp, snapshot))
+        return [answers[i] if i in answers else self._fallback(specs[i], fp, snapshot) for i in range(len(specs))]
+
+    def _device_fp(self) -> DeviceFingerprint:
+        """This process's device (computed once: on a GPU it reads driver files)."""
+        if self._default_fp is None:
+            self._default_fp = current_device()
+        return self._default_fp
+
+    def _ask_server(self, specs: list[BlockSpec], todo: list[int], fp: DeviceFingerprint,
+                    snapshot: str | None) -> dict[int, Answer]:
+        """Answers the server gave for specs[todo] (hits, and misses it confirmed); {} when it could not."""
+        if not self.available or self._unknown_devices.get(fp.key, 0) > time.monotonic():
+            return {}
+        body = {"device": fp.to_dict(), "specs": [specs[i].to_dict() for i in todo], "snapshot": snapshot}
+        try:
+            r = self.request("POST", "/v1/lookup", json=body)
+        except ServerUnavailable as e:
+            self._mark(False, str(e))
+            return {}
+        self._mark(True)
+        if r.status_code == 404 and snapshot is None:  # the server has nothing for this device
+            with self._lock:
+                self._unknown_devices[fp.key] = time.monotonic() + self.max_cooldown_s
+            hint = _body(r)
+            log.warning("tunerd server %s has no kernels for this device: %s", self.url,
+                        hint.get("hint") if isinstance(hint, dict) else hint)
+            return {}
+        if r.status_code != 200:
+            self.last_error = f"lookup: HTTP {r.status_code}: {_detail(r)}"
+            log.warning("tunerd lookup refused by %s: %s", self.url, self.last_error)
+            return {}
+        body = _body(r)
+        results = body.get("results") if isinstance(body, dict) else None
+        if not isinstance(results, list) or len(results) != len(todo):
+            self.last_error = "lookup: the server's answer has the wrong number of results"
+            log.error(self.last_error)
+            return {}
+        out: dict[int, Answer] = {}
+        for i, data in zip(todo, results):
+            try:
+                answer = _parse_answer(data, specs[i], "server")
+            except BadAnswer as e:  # never launch what does not match: that spec runs the fallback
+                self.last_error = f"rejected the server's answer for {specs[i].describe()}: {e}"
+                log.error(self.last_error)
+                continue
+            if answer.hit:
+                out[i] = answer
+                self.cache.put(self.url, fp, snapshot, answer)
+            elif snapshot is not None:
+                out[i] = answer  # a pinned miss stays a miss, and must not pick up a local winner
+                self.cache.put(self.url, fp, snapshot, answer)
+        return out
+
+    def _fallback(self, spec: BlockSpec, fp: DeviceFingerprint, snapshot: str | None) -> Answer:
+        """Server down or missing: this client's cache, then the local store (live lookups only), then the
+        default schedule."""
+        cached = self.cache.get(self.url, fp, snapshot, spec)
+        if cached is not None:
+            return cached
+        store = self._local_store() if snapshot is None else None  # a pinned answer is the server's or none
+        if store is not None:
+            try:
+                row = store.winner(fp, spec)
+            except StoreError as e:
+                log.warning("local store lookup failed: %s", e)
+                row = None
+            if row is not None:
+                return Answer(spec=spec, hit=True, origin="local-store", schedule=row.schedule, source=row.source,
+                              variant_id=row.variant_id, median_ms=row.median_ms, max_error=row.max_error,
+                              speedup_vs_default=row.speedup_vs_default,
+                              fraction_of_roofline=row.fraction_of_roofline,
+                              provenance={"device": row.device.describe(), "origin": row.origin})
+        return Answer(spec=spec, hit=False, origin="default")
+
+    def _local_store(self) -> Any:
+        """The local tuning database if there is one (never created here); None otherwise."""
+        if self._local_checked:
+            return self._local
+        with self._lock:
+            if self._local_checked:
+                return self._local
+            arg, store = self._local_arg, None
+            if arg not in (None, "auto"):
+                store = arg
+            elif arg == "auto":
+                try:
+                    from db.engine import default_url, parse_url
+                    from db.store import Store
+
+                    url = parse_url(default_url())
+                    if url.get_backend_name() != "sqlite" or (url.database and Path(url.database).exists()):
+                        store = Store(url, busy_timeout_s=1.0)
+                except (ImportError, StoreError, OSError) as e:
+                    log.info("no local store to fall back on: %s", e)
+            self._local, self._local_checked = store, True
+            return store
+
+    # ---- jobs, snapshots, bundles, reads --------------------------------------------------------
+    def submit_job(self, specs: Sequence[BlockSpec] | None = None, suite: str | None = None, *,
+                   strategy: str = "halving", budget_trials: int | None = None,
+                   budget_seconds: float | None = None, device: DeviceArg = None) -> dict:
+        """Queue a tuning job (exactly one of specs or suite); returns the job as the server shows it."""
+        body: dict[str, Any] = {"strategy": strategy, "budget_trials": budget_trials,
+                                "budget_seconds": budget_seconds}
+        if specs is not None:
+            body["specs"] = [s.to_dict() for s in specs]
+        if suite is not None:
+            body["suite"] = suite
+        if device is not None:
+            body["device"] = device.to_dict() if isinstance(device, DeviceFingerprint) else device
+        return self._call("POST", "/v1/jobs", json=body, ok=(201,), idempotent=False).json()
+
+    def job(self, job_id: int) -> dict:
+        return self._call("GET", f"/v1/jobs/{int(job_id)}").json()
+
+    def jobs(self, limit: int = 50, status: str | None = None) -> list[dict]:
+        params: dict[str, Any] = {"limit": limit}
+        if status is not None:
+            params["status"] = status
+        return self._call("GET", "/v1/jobs", params=params).json()["jobs"]
+
+    def wait_job(self, job_id: int, timeout: float = 600.0, poll_s: float = 0.5) -> dict:
+        """Poll until the job is done or failed; raises TimeoutError after timeout seconds."""
+        end = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["status"] in ("done", "failed"):
+                return job
+            if time.monotonic() > end:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:g} s")
+            time.sleep(poll_s)
+
+    def cancel_job(self, job_id: int) -> dict:
+        return self._call("DELETE", f"/v1/jobs/{int(job_id)}", idempotent=False).json()
+
+    def create_snapshot(self, name: str | None = None) -> str:
+        """Pin the server's current winners; returns the snapshot's name."""
+        body = {} if name is None else {"name": name}
+        return self._call("POST", "/v1/snapshots", json=body, ok=(201,), idempotent=False).json()["name"]
+
+    def snapshots(self) -> list[dict]:
+        return self._call("GET", "/v1/snapshots").json()["snapshots"]
+
+    def export_bundle(self, device: DeviceArg = None, snapshot: str | None = None) -> bytes:
+        params: dict[str, Any] = {}
+        if device is not None:
+            params["device"] = device.key if isinstance(device, DeviceFingerprint) else device
+        if snapshot is not None:
+            params["snapshot"] = snapshot
+        return self._call("GET", "/v1/bundle", params=params).content
+
+    def import_bundle(self, data: bytes) -> dict:
+        """Send a bundle (bytes of `tunerd export`); returns the server's import report."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"bundle data must be bytes, got {type(data).__name__}")
+        return self._call("POST", "/v1/bundle", content=bytes(data), idempotent=False,
+                          headers={"Content-Type": "application/octet-stream"}).json()
+
+    def devices(self) -> list[dict]:
+        return self._call("GET", "/v1/devices").json()["devices"]
+
+    def winners(self, device: DeviceArg = None, snapshot: str | None = None) -> list[dict]:
+        params: dict[str, Any] = {}
+        if device is not None:
+            params["device"] = device.key if isinstance(device, DeviceFingerprint) else device
+        if snapshot is not None:
+            params["snapshot"] = snapshot
+        return self._call("GET", "/v1/winners", params=params).json()["winners"]
+
+    def health(self) -> dict:
+        r = self.request("GET", "/healthz", timeout=self.timeout)
+        return _body(r)
+
+
+def _fingerprint(device: DeviceArg) -> DeviceFingerprint:
+    if device is None:
+        return current_device()
+    if isinstance(device, DeviceFingerprint):
+        return device
+    if isinstance(device, str) and device.lstrip().startswith("{"):
+        return DeviceFingerprint.from_key(device)
+    return current_device(device)  # "cuda:0", "cpu", a torch.device or an index
+
+
+def _body(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return r.text[:500]
+
+
+def _detail(r: httpx.Response) -> str:
+    b = _body(r)
+    return str(b.get("detail", b)) if isinstance(b, dict) else str(b)
+
+
+# ---- wiring a client into every tunerd convolution -------------------------------------------------
+class RemoteLookup:
+    """kernels.conv's schedule lookup backed by a Client: one server question per (device, spec),
+    then memory. Hits are kept for the life of the process; misses are asked again after miss_ttl_s."""
+
+    def __init__(self, client: Client, snapshot: str | None = None, miss_ttl_s: float = 60.0) -> None:
+        self.client = client
+        self.snapshot = snapshot
+        self.miss_ttl_s = miss_ttl_s
+        self._memo: dict[tuple[str, str], tuple[generator.Variant | None, float]] = {}
+        self._devices: dict[str, DeviceFingerprint] = {}
+        self._lock = threading.Lock()
+        self.recording: list[tuple[BlockSpec, Any]] | None = None  # set by remote.model_specs
+        self.stats = {"hits": 0, "misses": 0, "server_lookups": 0}
+
+    def fingerprint(self, device: Any) -> DeviceFingerprint:
+        key = str(device)
+        fp = self._devices.get(key)
+        if fp is None:
+            fp = self._devices[key] = current_device(device)
+        return fp
+
+    def __call__(self, spec: BlockSpec, device: Any) -> generator.Variant | None:
+        if self.recording is not None:
+            self.recording.append((spec, device))
+            return None
+        fp = self.fingerprint(device)
+        key = (fp.key, spec.to_json())
+        memo = self._memo.get(key)
+        if memo is None or (memo[0] is None and memo[1] < time.monotonic()):
+            self.prefetch([spec], device)
+            memo = self._memo[key]
+        return memo[0]
+
+    def prefetch(self, specs: Iterable[BlockSpec], device: Any) -> dict[str, int]:
+        """Ask the server about many specs in one request and remember the answers."""
+        fp = self.fingerprint(device)
+        unique = list({s.to_json(): s for s in specs}.values())
+        answers = self.client.lookup(unique, device=fp, snapshot=self.snapshot) if unique else []
+        counts = {"hits": 0, "misses": 0}
+        with self._lock:
+            self.stats["server_lookups"] += 1
+            for a in answers:
+                variant = a.variant()
+                expires = float("inf") if variant is not None else time.monotonic() + self.miss_ttl_s
+                self._memo[(fp.key, a.spec.to_json())] = (variant, expires)
+                counts["hits" if variant is not None else "misses"] += 1
+            self.stats["hits"] += counts["hits"]
+            self.stats["misses"] += counts["misses"]
+        return counts
+
+    def uninstall(self) -> None:
+        """Stop answering convolutions (they use default schedules again) if this lookup is installed."""
+        if _installed.get("lookup") is self:
+            _conv.set_schedule_lookup(None)
+            _installed.clear()
+
+
+_installed: dict[str, RemoteLookup] = {}
+
+
+def install(client: Client, snapshot: str | None = None, *, miss_ttl_s: float = 60.0) -> RemoteLookup:
+    """Route every tunerd convolution's schedule choice through client (replacing any earlier install)."""
+    hook = RemoteLookup(client, snapshot=snapshot, miss_ttl_s=miss_ttl_s)
+    _conv.set_schedule_lookup(hook)
+    _installed["lookup"] = hook
+    return hook
+
+
+def installed() -> Optional[RemoteLookup]:
+    return _installed.get("lookup")

@@ -1,0 +1,105 @@
+"""tunerd.patch(model, server=...): patch a model and take its kernels from a tunerd daemon.
+
+The model's convolutions are swapped as by tunerd.patch, and every one of them then launches
+the exact Triton source the server tuned for this device (or the default schedule where the
+server has none, is unreachable, or answers wrongly). Given an example input, all of the
+model's specs are fetched in one batch request before the first training step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernels.spec import BlockSpec
+
+from .client import Client, RemoteLookup, install
+from .patch import PatchReport, patch
+
+
+@dataclass
+class RemotePatchReport(PatchReport):
+    """PatchReport plus what the server answered for the prefetched specs."""
+
+    server: str = ""
+    snapshot: str | None = None
+    prefetched: int = 0
+    hits: int = 0
+    misses: int = 0
+    lookup: RemoteLookup | None = field(default=None, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        line = f"tunerd server {self.server}" + (f" snapshot {self.snapshot}" if self.snapshot else "")
+        if self.prefetched:
+            line += f": {self.prefetched} specs prefetched, {self.hits} tuned, {self.misses} on default schedules"
+        return super().__str__() + "\n" + line
+
+
+def model_specs(model: nn.Module, example_input: Any, lookup: RemoteLookup) -> list[tuple[BlockSpec, torch.device]]:
+    """The (spec, device) of every tunerd kernel one step of model(example_input) launches.
+
+    A model in training mode runs forward and backward (so the dgrad/wgrad kernels are found too),
+    an eval model forward only under no_grad; all on default schedules. Nothing of the model
+    changes: buffers (BatchNorm running statistics), parameter gradients and the RNG state are
+    restored afterwards."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    cuda = sorted({t.device for t in [*params, *model.buffers()] if t.device.type == "cuda"}, key=str)
+    train = model.training and any(p.requires_grad for p in params)
+    lookup.recording = []
+    try:
+        for p in params:
+            p.grad = None
+        with torch.random.fork_rng(devices=cuda), torch.set_grad_enabled(train):
+            out = model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+            if train:
+                leaves = [t for t in _tensors(out) if t.requires_grad]
+                if leaves:
+                    torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
+        return list(lookup.recording)
+    finally:
+        lookup.recording = None
+        for p, g in zip(params, grads):
+            p.grad = g
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors in a forward's output (a tensor, or nested tuples/lists/dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def patch_remote(model: nn.Module, server: str | Client, snapshot: str | None = None, token: str | None = None,
+                 example_input: Any = None, **patch_options: Any) -> RemotePatchReport:
+    """Patch model in place (see tunerd.patch) and serve its kernels from the tunerd daemon at server.
+
+    server: a URL or a Client. example_input: a tensor (or tuple of forward arguments) of the real
+    shapes; when given, every spec of the model is looked up in one request now.
+    """
+    client = server if isinstance(server, Client) else Client(server, token=token)
+    hook = install(client, snapshot=snapshot)
+    base = patch(model, **patch_options)
+    report = RemotePatchReport(swapped=base.swapped, fused=base.fused, left=base.left, server=client.url,
+                               snapshot=snapshot, lookup=hook)
+    if example_input is not None:
+        by_device: dict[str, list[BlockSpec]] = {}
+        for spec, device in model_specs(model, example_input, hook):
+            by_device.setdefault(str(device), []).append(spec)
+        for device, specs in by_device.items():
+            counts = hook.prefetch(specs, torch.device(device))
+            report.prefetched += counts["hits"] + counts["misses"]
+            report.hits += counts["hits"]
+            report.misses += counts["misses"]
+    return report

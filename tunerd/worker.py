@@ -1,0 +1,259 @@
+"""The tuning worker: claims jobs from the store's queue and tunes them on this process's device.
+
+One worker runs in every daemon (a background thread). Several daemons may share one database:
+the store hands each job to exactly one worker (PostgreSQL: FOR UPDATE SKIP LOCKED), the worker
+heartbeats while it tunes, and any worker requeues jobs whose holder stopped heartbeating. When
+the queue is empty the worker tunes the specs clients asked for most and nobody has tuned yet
+(the miss queue), for its own device only.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+from typing import Any, Callable
+
+from db.errors import JobNotOwned, StoreError, StoreUnavailable
+from db.fingerprint import DeviceFingerprint
+from db.fingerprint import current as current_device
+
+log = logging.getLogger("tunerd.worker")
+
+# run_job(store, job, device, on_progress) -> result summary; tunerd.tuning.run_job by default.
+JobRunner = Callable[[Any, Any, DeviceFingerprint, Callable[[dict], None]], dict]
+
+
+class JobLost(Exception):
+    """This worker no longer holds its job (requeued as stale by another worker, or finished elsewhere)."""
+
+
+class WorkerStopping(Exception):
+    """The daemon is shutting down: the job is left to be requeued rather than marked failed."""
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _default_runner() -> JobRunner:
+    from .tuning import run_job
+
+    return run_job
+
+
+class Worker:
+    """Claims and runs tuning jobs in a background thread; `run_once` does one step synchronously."""
+
+    def __init__(self, store: Any, device: DeviceFingerprint | None = None, *, worker_id: str | None = None,
+                 run_job: JobRunner | None = None, poll_s: float = 1.0, heartbeat_s: float = 5.0,
+                 stale_after_s: float = 60.0, max_attempts: int | None = 3, tune_misses: bool = True,
+                 miss_strategy: str = "halving", miss_budget_trials: int | None = 16,
+                 miss_budget_seconds: float | None = 600.0, miss_min_count: int = 1,
+                 miss_retry_s: float = 3600.0) -> None:
+        if stale_after_s <= heartbeat_s:
+            raise ValueError(f"stale_after_s ({stale_after_s}) must exceed heartbeat_s ({heartbeat_s})")
+        self.store = store
+        self.device = device or current_device()
+        self.worker_id = worker_id or default_worker_id()
+        self._run_job = run_job
+        self.poll_s = poll_s
+        self.heartbeat_s = heartbeat_s
+        self.stale_after_s = stale_after_s
+        self.max_attempts = max_attempts
+        self.tune_misses = tune_misses
+        self.miss_strategy = miss_strategy
+        self.miss_budget_trials = miss_budget_trials
+        self.miss_budget_seconds = miss_budget_seconds
+        self.miss_min_count = miss_min_count
+        self.miss_retry_s = miss_retry_s
+        self._miss_tried: dict[str, float] = {}  # spec key -> when this worker last queued it from the miss queue
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.current_job: int | None = None
+        self.progress: dict = {}
+        self.jobs_done = 0
+        self.jobs_failed = 0
+        self.last_error: str | None = None
+
+    @classmethod
+    def from_settings(cls, store: Any, settings: Any, **overrides: Any) -> "Worker":
+        kw = dict(worker_id=settings.worker_id, poll_s=settings.poll_s, heartbeat_s=settings.heartbeat_s,
+                  stale_after_s=settings.stale_after_s, max_attempts=settings.max_attempts,
+                  tune_misses=settings.tune_misses, miss_strategy=settings.miss_strategy,
+                  miss_budget_trials=settings.miss_budget_trials, miss_budget_seconds=settings.miss_budget_seconds,
+                  miss_min_count=settings.miss_min_count)
+        kw.update(overrides)
+        return cls(store, **kw)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"tunerd-worker-{self.worker_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Ask the loop to stop; a running job is abandoned at its next progress report (and later requeued)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"worker_id": self.worker_id, "device": self.device.describe(), "device_digest": self.device.digest,
+                    "alive": self.alive, "current_job": self.current_job, "progress": dict(self.progress),
+                    "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed, "last_error": self.last_error}
+
+    def _loop(self) -> None:
+        log.info("worker %s started on %s", self.worker_id, self.device.describe())
+        while not self._stop.is_set():
+            try:
+                ran = self.run_once()
+            except StoreUnavailable as e:  # the database is down: keep the daemon up and retry
+                self._note_error(f"store unavailable: {e}")
+                ran = None
+            except Exception as e:  # never let the worker thread die
+                self._note_error(f"worker step failed: {type(e).__name__}: {e}")
+                log.exception("worker step failed")
+                ran = None
+            if ran is None:
+                self._stop.wait(self.poll_s)
+        log.info("worker %s stopped", self.worker_id)
+
+    def _note_error(self, msg: str) -> None:
+        with self._lock:
+            repeated, self.last_error = msg == self.last_error, msg
+        log.log(logging.DEBUG if repeated else logging.WARNING, msg)  # a database that stays down logs once
+
+    # ---- one step -------------------------------------------------------------------------
+    def run_once(self) -> int | None:
+        """Requeue stale jobs (failing those whose workers died max_attempts times), claim one (or queue
+        the top miss and claim that) and run it.
+
+        Returns the id of the job run, or None when there was nothing to do.
+        """
+        n = self.store.requeue_stale(self.stale_after_s, max_attempts=self.max_attempts)
+        if n:
+            log.info("requeued %d stale job(s)", n)
+        job = self.store.claim_job(self.worker_id, device_key=self.device.key)
+        if job is None and self.tune_misses and self._queue_top_miss():
+            job = self.store.claim_job(self.worker_id, device_key=self.device.key)
+        if job is None:
+            return None
+        self.execute(job)
+        return job.id
+
+    def _queue_top_miss(self) -> bool:
+        """Turn the most requested untuned spec for this device into a job; True if one was queued."""
+        now = time.monotonic()
+        for miss in self.store.top_misses(limit=50, device=self.device):
+            if miss.count < self.miss_min_count:
+                break  # ordered by count
+            key = miss.spec.to_json()
+            if now - self._miss_tried.get(key, -1e18) < self.miss_retry_s:
+                continue  # tried recently and still missing: an untunable spec must not loop forever
+            self._miss_tried[key] = now
+            self.store.enqueue_job(specs=[miss.spec], strategy=self.miss_strategy,
+                                   budget_trials=self.miss_budget_trials, budget_seconds=self.miss_budget_seconds,
+                                   device_key=self.device.key)
+            self.store.clear_miss(self.device, miss.spec)
+            log.info("queued miss %s (%d lookups)", miss.spec.describe(), miss.count)
+            return True
+        return False
+
+    def execute(self, job: Any) -> None:
+        """Run a claimed job with heartbeats; mark it done or failed. A lost job is left to its new owner."""
+        runner = self._run_job or _default_runner()
+        lost = threading.Event()
+        with self._lock:
+            self.current_job, self.progress = job.id, {}
+
+        def on_progress(progress: dict) -> None:
+            with self._lock:
+                self.progress = _json_safe(progress)
+            if lost.is_set():
+                raise JobLost(f"job {job.id} was taken from worker {self.worker_id}")
+            if self._stop.is_set():
+                raise WorkerStopping(f"worker {self.worker_id} is stopping")
+
+        beat_stop = threading.Event()
+        beater = threading.Thread(target=self._heartbeat, args=(job.id, beat_stop, lost), daemon=True,
+                                  name=f"tunerd-heartbeat-{job.id}")
+        beater.start()
+        result: dict | None = None
+        error: str | None = None
+        try:
+            result = runner(self.store, job, self.device, on_progress)
+        except (JobLost, WorkerStopping) as e:
+            log.warning("job %s abandoned: %s", job.id, e)
+            return
+        except Exception as e:  # a failing job never takes the worker down: it is marked failed
+            error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+            log.error("job %s failed: %s: %s", job.id, type(e).__name__, e)
+        finally:
+            beat_stop.set()
+            beater.join()
+            with self._lock:
+                self.current_job = None
+        if lost.is_set():
+            log.warning("job %s finished after it was requeued; its result is dropped", job.id)
+            return
+        self._finish(job.id, result, error)
+
+    def _finish(self, job_id: int, result: dict | None, error: str | None) -> None:
+        with self._lock:
+            progress = dict(self.progress)
+        for attempt in range(5):  # the store may be briefly unavailable; the trials are already saved
+            try:
+                self.store.heartbeat(job_id, self.worker_id, progress)  # the final progress, then the outcome
+                self.store.finish_job(job_id, self.worker_id, result=result, error=error)
+                break
+            except JobNotOwned as e:
+                log.warning("job %s: %s", job_id, e)
+                return
+            except StoreUnavailable as e:
+                self._note_error(f"finishing job {job_id}: {e}")
+                if self._stop.wait(min(30.0, 0.5 * 2 ** attempt)):
+                    return
+        else:
+            return  # left running: its heartbeat stops, so a worker requeues it
+        with self._lock:
+            if error is None:
+                self.jobs_done += 1
+            else:
+                self.jobs_failed += 1
+                self.last_error = f"job {job_id}: {error.splitlines()[0]}"
+
+    def _heartbeat(self, job_id: int, stop: threading.Event, lost: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_s):
+            with self._lock:
+                progress = dict(self.progress)
+            try:
+                self.store.heartbeat(job_id, self.worker_id, progress)
+            except JobNotOwned:
+                lost.set()
+                return
+            except StoreError as e:  # keep beating: the job is ours until the store says otherwise
+                self._note_error(f"heartbeat of job {job_id}: {e}")
+
+
+def _json_safe(value: Any) -> Any:
+    """Progress as the store can keep it: non-finite numbers (an unknown ETA) become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
