@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+# One throwaway PostgreSQL server per session for every test that asks for pg_server / pg_url.
+pytest_plugins = ["pg"]
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 

@@ -2,6 +2,9 @@
 import json
 
 import pytest
+
+for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
+    pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
 from typer.testing import CliRunner
 
 from kernels.spec import conv_spec

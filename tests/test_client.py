@@ -8,8 +8,11 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-import httpx
 import pytest
+
+for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
+    pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
+import httpx  # noqa: E402
 import torch
 
 import kernels  # noqa: F401  (interpreter before triton)

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
+    pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
+
 import kernels  # noqa: F401  (interpreter before triton)
 from db.fingerprint import current
 from db.store import Store

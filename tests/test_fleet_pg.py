@@ -58,12 +58,15 @@ if __name__ == "__main__":
     sys.exit(0)
 
 # ---- the tests ------------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
+    pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
 import httpx  # noqa: E402
 
 import kernels  # noqa: E402,F401
 from db.store import Store  # noqa: E402
 from kernels import conv_spec  # noqa: E402
-from pg import pg_server, pg_url  # noqa: E402,F401  (fixtures)
 
 
 class Daemon:

@@ -7,8 +7,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
 import pytest
+
+for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
+    pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
+import httpx  # noqa: E402
 
 import kernels  # noqa: F401  (interpreter before triton)
 from db.errors import StoreUnavailable

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("sqlalchemy", reason="the store needs the service extras (sqlalchemy, alembic)")
-pytest.register_assert_rewrite("pg")
 from alembic.autogenerate import compare_metadata  # noqa: E402
 from alembic.runtime.migration import MigrationContext  # noqa: E402
 
@@ -16,8 +15,6 @@ from db.models import Base  # noqa: E402
 from pg import free_port  # noqa: E402
 from test_store import (DEV, DW, GPU, SPEC, parse_writes, record, spawn,  # noqa: E402
                         start_together, state, variants, wait_all)
-
-pytest_plugins = ["pg"]  # the pg_server / pg_url fixtures
 
 
 def test_pg_schema_and_api(pg_url):
