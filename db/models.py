@@ -126,10 +126,9 @@ class Trial(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class Winner(Base):
-    """The fastest correct trial per (device, spec). Ratios are rescaled when the winner changes."""
+class _WinnerColumns:
+    """What a winner row and its frozen snapshot copy both hold."""
 
-    __tablename__ = "winners"
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), primary_key=True)
     spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"), primary_key=True)
     trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"))
@@ -137,6 +136,12 @@ class Winner(Base):
     median_ms: Mapped[float] = mapped_column(Float)
     speedup_vs_default: Mapped[float | None] = mapped_column(Float)
     fraction_of_roofline: Mapped[float | None] = mapped_column(Float)
+
+
+class Winner(_WinnerColumns, Base):
+    """The fastest correct trial per (device, spec). Ratios are rescaled when the winner changes."""
+
+    __tablename__ = "winners"
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -147,18 +152,11 @@ class Snapshot(Base):
     winner_count: Mapped[int] = mapped_column(Integer)
 
 
-class SnapshotWinner(Base):
+class SnapshotWinner(_WinnerColumns, Base):
     """A frozen copy of one winner row; trials and variants are immutable, so answers never change."""
 
     __tablename__ = "snapshot_winners"
     snapshot: Mapped[str] = mapped_column(ForeignKey("snapshots.name"), primary_key=True)
-    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), primary_key=True)
-    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"), primary_key=True)
-    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"))
-    variant_id: Mapped[str] = mapped_column(ForeignKey("variants.id"))
-    median_ms: Mapped[float] = mapped_column(Float)
-    speedup_vs_default: Mapped[float | None] = mapped_column(Float)
-    fraction_of_roofline: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from hypothesis import strategies as st
+
 from kernels import reference
 from kernels.conv import EpilogueArgs, conv_forward
 from kernels.spec import BlockSpec, Epilogue, conv_spec
@@ -78,3 +80,26 @@ def run_case(case: Case, dtype: str, device: str = "cpu", schedule=None, channel
                          star_s=inp.get("star_s", 1.0), star_b=inp.get("star_b", 0.0))
     assert y.shape == ref.shape
     return reference.rel_error(y, ref)
+
+
+@st.composite
+def random_case(draw, *, groups=(1, 2, 4), cg=(1, 3, 8, 16, 20), max_kernel=(5, 5, 3), max_size=(9, 9, 5),
+                epilogues=({},)) -> Case:
+    """A hypothesis-drawn conv of any family: ndim 1-3, dense/grouped/depthwise (with channel multiplier),
+    any stride, dilation and asymmetric padding, sizes kept legal (the window fits the padded input)."""
+    ndim = draw(st.integers(1, 3))
+    depthwise = draw(st.booleans())
+    g = draw(st.sampled_from(groups))
+    c = draw(st.sampled_from(cg)) * g
+    if depthwise:
+        g, k = c, c * draw(st.sampled_from([1, 2]))
+    else:
+        k = g * draw(st.sampled_from([4, 16, 24]))
+    kernel = tuple(draw(st.integers(1, max_kernel[ndim - 1])) for _ in range(ndim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(ndim))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(ndim))
+    padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(ndim))
+    size = tuple(max(draw(st.integers(1, max_size[ndim - 1])), (kernel[i] - 1) * dilation[i] + 1 - sum(padding[i]))
+                 for i in range(ndim))
+    ep = draw(st.sampled_from(list(epilogues)))
+    return Case(ndim, c, k, size, kernel, stride, padding, dilation, g, n=draw(st.integers(1, 2)), epilogue=ep)

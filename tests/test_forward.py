@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convcases import Case, run_case
+from convcases import Case, random_case, run_case
 from kernels import reference
 from kernels.schedule import Schedule
 
@@ -114,29 +114,9 @@ def test_memory_format_follows_input(case):
                                rtol=1e-4, atol=1e-4)
 
 
-@st.composite
-def random_case(draw):
-    ndim = draw(st.integers(1, 3))
-    depthwise = draw(st.booleans())
-    groups = draw(st.sampled_from([1, 2, 4]))
-    cg = draw(st.sampled_from([1, 3, 8, 16, 20]))
-    c = cg * groups
-    if depthwise:
-        groups, k = c, c * draw(st.sampled_from([1, 2]))
-    else:
-        k = groups * draw(st.sampled_from([4, 16, 24]))
-    kernel = tuple(draw(st.integers(1, 5 if ndim < 3 else 3)) for _ in range(ndim))
-    dilation = tuple(draw(st.integers(1, 2)) for _ in range(ndim))
-    stride = tuple(draw(st.integers(1, 3)) for _ in range(ndim))
-    padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(ndim))
-    size = tuple(max(draw(st.integers(1, 9 if ndim < 3 else 5)), (kernel[i] - 1) * dilation[i] + 1 - sum(padding[i]))
-                 for i in range(ndim))
-    ep = draw(st.sampled_from([{}, dict(bias=True, activation="relu"), RESNET, CONVNEXT, BIAS_GELU]))
-    return Case(ndim, c, k, size, kernel, stride, padding, dilation, groups, n=draw(st.integers(1, 2)), epilogue=ep)
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=random_case(), dtype=st.sampled_from(["float32", "float16"]))
+@given(case=random_case(epilogues=({}, dict(bias=True, activation="relu"), RESNET, CONVNEXT, BIAS_GELU)),
+       dtype=st.sampled_from(["float32", "float16"]))
 def test_random_specs(case, dtype):
     err = run_case(case, dtype)
     assert err < reference.tolerance(dtype), f"{case}: rel error {err:.3g}"
