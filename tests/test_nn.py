@@ -126,3 +126,25 @@ def test_tune_mode_folds_bn_and_freezes_stats():
     assert torch.equal(block.bn.running_mean, mean0)
     assert set(block.state_dict()) == {"conv.weight", "bn.weight", "bn.bias", "bn.running_mean",
                                        "bn.running_var", "bn.num_batches_tracked"}
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_train_mode_takes_batch_stats_from_the_conv_kernel(momentum, monkeypatch):
+    from kernels import runtime
+
+    launched = []
+    real = runtime.launch
+    monkeypatch.setattr(runtime, "launch", lambda v, a, d: (launched.append(v.spec), real(v, a, d))[1])
+    block = tnn.ConvBNAct(4, 8, 3, padding=1, bias=True, activation="silu", momentum=momentum).train()
+    ref_conv = nn.Conv2d(4, 8, 3, padding=1)
+    ref_bn = nn.BatchNorm2d(8, momentum=momentum)
+    ref_conv.load_state_dict(block.conv.state_dict())
+    for step in range(2):
+        x = torch.randn(3, 4, 6, 6)
+        y = block(x)
+        ref = nn.functional.silu(ref_bn(ref_conv(x)))
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    fwd = [s for s in launched if s.op == "fwd"]
+    assert fwd and all(s.epilogue.stats for s in fwd)  # statistics from the conv epilogue itself
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(block.bn, name), getattr(ref_bn, name), rtol=1e-5, atol=1e-5)

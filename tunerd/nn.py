@@ -7,7 +7,10 @@ BatchNorm (and activation) that follows it, in three modes:
 - eval:  BN's running statistics as the kernel's per-channel scale/shift epilogue.
 - tune:  BN folded into the weights on every step (Efficient ConvBN "Tune mode"): gradients flow
          through the fold to W, gamma and beta; running statistics stay frozen.
-- train: batch statistics, exactly torch's BatchNorm semantics (running stats updated).
+- train: batch statistics with torch's BatchNorm semantics (momentum or cumulative averages,
+         unbiased running variance, num_batches_tracked). The per-channel sum and sum of squares
+         come from the conv kernel's own epilogue, so the statistics need no second read of its
+         output; normalisation and activation are then one elementwise pass.
 
 Fused modules keep the BN module where it was (now a pass-through), so state_dict keys and
 optimizer parameter lists do not change when a model is patched.
@@ -20,11 +23,9 @@ import torch
 from torch import nn
 
 from kernels import prologue
+from kernels.autograd import conv as _conv
 from kernels.epilogue import activation_torch
 
-from . import functional as F
-
-_FUNCTIONAL = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 BN_MODES = ("train", "tune", "eval")
 
 
@@ -48,8 +49,8 @@ class _TunerdConv:
         if self.padding_mode != "zeros":
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return _FUNCTIONAL[self._ndim](input, weight, bias, self.stride, padding, self.dilation, self.groups,
-                                       **epilogue)
+        return _conv(input, weight, bias, self.stride, padding, self.dilation, self.groups, ndim=self._ndim,
+                     **epilogue)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, self.weight, self.bias, activation=self.activation)
@@ -100,14 +101,30 @@ class _FusedConvBN(_TunerdConv):
                                     bn.eps)
             return self._conv_forward(input, w, b, activation=self.activation)
         if training or not bn.track_running_stats:
-            # batch statistics: torch's own BatchNorm forward keeps its exact semantics
-            # (momentum, cumulative averages, num_batches_tracked, unbiased running variance)
-            y = self._conv_forward(input, self.weight, self.bias)
-            y = bn._tunerd_orig_class.forward(bn, y)
-            return activation_torch(self.activation, y)
+            return self._batch_statistics(input, bn)
         scale, shift = prologue.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         return self._conv_forward(input, self.weight, self.bias, scale=scale, shift=shift,
                                   activation=self.activation)
+
+
+    def _batch_statistics(self, input: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+        z, total, total_sq = self._conv_forward(input, self.weight, None, stats=True)
+        count = z.numel() // z.shape[1]
+        mean = total / count
+        var = (total_sq / count - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises with
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            with torch.no_grad():
+                batch_mean = mean if self.bias is None else mean + self.bias.float()
+                bn.running_mean.lerp_(batch_mean.to(bn.running_mean.dtype), factor)
+                bn.running_var.lerp_((var * count / max(count - 1, 1)).to(bn.running_var.dtype), factor)
+        inv = torch.rsqrt(var + bn.eps)
+        scale = inv if bn.weight is None else inv * bn.weight.float()
+        shift = -mean * scale if bn.bias is None else bn.bias.float() - mean * scale
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        y = (z.float() * scale.reshape(shape) + shift.reshape(shape)).to(z.dtype)
+        return activation_torch(self.activation, y)
 
 
 class FusedConvBN1d(_FusedConvBN, nn.Conv1d):
