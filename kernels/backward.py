@@ -94,10 +94,14 @@ def dgrad_args(gspec: BlockSpec, dy: torch.Tensor, weight: torch.Tensor, dx: tor
     return args
 
 
+def wgrad_partials_shape(gspec: BlockSpec, split_k: int) -> tuple[int, ...]:
+    """Shape of the fp32 partials a wgrad variant writes: [split, taps, K] (depthwise), [split, K, taps * C/g]."""
+    return (split_k, gspec.taps, gspec.k) if gspec.kind == "depthwise" else (split_k, gspec.k, gspec.taps * gspec.cg)
+
+
 def wgrad_partials(gspec: BlockSpec, split_k: int, device: torch.device) -> torch.Tensor:
-    """The fp32 partial buffer a wgrad variant writes: [split, taps, K] (depthwise), [split, K, taps * C/g]."""
-    shape = (split_k, gspec.taps, gspec.k) if gspec.kind == "depthwise" else (split_k, gspec.k, gspec.taps * gspec.cg)
-    return new_buffer(shape, torch.float32, device)
+    """The fp32 partial buffer a wgrad variant writes (see wgrad_partials_shape)."""
+    return new_buffer(wgrad_partials_shape(gspec, split_k), torch.float32, device)
 
 
 def wgrad_args(gspec: BlockSpec, dy: torch.Tensor, x: torch.Tensor, dw: torch.Tensor, ep: EpilogueArgs | None = None,

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from kernels import backward as _bwd
 from kernels import conv as _conv
 from kernels import reference
 from kernels.generator import Variant
@@ -151,43 +152,21 @@ def _dgrad_output(v: Variant, inp: Inputs) -> torch.Tensor:
 
 
 def _dgrad_args(v: Variant, inp: Inputs, out: torch.Tensor) -> dict[str, Any]:
-    return {"dy_ptr": _conv.to_channels_last(inp["dy"]), "w_ptr": _conv.pack_weight(v.spec, inp["w"]),
-            "dx_ptr": out, "UPCAST": _conv.upcast(inp["dy"])}
+    return _bwd.dgrad_args(v.spec, _conv.to_channels_last(inp["dy"]), inp["w"], out)
 
 
 def _wgrad_output(v: Variant, inp: Inputs) -> torch.Tensor:
-    """fp32 split partials: [split, taps, K] (depthwise) or [split, K, taps * C/g] (conv)."""
-    spec, split = v.spec, v.schedule.split_k
-    shape = (split, spec.taps, spec.k) if spec.kind == "depthwise" else (split, spec.k, spec.taps * spec.cg)
-    return poisoned(shape, torch.float32, inp["x"].device)
+    return poisoned(_bwd.wgrad_partials_shape(v.spec, v.schedule.split_k), torch.float32, inp["x"].device)
 
 
 def _wgrad_args(v: Variant, inp: Inputs, out: torch.Tensor) -> dict[str, Any]:
-    return {"dy_ptr": _conv.to_channels_last(inp["dy"]), "x_ptr": _conv.to_channels_last(inp["x"]),
-            "dw_ptr": out, "UPCAST": _conv.upcast(inp["dy"])}
+    return _bwd.wgrad_args(v.spec, _conv.to_channels_last(inp["dy"]), inp["x"], out)
 
 
 def _wgrad_result(v: Variant, inp: Inputs, out: torch.Tensor) -> torch.Tensor:
     """The partials' sum, unpacked to torch's [K, C/g, *kernel]."""
-    return _unpack_weight_grad()(v.spec, out.sum(dim=0))
+    return _bwd.unpack_weight_grad(v.spec, out.sum(dim=0))
 
 
-def _unpack_weight_grad() -> Callable[[BlockSpec, torch.Tensor], torch.Tensor] | None:
-    """kernels.backward's packed-gradient -> torch layout helper (public name first)."""
-    try:
-        from kernels import backward
-    except ImportError:
-        return None
-    return getattr(backward, "unpack_weight_grad", None) or getattr(backward, "_unpack_weight_grad", None)
-
-
-def bind_backward() -> bool:
-    """Register dgrad/wgrad when kernels.backward provides what the bindings use."""
-    if _unpack_weight_grad() is None or not hasattr(_conv, "upcast"):
-        return False
-    register("dgrad", OpBinding(_bwd_inputs, _dgrad_output, _dgrad_args, _fwd_result, _bwd_reference, _plain_chain))
-    register("wgrad", OpBinding(_bwd_inputs, _wgrad_output, _wgrad_args, _wgrad_result, _bwd_reference, _plain_chain))
-    return True
-
-
-bind_backward()
+register("dgrad", OpBinding(_bwd_inputs, _dgrad_output, _dgrad_args, _fwd_result, _bwd_reference, _plain_chain))
+register("wgrad", OpBinding(_bwd_inputs, _wgrad_output, _wgrad_args, _wgrad_result, _bwd_reference, _plain_chain))
