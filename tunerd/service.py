@@ -15,15 +15,12 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-import jinja2
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,11 +33,12 @@ from kernels import generator
 from kernels.schedule import ScheduleError
 from kernels.spec import BlockSpec, SpecError
 
+from .dashboard import render_dashboard, version
+from .metrics import Metrics, MetricsMiddleware
 from .settings import Settings
 
 log = logging.getLogger("tunerd.service")
 API = "/v1"
-TEMPLATES = Path(__file__).parent / "templates"
 
 
 # ---- errors -----------------------------------------------------------------------------------------
@@ -111,82 +109,6 @@ async def _send_error(send: Callable, status: int, detail: str, **extra: Any) ->
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
-
-
-class Metrics:
-    """Per-app Prometheus registry: request counts and latency, lookup hits/misses, store gauges."""
-
-    def __init__(self, service: "Service") -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("tunerd_http_requests", "HTTP requests served", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("tunerd_http_request_duration_seconds", "HTTP request latency", ["route"],
-                                 buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10),
-                                 registry=self.registry)
-        self.lookups = Counter("tunerd_lookup_specs", "specs looked up, by result", ["result"],
-                               registry=self.registry)
-        self.registry.register(_StoreCollector(service))
-
-
-class MetricsMiddleware:
-    """Counts and times every HTTP request by method, route template and status."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = 500
-
-        async def send_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "<unmatched>"  # route templates only, never raw paths
-            self.metrics.requests.labels(scope["method"], label, str(status)).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
-
-
-class _StoreCollector:
-    """Queue depth, trials by status and the worker's counters, read at scrape time."""
-
-    def __init__(self, service: "Service") -> None:
-        self.service = service
-
-    def collect(self):
-        up = GaugeMetricFamily("tunerd_store_up", "1 when the database answered this scrape")
-        try:
-            depth = self.service.store.queue_depth()
-            trials = self.service.store.trial_counts()
-        except StoreError:
-            up.add_metric([], 0)
-            yield up
-        else:
-            up.add_metric([], 1)
-            yield up
-            yield GaugeMetricFamily("tunerd_queue_depth", "queued tuning jobs", value=depth)
-            g = GaugeMetricFamily("tunerd_trials", "trials in the store, by status", labels=["status"])
-            for status, n in trials.items():
-                g.add_metric([status], n)
-            yield g
-        worker = self.service.worker
-        if worker is not None:
-            st = worker.status()
-            yield GaugeMetricFamily("tunerd_worker_busy", "1 while the worker runs a job",
-                                    value=0 if st["current_job"] is None else 1)
-            g = GaugeMetricFamily("tunerd_worker_jobs", "jobs this daemon's worker finished", labels=["outcome"])
-            g.add_metric(["done"], st["jobs_done"])
-            g.add_metric(["failed"], st["jobs_failed"])
-            yield g
 
 
 # ---- the store, opened lazily so the daemon starts (and answers 503) while the database is down -------
@@ -518,7 +440,7 @@ def create_app(settings: Settings | None = None, store: Any = None, worker: Any 
             if worker is not None:
                 worker.stop()
 
-    app = FastAPI(title="tunerd", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="tunerd", version=version(), lifespan=lifespan,
                   description="Tuned Triton convolution kernels: lookup, tuning jobs, bundles and snapshots.")
     app.state.service = svc
 
@@ -554,7 +476,7 @@ def create_app(settings: Settings | None = None, store: Any = None, worker: Any 
     # ---- health and metrics -------------------------------------------------------------------
     @app.get("/healthz", tags=["ops"], summary="Liveness, database and worker state")
     def healthz() -> Response:
-        body: dict[str, Any] = {"status": "ok", "version": _version(), "device": svc.device.describe(),
+        body: dict[str, Any] = {"status": "ok", "version": version(), "device": svc.device.describe(),
                                 "worker": worker.status() if worker is not None else None}
         try:
             svc.store.ping()
@@ -633,7 +555,7 @@ def create_app(settings: Settings | None = None, store: Any = None, worker: Any 
         from db import bundle
 
         fp = None if device is None else svc.resolve_device(device)
-        provenance = {"exported_by": f"tunerd {_version()} daemon", "server_device": svc.device.digest,
+        provenance = {"exported_by": f"tunerd {version()} daemon", "server_device": svc.device.digest,
                       "device_filter": None if fp is None else fp.digest}
         data = bundle.bundle_bytes(svc.store, device=fp, snapshot=snapshot, provenance=provenance)
         return Response(data, media_type="application/octet-stream",
@@ -695,73 +617,6 @@ def _report(report: Any) -> dict[str, Any]:
     from dataclasses import asdict, is_dataclass
 
     return asdict(report) if is_dataclass(report) else dict(report)
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-# ---- dashboard ---------------------------------------------------------------------------------------
-_env_lock = threading.Lock()
-_env: jinja2.Environment | None = None
-
-
-def _templates() -> jinja2.Environment:
-    global _env
-    with _env_lock:
-        if _env is None:
-            _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-                                      autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True,
-                                      lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-        return _env
-
-
-def render_dashboard(svc: Service) -> tuple[str, int]:
-    """The dashboard page and its status (503 with a banner when the database is down)."""
-    ctx: dict[str, Any] = {"version": _version(), "this_device": svc.device, "worker": None, "error": None,
-                           "devices": [], "winners": [], "jobs": [], "misses": [], "snapshots": [],
-                           "queue_depth": None, "trials": {}}
-    if svc.worker is not None:
-        ctx["worker"] = svc.worker.status()
-    status = 200
-    try:
-        ctx["devices"] = svc.store.devices()
-        ctx["winners"] = svc.store.winners()[:500]
-        ctx["jobs"] = svc.store.jobs(50)
-        ctx["misses"] = svc.store.top_misses(25)
-        ctx["snapshots"] = svc.store.snapshots()[-10:]
-        ctx["queue_depth"] = svc.store.queue_depth()
-        ctx["trials"] = svc.store.trial_counts()
-    except StoreError as e:
-        ctx["error"] = f"{type(e).__name__}: {e}"
-        status = 503
-    digests = {d.key: d.fingerprint for d in ctx["devices"]}
-    ctx["describe_device"] = lambda key: digests[key].describe() if key in digests else \
-        DeviceFingerprint.from_key(key).describe()
-    ctx["progress_of"] = _progress_fraction
-    return _templates().get_template("dashboard.html").render(**ctx), status
-
-
-def _progress_fraction(job: Any) -> float | None:
-    """0..1 from a job's progress (tunerd.tuning.run_job: spec i of n, trials done of total), if it says."""
-    if job.status == "done":
-        return 1.0
-    p = job.progress or {}
-
-    def num(name: str) -> float | None:
-        v = p.get(name)
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-    within = None
-    if num("trials_done") is not None and num("trials_total"):
-        within = min(1.0, num("trials_done") / num("trials_total"))
-    if num("spec_index") is not None and num("specs"):
-        return max(0.0, min(1.0, (num("spec_index") + (within or 0.0)) / num("specs")))
-    if num("specs_done") is not None and num("specs_total"):
-        return max(0.0, min(1.0, num("specs_done") / num("specs_total")))
-    return within
 
 
 # ---- running the daemon ------------------------------------------------------------------------------
