@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, fields
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -89,20 +89,31 @@ def current(device: Any = None) -> DeviceFingerprint:
 
     device: a CUDA index, "cuda:N" or torch.device; None means the current CUDA device. When this
     process interprets Triton (no CUDA, TRITON_INTERPRET=1, or device "cpu") it is the interpreter.
+    Memoised per device: conv calls ask on every launch, and on a GPU it reads driver files.
     """
+    import torch
+
+    from kernels.runtime import interpreting
+
+    dev = torch.device(device) if isinstance(device, (str, int)) else device
+    if (isinstance(dev, torch.device) and dev.type == "cpu") or interpreting() or not torch.cuda.is_available():
+        return _fingerprint(None)
+    return _fingerprint(torch.cuda.current_device() if dev is None or dev.index is None else dev.index)
+
+
+@lru_cache(maxsize=None)
+def _fingerprint(cuda_index: int | None) -> DeviceFingerprint:
+    """The interpreter's fingerprint (None) or that of one CUDA device."""
     import torch
     import triton
 
     from kernels import GENERATOR_VERSION
-    from kernels.runtime import interpreting
 
     common = dict(triton=triton.__version__, torch=torch.__version__, generator_version=GENERATOR_VERSION)
-    dev = torch.device(device) if isinstance(device, str) else device
-    on_cpu = isinstance(dev, torch.device) and dev.type == "cpu"
-    if on_cpu or interpreting() or not torch.cuda.is_available():
+    if cuda_index is None:
         return DeviceFingerprint(name=INTERPRETER_NAME, compute_capability=None, sm_count=0, memory_bytes=0,
                                  driver=None, cuda=None, interpreter=True, **common)
-    props = torch.cuda.get_device_properties(torch.cuda.current_device() if dev is None else dev)
+    props = torch.cuda.get_device_properties(cuda_index)
     cuda = torch.version.cuda or (f"hip {torch.version.hip}" if getattr(torch.version, "hip", None) else None)
     return DeviceFingerprint(name=props.name, compute_capability=f"{props.major}.{props.minor}",
                              sm_count=int(props.multi_processor_count), memory_bytes=int(props.total_memory),

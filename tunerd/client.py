@@ -212,7 +212,6 @@ class Client:
         self._local_arg = local_store
         self._local: Any = None
         self._local_checked = False
-        self._default_fp: DeviceFingerprint | None = None
         self.last_error: str | None = None
 
     def close(self) -> None:
@@ -293,7 +292,7 @@ class Client:
         for s in specs:
             if not isinstance(s, BlockSpec):
                 raise TypeError(f"lookup takes BlockSpecs, got {type(s).__name__}")
-        fp = self._device_fp() if device is None else _fingerprint(device)
+        fp = _fingerprint(device)
         answers: dict[int, Answer] = {}
         if snapshot is not None:  # snapshot answers never change: the disk cache is authoritative
             for i, s in enumerate(specs):
@@ -304,12 +303,6 @@ class Client:
         if todo:
             answers.update(self._ask_server(specs, todo, fp, snapshot))
         return [answers[i] if i in answers else self._fallback(specs[i], fp, snapshot) for i in range(len(specs))]
-
-    def _device_fp(self) -> DeviceFingerprint:
-        """This process's device (computed once: on a GPU it reads driver files)."""
-        if self._default_fp is None:
-            self._default_fp = current_device()
-        return self._default_fp
 
     def _ask_server(self, specs: list[BlockSpec], todo: list[int], fp: DeviceFingerprint,
                     snapshot: str | None) -> dict[int, Answer]:
@@ -509,23 +502,15 @@ class RemoteLookup:
         self.snapshot = snapshot
         self.miss_ttl_s = miss_ttl_s
         self._memo: dict[tuple[str, str], tuple[generator.Variant | None, float]] = {}
-        self._devices: dict[str, DeviceFingerprint] = {}
         self._lock = threading.Lock()
         self.recording: list[tuple[BlockSpec, Any]] | None = None  # set by remote.model_specs
         self.stats = {"hits": 0, "misses": 0, "server_lookups": 0}
-
-    def fingerprint(self, device: Any) -> DeviceFingerprint:
-        key = str(device)
-        fp = self._devices.get(key)
-        if fp is None:
-            fp = self._devices[key] = current_device(device)
-        return fp
 
     def __call__(self, spec: BlockSpec, device: Any) -> generator.Variant | None:
         if self.recording is not None:
             self.recording.append((spec, device))
             return None
-        fp = self.fingerprint(device)
+        fp = _fingerprint(device)
         key = (fp.key, spec.to_json())
         memo = self._memo.get(key)
         if memo is None or (memo[0] is None and memo[1] < time.monotonic()):
@@ -535,7 +520,7 @@ class RemoteLookup:
 
     def prefetch(self, specs: Iterable[BlockSpec], device: Any) -> dict[str, int]:
         """Ask the server about many specs in one request and remember the answers."""
-        fp = self.fingerprint(device)
+        fp = _fingerprint(device)
         unique = list({s.to_json(): s for s in specs}.values())
         answers = self.client.lookup(unique, device=fp, snapshot=self.snapshot) if unique else []
         counts = {"hits": 0, "misses": 0}
