@@ -346,7 +346,7 @@ def test_resume_after_a_tuner_is_killed_midway(url):
 
 
 def test_two_processes_write_one_sqlite_file_concurrently(url, tmp_path):
-    n = 60
+    n = 200  # ~1 s of commits per writer: long enough that the windows overlap on a loaded 2-core box
     go = tmp_path / "go"
     procs = [spawn("child_write", url, w, n, 0.0, str(go)) for w in (0, 1)]  # both open (migrate) a fresh file
     start_together(procs, go)
