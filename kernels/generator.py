@@ -16,7 +16,7 @@ import jinja2
 
 from . import epilogue as _ep
 from . import schedule as _sched
-from .schedule import Schedule
+from .schedule import UNROLL_TAPS, Schedule
 from .spec import BlockSpec, SpecError
 
 GENERATOR_VERSION = "0.1.0"
@@ -153,7 +153,7 @@ def _conv_fwd_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
 def _depthwise_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = _geometry(spec, s)
     # Unroll the innermost window dim when short; longer ones (31x31) stay runtime loops.
-    static = [d == spec.ndim - 1 and spec.kernel[d] <= 16 for d in range(spec.ndim)]
+    static = [d == spec.ndim - 1 and spec.kernel[d] <= UNROLL_TAPS for d in range(spec.ndim)]
     g.update(MULT=spec.k // spec.c, static=static)
     return g
 

@@ -5,8 +5,10 @@ interpreter. Source files live in a content-addressed cache directory, written a
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -76,6 +78,18 @@ def load(variant: Variant) -> Any:
         return fn
 
 
+@functools.lru_cache(maxsize=1)
+def _check_interpreter() -> None:
+    """Triton < 3.7's interpreter turns 1-element arrays into Python ints, which numpy >= 2.4 refuses:
+    every dynamic loop bound would fail deep inside the interpreter. Say so up front."""
+    import numpy as np
+
+    version = lambda v: tuple(int(x) for x in re.findall(r"\d+", v)[:2])  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(np.__version__) >= (2, 4):
+        raise RuntimeError(f"Triton {triton.__version__}'s interpreter does not work with numpy {np.__version__}: "
+                           "install 'numpy<2.4' or triton >= 3.7 to run kernels on the CPU")
+
+
 def interpreting() -> bool:
     """True when this process runs Triton kernels through the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -107,6 +121,7 @@ def launch(variant: Variant, args: dict[str, Any], device: torch.device) -> None
             raise RuntimeError("CPU tensors run through Triton's interpreter, which must be chosen before triton is "
                                "imported: set TRITON_INTERPRET=1 in the environment (tunerd does this itself on "
                                "machines without CUDA)")
+        _check_interpreter()
         fn = load(variant)
         fn[variant.grid](*bind(fn, args))
     else:
@@ -146,6 +161,9 @@ def aot_compile(variant: Variant, args: dict[str, Any], arch: int = 90) -> Any:
         fn = JITFunction(fn.fn)
     ordered = dict(zip(fn.arg_names, bind(fn, args)))
     sig, const = signature_of(ordered)
-    src = ASTSource(fn=fn, signature=sig, constexprs=const)
+    # pointers 16-byte aligned, as the JIT specializes them for torch's allocations: the vector
+    # loads, cp.async and wgmma paths a real launch gets depend on it
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})

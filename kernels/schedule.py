@@ -7,6 +7,8 @@ from typing import Any
 
 from .spec import BlockSpec
 
+# Direct (depthwise) kernels unroll their innermost tap loop up to this many taps.
+UNROLL_TAPS = 16
 K_ORDERS = ("tap", "flat")  # reduction order of implicit GEMM: tap-major channel blocks | flattened (tap, c)
 
 
@@ -143,14 +145,30 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _gemm_tiles(m: int, n: int, red: int, itemsize: int) -> tuple[int, int, int, int]:
-    """block_m, block_n, block_k, num_warps of an implicit GEMM with these extents."""
+def vector_rows(spec: BlockSpec) -> bool:
+    """Whether every channel row an implicit GEMM reads starts 16-byte aligned (C, K and their per-group
+    counts), so its loads vectorize and the pipeliner can use cp.async. Otherwise (C=3 stems, C=45 video
+    layers) each element is its own scalar load with its own address in registers."""
+    step = 16 // spec.itemsize
+    return all(v % step == 0 for v in (spec.c, spec.k, spec.cg, spec.kg))
+
+
+def _gemm_tiles(m: int, n: int, red: int, itemsize: int, scalar: bool = False) -> tuple[int, int, int, int]:
+    """block_m, block_n, block_k, num_warps of an implicit GEMM with these extents.
+
+    128x128 tiles (two warpgroups) where they still give two waves on an H100, 64- or 128-row tiles with
+    one warpgroup otherwise. With scalar loads (gathers, unaligned rows) the operand tiles stay within
+    32 elements per thread: beyond that sm_90 builds spill (checked by benchmarks.static)."""
     block_n = _clamp_pow2(n, 16, 128)
-    block_m = 128 if m >= 4096 and block_n <= 64 else 64
+    tiles_128 = _cdiv(m, 128) * _cdiv(n, block_n)
+    block_m = 128 if tiles_128 >= _FILL and (block_n <= 64 or not scalar) else 64
     if m < 64:
         block_m = _clamp_pow2(m, 16, 64)
-    block_k = _clamp_pow2(red, 16, 64 if itemsize == 2 else 32)
-    return block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4
+    block_k = _clamp_pow2(red, 16, 32 if scalar or itemsize == 4 else 64)
+    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    if scalar and (block_m + block_n) * block_k > 32 * 32 * warps:
+        warps = 8
+    return block_m, block_n, block_k, warps
 
 
 def _split(programs: int, steps: int) -> int:
@@ -163,7 +181,8 @@ def _default_conv(spec: BlockSpec) -> Schedule:
     m, n, _ = spec.gemm_shape()
     # Small channel groups (stems, C=3) reduce over the flattened (tap, channel) axis.
     flat = spec.cg < 16 and spec.taps > 1
-    bm, bn, bk, warps = _gemm_tiles(m, n, spec.cg * spec.taps if flat else spec.cg, spec.itemsize)
+    bm, bn, bk, warps = _gemm_tiles(m, n, spec.cg * spec.taps if flat else spec.cg, spec.itemsize,
+                                    scalar=flat or not vector_rows(spec))
     return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=3,
                     k_order="flat" if flat else "tap")
 
@@ -173,7 +192,7 @@ def _default_conv_dgrad(spec: BlockSpec) -> Schedule:
     phase_taps = max(1, spec.taps // spec.phases)
     flat = spec.kg < 16 and phase_taps > 1
     bm, bn, bk, warps = _gemm_tiles(spec.phase_pixels, spec.cg, spec.kg * phase_taps if flat else spec.kg,
-                                    spec.itemsize)
+                                    spec.itemsize, scalar=flat or not vector_rows(spec))
     return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=3,
                     k_order="flat" if flat else "tap")
 
@@ -194,8 +213,11 @@ def _default_depthwise(spec: BlockSpec) -> Schedule:
     block_n = _clamp_pow2(spec.k, 1, 64)
     block_m = max(8, min(256, 4096 // block_n))
     block_m = min(block_m, _clamp_pow2(spec.out_pixels, 1, 256))
-    return Schedule(block_m=block_m, block_n=block_n, block_k=32, group_m=1,
-                    num_warps=4 if block_m * block_n >= 2048 else 2, num_stages=1)
+    warps = 4 if block_m * block_n >= 2048 else 2
+    # an unrolled row of 9+ taps keeps that many input tiles live: 16 outputs per thread stay unspilled
+    if 9 <= spec.kernel[-1] <= UNROLL_TAPS and block_m * block_n > 16 * 32 * warps:
+        warps = 8
+    return Schedule(block_m=block_m, block_n=block_n, block_k=32, group_m=1, num_warps=warps, num_stages=1)
 
 
 def _default_depthwise_dgrad(spec: BlockSpec) -> Schedule:

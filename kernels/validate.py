@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -55,28 +58,77 @@ def example_args(spec: BlockSpec) -> dict[str, Any]:
 EXAMPLE_ARGS: dict[str, Any] = {}
 
 
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
+_VEC = re.compile(r"(?:ld|st)\.global(?:\.\w+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)")
+
+
+def resources(kernel: Any) -> dict[str, Any]:
+    """What the compiled kernel costs and uses, read from its cubin (cuobjdump) and PTX: registers per
+    thread, spill bytes (stack + local), whether the dot became wgmma / mma.sync, cp.async copies
+    (software pipelining) and the widest global load/store in bytes (vectorization)."""
+    import triton
+
+    out: dict[str, Any] = {"regs": None, "spill_bytes": None}
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    cubin = kernel.asm.get("cubin")
+    if tool.exists() and cubin:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True)
+        m = _RESOURCES.search(usage.stdout)
+        if m:
+            out.update(regs=int(m.group(1)), spill_bytes=int(m.group(2)) + int(m.group(3)))
+    ptx = kernel.asm.get("ptx", "")
+    widths = {op: max((int(v or 1) * int(b) // 8 for v, b in _VEC.findall(" ".join(
+        line for line in ptx.splitlines() if f"{op}.global" in line))), default=0) for op in ("ld", "st")}
+    out.update(wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx, cp_async=ptx.count("cp.async.cg")
+               + ptx.count("cp.async.ca"), max_load_bytes=widths["ld"], max_store_bytes=widths["st"])
+    return out
+
+
 def compile_one(variant: Variant, arch: int = 90) -> dict[str, Any]:
     from . import runtime
 
     try:
         k = runtime.aot_compile(variant, example_args(variant.spec), arch=arch)
-        return {"id": variant.id, "ok": True, "shared": int(k.metadata.shared), "error": None}
+        return {"id": variant.id, "ok": True, "shared": int(k.metadata.shared), "error": None, **resources(k)}
     except Exception as e:  # the compiler's own message is the useful part
         return {"id": variant.id, "ok": False, "shared": None, "error": f"{type(e).__name__}: {str(e)[-800:]}"}
 
 
-def compile_check(variants: Iterable[Variant], arch: int = 90, timeout: float = 900.0) -> list[dict[str, Any]]:
-    """Compile each variant for sm_<arch> in a child process; one result dict per variant, in order."""
+def compile_check(variants: Iterable[Variant], arch: int = 90, timeout: float = 900.0,
+                  jobs: int | None = None) -> list[dict[str, Any]]:
+    """Compile each variant for sm_<arch> in child processes (up to `jobs`, by default one per core, each
+    taking a contiguous share); one result dict per variant, in order."""
     variants = list(variants)
-    lines = "".join(json.dumps({"spec": v.spec.to_dict(), "schedule": v.schedule.to_dict()}) + "\n" for v in variants)
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(variants) // 8 or 1))
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"))
-    proc = subprocess.run([sys.executable, "-m", "kernels.validate", "--arch", str(arch)], input=lines,
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"compile checker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if len(results) != len(variants):
-        raise RuntimeError(f"compile checker returned {len(results)} results for {len(variants)} variants")
+    shares = [variants[i * len(variants) // jobs:(i + 1) * len(variants) // jobs] for i in range(jobs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i, share in enumerate(shares):
+            path = Path(tmp) / f"share{i}.jsonl"
+            path.write_text("".join(json.dumps({"spec": v.spec.to_dict(), "schedule": v.schedule.to_dict()}) + "\n"
+                                    for v in share))
+            with path.open() as stdin:
+                procs.append(subprocess.Popen([sys.executable, "-m", "kernels.validate", "--arch", str(arch)],
+                                              stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                              text=True, env=env))
+        results: list[dict[str, Any]] = []
+        try:
+            for p, share in zip(procs, shares):
+                out, err = p.communicate(timeout=timeout)
+                if p.returncode != 0:
+                    raise RuntimeError(f"compile checker failed (exit {p.returncode}):\n{err[-4000:]}")
+                got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+                if len(got) != len(share):
+                    raise RuntimeError(f"compile checker returned {len(got)} results for {len(share)} variants")
+                results += got
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
     return results
 
 

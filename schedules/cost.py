@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from kernels.schedule import Schedule
+from kernels.schedule import Schedule, vector_rows
 from kernels.spec import BlockSpec
 
 from .device import DeviceLimits
@@ -141,42 +141,55 @@ def programs(spec: BlockSpec, s: Schedule) -> int:
 
 
 def smem_bytes(spec: BlockSpec, s: Schedule) -> int:
-    """Shared memory a compiled variant needs, an upper bound fitted to Triton's sm_90 output.
+    """Shared memory a compiled variant needs, an upper bound fitted to Triton's sm_90 output
+    (benchmarks.static checks it against the compiler).
 
-    Implicit GEMM: the pipeliner keeps max(1, num_stages - 1) copies of the A (block_m x block_k)
-    and B (block_k x block_n) operand tiles; the epilogue's layout conversion of the output tile
-    reuses that space, so the larger of the two counts. Direct depthwise kernels use none.
+    Implicit GEMM: with 16-byte-aligned pointers (torch's allocations, and what the JIT specializes on)
+    the pipeliner's cp.async ring keeps num_stages copies of the A (block_m x block_k) and B
+    (block_k x block_n) operand tiles; the epilogue's layout conversion of the output tile (fp32 for
+    wgrad's split-K partials) reuses that space, so the larger of the two counts. Direct depthwise
+    kernels need only layout-conversion scratch, plus wgrad's [taps, channels] cross-warp sums.
     """
-    if spec.kind == "depthwise":  # wgrad: cross-warp reduction scratch of the [taps, channels] sums
-        return s.block_k * s.block_n * 4 if spec.op == "wgrad" else 0
+    if spec.kind == "depthwise":
+        return s.block_k * s.block_n * 4 + 512 * s.num_warps if spec.op == "wgrad" else 128 * s.num_warps
     item = spec.itemsize
-    operands = max(1, s.num_stages - 1) * (s.block_m * s.block_k + s.block_k * s.block_n) * item
-    epilogue = s.block_m * s.block_n * spec.itemsize
+    operands = max(1, s.num_stages) * (s.block_m * s.block_k + s.block_k * s.block_n) * item
+    epilogue = s.block_m * s.block_n * (4 if spec.op == "wgrad" else item)
     return max(operands, epilogue)
 
 
 def registers_per_thread(spec: BlockSpec, s: Schedule) -> int:
-    """32-bit registers per thread: the fp32 accumulator, the operand fragments, ~32 for addressing."""
+    """32-bit registers per thread, fitted to sm_90 builds of the suites (benchmarks.static): the fp32
+    accumulator, ~32 for addressing, and the operands. Vector-aligned implicit GEMM stages its operands
+    in shared memory (cp.async), so they cost little; scalar loads (unaligned channel rows, flattened
+    gathers) stage through registers, one copy per pipeline stage in flight. A direct depthwise kernel
+    keeps its input tiles of the unrolled taps live, about 1.5 registers per output besides the sum."""
     threads = 32 * s.num_warps
     acc = s.block_m * s.block_n / threads
     if spec.kind == "depthwise" and spec.op == "wgrad":  # the [bm, bk, bn] product tile, [bk, bn] sums
         return int((s.block_m + 1) * s.block_k * s.block_n / threads + s.block_m * s.block_n / threads + 32)
     if spec.kind == "depthwise":
-        operands = acc * (1.0 if spec.itemsize == 4 else 0.5)  # the input tile of one tap
-    else:
-        operands = (s.block_m * s.block_k + s.block_k * s.block_n) / threads * spec.itemsize / 4
-    return int(acc + operands + 32)
+        return int(2.5 * acc + 40)
+    a, b = s.block_m * s.block_k / threads, s.block_k * s.block_n / threads
+    if vector_rows(spec) and s.k_order == "tap":
+        return int(acc + 0.25 * a + 0.35 * b + 32)
+    return int(acc + (a + b) * max(1, s.num_stages - 1) + 32)
 
 
-def occupancy(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> int:
-    """Programs resident per SM (at least 1), limited by shared memory, registers and threads."""
-    threads = 32 * s.num_warps
-    smem = smem_bytes(spec, s)
+def blocks_per_sm(regs_per_thread: int, smem: int, num_warps: int, limits: DeviceLimits) -> int:
+    """Programs resident per SM (at least 1), limited by shared memory, registers and threads. Registers
+    are allocated per warp in units of 256 (8 per thread), as the hardware does."""
+    threads = 32 * num_warps
     by_smem = limits.smem_per_sm // smem if smem else limits.max_blocks_per_sm
-    regs = max(1, registers_per_thread(spec, s)) * threads
+    regs = -(-max(1, regs_per_thread) // 8) * 8 * threads
     by_regs = limits.regs_per_sm // regs
     by_threads = limits.max_threads_per_sm // threads
     return max(1, min(by_smem, by_regs, by_threads, limits.max_blocks_per_sm))
+
+
+def occupancy(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> int:
+    """Programs resident per SM by the model's own register and shared-memory estimates."""
+    return blocks_per_sm(registers_per_thread(spec, s), smem_bytes(spec, s), s.num_warps, limits)
 
 
 def math_rate(spec: BlockSpec, limits: DeviceLimits) -> float:

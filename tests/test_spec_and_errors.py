@@ -129,3 +129,21 @@ def test_spec_describe_and_digest():
     assert "g4" in spec.describe() and "s2x2" in spec.describe()
     assert len(spec.digest) == 16 and spec.digest == BlockSpec.from_json(spec.to_json()).digest
     assert json.loads(spec.key)["groups"] == 4
+
+
+def test_old_interpreter_with_new_numpy_is_refused_clearly(monkeypatch):
+    # Triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.4 rejects deep inside a kernel
+    import numpy as np
+    import triton
+
+    from kernels import runtime
+
+    runtime._check_interpreter.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.4.1")
+    with pytest.raises(RuntimeError, match="numpy<2.4"):
+        runtime._check_interpreter()
+    runtime._check_interpreter.cache_clear()
+    monkeypatch.setattr(np, "__version__", "2.3.5")
+    runtime._check_interpreter()  # a working pair passes
+    runtime._check_interpreter.cache_clear()

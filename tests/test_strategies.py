@@ -197,7 +197,10 @@ def test_recorded_tables_replay():
     tables = [replay.Table.load(p) for p in paths]
     for tb in tables:
         assert tb.limits.interpreted and "weak proxy" in tb.note
-        assert set(tb.trials) == set(space.space(tb.spec, tb.limits, max_candidates=None))  # complete tables
+        # complete: every tiling the space offers has its recorded trial (the interpreter ignores launch
+        # knobs, so the space keeps one launch variant per tiling, which a refined model may change)
+        assert {space.tile_shape(s) for s in space.space(tb.spec, tb.limits, max_candidates=None)} \
+            == {space.tile_shape(s) for s in tb.trials}
         assert tb.best.ok
     report = replay.replay(tables, ["model"], seeds=1, fractions=(0.2,))
     assert 0 < report["strategies"]["model"]["curve"][0]["mean_quality"] <= 1

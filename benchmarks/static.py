@@ -1,0 +1,202 @@
+"""python -m benchmarks.static: what each suite kernel costs on a real GPU target, from the compiler alone.
+
+No GPU needed. Every unique layer of the chosen suites, in each pass and dtype, is rendered with its
+default schedule (and, with --top K, the cost model's K best candidates) and compiled for sm_<arch> by
+Triton and ptxas (kernels.validate). From the cubin and PTX it records registers per thread, spill
+bytes, shared memory, which MMA the dot became (wgmma, mma.sync or none), cp.async pipelining and the
+widest global load/store, next to what the cost model (schedules.cost) predicted for the same
+variant. The result is a compile-time audit, not a timing: it finds spilling defaults, scalar loads
+and dots that miss the tensor cores before any device time is spent, and measures how well the
+model's register and shared-memory estimates hold.
+
+    python -m benchmarks.static --suites resnet50,convnext_t --passes fwd --top 4
+
+Writes static.json (every row) and static.md (summary and flagged rows) to --out, by default
+benchmarks/results/<date>-static-sm<arch>-triton<version>/.
+"""
+from __future__ import annotations
+
+import kernels  # noqa: F401  (first: picks Triton's interpreter on CPU-only machines before triton loads)
+
+import argparse
+import datetime as _dt
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import triton
+
+from kernels import generator
+from kernels.runtime import atomic_write_text
+from kernels.schedule import Schedule, uses_dot, vector_rows
+from kernels.spec import BlockSpec
+from kernels.validate import compile_check
+from schedules import cost, space, suites
+from schedules.device import DeviceLimits
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def variants(names: list[str], passes: list[str], dtypes: list[str], top: int,
+             limits: DeviceLimits) -> list[tuple[str, int, str, generator.Variant]]:
+    """(suite, layer, which schedule, variant) for every unique layer, pass and dtype; defaults first."""
+    out: list[tuple[str, int, str, generator.Variant]] = []
+    for name in names:
+        for dtype in dtypes:
+            for li, fwd in enumerate(suites.suite(name, dtype=dtype)):
+                for op in passes:
+                    spec = fwd.with_(op=op)
+                    default = generator.render(spec)
+                    out.append((name, li, "default", default))
+                    if top:
+                        ranked = sorted(space.space(spec, limits),
+                                        key=lambda s: cost.estimate(spec, s, limits).seconds)
+                        picks = [s for s in ranked if s != default.schedule][:top]
+                        out += [(name, li, f"model#{i + 1}", generator.render(spec, s)) for i, s in enumerate(picks)]
+    return out
+
+
+def mma_kind(spec: BlockSpec, r: dict[str, Any]) -> str:
+    if not uses_dot(spec):
+        return "direct"
+    return "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "fma"
+
+
+def flags(spec: BlockSpec, r: dict[str, Any]) -> list[str]:
+    """What in a compiled variant costs speed on the device."""
+    out = []
+    if r["spill_bytes"]:
+        out.append(f"spills {r['spill_bytes']} B")
+    if uses_dot(spec) and not (r["wgmma"] or r["mma_sync"]):
+        out.append("dot on CUDA cores")
+    if r["max_load_bytes"] < 16 and not r["cp_async"] and vector_rows(spec):
+        out.append("scalar loads on aligned rows")
+    return out
+
+
+def row(suite: str, layer: int, which: str, v: generator.Variant, r: dict[str, Any],
+        limits: DeviceLimits) -> dict[str, Any]:
+    spec, s = v.spec, v.schedule
+    d: dict[str, Any] = {"suite": suite, "layer": layer, "which": which, "spec": spec.describe(),
+                         "spec_key": spec.key, "schedule": s.to_dict(), "variant": v.id, "ok": r["ok"],
+                         "error": r["error"]}
+    if not r["ok"]:
+        return d
+    est = {"regs": cost.registers_per_thread(spec, s), "shared": cost.smem_bytes(spec, s),
+           "occupancy": cost.occupancy(spec, s, limits)}
+    d.update({k: r[k] for k in ("regs", "spill_bytes", "shared", "cp_async", "max_load_bytes", "max_store_bytes")},
+             mma=mma_kind(spec, r), vector_rows=vector_rows(spec),
+             occupancy=cost.blocks_per_sm(r["regs"], r["shared"], s.num_warps, limits) if r["regs"] else None,
+             estimate=est, flags=flags(spec, r))
+    return d
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per suite and pass: counts of each finding; overall: how the cost model's estimates held."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        op = r["spec"].split()[1]
+        groups.setdefault(f"{r['suite']} {op}", []).append(r)
+        groups.setdefault(f"all {op}", []).append(r)
+    table = {}
+    for key, rs in groups.items():
+        ok = [r for r in rs if r["ok"]]
+        mmas = [r["mma"] for r in ok]
+        table[key] = {
+            "variants": len(rs), "compile_errors": len(rs) - len(ok),
+            "spilling": sum(bool(r["spill_bytes"]) for r in ok),
+            "wgmma": mmas.count("wgmma"), "mma_sync": mmas.count("mma.sync"), "fma": mmas.count("fma"),
+            "direct": mmas.count("direct"), "cp_async": sum(bool(r["cp_async"]) for r in ok),
+            "scalar_loads": sum(r["max_load_bytes"] < 16 and not r["cp_async"] for r in ok),
+            "median_regs": statistics.median([r["regs"] for r in ok]) if ok else None,
+            "flagged": sum(bool(r["flags"]) for r in ok)}
+    measured = [r for r in rows if r["ok"] and r["regs"]]
+    ratios = [r["estimate"]["regs"] / r["regs"] for r in measured]
+    model = {
+        "variants": len(measured),
+        "regs_estimate_over_actual": {"median": statistics.median(ratios), "min": min(ratios),
+                                      "max": max(ratios)} if ratios else None,
+        "shared_upper_bound_holds": sum(r["estimate"]["shared"] >= r["shared"] for r in measured),
+        "occupancy_exact": sum(r["estimate"]["occupancy"] == r["occupancy"] for r in measured),
+        "occupancy_over": sum(r["estimate"]["occupancy"] > r["occupancy"] for r in measured),
+    }
+    return {"groups": table, "model": model}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    s = doc["summary"]
+    lines = [f"# Static sm_{doc['arch']} audit (compile only, no GPU timings)", "",
+             f"Triton {doc['triton']}, {len(doc['rows'])} variants, {doc['elapsed_s']:.0f} s. "
+             "Registers, spills and shared memory come from the cubin (cuobjdump), the rest from the PTX.", "",
+             "| suite pass | variants | errors | spilling | wgmma | mma.sync | fma dot | direct | cp.async | "
+             "scalar loads | median regs | flagged |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, g in sorted(s["groups"].items(), key=lambda kv: (kv[0].startswith("all"), kv[0])):
+        lines.append(f"| {key} | {g['variants']} | {g['compile_errors']} | {g['spilling']} | {g['wgmma']} | "
+                     f"{g['mma_sync']} | {g['fma']} | {g['direct']} | {g['cp_async']} | {g['scalar_loads']} | "
+                     f"{g['median_regs']} | {g['flagged']} |")
+    m = s["model"]
+    lines += ["", "## Cost model vs compiler", ""]
+    if m["regs_estimate_over_actual"]:
+        q = m["regs_estimate_over_actual"]
+        lines.append(f"- registers: estimate / actual median {q['median']:.2f} (min {q['min']:.2f}, "
+                     f"max {q['max']:.2f}) over {m['variants']} variants")
+    lines += [f"- shared memory: the estimate is an upper bound for {m['shared_upper_bound_holds']} of "
+              f"{m['variants']}",
+              f"- occupancy (blocks per SM): estimate exact for {m['occupancy_exact']}, too high for "
+              f"{m['occupancy_over']}", ""]
+    flagged = [r for r in doc["rows"] if not r["ok"] or r["flags"]]
+    lines += ["## Flagged variants", ""]
+    if not flagged:
+        lines.append("None.")
+    else:
+        lines += ["| suite#layer | spec | schedule | regs | shared | mma | findings |", "|---|---|---|---|---|---|---|"]
+        for r in flagged:
+            sched = Schedule.from_dict(r["schedule"]).describe()
+            what = r["error"][:120] if not r["ok"] else "; ".join(r["flags"])
+            lines.append(f"| {r['suite']}#{r['layer']} {r['which']} | {r['spec']} | {sched} | {r.get('regs')} | "
+                         f"{r.get('shared')} | {r.get('mma')} | {what} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suites", help=f"comma list of {', '.join(suites.SUITES)} (default: all but quick)")
+    p.add_argument("--passes", default="fwd,dgrad,wgrad")
+    p.add_argument("--dtypes", default="bf16", help="comma list of bf16,fp16,fp32")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--top", type=int, default=0, help="also the cost model's K best candidates per spec")
+    p.add_argument("--out", help="output directory")
+    a = p.parse_args(argv)
+    names = [n for n in (a.suites or "").split(",") if n] or [n for n in suites.SUITES if n != "quick"]
+    if unknown := [n for n in names if n not in suites.SUITES]:
+        p.error(f"unknown suites {unknown}; available: {list(suites.SUITES)}")
+    passes = [x for x in a.passes.split(",") if x]
+    if bad := [x for x in passes if x not in ("fwd", "dgrad", "wgrad")]:
+        p.error(f"unknown passes {bad}")
+    if bad := [x for x in a.dtypes.split(",") if x not in DTYPES]:
+        p.error(f"unknown dtypes {bad}; choose from {list(DTYPES)}")
+    dtypes = [DTYPES[x] for x in a.dtypes.split(",")]
+    limits = DeviceLimits.h100()
+    t0 = time.perf_counter()
+    todo = variants(names, passes, dtypes, a.top, limits)
+    print(f"compiling {len(todo)} variants for sm_{a.arch} (Triton {triton.__version__}) ...", flush=True)
+    results = compile_check([v for *_, v in todo], arch=a.arch, timeout=max(900.0, 5.0 * len(todo)))
+    rows = [row(s, li, which, v, r, limits) for (s, li, which, v), r in zip(todo, results)]
+    doc = {"arch": a.arch, "triton": triton.__version__, "limits": limits.name, "date": f"{_dt.date.today()}",
+           "config": {"suites": names, "passes": passes, "dtypes": dtypes, "top": a.top},
+           "elapsed_s": time.perf_counter() - t0, "rows": rows}
+    doc["summary"] = summarize(rows)
+    out = Path(a.out) if a.out else (Path(__file__).resolve().parent / "results"
+                                     / f"{_dt.date.today():%Y-%m-%d}-static-sm{a.arch}-triton{triton.__version__}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "static.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(out / "static.md", markdown(doc))
+    print(markdown(doc).split("\n## Flagged")[0])
+    print(f"wrote {out / 'static.json'} and {out / 'static.md'}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
