@@ -29,6 +29,15 @@ def test_source_prints_the_variant(db):
     assert r.exit_code == 0 and "@triton.jit" in r.stdout and SPEC.to_json() in r.stdout
 
 
+def test_check_compiles_for_sm90_and_reports_resources(db):
+    spec = conv_spec(n=1, c=16, k=16, in_size=(6, 6), kernel=3, padding=1, dtype="bfloat16")
+    r = run("check", spec.to_json())
+    assert r.exit_code == 0, r.output
+    assert "compiles for sm_90" in r.stdout and "wgmma" in r.stdout and "0 B spilled" in r.stdout
+    r = run("check", spec.to_json(), "--schedule", '{"block_m": 8}')
+    assert r.exit_code != 0
+
+
 def test_tune_resume_show_export_import(db, tmp_path):
     r = run("tune", SPEC.to_json(), "--budget", "3", "--strategy", "random")
     assert r.exit_code == 0, r.output

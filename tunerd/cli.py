@@ -57,7 +57,7 @@ def source(spec: str = typer.Argument(..., help="BlockSpec JSON, @file or -"),
 def check(spec: str = typer.Argument(..., help="BlockSpec JSON, @file or -"),
           schedule: Optional[str] = typer.Option(None, help="Schedule JSON or @file"),
           arch: int = typer.Option(90, help="CUDA compute capability to compile for")) -> None:
-    """Compile a variant for a real GPU target (no GPU needed) and report shared memory."""
+    """Compile a variant for a real GPU target (no GPU needed) and report what it uses."""
     from kernels.validate import compile_check
 
     v = _variant(spec, schedule)
@@ -65,7 +65,10 @@ def check(spec: str = typer.Argument(..., help="BlockSpec JSON, @file or -"),
     if not r["ok"]:
         typer.echo(r["error"], err=True)
         raise typer.Exit(1)
-    typer.echo(f"ok: variant {v.id} compiles for sm_{arch}, {r['shared']} bytes of shared memory")
+    mma = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "no tensor-core MMA"
+    typer.echo(f"ok: variant {v.id} compiles for sm_{arch}: {r['regs']} registers, {r['spill_bytes']} B spilled, "
+               f"{r['shared']} B shared memory, {mma}, {r['cp_async']} cp.async, "
+               f"loads up to {r['max_load_bytes']} B")
 
 
 def _store(db: Optional[str]):
