@@ -165,10 +165,13 @@ def _gemm_tiles(m: int, n: int, red: int, itemsize: int, scalar: bool = False) -
     if m < 64:
         block_m = _clamp_pow2(m, 16, 64)
     block_k = _clamp_pow2(red, 16, 32 if scalar or itemsize == 4 else 64)
+    return block_m, block_n, block_k, _warps(block_m, block_n, block_k, scalar)
+
+
+def _warps(block_m: int, block_n: int, block_k: int, scalar: bool) -> int:
+    """Two warpgroups for 128x128 tiles; with scalar loads, enough warps for <= 32 operand elements each."""
     warps = 8 if block_m * block_n >= 128 * 128 else 4
-    if scalar and (block_m + block_n) * block_k > 32 * 32 * warps:
-        warps = 8
-    return block_m, block_n, block_k, warps
+    return 8 if scalar and (block_m + block_n) * block_k > 32 * 32 * warps else warps
 
 
 def _split(programs: int, steps: int) -> int:
@@ -200,11 +203,12 @@ def _default_conv_dgrad(spec: BlockSpec) -> Schedule:
 def _default_conv_wgrad(spec: BlockSpec) -> Schedule:
     # GEMM K/g x (taps, C/g) reduced over the output pixels, split to fill the GPU
     flat = spec.cg < 16 and spec.taps > 1
+    scalar = flat or not vector_rows(spec)
     cols = spec.cg * spec.taps if flat else spec.cg
     bm, bn = _clamp_pow2(spec.kg, 16, 128), _clamp_pow2(cols, 16, 128)
-    bk = _clamp_pow2(spec.out_pixels, 16, 64 if spec.itemsize == 2 else 32)
+    bk = _clamp_pow2(spec.out_pixels, 16, 64 if spec.itemsize == 2 and not scalar else 32)
     tiles = _cdiv(spec.kg, bm) * _cdiv(cols, bn) * (1 if flat else spec.taps) * spec.groups
-    return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=8 if bm * bn >= 128 * 128 else 4,
+    return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=_warps(bm, bn, bk, scalar),
                     num_stages=3, split_k=_split(tiles, _cdiv(spec.out_pixels, bk)),
                     k_order="flat" if flat else "tap")
 

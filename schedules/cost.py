@@ -148,10 +148,13 @@ def smem_bytes(spec: BlockSpec, s: Schedule) -> int:
     the pipeliner's cp.async ring keeps num_stages copies of the A (block_m x block_k) and B
     (block_k x block_n) operand tiles; the epilogue's layout conversion of the output tile (fp32 for
     wgrad's split-K partials) reuses that space, so the larger of the two counts. Direct depthwise
-    kernels need only layout-conversion scratch, plus wgrad's [taps, channels] cross-warp sums.
+    kernels need only layout-conversion scratch, plus wgrad's cross-warp sums (Triton 3.6 stages the
+    whole [bm, bk, bn] product tile there).
     """
     if spec.kind == "depthwise":
-        return s.block_k * s.block_n * 4 + 512 * s.num_warps if spec.op == "wgrad" else 128 * s.num_warps
+        if spec.op == "wgrad":  # Triton 3.6 stages the [bm, bk, bn] product's reduction in shared memory
+            return max(s.block_k * s.block_n * 4 + 512 * s.num_warps, s.block_m * s.block_k * s.block_n)
+        return 128 * s.num_warps
     item = spec.itemsize
     operands = max(1, s.num_stages) * (s.block_m * s.block_k + s.block_k * s.block_n) * item
     epilogue = s.block_m * s.block_n * (4 if spec.op == "wgrad" else item)

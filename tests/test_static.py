@@ -61,8 +61,10 @@ def _find(name, pred, op="fwd"):
 def test_defaults_that_spilled_in_the_first_audit_stay_in_registers():
     # Before: the C=3 stems (flat gathers at 128x64x64, 4 warps), the unaligned C=921/45 video layers
     # (scalar loads at 64x128x64) and the 13x13 depthwise on 7x7 spilled 32..1072 bytes on sm_90.
+    # Triton 3.6 (the GPU boxes' version) also spilled the stem's wgrad; both versions are audited.
     specs = [
         _find("resnet50", lambda s: s.c == 3),
+        _find("resnet50", lambda s: s.c == 3, op="wgrad"),  # spilled 720 B under Triton 3.6
         _find("video_2plus1d", lambda s: s.c == 3),
         _find("video_2plus1d", lambda s: s.c == 45),
         _find("video_2plus1d", lambda s: s.c == 921 and s.in_size[1] == 7),
