@@ -7,9 +7,11 @@ upgrades from a read lock. PostgreSQL gets the psycopg 3 driver unless the URL n
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from alembic import command
 from alembic.config import Config
@@ -63,6 +65,21 @@ def create(url: str | URL | None = None, *, busy_timeout_s: float = 30.0) -> Eng
     return create_engine(u, pool_pre_ping=True, connect_args={"connect_timeout": max(1, int(busy_timeout_s))})
 
 
+def _wal(cur: Any, timeout_s: float) -> None:
+    """Switch the file to WAL. Two processes opening a fresh file at once can get "database is locked"
+    here without SQLite's busy handler being consulted (it refuses to wait where waiting could
+    deadlock), so retry within the busy timeout; once one succeeds the mode is persistent."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _sqlite(u: URL, busy_timeout_s: float) -> Engine:
     """A file (WAL, busy timeout, foreign keys) or, for "sqlite://", one shared in-memory connection:
     the latter is for tests and single-threaded tools, not for a daemon serving threads."""
@@ -80,7 +97,7 @@ def _sqlite(u: URL, busy_timeout_s: float) -> Engine:
         dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (see _on_begin)
         cur = dbapi_conn.cursor()
         if not memory:
-            cur.execute("PRAGMA journal_mode=WAL")
+            _wal(cur, busy_timeout_s)
             cur.execute("PRAGMA synchronous=NORMAL")  # durable across process kills; WAL keeps it consistent
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
