@@ -51,17 +51,14 @@ def variants(names: list[str], passes: list[str], dtypes: list[str], top: int,
                     default = generator.render(spec)
                     out.append((name, li, "default", default))
                     if top:
-                        ranked = sorted(space.space(spec, limits),
-                                        key=lambda s: cost.estimate(spec, s, limits).seconds)
+                        ranked = sorted(space.space(spec, limits), key=lambda s: cost.predict(spec, s, limits))
                         picks = [s for s in ranked if s != default.schedule][:top]
                         out += [(name, li, f"model#{i + 1}", generator.render(spec, s)) for i, s in enumerate(picks)]
     return out
 
 
 def mma_kind(spec: BlockSpec, r: dict[str, Any]) -> str:
-    if not uses_dot(spec):
-        return "direct"
-    return "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "fma"
+    return r["mma"] if uses_dot(spec) else "direct"
 
 
 def flags(spec: BlockSpec, r: dict[str, Any]) -> list[str]:
@@ -69,7 +66,7 @@ def flags(spec: BlockSpec, r: dict[str, Any]) -> list[str]:
     out = []
     if r["spill_bytes"]:
         out.append(f"spills {r['spill_bytes']} B")
-    if uses_dot(spec) and not (r["wgmma"] or r["mma_sync"]):
+    if uses_dot(spec) and r["mma"] == "fma":
         out.append("dot on CUDA cores")
     if r["max_load_bytes"] < 16 and not r["cp_async"] and vector_rows(spec):
         out.append("scalar loads on aligned rows")

@@ -59,13 +59,14 @@ EXAMPLE_ARGS: dict[str, Any] = {}
 
 
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
-_VEC = re.compile(r"(?:ld|st)\.global(?:\.\w+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)")
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.\w+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)")
 
 
 def resources(kernel: Any) -> dict[str, Any]:
     """What the compiled kernel costs and uses, read from its cubin (cuobjdump) and PTX: registers per
-    thread, spill bytes (stack + local), whether the dot became wgmma / mma.sync, cp.async copies
-    (software pipelining) and the widest global load/store in bytes (vectorization)."""
+    thread, spill bytes (stack + local), the MMA its dots became ("wgmma", "mma.sync", or "fma" when
+    none: CUDA cores), cp.async copies (software pipelining) and the widest global load/store in bytes
+    (vectorization)."""
     import triton
 
     out: dict[str, Any] = {"regs": None, "spill_bytes": None}
@@ -80,10 +81,12 @@ def resources(kernel: Any) -> dict[str, Any]:
         if m:
             out.update(regs=int(m.group(1)), spill_bytes=int(m.group(2)) + int(m.group(3)))
     ptx = kernel.asm.get("ptx", "")
-    widths = {op: max((int(v or 1) * int(b) // 8 for v, b in _VEC.findall(" ".join(
-        line for line in ptx.splitlines() if f"{op}.global" in line))), default=0) for op in ("ld", "st")}
-    out.update(wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx, cp_async=ptx.count("cp.async.cg")
-               + ptx.count("cp.async.ca"), max_load_bytes=widths["ld"], max_store_bytes=widths["st"])
+    widest = {"ld": 0, "st": 0}
+    for op, vec, bits in _GLOBAL_ACCESS.findall(ptx):
+        widest[op] = max(widest[op], int(vec or 1) * int(bits) // 8)
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
+    out.update(mma=mma, cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+               max_load_bytes=widest["ld"], max_store_bytes=widest["st"])
     return out
 
 

@@ -35,9 +35,9 @@ def test_audit_writes_rows_summary_and_report(tmp_path):
 
 def test_flags_name_what_costs_speed():
     aligned = conv_spec(n=8, c=64, k=64, in_size=(56, 56), kernel=3, padding=1, dtype="bfloat16")
-    clean = dict(spill_bytes=0, wgmma=True, mma_sync=False, max_load_bytes=0, cp_async=12)
+    clean = dict(spill_bytes=0, mma="wgmma", max_load_bytes=0, cp_async=12)
     assert static.flags(aligned, clean) == []
-    bad = dict(spill_bytes=344, wgmma=False, mma_sync=False, max_load_bytes=2, cp_async=0)
+    bad = dict(spill_bytes=344, mma="fma", max_load_bytes=2, cp_async=0)
     assert static.flags(aligned, bad) == ["spills 344 B", "dot on CUDA cores", "scalar loads on aligned rows"]
     # a C=3 stem cannot vectorize: scalar loads there are expected, not flagged
     stem = conv_spec(n=8, c=3, k=64, in_size=(224, 224), kernel=7, stride=2, padding=3, dtype="bfloat16")

@@ -65,9 +65,8 @@ def check(spec: str = typer.Argument(..., help="BlockSpec JSON, @file or -"),
     if not r["ok"]:
         typer.echo(r["error"], err=True)
         raise typer.Exit(1)
-    mma = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "no tensor-core MMA"
     typer.echo(f"ok: variant {v.id} compiles for sm_{arch}: {r['regs']} registers, {r['spill_bytes']} B spilled, "
-               f"{r['shared']} B shared memory, {mma}, {r['cp_async']} cp.async, "
+               f"{r['shared']} B shared memory, MMA {r['mma']}, {r['cp_async']} cp.async, "
                f"loads up to {r['max_load_bytes']} B")
 
 
