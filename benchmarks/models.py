@@ -4,17 +4,25 @@ Layer structure and parameter counts follow the reference models (torchvision / 
 ResNet-50 v1.5 (stride on the 3x3), 25,557,032 parameters; MobileNetV2 1.0, 3,504,872;
 ConvNeXt-T, 28,589,128. `width` scales every channel count for tiny CPU runs.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 # MobileNetV2 inverted-residual settings: expansion t, channels c, repeats n, first stride s.
-MOBILENETV2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                        (6, 160, 3, 2), (6, 320, 1, 1))
+MOBILENETV2_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 def _scaled(c: int, width: float, divisor: int = 8) -> int:
@@ -57,12 +65,13 @@ class ResNet50(nn.Module):
     def __init__(self, num_classes: int = 1000, width: float = 1.0, depths: tuple[int, ...] = (3, 4, 6, 3)) -> None:
         super().__init__()
         stem = _scaled(64, width)
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        )
         layers: list[nn.Module] = []
         c_in = stem
         for i, depth in enumerate(depths):
-            w = _scaled(64 * 2 ** i, width)
+            w = _scaled(64 * 2**i, width)
             for j in range(depth):
                 layers.append(Bottleneck(c_in, w, 2 if (j == 0 and i > 0) else 1))
                 c_in = w * Bottleneck.expansion
@@ -75,10 +84,13 @@ class ResNet50(nn.Module):
 
 
 # ---- MobileNetV2 -------------------------------------------------------------------------------
-def _conv_bn_act(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1,
-                 act: bool = True) -> list[nn.Module]:
-    mods: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
-                             nn.BatchNorm2d(c_out)]
+def _conv_bn_act(
+    c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True
+) -> list[nn.Module]:
+    mods: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out),
+    ]
     return mods + [nn.ReLU6(inplace=True)] if act else mods
 
 
@@ -99,8 +111,12 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 1000, width: float = 1.0,
-                 settings: tuple[tuple[int, int, int, int], ...] = MOBILENETV2_SETTINGS) -> None:
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        width: float = 1.0,
+        settings: tuple[tuple[int, int, int, int], ...] = MOBILENETV2_SETTINGS,
+    ) -> None:
         super().__init__()
         c_in = _scaled(32, width)
         last = _scaled(1280, max(1.0, width))
@@ -146,16 +162,23 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXt(nn.Module):
-    def __init__(self, num_classes: int = 1000, width: float = 1.0, depths: tuple[int, ...] = (3, 3, 9, 3),
-                 dims: tuple[int, ...] = (96, 192, 384, 768)) -> None:
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        width: float = 1.0,
+        depths: tuple[int, ...] = (3, 3, 9, 3),
+        dims: tuple[int, ...] = (96, 192, 384, 768),
+    ) -> None:
         super().__init__()
         dims = tuple(_scaled(d, width) for d in dims)
         self.downsample = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6))])
         for i in range(1, len(dims)):
-            self.downsample.append(nn.Sequential(LayerNorm2d(dims[i - 1], eps=1e-6),
-                                                 nn.Conv2d(dims[i - 1], dims[i], 2, 2)))
-        self.stages = nn.ModuleList([nn.Sequential(*(ConvNeXtBlock(d) for _ in range(n)))
-                                     for d, n in zip(dims, depths)])
+            self.downsample.append(
+                nn.Sequential(LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], dims[i], 2, 2))
+            )
+        self.stages = nn.ModuleList(
+            [nn.Sequential(*(ConvNeXtBlock(d) for _ in range(n))) for d, n in zip(dims, depths)]
+        )
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes)
 
@@ -165,12 +188,18 @@ class ConvNeXt(nn.Module):
         return self.head(self.norm(x.mean((2, 3))))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"resnet50": ResNet50, "mobilenetv2": MobileNetV2,
-                                              "convnext_t": ConvNeXt}
+MODELS: dict[str, Callable[..., nn.Module]] = {"resnet50": ResNet50, "mobilenetv2": MobileNetV2, "convnext_t": ConvNeXt}
 
 
-def build(name: str, *, width: float = 1.0, num_classes: int = 1000, device: str | torch.device = "cpu",
-          dtype: torch.dtype | None = None, blocks_per_stage: int | None = None) -> nn.Module:
+def build(
+    name: str,
+    *,
+    width: float = 1.0,
+    num_classes: int = 1000,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    blocks_per_stage: int | None = None,
+) -> nn.Module:
     """One of MODELS, built directly on `device` ("meta" builds without allocating).
 
     blocks_per_stage caps every stage's depth (tiny CI models); None keeps the real depths.

@@ -3,16 +3,18 @@
 A run document is a plain dict (see benchmarks/README.md). Speedup = contender time / tunerd time,
 so > 1 means tunerd is faster. Files are written atomically (a reader never sees half a file).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from kernels.runtime import atomic_write_text
+from tunerd.kernels.runtime import atomic_write_text
 
 # metric -> (numerator contender, denominator contender, which cases count: plain | fused | all)
 SPEEDUPS: dict[str, tuple[str, str, str]] = {
@@ -81,8 +83,10 @@ def summary_text(doc: dict[str, Any]) -> str:
         lines.append(f"  {suite}: " + (", ".join(cells) or "no timed pairs"))
     for m in doc.get("e2e", []):
         ms = {k: r["median_ms"] for k, r in m["contenders"].items() if r.get("status") == "ok"}
-        cells = [f"{k} {v:.4g} ms" + (f" ({ms['eager'] / v:.2f}x eager)" if "eager" in ms and k != "eager" else "")
-                 for k, v in ms.items()]
+        cells = [
+            f"{k} {v:.4g} ms" + (f" ({ms['eager'] / v:.2f}x eager)" if "eager" in ms and k != "eager" else "")
+            for k, v in ms.items()
+        ]
         lines.append(f"  e2e {m['model']}: " + (", ".join(cells) or m.get("skipped") or "no timed contender"))
     return "\n".join(lines)
 
@@ -110,39 +114,56 @@ def markdown(doc: dict[str, Any]) -> str:
     torch_label = doc["labels"]["torch"]
     lines = [f"# tunerd benchmark: {dev['name']}", ""]
     if dev["interpreter"]:
-        lines += ["**Triton interpreter results on CPU: these show the benchmark works, they are not GPU "
-                  "numbers and say nothing about tunerd's speed.**", ""]
-    lines += [f"- created {doc['created']}, {doc['elapsed_s']:.0f} s; torch {dev['torch']}, triton {dev['triton']}, "
-              f"CUDA {dev.get('cuda')}, cuDNN {dev.get('cudnn')}",
-              f"- `torch` = {torch_label}; `compile` = torch.compile(mode={doc['config']['compile_mode']!r})",
-              f"- tuning: {json.dumps(doc['config']['tune'])}",
-              f"- timing: {json.dumps(doc['config']['timing'])}, {doc['config']['n_inputs']} rotated input sets",
-              f"- peaks: copy {doc['peaks']['copy_gbps']:.1f} GB/s, matmul "
-              + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in doc["peaks"]["matmul_tflops"].items())]
+        lines += [
+            "**Triton interpreter results on CPU: these show the benchmark works, they are not GPU "
+            "numbers and say nothing about tunerd's speed.**",
+            "",
+        ]
+    lines += [
+        f"- created {doc['created']}, {doc['elapsed_s']:.0f} s; torch {dev['torch']}, triton {dev['triton']}, "
+        f"CUDA {dev.get('cuda')}, cuDNN {dev.get('cudnn')}",
+        f"- `torch` = {torch_label}; `compile` = torch.compile(mode={doc['config']['compile_mode']!r})",
+        f"- tuning: {json.dumps(doc['config']['tune'])}",
+        f"- timing: {json.dumps(doc['config']['timing'])}, {doc['config']['n_inputs']} rotated input sets",
+        f"- peaks: copy {doc['peaks']['copy_gbps']:.1f} GB/s, matmul "
+        + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in doc["peaks"]["matmul_tflops"].items()),
+    ]
     if doc.get("stopped"):
-        lines.append(f"- **stopped early**: {doc['stopped']['reason']} ({doc['stopped']['cases_not_run']} cases "
-                     "not run)")
-    lines += ["", "## Geometric-mean speedups (contender time / tunerd time; > 1: tunerd faster)", "",
-              f"| suite | cases | tuned vs {torch_label} | tuned vs compile | tuned vs unfused torch (fused) "
-              f"| default vs {torch_label} | tuned vs default | tuned roofline (median) |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"- **stopped early**: {doc['stopped']['reason']} ({doc['stopped']['cases_not_run']} cases not run)"
+        )
+    lines += [
+        "",
+        "## Geometric-mean speedups (contender time / tunerd time; > 1: tunerd faster)",
+        "",
+        f"| suite | cases | tuned vs {torch_label} | tuned vs compile | tuned vs unfused torch (fused) "
+        f"| default vs {torch_label} | tuned vs default | tuned roofline (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for suite, row in doc["summary"].items():
         if not row["cases"]:
             continue
         cells = [f"{_x(row[m]['geomean'])} (n={row[m]['n']})" for m in SPEEDUPS]
         roof = _pct(row["tuned_roofline_median"])
         lines.append(f"| {suite} | {row['cases']} | " + " | ".join(cells) + f" | {roof} |")
-    lines += ["", "## Per layer (median ms)", "",
-              "| suite | # | layer | pass | epilogue | tuned | default | torch | unfused | compile | tuned vs torch "
-              "| tuned vs compile | roofline (tuned) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per layer (median ms)",
+        "",
+        "| suite | # | layer | pass | epilogue | tuned | default | torch | unfused | compile | tuned vs torch "
+        "| tuned vs compile | roofline (tuned) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in doc["cases"]:
         s = c["speedups"]
         vs_torch = s.get("tuned_vs_torch") if not c["fused"] else s.get("tuned_vs_unfused")
-        lines.append(f"| {c['suite']} | {c['layer']} | {c['name']} | {c['pass']} | {c['epilogue'] or '-'} | "
-                     f"{_ms(c, 'tunerd_tuned')} | {_ms(c, 'tunerd_default')} | {_ms(c, 'torch')} | "
-                     f"{_ms(c, 'torch_unfused')} | {_ms(c, 'torch_compile')} | {_x(vs_torch)} | "
-                     f"{_x(s.get('tuned_vs_compile'))} | {_pct(c.get('roofline', {}).get('tunerd_tuned'))} |")
+        name = f"{c['pick']}: {c['name']}" if c.get("pick") else c["name"]
+        lines.append(
+            f"| {c['suite']} | {c['layer']} | {name} | {c['pass']} | {c['epilogue'] or '-'} | "
+            f"{_ms(c, 'tunerd_tuned')} | {_ms(c, 'tunerd_default')} | {_ms(c, 'torch')} | "
+            f"{_ms(c, 'torch_unfused')} | {_ms(c, 'torch_compile')} | {_x(vs_torch)} | "
+            f"{_x(s.get('tuned_vs_compile'))} | {_pct(c.get('roofline', {}).get('tunerd_tuned'))} |"
+        )
     problems: dict[tuple[str, str, str], list[str]] = {}
     for c in doc["cases"]:
         where = f"{c['suite']}#{c['layer']} {c['pass']} {c['dtype']}" + (f" +{c['epilogue']}" if c["fused"] else "")
@@ -159,9 +180,13 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc.get("stopped"):
         lines += ["", f"Not run ({doc['stopped']['reason']}): " + ", ".join(doc["stopped"]["not_run"])]
     if doc.get("e2e"):
-        lines += ["", "## End to end: training step (forward + backward + SGD)", "",
-                  "| model | batch | input | contender | step ms | images/s | vs eager | note |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## End to end: training step (forward + backward + SGD)",
+            "",
+            "| model | batch | input | contender | step ms | images/s | vs eager | note |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for m in doc["e2e"]:
             if m.get("skipped"):
                 lines.append(f"| {m['model']} | | | | not run: {m['skipped']} | | | |")
@@ -172,10 +197,11 @@ def markdown(doc: dict[str, Any]) -> str:
                 vs = f"{eager / t:.2f}x" if t and eager and r.get("status") == "ok" else "—"
                 ips = f"{m['batch'] / (t * 1e-3):.0f}" if t and r.get("status") == "ok" else "—"
                 note = r.get("error") or r.get("reason") or r.get("note") or ""
-                lines.append(f"| {m['model']} | {m['batch']} | {m['input']} | {name} | "
-                             f"{t:.4g} | {ips} | {vs} | {note} |" if t and r.get("status") == "ok" else
-                             f"| {m['model']} | {m['batch']} | {m['input']} | {name} | {r.get('status')} | — | — | "
-                             f"{note} |")
+                lines.append(
+                    f"| {m['model']} | {m['batch']} | {m['input']} | {name} | {t:.4g} | {ips} | {vs} | {note} |"
+                    if t and r.get("status") == "ok"
+                    else f"| {m['model']} | {m['batch']} | {m['input']} | {name} | {r.get('status')} | — | — | {note} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -190,17 +216,26 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    cases = sorted(doc["cases"], key=lambda c: (c["suite"], c["layer"], c["dtype"], c["fused"],
-                                                 ("fwd", "dgrad", "wgrad").index(c["pass"])))
-    labels = [f"{c['suite']}#{c['layer']} {c['pass']} {SHORT_DTYPES.get(c['dtype'], c['dtype'])}"
-              + (f" +{c['epilogue']}" if c["fused"] else "") for c in cases]
+    cases = sorted(
+        doc["cases"],
+        key=lambda c: (c["suite"], c["layer"], c["dtype"], c["fused"], ("fwd", "dgrad", "wgrad").index(c["pass"])),
+    )
+    labels = [
+        f"{c['suite']}#{c['layer']} {c['pass']} {SHORT_DTYPES.get(c['dtype'], c['dtype'])}"
+        + (f" +{c['epilogue']}" if c["fused"] else "")
+        for c in cases
+    ]
     vs_torch = [c["speedups"].get("tuned_vs_unfused" if c["fused"] else "tuned_vs_torch") for c in cases]
     vs_compile = [c["speedups"].get("tuned_vs_compile") for c in cases]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(cases) + 2), 5))
     xs = range(len(cases))
     w = 0.4
-    ax.bar([x - w / 2 for x in xs], [v or 0 for v in vs_torch], w,
-           label=f"vs {doc['labels']['torch']} (unfused torch for fused cases)")
+    ax.bar(
+        [x - w / 2 for x in xs],
+        [v or 0 for v in vs_torch],
+        w,
+        label=f"vs {doc['labels']['torch']} (unfused torch for fused cases)",
+    )
     ax.bar([x + w / 2 for x in xs], [v or 0 for v in vs_compile], w, label="vs torch.compile")
     ax.axhline(1.0, color="black", linewidth=0.8)
     if any(v for v in vs_torch + vs_compile):

@@ -14,9 +14,8 @@ model's register and shared-memory estimates hold.
 Writes static.json (every row) and static.md (summary and flagged rows) to --out, by default
 benchmarks/results/<date>-static-sm<arch>-triton<version>/.
 """
-from __future__ import annotations
 
-import kernels  # noqa: F401  (first: picks Triton's interpreter on CPU-only machines before triton loads)
+from __future__ import annotations
 
 import argparse
 import datetime as _dt
@@ -28,19 +27,21 @@ from typing import Any
 
 import triton
 
-from kernels import generator
-from kernels.runtime import atomic_write_text
-from kernels.schedule import Schedule, uses_dot, vector_rows
-from kernels.spec import BlockSpec
-from kernels.validate import compile_check
-from schedules import cost, space, suites
-from schedules.device import DeviceLimits
+import tunerd  # noqa: F401  (first: tunerd selects Triton's interpreter on CPU-only machines before triton loads)
+from tunerd.kernels import generator
+from tunerd.kernels.runtime import atomic_write_text
+from tunerd.kernels.schedule import Schedule, uses_dot, vector_rows
+from tunerd.kernels.spec import BlockSpec
+from tunerd.kernels.validate import compile_check
+from tunerd.schedules import cost, space, suites
+from tunerd.schedules.device import DeviceLimits
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def variants(names: list[str], passes: list[str], dtypes: list[str], top: int,
-             limits: DeviceLimits) -> list[tuple[str, int, str, generator.Variant]]:
+def variants(
+    names: list[str], passes: list[str], dtypes: list[str], top: int, limits: DeviceLimits
+) -> list[tuple[str, int, str, generator.Variant]]:
     """(suite, layer, which schedule, variant) for every unique layer, pass and dtype; defaults first."""
     out: list[tuple[str, int, str, generator.Variant]] = []
     for name in names:
@@ -73,20 +74,36 @@ def flags(spec: BlockSpec, r: dict[str, Any]) -> list[str]:
     return out
 
 
-def row(suite: str, layer: int, which: str, v: generator.Variant, r: dict[str, Any],
-        limits: DeviceLimits) -> dict[str, Any]:
+def row(
+    suite: str, layer: int, which: str, v: generator.Variant, r: dict[str, Any], limits: DeviceLimits
+) -> dict[str, Any]:
     spec, s = v.spec, v.schedule
-    d: dict[str, Any] = {"suite": suite, "layer": layer, "which": which, "spec": spec.describe(),
-                         "spec_key": spec.key, "schedule": s.to_dict(), "variant": v.id, "ok": r["ok"],
-                         "error": r["error"]}
+    d: dict[str, Any] = {
+        "suite": suite,
+        "layer": layer,
+        "which": which,
+        "spec": spec.describe(),
+        "spec_key": spec.key,
+        "schedule": s.to_dict(),
+        "variant": v.id,
+        "ok": r["ok"],
+        "error": r["error"],
+    }
     if not r["ok"]:
         return d
-    est = {"regs": cost.registers_per_thread(spec, s), "shared": cost.smem_bytes(spec, s),
-           "occupancy": cost.occupancy(spec, s, limits)}
-    d.update({k: r[k] for k in ("regs", "spill_bytes", "shared", "cp_async", "max_load_bytes", "max_store_bytes")},
-             mma=mma_kind(spec, r), vector_rows=vector_rows(spec),
-             occupancy=cost.blocks_per_sm(r["regs"], r["shared"], s.num_warps, limits) if r["regs"] else None,
-             estimate=est, flags=flags(spec, r))
+    est = {
+        "regs": cost.registers_per_thread(spec, s),
+        "shared": cost.smem_bytes(spec, s),
+        "occupancy": cost.occupancy(spec, s, limits),
+    }
+    d.update(
+        {k: r[k] for k in ("regs", "spill_bytes", "shared", "cp_async", "max_load_bytes", "max_store_bytes")},
+        mma=mma_kind(spec, r),
+        vector_rows=vector_rows(spec),
+        occupancy=cost.blocks_per_sm(r["regs"], r["shared"], s.num_warps, limits) if r["regs"] else None,
+        estimate=est,
+        flags=flags(spec, r),
+    )
     return d
 
 
@@ -102,19 +119,25 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ok = [r for r in rs if r["ok"]]
         mmas = [r["mma"] for r in ok]
         table[key] = {
-            "variants": len(rs), "compile_errors": len(rs) - len(ok),
+            "variants": len(rs),
+            "compile_errors": len(rs) - len(ok),
             "spilling": sum(bool(r["spill_bytes"]) for r in ok),
-            "wgmma": mmas.count("wgmma"), "mma_sync": mmas.count("mma.sync"), "fma": mmas.count("fma"),
-            "direct": mmas.count("direct"), "cp_async": sum(bool(r["cp_async"]) for r in ok),
+            "wgmma": mmas.count("wgmma"),
+            "mma_sync": mmas.count("mma.sync"),
+            "fma": mmas.count("fma"),
+            "direct": mmas.count("direct"),
+            "cp_async": sum(bool(r["cp_async"]) for r in ok),
             "scalar_loads": sum(r["max_load_bytes"] < 16 and not r["cp_async"] for r in ok),
             "median_regs": statistics.median([r["regs"] for r in ok]) if ok else None,
-            "flagged": sum(bool(r["flags"]) for r in ok)}
+            "flagged": sum(bool(r["flags"]) for r in ok),
+        }
     measured = [r for r in rows if r["ok"] and r["regs"]]
     ratios = [r["estimate"]["regs"] / r["regs"] for r in measured]
     model = {
         "variants": len(measured),
-        "regs_estimate_over_actual": {"median": statistics.median(ratios), "min": min(ratios),
-                                      "max": max(ratios)} if ratios else None,
+        "regs_estimate_over_actual": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        if ratios
+        else None,
         "shared_upper_bound_holds": sum(r["estimate"]["shared"] >= r["shared"] for r in measured),
         "occupancy_exact": sum(r["estimate"]["occupancy"] == r["occupancy"] for r in measured),
         "occupancy_over": sum(r["estimate"]["occupancy"] > r["occupancy"] for r in measured),
@@ -124,25 +147,35 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(doc: dict[str, Any]) -> str:
     s = doc["summary"]
-    lines = [f"# Static sm_{doc['arch']} audit (compile only, no GPU timings)", "",
-             f"Triton {doc['triton']}, {len(doc['rows'])} variants, {doc['elapsed_s']:.0f} s. "
-             "Registers, spills and shared memory come from the cubin (cuobjdump), the rest from the PTX.", "",
-             "| suite pass | variants | errors | spilling | wgmma | mma.sync | fma dot | direct | cp.async | "
-             "scalar loads | median regs | flagged |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Static sm_{doc['arch']} audit (compile only, no GPU timings)",
+        "",
+        f"Triton {doc['triton']}, {len(doc['rows'])} variants, {doc['elapsed_s']:.0f} s. "
+        "Registers, spills and shared memory come from the cubin (cuobjdump), the rest from the PTX.",
+        "",
+        "| suite pass | variants | errors | spilling | wgmma | mma.sync | fma dot | direct | cp.async | "
+        "scalar loads | median regs | flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for key, g in sorted(s["groups"].items(), key=lambda kv: (kv[0].startswith("all"), kv[0])):
-        lines.append(f"| {key} | {g['variants']} | {g['compile_errors']} | {g['spilling']} | {g['wgmma']} | "
-                     f"{g['mma_sync']} | {g['fma']} | {g['direct']} | {g['cp_async']} | {g['scalar_loads']} | "
-                     f"{g['median_regs']} | {g['flagged']} |")
+        lines.append(
+            f"| {key} | {g['variants']} | {g['compile_errors']} | {g['spilling']} | {g['wgmma']} | "
+            f"{g['mma_sync']} | {g['fma']} | {g['direct']} | {g['cp_async']} | {g['scalar_loads']} | "
+            f"{g['median_regs']} | {g['flagged']} |"
+        )
     m = s["model"]
     lines += ["", "## Cost model vs compiler", ""]
     if m["regs_estimate_over_actual"]:
         q = m["regs_estimate_over_actual"]
-        lines.append(f"- registers: estimate / actual median {q['median']:.2f} (min {q['min']:.2f}, "
-                     f"max {q['max']:.2f}) over {m['variants']} variants")
-    lines += [f"- shared memory: the estimate is an upper bound for {m['shared_upper_bound_holds']} of "
-              f"{m['variants']}",
-              f"- occupancy (blocks per SM): estimate exact for {m['occupancy_exact']}, too high for "
-              f"{m['occupancy_over']}", ""]
+        lines.append(
+            f"- registers: estimate / actual median {q['median']:.2f} (min {q['min']:.2f}, "
+            f"max {q['max']:.2f}) over {m['variants']} variants"
+        )
+    lines += [
+        f"- shared memory: the estimate is an upper bound for {m['shared_upper_bound_holds']} of {m['variants']}",
+        f"- occupancy (blocks per SM): estimate exact for {m['occupancy_exact']}, too high for {m['occupancy_over']}",
+        "",
+    ]
     flagged = [r for r in doc["rows"] if not r["ok"] or r["flags"]]
     lines += ["## Flagged variants", ""]
     if not flagged:
@@ -152,8 +185,10 @@ def markdown(doc: dict[str, Any]) -> str:
         for r in flagged:
             sched = Schedule.from_dict(r["schedule"]).describe()
             what = r["error"][:120] if not r["ok"] else "; ".join(r["flags"])
-            lines.append(f"| {r['suite']}#{r['layer']} {r['which']} | {r['spec']} | {sched} | {r.get('regs')} | "
-                         f"{r.get('shared')} | {r.get('mma')} | {what} |")
+            lines.append(
+                f"| {r['suite']}#{r['layer']} {r['which']} | {r['spec']} | {sched} | {r.get('regs')} | "
+                f"{r.get('shared')} | {r.get('mma')} | {what} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -181,12 +216,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"compiling {len(todo)} variants for sm_{a.arch} (Triton {triton.__version__}) ...", flush=True)
     results = compile_check([v for *_, v in todo], arch=a.arch, timeout=max(900.0, 5.0 * len(todo)))
     rows = [row(s, li, which, v, r, limits) for (s, li, which, v), r in zip(todo, results)]
-    doc = {"arch": a.arch, "triton": triton.__version__, "limits": limits.name, "date": f"{_dt.date.today()}",
-           "config": {"suites": names, "passes": passes, "dtypes": dtypes, "top": a.top},
-           "elapsed_s": time.perf_counter() - t0, "rows": rows}
+    doc = {
+        "arch": a.arch,
+        "triton": triton.__version__,
+        "limits": limits.name,
+        "date": f"{_dt.date.today()}",
+        "config": {"suites": names, "passes": passes, "dtypes": dtypes, "top": a.top},
+        "elapsed_s": time.perf_counter() - t0,
+        "rows": rows,
+    }
     doc["summary"] = summarize(rows)
-    out = Path(a.out) if a.out else (Path(__file__).resolve().parent / "results"
-                                     / f"{_dt.date.today():%Y-%m-%d}-static-sm{a.arch}-triton{triton.__version__}")
+    out = (
+        Path(a.out)
+        if a.out
+        else (
+            Path(__file__).resolve().parent
+            / "results"
+            / f"{_dt.date.today():%Y-%m-%d}-static-sm{a.arch}-triton{triton.__version__}"
+        )
+    )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "static.json", json.dumps(doc, indent=1) + "\n")
     atomic_write_text(out / "static.md", markdown(doc))

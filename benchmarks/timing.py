@@ -5,16 +5,18 @@ round) so that clock and thermal drift hit all alike. Each timed call gets a fre
 (several buffers cycled) and, on CUDA, an L2 flush before it; CUDA events time the device work.
 On CPU (Triton's interpreter) a wall clock times each call and nothing is flushed.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from schedules.worker import L2_FLUSH_BYTES
+from tunerd.schedules.worker import L2_FLUSH_BYTES
 
 Contender = Callable[[int], Any]  # called with the index of the input set to use
 
@@ -39,7 +41,7 @@ class Timing:
     samples: int
 
     @classmethod
-    def of(cls, samples_ms: list[float]) -> "Timing":
+    def of(cls, samples_ms: list[float]) -> Timing:
         s = sorted(samples_ms)
         q = statistics.quantiles(s, n=5, method="inclusive") if len(s) > 1 else [s[0]] * 4
         return cls(median_ms=statistics.median(s), p20_ms=q[0], p80_ms=q[3], min_ms=s[0], samples=len(s))
@@ -78,8 +80,7 @@ def flush_l2(device: torch.device, nbytes: int) -> None:
     buf.zero_()
 
 
-def _sample(fn: Contender, start: int, n_inputs: int, reps: int, device: torch.device,
-            flush_bytes: int) -> list[float]:
+def _sample(fn: Contender, start: int, n_inputs: int, reps: int, device: torch.device, flush_bytes: int) -> list[float]:
     """reps timed calls of fn, cycling through the input sets from `start`; milliseconds each."""
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
@@ -103,8 +104,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compare(contenders: dict[str, Contender], n_inputs: int, device: torch.device,
-            cfg: TimingConfig) -> dict[str, Timing | Failure]:
+def compare(
+    contenders: dict[str, Contender], n_inputs: int, device: torch.device, cfg: TimingConfig
+) -> dict[str, Timing | Failure]:
     """Time every contender side by side; a contender that raises is reported, never fatal."""
     results: dict[str, Timing | Failure] = {}
     live: dict[str, Contender] = {}
@@ -119,7 +121,7 @@ def compare(contenders: dict[str, Contender], n_inputs: int, device: torch.devic
     samples: dict[str, list[float]] = {name: [] for name in live}
     names = list(live)
     for r in range(cfg.rounds):
-        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        order = names[r % len(names) :] + names[: r % len(names)] if names else []
         for name in order:
             if name in results:
                 continue
@@ -156,14 +158,19 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, cfg: TimingConfig, s
         torch.backends.cuda.matmul.allow_tf32 = tf32
     if isinstance(t, Failure):
         raise RuntimeError(f"matmul measurement failed: {t.error}")
-    return 2 * size ** 3 / (t.median_ms * 1e-3) / 1e12
+    return 2 * size**3 / (t.median_ms * 1e-3) / 1e12
 
 
-def device_peaks(device: torch.device, dtypes: list[torch.dtype], cfg: TimingConfig, *, copy_bytes: int,
-                 matmul_size: int) -> dict[str, Any]:
+def device_peaks(
+    device: torch.device, dtypes: list[torch.dtype], cfg: TimingConfig, *, copy_bytes: int, matmul_size: int
+) -> dict[str, Any]:
     """Copy bandwidth and matmul rate (bf16 always, plus each benchmarked dtype) of this device."""
     rates = {}
     for dt in dict.fromkeys([torch.bfloat16, *dtypes]):
         rates[str(dt).removeprefix("torch.")] = matmul_tflops(device, dt, cfg, matmul_size)
-    return {"copy_gbps": copy_bandwidth_gbps(device, cfg, copy_bytes), "matmul_tflops": rates,
-            "copy_bytes": copy_bytes, "matmul_size": matmul_size}
+    return {
+        "copy_gbps": copy_bandwidth_gbps(device, cfg, copy_bytes),
+        "matmul_tflops": rates,
+        "copy_bytes": copy_bytes,
+        "matmul_size": matmul_size,
+    }

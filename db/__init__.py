@@ -3,12 +3,23 @@
 Service-side (sqlalchemy + alembic); imports kernels for spec keys, never schedules or tunerd.
 Names load lazily, so `db.fingerprint` and `db.errors` import on a bare GPU box without sqlalchemy.
 """
+
 from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "errors": ["BundleError", "InvalidRecord", "JobNotOwned", "SchemaError", "SnapshotExists", "StoreError",
-               "StoreUnavailable", "UnknownJob", "UnknownSnapshot", "UnknownWinner"],
+    "errors": [
+        "BundleError",
+        "InvalidRecord",
+        "JobNotOwned",
+        "SchemaError",
+        "SnapshotExists",
+        "StoreError",
+        "StoreUnavailable",
+        "UnknownJob",
+        "UnknownSnapshot",
+        "UnknownWinner",
+    ],
     "fingerprint": ["DeviceFingerprint", "current"],
     "rows": ["DeviceRow", "JobRow", "MissRow", "SnapshotRow", "TrialRow", "VariantRow", "WinnerRow"],
     "store": ["Store", "variant_id"],

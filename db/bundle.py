@@ -2,31 +2,45 @@
 
 File = gzip of canonical JSON {"format": "tunerd-bundle", "version": 1, "sha256": <hex>, "payload": {...}}
 where sha256 is taken over the canonical JSON of payload = {generator_version, exported_at, snapshot,
-provenance, winners: [WinnerRow.portable(), ...]}. Import verifies everything before touching the
-store, then merges in one transaction: any failure leaves the store exactly as it was.
+provenance, winners: [WinnerRow.portable(), ...]}, plus an optional "signature" {"alg": "ed25519",
+"key": <base64 raw public key>, "sig": <base64>} over SIGNED_CONTEXT + the payload's sha256 digest.
+Import verifies everything before touching the store, then merges in one transaction: any failure
+leaves the store exactly as it was. A bundle is a set of claims: each winner's source must be this
+tunerd's own rendering of its (spec, schedule), and its timing stays a claim until measured here
+(db.store.Store.ingest). With trusted keys pinned, only bundles signed by one of them are read.
 """
+
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernels import GENERATOR_VERSION
-from kernels.runtime import atomic_write_bytes
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from tunerd.kernels import GENERATOR_VERSION
+from tunerd.kernels.runtime import atomic_write_bytes
 
 from .errors import BundleError, InvalidRecord
-from .rows import WinnerRow, jsonable
 from .models import utcnow
+from .rows import WinnerRow, jsonable
 from .store import DeviceLike, Store
 
 FORMAT = "tunerd-bundle"
 VERSION = 1
 MAX_BYTES = 1 << 30  # decompressed size limit: refuse gzip bombs
+SIGNED_CONTEXT = b"tunerd-bundle-v1\x00"  # what a signature covers: this, then the 32-byte payload digest
 _GZIP_MAGIC = b"\x1f\x8b"
+_ENVELOPE = {"format", "version", "sha256", "payload"}
 
 
 @dataclass(frozen=True)
@@ -59,45 +73,168 @@ class ImportReport:
     kept: int
     unchanged: int
     devices: tuple[str, ...] = field(default=())  # digests of the devices the bundle covers
+    signed_by: str | None = None  # key_id of the verified ed25519 signature, None for an unsigned bundle
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(self.__dict__)
+
+
+# ---- ed25519 keys (PEM, or OpenSSH's formats) ------------------------------------------------------
+def _key_bytes(path: str | os.PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read key file {path}: {e.strerror or e}") from None
+
+
+def load_signing_key(path: str | os.PathLike) -> Ed25519PrivateKey:
+    """An unencrypted ed25519 private key (`openssl genpkey -algorithm ed25519`, or `ssh-keygen -t ed25519`)."""
+    data = _key_bytes(path)
+    try:
+        key = (
+            serialization.load_ssh_private_key(data, None)
+            if b"OPENSSH PRIVATE KEY" in data
+            else serialization.load_pem_private_key(data, None)
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise BundleError(f"{path} is not an unencrypted ed25519 private key: {e}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError(f"{path} holds a {type(key).__name__}; bundles are signed with ed25519 keys")
+    return key
+
+
+def load_trusted_key(path: str | os.PathLike) -> Ed25519PublicKey:
+    """An ed25519 public key (PEM `openssl pkey -pubout`, or an OpenSSH `ssh-ed25519 ...` line)."""
+    data = _key_bytes(path)
+    try:
+        key = (
+            serialization.load_ssh_public_key(data.strip())
+            if data.lstrip().startswith(b"ssh-")
+            else serialization.load_pem_public_key(data)
+        )
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise BundleError(f"{path} is not an ed25519 public key: {e}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"{path} holds a {type(key).__name__}; bundles are signed with ed25519 keys")
+    return key
+
+
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """A short name of a public key: the first 16 hex digits of sha256 of its raw bytes."""
+    return hashlib.sha256(_raw(key)).hexdigest()[:16]
+
+
+def _sign(key: Ed25519PrivateKey, sha: str) -> dict[str, str]:
+    sig = key.sign(SIGNED_CONTEXT + bytes.fromhex(sha))
+    return {
+        "alg": "ed25519",
+        "key": base64.b64encode(_raw(key.public_key())).decode(),
+        "sig": base64.b64encode(sig).decode(),
+    }
+
+
+def _check_signature(env: dict[str, Any], trusted: Sequence[Ed25519PublicKey]) -> str | None:
+    """The signer's key_id (None when unsigned and nothing is pinned); BundleError for a bad signature, an
+    unsigned bundle while keys are pinned, or a signer that is not pinned."""
+    sig = env.get("signature")
+    if sig is None:
+        if trusted:
+            raise BundleError(
+                "bundle is not signed, and this import only accepts bundles signed by a trusted key "
+                f"({', '.join(key_id(k) for k in trusted)})"
+            )
+        return None
+    if not isinstance(sig, dict) or set(sig) != {"alg", "key", "sig"} or sig["alg"] != "ed25519":
+        raise BundleError(f"bundle signature is malformed (expected ed25519 with key and sig): {str(sig)[:200]}")
+    try:
+        raw, signature = base64.b64decode(sig["key"], validate=True), base64.b64decode(sig["sig"], validate=True)
+        signer = Ed25519PublicKey.from_public_bytes(raw)
+    except (binascii.Error, TypeError, ValueError) as e:
+        raise BundleError(f"bundle signature is malformed: {e}") from None
+    if trusted and raw not in {_raw(k) for k in trusted}:
+        raise BundleError(
+            f"bundle is signed by key {key_id(signer)}, which is not a trusted key "
+            f"({', '.join(key_id(k) for k in trusted)})"
+        )
+    try:
+        signer.verify(signature, SIGNED_CONTEXT + bytes.fromhex(env["sha256"]))
+    except (InvalidSignature, ValueError):
+        raise BundleError(
+            f"bundle signature by key {key_id(signer)} does not verify: the bundle was modified after it was signed"
+        ) from None
+    return key_id(signer)
 
 
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
-def bundle_bytes(store: Store, *, device: DeviceLike | None = None, snapshot: str | None = None,
-                 provenance: dict) -> bytes:
-    """The bundle of the store's winners (one device's, or all; live or as pinned in snapshot)."""
-    return _build(store, device, snapshot, provenance)[0]
+def bundle_bytes(
+    store: Store,
+    *,
+    device: DeviceLike | None = None,
+    snapshot: str | None = None,
+    provenance: dict,
+    signing_key: Ed25519PrivateKey | None = None,
+) -> bytes:
+    """The bundle of the store's winners (one device's, or all; live or as pinned in snapshot), signed with
+    signing_key when given."""
+    return _build(store, device, snapshot, provenance, signing_key)[0]
 
 
-def export_bundle(store: Store, path: str | os.PathLike, *, device: DeviceLike | None = None,
-                  snapshot: str | None = None, provenance: dict) -> BundleSummary:
+def export_bundle(
+    store: Store,
+    path: str | os.PathLike,
+    *,
+    device: DeviceLike | None = None,
+    snapshot: str | None = None,
+    provenance: dict,
+    signing_key: Ed25519PrivateKey | None = None,
+) -> BundleSummary:
     """Write the bundle atomically (temp file + os.replace): path holds the old file or the whole new one."""
-    data, sha, rows, stale = _build(store, device, snapshot, provenance)
+    data, sha, rows, stale = _build(store, device, snapshot, provenance, signing_key)
     atomic_write_bytes(Path(path), data)
-    return BundleSummary(sha256=sha, winners=len(rows), devices=len({r.device_key for r in rows}), bytes=len(data),
-                         skipped_stale=stale, path=str(path))
+    return BundleSummary(
+        sha256=sha,
+        winners=len(rows),
+        devices=len({r.device_key for r in rows}),
+        bytes=len(data),
+        skipped_stale=stale,
+        path=str(path),
+    )
 
 
-def _build(store: Store, device: DeviceLike | None, snapshot: str | None,
-           provenance: dict) -> tuple[bytes, str, list[WinnerRow], int]:
+def _build(
+    store: Store,
+    device: DeviceLike | None,
+    snapshot: str | None,
+    provenance: dict,
+    signing_key: Ed25519PrivateKey | None = None,
+) -> tuple[bytes, str, list[WinnerRow], int]:
     """(file bytes, payload sha256, exported winners, winners skipped for an older generator)."""
     if not isinstance(provenance, dict):
         raise BundleError(f"provenance must be a dict, got {type(provenance).__name__}")
     every = store.winners(device=device, snapshot=snapshot)
     rows = [w for w in every if w.device.generator_version == GENERATOR_VERSION]
-    payload = {"generator_version": GENERATOR_VERSION, "exported_at": utcnow().isoformat(), "snapshot": snapshot,
-               "provenance": provenance, "winners": [w.portable() for w in rows]}
+    payload = {
+        "generator_version": GENERATOR_VERSION,
+        "exported_at": utcnow().isoformat(),
+        "snapshot": snapshot,
+        "provenance": provenance,
+        "winners": [w.portable() for w in rows],
+    }
     try:
         body = _canonical(payload)
     except (TypeError, ValueError) as e:
         raise BundleError(f"provenance is not JSON-serialisable: {e}") from None
     sha = hashlib.sha256(body).hexdigest()
     envelope = {"format": FORMAT, "version": VERSION, "sha256": sha, "payload": payload}
+    if signing_key is not None:
+        envelope["signature"] = _sign(signing_key, sha)
     return _gzip(_canonical(envelope)), sha, rows, len(every) - len(rows)
 
 
@@ -106,10 +243,14 @@ def _gzip(data: bytes) -> bytes:
     return c.compress(data) + c.flush()
 
 
-def read_bundle(data: bytes, *, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
-    """Decode and verify a bundle (format, version, checksum, generator); returns the envelope.
+def read_bundle(
+    data: bytes, *, max_bytes: int = MAX_BYTES, trusted_keys: Sequence[Ed25519PublicKey] = ()
+) -> dict[str, Any]:
+    """Decode and verify a bundle (format, version, checksum, signature, generator); returns the envelope,
+    with "signed_by" set to the signer's key_id (or None).
 
-    Raises BundleError saying exactly what is wrong; touches no store."""
+    trusted_keys: when any are given, only a bundle signed by one of them is accepted. Raises
+    BundleError saying exactly what is wrong; touches no store."""
     if not isinstance(data, (bytes, bytearray)):
         raise BundleError(f"bundle data must be bytes, got {type(data).__name__}")
     if len(data) < 2 or data[:2] != _GZIP_MAGIC:
@@ -127,7 +268,7 @@ def read_bundle(data: bytes, *, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
         raise BundleError(f"corrupt bundle: {len(d.unused_data)} unexpected bytes after the gzip stream")
     try:
         env = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
         raise BundleError(f"not a tunerd bundle: the content is not JSON ({e})") from None
     if not isinstance(env, dict):
         raise BundleError(f"not a tunerd bundle: the JSON is a {type(env).__name__}, not an object")
@@ -139,7 +280,7 @@ def read_bundle(data: bytes, *, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
     if version != VERSION:
         newer = "newer than" if version > VERSION else "older than and not readable by"
         raise BundleError(f"bundle format version {version} is {newer} this tunerd (reads version {VERSION})")
-    if set(env) != {"format", "version", "sha256", "payload"}:
+    if not _ENVELOPE <= set(env) <= _ENVELOPE | {"signature"}:
         raise BundleError(f"bundle envelope has unexpected fields {sorted(set(env))}")
     payload = env["payload"]
     try:
@@ -147,21 +288,27 @@ def read_bundle(data: bytes, *, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
     except ValueError as e:  # NaN/Infinity smuggled into the JSON
         raise BundleError(f"corrupt bundle: payload is not canonical JSON ({e})") from None
     if digest != env["sha256"]:
-        raise BundleError(f"bundle checksum mismatch: payload hashes to {digest[:16]}..., the bundle records "
-                          f"{str(env['sha256'])[:16]}...: the file was modified or corrupted")
+        raise BundleError(
+            f"bundle checksum mismatch: payload hashes to {digest[:16]}..., the bundle records "
+            f"{str(env['sha256'])[:16]}...: the file was modified or corrupted"
+        )
+    signed_by = _check_signature(env, trusted_keys)
     if not isinstance(payload, dict) or not isinstance(payload.get("winners"), list):
         raise BundleError("bundle payload has no winners list")
     gen = payload.get("generator_version")
     if gen != GENERATOR_VERSION:
-        raise BundleError(f"incompatible bundle: made by kernel generator {gen!r}, this tunerd's generator is "
-                          f"{GENERATOR_VERSION!r}; its sources and device keys would not match (re-tune or "
-                          f"export with the same tunerd version)")
-    return env
+        raise BundleError(
+            f"incompatible bundle: made by kernel generator {gen!r}, this tunerd's generator is "
+            f"{GENERATOR_VERSION!r}; its sources and device keys would not match (re-tune or "
+            f"export with the same tunerd version)"
+        )
+    return {**env, "signed_by": signed_by}
 
 
-def import_bundle_bytes(store: Store, data: bytes) -> ImportReport:
-    """Verify then merge a bundle; on any problem raise BundleError and change nothing."""
-    env = read_bundle(data)
+def import_bundle_bytes(store: Store, data: bytes, *, trusted_keys: Sequence[Ed25519PublicKey] = ()) -> ImportReport:
+    """Verify then merge a bundle; on any problem raise BundleError and change nothing. Its winners are
+    stored as claims whose origin names the bundle ("bundle:<sha256>"), checked by a verify job."""
+    env = read_bundle(data, trusted_keys=trusted_keys)
     payload = env["payload"]
     rows = []
     for i, d in enumerate(payload["winners"]):
@@ -170,23 +317,36 @@ def import_bundle_bytes(store: Store, data: bytes) -> ImportReport:
         except InvalidRecord as e:
             raise BundleError(f"bundle winner {i} is malformed: {e}") from None
         if row.device.generator_version != GENERATOR_VERSION:
-            raise BundleError(f"incompatible bundle: winner {i} was measured with generator "
-                              f"{row.device.generator_version!r}, this tunerd's is {GENERATOR_VERSION!r}")
+            raise BundleError(
+                f"incompatible bundle: winner {i} was measured with generator "
+                f"{row.device.generator_version!r}, this tunerd's is {GENERATOR_VERSION!r}"
+            )
         rows.append(row)
     try:
         outcomes = store.ingest(rows, origin=f"bundle:{env['sha256']}")
     except InvalidRecord as e:
         raise BundleError(f"bundle rejected, nothing imported: {e}") from None
-    return ImportReport(sha256=env["sha256"], version=env["version"], generator_version=payload["generator_version"],
-                        exported_at=str(payload.get("exported_at")), provenance=dict(payload.get("provenance") or {}),
-                        winners=len(rows), added=outcomes.count("added"), replaced=outcomes.count("replaced"),
-                        kept=outcomes.count("kept"), unchanged=outcomes.count("unchanged"),
-                        devices=tuple(sorted({r.device.digest for r in rows})))
+    return ImportReport(
+        sha256=env["sha256"],
+        version=env["version"],
+        generator_version=payload["generator_version"],
+        exported_at=str(payload.get("exported_at")),
+        provenance=dict(payload.get("provenance") or {}),
+        winners=len(rows),
+        added=outcomes.count("added"),
+        replaced=outcomes.count("replaced"),
+        kept=outcomes.count("kept"),
+        unchanged=outcomes.count("unchanged"),
+        devices=tuple(sorted({r.device.digest for r in rows})),
+        signed_by=env["signed_by"],
+    )
 
 
-def import_bundle(store: Store, path: str | os.PathLike) -> ImportReport:
+def import_bundle(
+    store: Store, path: str | os.PathLike, *, trusted_keys: Sequence[Ed25519PublicKey] = ()
+) -> ImportReport:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise BundleError(f"cannot read bundle {path}: {e.strerror or e}") from None
-    return import_bundle_bytes(store, data)
+    return import_bundle_bytes(store, data, trusted_keys=trusted_keys)

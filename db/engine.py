@@ -3,15 +3,25 @@
 SQLite (the default) runs in WAL mode with a busy timeout; SQLAlchemy emits BEGIN itself so a
 write transaction can take the write lock up front (BEGIN IMMEDIATE) instead of failing when it
 upgrades from a read lock. PostgreSQL gets the psycopg 3 driver unless the URL names another.
+
+Faults: a SQLite file is created once, when the engine is made; later connections open it without
+creating it, so a file deleted while the daemon runs is an error (StoreUnavailable), never a silent
+new empty store. After a driver error the connection pool is replaced, so connections opened while
+the file was read-only, damaged or full do not outlive the fault. check_health() proves the schema,
+the file's identity and that a write commits.
 """
+
 from __future__ import annotations
 
 import os
 import sqlite3
 import time
+import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config
@@ -21,7 +31,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, exc, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
-from kernels.runtime import cache_dir
+from tunerd.kernels.runtime import cache_dir
 
 from .errors import SchemaError, StoreError, StoreUnavailable
 
@@ -29,6 +39,24 @@ SUPPORTED = ("sqlite", "postgresql")
 MIGRATIONS = Path(__file__).parent / "migrations"
 WRITE = "tunerd_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
 _PG_MIGRATION_LOCK = 0x74756E6572  # pg_advisory_xact_lock key held while migrating ("tuner")
+MIN_FREE_BYTES = 1 << 20  # a SQLite store's disk with less free space than this is full
+POOL_TIMEOUT_S = 10.0  # waiting for a pooled connection longer than this is StoreUnavailable (503)
+_files: weakref.WeakKeyDictionary[Engine, _File] = weakref.WeakKeyDictionary()
+
+
+class _File:
+    """A SQLite engine's database file and the identity (device, inode) of the file it opened."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.identity = self.current()
+
+    def current(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
 
 
 def default_url() -> str:
@@ -62,7 +90,12 @@ def create(url: str | URL | None = None, *, busy_timeout_s: float = 30.0) -> Eng
     u = parse_url(url)
     if u.get_backend_name() == "sqlite":
         return _sqlite(u, busy_timeout_s)
-    return create_engine(u, pool_pre_ping=True, connect_args={"connect_timeout": max(1, int(busy_timeout_s))})
+    return create_engine(
+        u,
+        pool_pre_ping=True,
+        pool_timeout=POOL_TIMEOUT_S,
+        connect_args={"connect_timeout": max(1, int(busy_timeout_s))},
+    )
 
 
 def _wal(cur: Any, timeout_s: float) -> None:
@@ -84,13 +117,24 @@ def _sqlite(u: URL, busy_timeout_s: float) -> Engine:
     """A file (WAL, busy timeout, foreign keys) or, for "sqlite://", one shared in-memory connection:
     the latter is for tests and single-threaded tools, not for a daemon serving threads."""
     memory = u.database in (None, "", ":memory:")
+    kw: dict[str, Any] = dict(poolclass=StaticPool) if memory else {}
     if not memory:
+        path = Path(u.database).expanduser().absolute()
         try:
-            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreUnavailable(f"cannot create the directory of {safe(u)}: {e}") from None
-    kw = dict(poolclass=StaticPool) if memory else {}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                sqlite3.connect(path).close()  # the one place a database file is created
+        except (OSError, sqlite3.Error) as e:
+            raise StoreUnavailable(f"cannot create {safe(u)}: {e}") from None
+        uri = f"file:{quote(str(path))}?mode=rw"  # never create it again: a vanished file is an error
+
+        def connect() -> sqlite3.Connection:
+            return sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, check_same_thread=False)
+
+        kw.update(creator=connect, pool_pre_ping=True, pool_timeout=POOL_TIMEOUT_S)
     engine = create_engine(u, connect_args={"timeout": busy_timeout_s, "check_same_thread": False}, **kw)
+    if not memory:
+        _files[engine] = _File(path)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:
@@ -138,8 +182,10 @@ def upgrade(engine: Engine) -> str:
             rev = current_revision(conn)  # re-read under the lock: another process may have migrated
             known = {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
             if rev is not None and rev not in known:
-                raise SchemaError(f"database {safe(engine.url)} is at schema revision {rev!r}, which this tunerd "
-                                  f"does not know (its newest is {head!r}): it was written by a newer tunerd")
+                raise SchemaError(
+                    f"database {safe(engine.url)} is at schema revision {rev!r}, which this tunerd "
+                    f"does not know (its newest is {head!r}): it was written by a newer tunerd"
+                )
             if rev != head:
                 command.upgrade(_alembic_config(conn), "head")
     return head
@@ -147,19 +193,86 @@ def upgrade(engine: Engine) -> str:
 
 @contextmanager
 def guard(engine: Engine) -> Iterator[None]:
-    """Translate driver errors into StoreUnavailable / StoreError with the (password-free) URL."""
+    """Translate driver errors into StoreUnavailable / StoreError with the (password-free) URL; after
+    an error that can outlive its cause in a pooled connection, replace the pool."""
     try:
         yield
     except StoreError:
         raise
+    except exc.TimeoutError as e:  # no pooled connection came free in time
+        raise StoreUnavailable(
+            f"database {safe(engine.url)} busy: no connection free within {POOL_TIMEOUT_S:g}s"
+        ) from e
     except exc.OperationalError as e:
+        _recycle(engine, e)
         raise StoreUnavailable(f"database {safe(engine.url)} unavailable: {_first_line(e)}") from e
     except exc.InterfaceError as e:
+        _recycle(engine, e)
         raise StoreUnavailable(f"database {safe(engine.url)} connection failed: {_first_line(e)}") from e
     except exc.DBAPIError as e:
         if e.connection_invalidated:
             raise StoreUnavailable(f"database {safe(engine.url)} connection lost: {_first_line(e)}") from e
+        if type(e) is exc.DatabaseError:  # SQLite: "file is not a database", "disk image is malformed"
+            _recycle(engine, e)
+            raise StoreUnavailable(f"database {safe(engine.url)} is damaged: {_first_line(e)}") from e
         raise StoreError(f"database {safe(engine.url)} rejected the operation: {_first_line(e)}") from e
+
+
+def _recycle(engine: Engine, e: exc.DBAPIError) -> None:
+    """Replace the pool (connections return to the old one and close): a connection opened while the
+    file was read-only stays read-only, one on a damaged or replaced file keeps failing. Lock waits
+    and the shared in-memory connection are left alone."""
+    if "locked" in _first_line(e) or (engine.dialect.name == "sqlite" and engine not in _files):
+        return
+    engine.dispose()
+
+
+def check_health(engine: Engine, *, write: bool = True) -> None:
+    """Raise StoreUnavailable (SchemaError for a foreign schema) unless the store is sound.
+
+    Always (cheap, file stores): the SQLite file is still the file that was opened (not deleted or
+    replaced), starts with SQLite's header, is writable, and its disk has MIN_FREE_BYTES free (a write
+    into WAL space already allocated succeeds on a full disk). With write: the schema is at this
+    tunerd's head revision and a write transaction commits (read-only, damaged or full fails here)."""
+    f = _files.get(engine)
+    if f is not None:
+        now = f.current()
+        if now is None:
+            raise StoreUnavailable(
+                f"database file {f.path} is gone (deleted or moved while tunerd ran); restore "
+                f"it: tunerd does not start an empty store in its place"
+            )
+        if now != f.identity:  # put back (or replaced): reopen it, then prove it below
+            engine.dispose()
+            f.identity = now
+        try:
+            st = os.statvfs(f.path)
+            free = st.f_bavail * st.f_frsize
+        except (OSError, AttributeError):  # no statvfs: the write below still tells
+            free = MIN_FREE_BYTES
+        if free < MIN_FREE_BYTES:
+            raise StoreUnavailable(f"the disk of {f.path} is full ({free} bytes free): writes will fail")
+        try:
+            with open(f.path, "rb") as fh:
+                header = fh.read(16)
+        except OSError as e:
+            raise StoreUnavailable(f"database file {f.path} cannot be read: {e.strerror or e}") from None
+        if header and header != b"SQLite format 3\0":
+            raise StoreUnavailable(f"database file {f.path} is damaged: its header is not SQLite's")
+        if not os.access(f.path, os.W_OK) or not os.access(f.path.parent, os.W_OK):
+            raise StoreUnavailable(f"database file {f.path} (or its directory) is read-only")
+    if not write:
+        return
+    head = head_revision()
+    with guard(engine):
+        with engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
+            rev = current_revision(conn)
+            if rev != head:
+                raise SchemaError(
+                    f"database {safe(engine.url)} is at schema revision {rev!r}, this tunerd "
+                    f"needs {head!r}" + (" (no tunerd schema: an empty or foreign database)" if rev is None else "")
+                )
+            conn.execute(text("UPDATE alembic_version SET version_num = version_num"))  # a real write
 
 
 def _first_line(e: exc.DBAPIError) -> str:

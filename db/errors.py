@@ -3,9 +3,10 @@
 Raw driver errors never escape the store: a locked or unreachable database is StoreUnavailable,
 bad input is InvalidRecord (also a ValueError), a missing name is a LookupError subclass.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class StoreError(Exception):

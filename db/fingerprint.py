@@ -3,6 +3,7 @@
 Lookups match the exact key, so a new driver, torch, Triton or generator version is a new device,
 and interpreter timings (CPU boxes) can never answer a GPU client.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -10,7 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, fields
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ class DeviceFingerprint:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Any) -> "DeviceFingerprint":
+    def from_dict(cls, d: Any) -> DeviceFingerprint:
         if not isinstance(d, dict):
             raise InvalidRecord(f"a device fingerprint must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
@@ -62,7 +63,7 @@ class DeviceFingerprint:
         return cls(**d)
 
     @classmethod
-    def from_key(cls, key: str) -> "DeviceFingerprint":
+    def from_key(cls, key: str) -> DeviceFingerprint:
         try:
             return cls.from_dict(json.loads(key))
         except json.JSONDecodeError as e:
@@ -80,8 +81,10 @@ class DeviceFingerprint:
     def describe(self) -> str:
         if self.interpreter:
             return f"{self.name} triton {self.triton} torch {self.torch} gen {self.generator_version}"
-        return (f"{self.name} sm_{(self.compute_capability or '?').replace('.', '')} {self.sm_count} SMs "
-                f"driver {self.driver} cuda {self.cuda} triton {self.triton} gen {self.generator_version}")
+        return (
+            f"{self.name} sm_{(self.compute_capability or '?').replace('.', '')} {self.sm_count} SMs "
+            f"driver {self.driver} cuda {self.cuda} triton {self.triton} gen {self.generator_version}"
+        )
 
 
 def current(device: Any = None) -> DeviceFingerprint:
@@ -93,7 +96,7 @@ def current(device: Any = None) -> DeviceFingerprint:
     """
     import torch
 
-    from kernels.runtime import interpreting
+    from tunerd.kernels.runtime import interpreting
 
     dev = torch.device(device) if isinstance(device, (str, int)) else device
     if (isinstance(dev, torch.device) and dev.type == "cpu") or interpreting() or not torch.cuda.is_available():
@@ -101,23 +104,38 @@ def current(device: Any = None) -> DeviceFingerprint:
     return _fingerprint(torch.cuda.current_device() if dev is None or dev.index is None else dev.index)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fingerprint(cuda_index: int | None) -> DeviceFingerprint:
     """The interpreter's fingerprint (None) or that of one CUDA device."""
     import torch
     import triton
 
-    from kernels import GENERATOR_VERSION
+    from tunerd.kernels import GENERATOR_VERSION
 
     common = dict(triton=triton.__version__, torch=torch.__version__, generator_version=GENERATOR_VERSION)
     if cuda_index is None:
-        return DeviceFingerprint(name=INTERPRETER_NAME, compute_capability=None, sm_count=0, memory_bytes=0,
-                                 driver=None, cuda=None, interpreter=True, **common)
+        return DeviceFingerprint(
+            name=INTERPRETER_NAME,
+            compute_capability=None,
+            sm_count=0,
+            memory_bytes=0,
+            driver=None,
+            cuda=None,
+            interpreter=True,
+            **common,
+        )
     props = torch.cuda.get_device_properties(cuda_index)
     cuda = torch.version.cuda or (f"hip {torch.version.hip}" if getattr(torch.version, "hip", None) else None)
-    return DeviceFingerprint(name=props.name, compute_capability=f"{props.major}.{props.minor}",
-                             sm_count=int(props.multi_processor_count), memory_bytes=int(props.total_memory),
-                             driver=driver_version(), cuda=cuda, interpreter=False, **common)
+    return DeviceFingerprint(
+        name=props.name,
+        compute_capability=f"{props.major}.{props.minor}",
+        sm_count=int(props.multi_processor_count),
+        memory_bytes=int(props.total_memory),
+        driver=driver_version(),
+        cuda=cuda,
+        interpreter=False,
+        **common,
+    )
 
 
 def driver_version() -> str | None:

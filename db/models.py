@@ -4,20 +4,37 @@ JSON values (spec keys, schedules, fingerprints, job payloads) are stored as can
 SQLite and PostgreSQL hold byte-identical keys. Timestamps are naive UTC in the database and
 timezone-aware UTC in Python.
 """
+
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
-                        TypeDecorator)
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 TRIAL_STATUSES = ("ok", "wrong-result", "compile-error", "crash", "timeout")
 JOB_STATUSES = ("queued", "running", "done", "failed")
 
-NAMING = {"ix": "ix_%(table_name)s_%(column_0_N_name)s", "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-          "ck": "ck_%(table_name)s_%(constraint_name)s", "fk": "fk_%(table_name)s_%(column_0_name)s",
-          "pk": "pk_%(table_name)s"}
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s",
+    "pk": "pk_%(table_name)s",
+}
 
 
 def utcnow() -> datetime:
@@ -83,8 +100,10 @@ class Variant(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (CheckConstraint(_in("status", JOB_STATUSES), name="status"),
-                      CheckConstraint("specs IS NOT NULL OR suite IS NOT NULL", name="target"))
+    __table_args__ = (
+        CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        CheckConstraint("specs IS NOT NULL OR suite IS NOT NULL", name="target"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     specs: Mapped[str | None] = mapped_column(Text)  # JSON list of spec objects
     suite: Mapped[str | None] = mapped_column(String(100))
@@ -108,8 +127,11 @@ class Trial(Base):
     """One measurement of one variant on one device. Never updated after it is written."""
 
     __tablename__ = "trials"
-    __table_args__ = (CheckConstraint(_in("status", TRIAL_STATUSES), name="status"),
-                      Index(None, "device_id", "spec_id"), Index(None, "device_id", "variant_id"))
+    __table_args__ = (
+        CheckConstraint(_in("status", TRIAL_STATUSES), name="status"),
+        Index(None, "device_id", "spec_id"),
+        Index(None, "device_id", "variant_id"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
     spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"))
@@ -122,7 +144,7 @@ class Trial(Base):
     error: Mapped[str | None] = mapped_column(Text)
     strategy: Mapped[str | None] = mapped_column(String(64))
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
-    origin: Mapped[str | None] = mapped_column(String(80))  # "bundle:<sha256>" when imported
+    origin: Mapped[str | None] = mapped_column(String(80))  # None: measured here; "bundle:<sha256>": a claim
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -134,12 +156,15 @@ class _WinnerColumns:
     trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"))
     variant_id: Mapped[str] = mapped_column(ForeignKey("variants.id"))
     median_ms: Mapped[float] = mapped_column(Float)
+    # True while the winning trial is an imported timing (a claim) no local measurement has replaced yet
+    claimed: Mapped[bool] = mapped_column(Boolean, server_default=false())
     speedup_vs_default: Mapped[float | None] = mapped_column(Float)
     fraction_of_roofline: Mapped[float | None] = mapped_column(Float)
 
 
 class Winner(_WinnerColumns, Base):
-    """The fastest correct trial per (device, spec). Ratios are rescaled when the winner changes."""
+    """The best trial per (device, spec): local measurements first (fastest correct one), else the fastest
+    claim. Ratios are rescaled when the winner changes."""
 
     __tablename__ = "winners"
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

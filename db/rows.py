@@ -1,6 +1,8 @@
 """Rows the store hands out: plain frozen dataclasses (no ORM objects), each with a JSON-ready to_dict()."""
+
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -8,8 +10,8 @@ from functools import lru_cache
 from numbers import Real
 from typing import Any
 
-from kernels.schedule import Schedule, ScheduleError
-from kernels.spec import BlockSpec, SpecError
+from tunerd.kernels.schedule import Schedule, ScheduleError
+from tunerd.kernels.spec import BlockSpec, SpecError
 
 from .errors import InvalidRecord, SchemaError, field_mismatch
 from .fingerprint import DeviceFingerprint
@@ -85,6 +87,34 @@ def number(name: str, value: Any, *, optional: bool = True, positive: bool = Fal
     return v
 
 
+def label(name: str, value: Any, limit: int, *, optional: bool = True) -> str | None:
+    """A non-empty string of at most limit characters, or None when optional."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > limit:
+        raise InvalidRecord(f"{name} must be a non-empty string of at most {limit} characters, got {value!r}")
+    return value
+
+
+def json_object(name: str, value: Any) -> str | None:
+    """A dict as canonical JSON text (None stays None)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRecord(f"{name} must be a dict, got {type(value).__name__}")
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidRecord(f"{name} is not JSON-serialisable: {e}") from None
+
+
+def row_limit(limit: Any) -> int:
+    """A positive int: how many rows a listing returns."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InvalidRecord(f"limit must be a positive int, got {limit!r}")
+    return limit
+
+
 @dataclass(frozen=True)
 class TrialRow(_Row):
     """One measured variant on one device."""
@@ -102,13 +132,14 @@ class TrialRow(_Row):
     error: str | None
     strategy: str | None
     job_id: int | None
-    origin: str | None  # "bundle:<sha256>" for imported trials
+    origin: str | None  # None: measured here; "bundle:<sha256>": an imported claim
     created_at: datetime
 
 
 @dataclass(frozen=True)
 class WinnerRow(_Row):
-    """The fastest correct variant for (device, spec), with the exact source that was measured."""
+    """The winning variant for (device, spec), with its source (rendered by the store's tunerd). claimed: its
+    timing is an imported claim (origin says where from) that no local measurement has replaced yet."""
 
     device: DeviceFingerprint
     spec: BlockSpec
@@ -126,21 +157,35 @@ class WinnerRow(_Row):
     trial_id: int | None = None  # local to one store; not carried by bundles
     job_id: int | None = None
     origin: str | None = None
+    claimed: bool = False
     snapshot: str | None = None  # the snapshot this answer came from, None for live winners
 
     @property
     def device_key(self) -> str:
         return self.device.key
 
-    PORTABLE = ("device", "spec", "schedule", "source", "variant_id", "median_ms", "spread_ms", "reps", "max_error",
-                "speedup_vs_default", "fraction_of_roofline", "strategy", "created_at")
+    PORTABLE = (
+        "device",
+        "spec",
+        "schedule",
+        "source",
+        "variant_id",
+        "median_ms",
+        "spread_ms",
+        "reps",
+        "max_error",
+        "speedup_vs_default",
+        "fraction_of_roofline",
+        "strategy",
+        "created_at",
+    )
 
     def portable(self) -> dict[str, Any]:
         """The fields that mean the same thing in another store (what a bundle carries)."""
         return {k: jsonable(getattr(self, k)) for k in self.PORTABLE}
 
     @classmethod
-    def from_portable(cls, d: Any) -> "WinnerRow":
+    def from_portable(cls, d: Any) -> WinnerRow:
         """Parse portable() output; raises InvalidRecord naming the bad field."""
         if not isinstance(d, dict):
             raise InvalidRecord(f"a winner must be a JSON object, got {type(d).__name__}")
@@ -158,14 +203,21 @@ class WinnerRow(_Row):
             raise InvalidRecord(f"reps must be an int, got {d['reps']!r}")
         if d["strategy"] is not None and not isinstance(d["strategy"], str):
             raise InvalidRecord("strategy must be a string or null")
-        return cls(device=DeviceFingerprint.from_dict(d["device"]), spec=spec, schedule=schedule, source=d["source"],
-                   variant_id=d["variant_id"],
-                   median_ms=number("median_ms", d["median_ms"], optional=False, positive=True),
-                   spread_ms=number("spread_ms", d["spread_ms"]), reps=d["reps"],
-                   max_error=number("max_error", d["max_error"]),
-                   speedup_vs_default=number("speedup_vs_default", d["speedup_vs_default"], positive=True),
-                   fraction_of_roofline=number("fraction_of_roofline", d["fraction_of_roofline"], positive=True),
-                   strategy=d["strategy"], created_at=parse_time(d["created_at"], "created_at"))
+        return cls(
+            device=DeviceFingerprint.from_dict(d["device"]),
+            spec=spec,
+            schedule=schedule,
+            source=d["source"],
+            variant_id=d["variant_id"],
+            median_ms=number("median_ms", d["median_ms"], optional=False, positive=True),
+            spread_ms=number("spread_ms", d["spread_ms"]),
+            reps=d["reps"],
+            max_error=number("max_error", d["max_error"]),
+            speedup_vs_default=number("speedup_vs_default", d["speedup_vs_default"], positive=True),
+            fraction_of_roofline=number("fraction_of_roofline", d["fraction_of_roofline"], positive=True),
+            strategy=d["strategy"],
+            created_at=parse_time(d["created_at"], "created_at"),
+        )
 
 
 @dataclass(frozen=True)

@@ -1,41 +1,69 @@
 """Autograd for the generated convolutions, as torch custom ops.
 
 `tunerd::conv` runs the forward kernel (optionally saving z for backward and gathering BatchNorm
-statistics); `tunerd::conv_backward` runs dgrad / wgrad (kernels.backward) for exactly the inputs
-autograd asks for. Both are opaque custom ops with fake (meta) implementations and the backward is
-registered with torch.library.register_autograd, so models using them train eagerly and under
-torch.compile. `conv` is the Python entry (tunerd.functional.conv1d/2d/3d call it).
+batch statistics: the mean and biased variance of z); `tunerd::conv_backward` runs dgrad / wgrad
+(kernels.backward) for exactly the inputs autograd asks for. Both are opaque custom ops with fake
+(meta) implementations and the backward is registered with torch.library.register_autograd, so
+models using them train eagerly and under torch.compile. `conv` is the Python entry
+(tunerd.functional.conv1d/2d/3d call it).
 """
+
 import json
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
+from . import convargs
 from . import epilogue as _ep
 from .backward import Needs, conv_backward
 from .conv import EpilogueArgs, from_channels_last, make_spec, run_forward, to_channels_last
 from .schedule import Schedule
-from .spec import BlockSpec, normalize_padding, _ints
+from .spec import BlockSpec
 
 Tensor = torch.Tensor
 _F32 = torch.float32
 
 
-def _epilogue_args(bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-                   residual: Optional[Tensor], gamma: Optional[Tensor], star: Optional[Tensor],
-                   activation: Optional[str], residual_mode: str) -> EpilogueArgs:
-    ep = EpilogueArgs(bias=bias, scale=scale, shift=shift, residual=residual, gamma=gamma, activation=activation,
-                      residual_mode=residual_mode)
+def _epilogue_args(
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    residual: Tensor | None,
+    gamma: Tensor | None,
+    star: Tensor | None,
+    activation: str | None,
+    residual_mode: str,
+) -> EpilogueArgs:
+    ep = EpilogueArgs(
+        bias=bias,
+        scale=scale,
+        shift=shift,
+        residual=residual,
+        gamma=gamma,
+        activation=activation,
+        residual_mode=residual_mode,
+    )
     if star is not None:
         ep.star_s, ep.star_b = star[0], star[1]
     return ep
 
 
-def _spec(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
-          ep: EpilogueArgs, precision: str, stats: bool, save_z: bool) -> BlockSpec:
+def _spec(
+    x: Tensor,
+    weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    ep: EpilogueArgs,
+    precision: str,
+    stats: bool,
+    save_z: bool,
+) -> BlockSpec:
     pairs = tuple((padding[2 * i], padding[2 * i + 1]) for i in range(len(stride)))
-    return make_spec(x, weight, len(stride), tuple(stride), pairs, tuple(dilation), groups, ep, precision,
-                     stats=stats, save_z=save_z)
+    return make_spec(
+        x, weight, len(stride), tuple(stride), pairs, tuple(dilation), groups, ep, precision, stats=stats, save_z=save_z
+    )
 
 
 def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -44,12 +72,27 @@ def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 # ---- forward op ------------------------------------------------------------------------------------
 @torch.library.custom_op("tunerd::conv", mutates_args=())
-def conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-            residual: Optional[Tensor], gamma: Optional[Tensor], star: Optional[Tensor], stride: list[int],
-            padding: list[int], dilation: list[int], groups: int, activation: Optional[str], residual_mode: str,
-            schedule: Optional[str], precision: str, save_z: bool,
-            stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, z or empty, sum or empty, sumsq or empty); padding is flattened (low, high) pairs."""
+def conv_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    residual: Tensor | None,
+    gamma: Tensor | None,
+    star: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    activation: str | None,
+    residual_mode: str,
+    schedule: str | None,
+    precision: str,
+    save_z: bool,
+    stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, z or empty, mean or empty, var or empty); padding is flattened (low, high) pairs."""
     ep = _epilogue_args(bias, scale, shift, residual, gamma, star, activation, residual_mode)
     spec = _spec(x, weight, stride, padding, dilation, groups, ep, precision, stats, save_z)
     res = run_forward(spec, x, weight, ep, json.loads(schedule) if schedule else None)
@@ -57,16 +100,38 @@ def conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[T
     z = res.z if res.z is not None else _empty(x)
     if not stats:
         return y, z, _empty(x, _F32), _empty(x, _F32)
-    return y, z, res.sum.clone(), res.sumsq.clone()
+    return y, z, res.mean, res.var
 
 
 @conv_op.register_fake
-def _conv_fake(x, weight, bias, scale, shift, residual, gamma, star, stride, padding, dilation, groups, activation,
-               residual_mode, schedule, precision, save_z, stats):
+def _conv_fake(
+    x,
+    weight,
+    bias,
+    scale,
+    shift,
+    residual,
+    gamma,
+    star,
+    stride,
+    padding,
+    dilation,
+    groups,
+    activation,
+    residual_mode,
+    schedule,
+    precision,
+    save_z,
+    stats,
+):
     # shapes only (symbolic sizes allowed); the real implementation validates and specialises
     k = weight.shape[0]
-    out = [(x.shape[2 + i] + padding[2 * i] + padding[2 * i + 1] - dilation[i] * (weight.shape[2 + i] - 1) - 1)
-           // stride[i] + 1 for i in range(len(stride))]
+    out = [
+        (x.shape[2 + i] + padding[2 * i] + padding[2 * i + 1] - dilation[i] * (weight.shape[2 + i] - 1) - 1)
+        // stride[i]
+        + 1
+        for i in range(len(stride))
+    ]
     shape = (x.shape[0], *out, k)
     y = from_channels_last(x.new_empty(shape), x)
     z = x.new_empty(shape) if save_z else _empty(x)
@@ -80,18 +145,58 @@ _NEEDS = ("input", "weight", "bias", "scale", "shift", "residual", "gamma", "sta
 
 
 @torch.library.custom_op("tunerd::conv_backward", mutates_args=())
-def conv_backward_op(dy: Tensor, x: Tensor, weight: Tensor, z: Optional[Tensor], bias: Optional[Tensor],
-                     scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
-                     gamma: Optional[Tensor], star: Optional[Tensor], dsum: Optional[Tensor],
-                     dsumsq: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
-                     groups: int, activation: Optional[str], residual_mode: str, precision: str, stats: bool,
-                     needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def conv_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    z: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    residual: Tensor | None,
+    gamma: Tensor | None,
+    star: Tensor | None,
+    dmean: Tensor | None,
+    dvar: Tensor | None,
+    mean: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    activation: str | None,
+    residual_mode: str,
+    precision: str,
+    stats: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (input, weight, bias, scale, shift, residual 'pre', gamma, star); empty where not needed."""
     ep = _epilogue_args(bias, scale, shift, residual, gamma, star, activation, residual_mode)
     spec = _spec(x, weight, stride, padding, dilation, groups, ep, precision, stats, False)
-    g = conv_backward(dy, x, weight, spec, ep, z, Needs(*needs), dsum, dsumsq)
-    fakes = _backward_fake(dy, x, weight, z, bias, scale, shift, residual, gamma, star, dsum, dsumsq, stride, padding,
-                           dilation, groups, activation, residual_mode, precision, stats, needs)
+    g = conv_backward(dy, x, weight, spec, ep, z, Needs(*needs), dmean, dvar, mean)
+    fakes = _backward_fake(
+        dy,
+        x,
+        weight,
+        z,
+        bias,
+        scale,
+        shift,
+        residual,
+        gamma,
+        star,
+        dmean,
+        dvar,
+        mean,
+        stride,
+        padding,
+        dilation,
+        groups,
+        activation,
+        residual_mode,
+        precision,
+        stats,
+        needs,
+    )
     out = []
     for name, fake in zip(_NEEDS, fakes):
         t = getattr(g, name)
@@ -105,14 +210,43 @@ def conv_backward_op(dy: Tensor, x: Tensor, weight: Tensor, z: Optional[Tensor],
 
 
 @conv_backward_op.register_fake
-def _backward_fake(dy, x, weight, z, bias, scale, shift, residual, gamma, star, dsum, dsumsq, stride, padding,
-                   dilation, groups, activation, residual_mode, precision, stats, needs):
+def _backward_fake(
+    dy,
+    x,
+    weight,
+    z,
+    bias,
+    scale,
+    shift,
+    residual,
+    gamma,
+    star,
+    dmean,
+    dvar,
+    mean,
+    stride,
+    padding,
+    dilation,
+    groups,
+    activation,
+    residual_mode,
+    precision,
+    stats,
+    needs,
+):
     def cl_like(t: Tensor) -> Tensor:  # channels-last buffer seen in t's memory format (as the kernels return)
         return from_channels_last(t.new_empty((t.shape[0], *t.shape[2:], t.shape[1])), t)
 
-    shapes = (cl_like(x) if needs[0] else None, torch.empty_like(weight, memory_format=torch.contiguous_format),
-              bias, scale, shift, cl_like(residual) if residual is not None and needs[5] else None, gamma,
-              star)
+    shapes = (
+        cl_like(x) if needs[0] else None,
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        bias,
+        scale,
+        shift,
+        cl_like(residual) if residual is not None and needs[5] else None,
+        gamma,
+        star,
+    )
     out = []
     for need, t, ref in zip(needs, shapes, (x, weight, bias, scale, shift, residual, gamma, star)):
         if not need or ref is None:
@@ -125,24 +259,47 @@ def _backward_fake(dy, x, weight, z, bias, scale, shift, residual, gamma, star, 
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    (x, weight, bias, scale, shift, residual, gamma, star, stride, padding, dilation, groups, activation,
-     residual_mode, schedule, precision, save_z, stats) = inputs
-    y, z, s, ss = output
+    (
+        x,
+        weight,
+        bias,
+        scale,
+        shift,
+        residual,
+        gamma,
+        star,
+        stride,
+        padding,
+        dilation,
+        groups,
+        activation,
+        residual_mode,
+        schedule,
+        precision,
+        save_z,
+        stats,
+    ) = inputs
+    y, z, mean, var = output
     ctx.mark_non_differentiable(z)
     if not stats:
-        ctx.mark_non_differentiable(s, ss)
-    ep = _ep.Epilogue(bias=bias is not None, affine=scale is not None, activation=activation,
-                      residual=residual_mode if residual is not None else None, layer_scale=gamma is not None,
-                      stats=stats)
+        ctx.mark_non_differentiable(mean, var)
+    ep = _ep.Epilogue(
+        bias=bias is not None,
+        affine=scale is not None,
+        activation=activation,
+        residual=residual_mode if residual is not None else None,
+        layer_scale=gamma is not None,
+        stats=stats,
+    )
     # z is y itself when nothing follows the conv (BatchNorm-train convs): keep y instead of a copy
     saved_z = y if (not save_z and ep.is_identity and stats) else (z if save_z else None)
     ctx.z_is_y = saved_z is y
-    ctx.save_for_backward(x, weight, bias, scale, shift, residual, gamma, star, saved_z)
+    ctx.save_for_backward(x, weight, bias, scale, shift, residual, gamma, star, saved_z, mean if stats else None)
     ctx.cfg = (stride, padding, dilation, groups, activation, residual_mode, precision, stats)
 
 
-def _backward(ctx: Any, dy: Tensor, dz: Tensor, dsum: Tensor, dsumsq: Tensor) -> tuple:
-    x, weight, bias, scale, shift, residual, gamma, star, z = ctx.saved_tensors
+def _backward(ctx: Any, dy: Tensor, dz: Tensor, dmean: Tensor, dvar: Tensor) -> tuple:
+    x, weight, bias, scale, shift, residual, gamma, star, z, mean = ctx.saved_tensors
     stride, padding, dilation, groups, activation, residual_mode, precision, stats = ctx.cfg
     ng = ctx.needs_input_grad
     needs = [bool(ng[i]) for i in range(8)]
@@ -151,13 +308,34 @@ def _backward(ctx: Any, dy: Tensor, dz: Tensor, dsum: Tensor, dsumsq: Tensor) ->
         needs[5] = False  # d residual is dy itself
     if ctx.z_is_y:
         z = to_channels_last(z)
-    if not stats or (dsum is not None and dsum.numel() == 0):
-        dsum = dsumsq = None
-    grads: list[Optional[Tensor]] = [None] * 8
+    if not stats or (dmean is not None and dmean.numel() == 0):
+        dmean = dvar = mean = None
+    grads: list[Tensor | None] = [None] * 8
     if any(needs):
-        got = torch.ops.tunerd.conv_backward(dy, x, weight, z, bias, scale, shift, residual, gamma, star, dsum,
-                                             dsumsq, stride, padding, dilation, groups, activation, residual_mode,
-                                             precision, stats, needs)
+        got = torch.ops.tunerd.conv_backward(
+            dy,
+            x,
+            weight,
+            z,
+            bias,
+            scale,
+            shift,
+            residual,
+            gamma,
+            star,
+            dmean,
+            dvar,
+            mean,
+            stride,
+            padding,
+            dilation,
+            groups,
+            activation,
+            residual_mode,
+            precision,
+            stats,
+            needs,
+        )
         grads = [t if need else None for t, need in zip(got, needs)]
     if post and ng[5]:
         grads[5] = dy
@@ -168,34 +346,60 @@ conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- Python entry ----------------------------------------------------------------------------------
-def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Any = 1, padding: Any = 0,
-         dilation: Any = 1, groups: int = 1, *, ndim: int, activation: Optional[str] = None,
-         scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, residual: Optional[Tensor] = None,
-         residual_mode: str = "post", layer_scale: Optional[Tensor] = None,
-         starrelu_scale: Union[float, Tensor] = 1.0, starrelu_bias: Union[float, Tensor] = 0.0,
-         schedule: Union[Schedule, dict, None] = None, precision: str = "ieee",
-         stats: bool = False) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
+def conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    *,
+    ndim: int,
+    activation: str | None = None,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    residual: Tensor | None = None,
+    residual_mode: str = "post",
+    layer_scale: Tensor | None = None,
+    starrelu_scale: float | Tensor = 1.0,
+    starrelu_bias: float | Tensor = 0.0,
+    schedule: Schedule | dict | None = None,
+    precision: str = "ieee",
+    stats: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Differentiable y = epilogue(conv(input, weight)) (tunerd.functional semantics).
 
     Gradients flow to input, weight, bias, scale, shift, residual, layer_scale and (tensor)
-    starrelu_scale / starrelu_bias. stats=True returns (y, sum, sumsq): per-channel fp32 sums of
-    the pre-epilogue conv output z over batch and positions, differentiable too (BatchNorm train).
+    starrelu_scale / starrelu_bias. stats=True returns (y, mean, var): per-channel fp32 mean and
+    biased variance of the pre-epilogue conv output z over batch and positions (BatchNorm's batch
+    statistics), differentiable too.
     `schedule` picks the forward variant; backward variants come from the tuned lookup or defaults.
     """
-    ep = EpilogueArgs(bias=bias, scale=scale, shift=shift, residual=residual, gamma=layer_scale,
-                      activation=activation, residual_mode=residual_mode, star_s=starrelu_scale,
-                      star_b=starrelu_bias)
-    compiling = torch.compiler.is_compiling()
-    if not compiling:  # clear errors before anything reaches the dispatcher (the fake checks under compile)
-        make_spec(input, weight, ndim, stride, padding, dilation, groups, ep, precision, stats=stats)
-    kernel = tuple(weight.shape[2:])
-    stride_t, dilation_t = _ints("stride", stride, ndim), _ints("dilation", dilation, ndim)
-    pads = [v for pair in normalize_padding(padding, kernel, dilation_t, stride_t) for v in pair]
+    ep = EpilogueArgs(
+        bias=bias,
+        scale=scale,
+        shift=shift,
+        residual=residual,
+        gamma=layer_scale,
+        activation=activation,
+        residual_mode=residual_mode,
+        star_s=starrelu_scale,
+        star_b=starrelu_bias,
+    )
+    args = convargs.normalize(ndim, input, weight, bias, stride, padding, dilation, groups)  # torch's rules
+    input, groups, stride_t, dilation_t = args.input, args.groups, args.stride, args.dilation
+    if residual is not None and not args.batched:
+        residual = ep.residual = residual.unsqueeze(0)
+    if not torch.compiler.is_compiling():  # clear errors before the dispatcher (the fake checks under compile)
+        make_spec(input, weight, ndim, stride_t, args.padding, dilation_t, groups, ep, precision, stats=stats)
+    pads = [v for pair in args.padding for v in pair]
     star = None
     if activation == "starrelu":
         if isinstance(starrelu_scale, Tensor) or isinstance(starrelu_bias, Tensor):
-            star = torch.stack([torch.as_tensor(v, device=input.device).to(_F32).reshape(())
-                                for v in (starrelu_scale, starrelu_bias)])
+            star = torch.stack(
+                [torch.as_tensor(v, device=input.device).to(_F32).reshape(()) for v in (starrelu_scale, starrelu_bias)]
+            )
         else:
             star = torch.tensor([float(starrelu_scale), float(starrelu_bias)], dtype=_F32, device=input.device)
     if isinstance(schedule, Schedule):
@@ -205,7 +409,26 @@ def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: A
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     e = ep.spec(stats=stats)
     save_z = training and _ep.saves_z(e) and not (e.is_identity and stats)
-    y, _, s, ss = torch.ops.tunerd.conv(input, weight, bias, scale, shift, residual, layer_scale, star,
-                                        list(stride_t), pads, list(dilation_t), groups, activation, residual_mode,
-                                        sched, precision, save_z, stats)
-    return (y, s, ss) if stats else y
+    y, _, mean, var = torch.ops.tunerd.conv(
+        input,
+        weight,
+        bias,
+        scale,
+        shift,
+        residual,
+        layer_scale,
+        star,
+        list(stride_t),
+        pads,
+        list(dilation_t),
+        groups,
+        activation,
+        residual_mode,
+        sched,
+        precision,
+        save_z,
+        stats,
+    )
+    if not args.batched:
+        y = y.squeeze(0)
+    return (y, mean, var) if stats else y

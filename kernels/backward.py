@@ -16,6 +16,7 @@ Scheme (kernels.epilogue.GradPlan has the formulas):
   gradients come from torch autograd over kernels.epilogue.apply_torch on the saved z.
 Residual 'post' has gradient dy itself; the caller passes dy through.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,13 +24,23 @@ from typing import Any
 
 import torch
 
-from . import runtime
 from . import epilogue as _ep
-from .conv import (EpilogueArgs, choose_variant, epilogue_kernel_args, from_channels_last, in_format_of,
-                   SPEC_DTYPES, new_buffer, new_channels_last, pack_weight, to_channels_last, upcast)
+from . import runtime
+from .conv import (
+    SPEC_DTYPES,
+    EpilogueArgs,
+    choose_variant,
+    epilogue_kernel_args,
+    from_channels_last,
+    in_format_of,
+    new_buffer,
+    new_channels_last,
+    pack_weight,
+    to_channels_last,
+    upcast,
+)
 from .schedule import Schedule
 from .spec import BlockSpec
-from .validate import EXAMPLE_ARGS
 
 
 @dataclass(frozen=True)
@@ -69,8 +80,9 @@ def grad_spec(spec: BlockSpec, op: str) -> BlockSpec:
     return spec.with_(op=op, epilogue=_ep.grad_epilogue(spec.epilogue, op))
 
 
-def _chain_args(gspec: BlockSpec, ep: EpilogueArgs, z: torch.Tensor | None, dstats: torch.Tensor | None,
-                device: torch.device) -> dict[str, Any]:
+def _chain_args(
+    gspec: BlockSpec, ep: EpilogueArgs, z: torch.Tensor | None, dstats: torch.Tensor | None, device: torch.device
+) -> dict[str, Any]:
     """The chain arguments a backward variant reads (its plan), bound from the forward's tensors."""
     plan = _ep.grad_plan(gspec.epilogue, gspec.op)
     args = epilogue_kernel_args(gspec, ep, device, only=plan.params)
@@ -81,13 +93,20 @@ def _chain_args(gspec: BlockSpec, ep: EpilogueArgs, z: torch.Tensor | None, dsta
     return args
 
 
-def dgrad_args(gspec: BlockSpec, dy: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor,
-               ep: EpilogueArgs | None = None, z: torch.Tensor | None = None,
-               dstats: torch.Tensor | None = None) -> dict[str, Any]:
+def dgrad_args(
+    gspec: BlockSpec,
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    dx: torch.Tensor,
+    ep: EpilogueArgs | None = None,
+    z: torch.Tensor | None = None,
+    dstats: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Kernel arguments of a dgrad variant.
 
     dy: channels-last [N, *out, K]; dx: the channels-last [N, *in, C] buffer it writes; ep / z /
-    dstats: the forward chain's tensors, saved z and [2, K] stats gradients, where the plan reads them.
+    dstats: the forward chain's tensors, saved z and the [3, K] stats gradient (stats_grad), where the plan
+    reads them.
     """
     args = {"dy_ptr": dy, "w_ptr": pack_weight(gspec, weight.detach()), "dx_ptr": dx, "UPCAST": upcast(dy)}
     args.update(_chain_args(gspec, ep or EpilogueArgs(), z, dstats, dy.device))
@@ -104,16 +123,23 @@ def wgrad_partials(gspec: BlockSpec, split_k: int, device: torch.device) -> torc
     return new_buffer(wgrad_partials_shape(gspec, split_k), torch.float32, device)
 
 
-def wgrad_args(gspec: BlockSpec, dy: torch.Tensor, x: torch.Tensor, dw: torch.Tensor, ep: EpilogueArgs | None = None,
-               z: torch.Tensor | None = None, dstats: torch.Tensor | None = None, red: torch.Tensor | None = None,
-               dres: torch.Tensor | None = None) -> dict[str, Any]:
+def wgrad_args(
+    gspec: BlockSpec,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    dw: torch.Tensor,
+    ep: EpilogueArgs | None = None,
+    z: torch.Tensor | None = None,
+    dstats: torch.Tensor | None = None,
+    red: torch.Tensor | None = None,
+    dres: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Kernel arguments of a wgrad variant.
 
     dw: wgrad_partials(); red: [split, len(plan.reductions), K] fp32 when the plan reduces; dres:
     the channels-last buffer for d residual ('pre'), or None to skip writing it.
     """
-    args: dict[str, Any] = {"dy_ptr": dy, "x_ptr": to_channels_last(x.detach()), "dw_ptr": dw,
-                            "UPCAST": upcast(dy)}
+    args: dict[str, Any] = {"dy_ptr": dy, "x_ptr": to_channels_last(x.detach()), "dw_ptr": dw, "UPCAST": upcast(dy)}
     args.update(_chain_args(gspec, ep or EpilogueArgs(), z, dstats, dy.device))
     if _ep.grad_plan(gspec.epilogue, "wgrad").reductions:
         args["red_ptr"] = red
@@ -131,9 +157,16 @@ def unpack_weight_grad(spec: BlockSpec, dw: torch.Tensor) -> torch.Tensor:
     return dw.reshape(spec.k, *spec.kernel, spec.cg).permute(0, nd + 1, *range(1, nd + 1))
 
 
-def _launch_dgrad(spec: BlockSpec, dy: torch.Tensor, weight: torch.Tensor, ep: EpilogueArgs,
-                  z: torch.Tensor | None, dstats: torch.Tensor | None, like: torch.Tensor,
-                  schedule: Schedule | dict | None) -> torch.Tensor:
+def _launch_dgrad(
+    spec: BlockSpec,
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    ep: EpilogueArgs,
+    z: torch.Tensor | None,
+    dstats: torch.Tensor | None,
+    like: torch.Tensor,
+    schedule: Schedule | dict | None,
+) -> torch.Tensor:
     gspec = grad_spec(spec, "dgrad")
     variant = choose_variant(gspec, dy.device, schedule)
     dx = new_channels_last((spec.n, spec.c, *spec.in_size), dy.dtype, dy.device)
@@ -141,10 +174,17 @@ def _launch_dgrad(spec: BlockSpec, dy: torch.Tensor, weight: torch.Tensor, ep: E
     return in_format_of(dx, like)
 
 
-def _launch_wgrad(spec: BlockSpec, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ep: EpilogueArgs,
-                  z: torch.Tensor | None, dstats: torch.Tensor | None, want_dres: bool,
-                  schedule: Schedule | dict | None
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+def _launch_wgrad(
+    spec: BlockSpec,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ep: EpilogueArgs,
+    z: torch.Tensor | None,
+    dstats: torch.Tensor | None,
+    want_dres: bool,
+    schedule: Schedule | dict | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """(weight gradient, per-channel chain sums by name, d residual for 'pre' or None)."""
     gspec = grad_spec(spec, "wgrad")
     plan = _ep.grad_plan(gspec.epilogue, "wgrad")
@@ -161,8 +201,9 @@ def _launch_wgrad(spec: BlockSpec, dy: torch.Tensor, x: torch.Tensor, weight: to
     return grad, sums, (in_format_of(dres, ep.residual) if want_dres else None)
 
 
-def _chain_grads_torch(spec: BlockSpec, dy: torch.Tensor, ep: EpilogueArgs, z: torch.Tensor | None,
-                       needs: Needs) -> Grads:
+def _chain_grads_torch(
+    spec: BlockSpec, dy: torch.Tensor, ep: EpilogueArgs, z: torch.Tensor | None, needs: Needs
+) -> Grads:
     """Chain gradients when no wgrad runs (frozen weight): torch autograd over the reference chain, fp32.
 
     Without a saved z the chain's parameter gradients do not depend on z (no activation, affine or
@@ -180,16 +221,32 @@ def _chain_grads_torch(spec: BlockSpec, dy: torch.Tensor, ep: EpilogueArgs, z: t
         return t.detach().float().requires_grad_(need)
 
     star = ep.star_tensor(dy.device) if spec.epilogue.activation == "starrelu" else None
-    inp = dict(bias=leaf(ep.bias, needs.bias), scale=leaf(ep.scale, needs.scale), shift=leaf(ep.shift, needs.shift),
-               residual=leaf(ep.residual, needs.residual), gamma=leaf(ep.gamma, needs.gamma),
-               star=leaf(star, needs.star))
+    inp = dict(
+        bias=leaf(ep.bias, needs.bias),
+        scale=leaf(ep.scale, needs.scale),
+        shift=leaf(ep.shift, needs.shift),
+        residual=leaf(ep.residual, needs.residual),
+        gamma=leaf(ep.gamma, needs.gamma),
+        star=leaf(star, needs.star),
+    )
     with torch.enable_grad():
         st = inp["star"]
-        y = _ep.apply_torch(spec.epilogue, zc, bias=inp["bias"], scale=inp["scale"], shift=inp["shift"],
-                            residual=inp["residual"], gamma=inp["gamma"],
-                            star_s=st[0] if st is not None else 1.0, star_b=st[1] if st is not None else 0.0)
-        names = [n for n in ("bias", "scale", "shift", "residual", "gamma", "star")
-                 if getattr(needs, n) and isinstance(inp[n], torch.Tensor)]
+        y = _ep.apply_torch(
+            spec.epilogue,
+            zc,
+            bias=inp["bias"],
+            scale=inp["scale"],
+            shift=inp["shift"],
+            residual=inp["residual"],
+            gamma=inp["gamma"],
+            star_s=st[0] if st is not None else 1.0,
+            star_b=st[1] if st is not None else 0.0,
+        )
+        names = [
+            n
+            for n in ("bias", "scale", "shift", "residual", "gamma", "star")
+            if getattr(needs, n) and isinstance(inp[n], torch.Tensor)
+        ]
         got = torch.autograd.grad(y, [inp[n] for n in names], dy.float(), allow_unused=True)
     out = Grads()
     for n, g in zip(names, got):
@@ -197,34 +254,63 @@ def _chain_grads_torch(spec: BlockSpec, dy: torch.Tensor, ep: EpilogueArgs, z: t
     return out
 
 
-def conv_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec: BlockSpec, ep: EpilogueArgs,
-                  z: torch.Tensor | None = None, needs: Needs = Needs(), dsum: torch.Tensor | None = None,
-                  dsumsq: torch.Tensor | None = None,
-                  schedules: dict[str, Schedule | dict] | None = None) -> Grads:
-    """All requested gradients of y = epilogue(conv(x, weight)) (and of stats' sum / sumsq).
+def stats_grad(
+    spec: BlockSpec,
+    dmean: torch.Tensor | None,
+    dvar: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """The [3, K] fp32 (d0, d1, d2) with which kernels add the stats' gradient: dz += d0 + d1 * (z - d2).
+
+    mean = sum z / n and var = sum (z - mean)^2 / n give d0 = dmean / n, d1 = 2 dvar / n, d2 = mean:
+    z - mean is formed per element, as torch's BatchNorm backward does, so large means never cancel.
+    """
+    n, k = spec.out_pixels, spec.k
+
+    def vec(t: torch.Tensor | None) -> torch.Tensor:
+        if t is None:
+            return torch.zeros(k, dtype=torch.float32, device=device)
+        return t.detach().to(torch.float32).reshape(k)
+
+    if dvar is not None and mean is None:
+        raise ValueError("the variance's gradient needs the forward's batch mean")
+    return torch.stack([vec(dmean) / n, vec(dvar) * (2.0 / n), vec(mean if dvar is not None else None)]).contiguous()
+
+
+def conv_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    spec: BlockSpec,
+    ep: EpilogueArgs,
+    z: torch.Tensor | None = None,
+    needs: Needs = Needs(),
+    dmean: torch.Tensor | None = None,
+    dvar: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None,
+    schedules: dict[str, Schedule | dict] | None = None,
+) -> Grads:
+    """All requested gradients of y = epilogue(conv(x, weight)) (and of the stats' mean / var).
 
     spec: the forward spec (make_spec); z: the channels-last pre-epilogue output the forward saved
-    (required when kernels.epilogue.saves_z(spec.epilogue)); dsum / dsumsq: [K] gradients of the
-    stats outputs (None = 0). schedules: optional {"dgrad": ..., "wgrad": ...} overrides of the
-    tuned / default schedules. Gradients come back in their tensor's dtype and memory format.
+    (required when kernels.epilogue.saves_z(spec.epilogue)); dmean / dvar: [K] gradients of the
+    stats outputs (None = 0), mean: the forward's batch mean of z (required with dvar). schedules:
+    optional {"dgrad": ..., "wgrad": ...} overrides of the tuned / default schedules. Gradients come back
+    in their tensor's dtype and memory format.
     """
     e = spec.epilogue
     if z is None and _ep.saves_z(e) and (needs.input or needs.weight or needs.chain or e.residual == "pre"):
         raise ValueError("this epilogue's backward needs z, the pre-epilogue output saved by the forward")
     schedules = schedules or {}
     dy_cl = to_channels_last(dy)
-    dstats = None
-    if e.stats:
-        zero = torch.zeros(spec.k, dtype=torch.float32, device=dy.device)
-        dstats = torch.stack([zero if g is None else g.detach().to(torch.float32).reshape(spec.k)
-                              for g in (dsum, dsumsq)]).contiguous()
+    dstats = stats_grad(spec, dmean, dvar, mean, dy.device) if e.stats else None
     out = Grads()
     if needs.input:
         out.input = _launch_dgrad(spec, dy_cl, weight, ep, z, dstats, x, schedules.get("dgrad"))
     res_pre = needs.residual and e.residual == "pre"
     if needs.weight:
-        out.weight, sums, dres = _launch_wgrad(spec, dy_cl, x, weight, ep, z, dstats, res_pre,
-                                               schedules.get("wgrad"))
+        out.weight, sums, dres = _launch_wgrad(spec, dy_cl, x, weight, ep, z, dstats, res_pre, schedules.get("wgrad"))
         if res_pre:
             out.residual = dres
         if "dshift" in sums:
@@ -235,9 +321,22 @@ def conv_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec:
         if "dstar_s" in sums:
             out.star = torch.stack([sums["dstar_s"].sum(), sums["dstar_b"].sum()])
     elif needs.chain or res_pre:
-        chain = _chain_grads_torch(spec, dy, ep, z, Needs(input=False, weight=False, bias=needs.bias,
-                                                            scale=needs.scale, shift=needs.shift, residual=res_pre,
-                                                            gamma=needs.gamma, star=needs.star))
+        chain = _chain_grads_torch(
+            spec,
+            dy,
+            ep,
+            z,
+            Needs(
+                input=False,
+                weight=False,
+                bias=needs.bias,
+                scale=needs.scale,
+                shift=needs.shift,
+                residual=res_pre,
+                gamma=needs.gamma,
+                star=needs.star,
+            ),
+        )
         for f in ("bias", "scale", "shift", "residual", "gamma", "star"):
             setattr(out, f, getattr(chain, f))
     if needs.residual and e.residual == "post":
@@ -254,7 +353,7 @@ def conv_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec:
 
 
 # ---- compile-validity examples (kernels.validate) ------------------------------------------------
-def _example_args(spec: BlockSpec, fwd: dict[str, Any]) -> dict[str, Any]:
+def example_args(spec: BlockSpec, fwd: dict[str, Any]) -> dict[str, Any]:
     """Kernel arguments of a dgrad/wgrad variant on the meta device (the real builders, no memory)."""
     dt = SPEC_DTYPES[spec.dtype]
     f32 = torch.float32
@@ -263,19 +362,39 @@ def _example_args(spec: BlockSpec, fwd: dict[str, Any]) -> dict[str, Any]:
         return torch.empty(shape, dtype=dtype, device="meta")
 
     e, n, k, out = spec.epilogue, spec.n, spec.k, spec.out_size
-    ep = EpilogueArgs(bias=meta(k) if e.bias else None, scale=meta(k, dtype=f32) if e.affine else None,
-                      shift=meta(k, dtype=f32) if e.affine else None,
-                      residual=meta(n, k, *out) if e.residual else None, gamma=meta(k, dtype=f32) if e.layer_scale
-                      else None, activation=e.activation, residual_mode=e.residual or "post")
-    dy, dstats = meta(n, *out, k), meta(2, k, dtype=f32)
+    ep = EpilogueArgs(
+        bias=meta(k) if e.bias else None,
+        scale=meta(k, dtype=f32) if e.affine else None,
+        shift=meta(k, dtype=f32) if e.affine else None,
+        residual=meta(n, k, *out) if e.residual else None,
+        gamma=meta(k, dtype=f32) if e.layer_scale else None,
+        activation=e.activation,
+        residual_mode=e.residual or "post",
+    )
+    dy, dstats = meta(n, *out, k), meta(3, k, dtype=f32)
     if spec.op == "dgrad":
         return dgrad_args(spec, dy, meta(k, spec.cg, *spec.kernel), meta(n, *spec.in_size, spec.c), ep, dy, dstats)
-    return wgrad_args(spec, dy, meta(n, spec.c, *spec.in_size), meta(1, dtype=f32), ep, dy, dstats,
-                      red=meta(1, dtype=f32), dres=dy if e.residual else None)
+    return wgrad_args(
+        spec,
+        dy,
+        meta(n, spec.c, *spec.in_size),
+        meta(1, dtype=f32),
+        ep,
+        dy,
+        dstats,
+        red=meta(1, dtype=f32),
+        dres=dy if e.residual else None,
+    )
 
 
-EXAMPLE_ARGS["dgrad"] = _example_args
-EXAMPLE_ARGS["wgrad"] = _example_args
-
-__all__ = ["Grads", "Needs", "conv_backward", "dgrad_args", "grad_spec", "unpack_weight_grad", "wgrad_args",
-           "wgrad_partials"]
+__all__ = [
+    "Grads",
+    "Needs",
+    "conv_backward",
+    "dgrad_args",
+    "grad_spec",
+    "stats_grad",
+    "unpack_weight_grad",
+    "wgrad_args",
+    "wgrad_partials",
+]

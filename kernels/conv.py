@@ -3,18 +3,21 @@
 Public API of the generator for any convolution (1d/2d/3d, dense, grouped, depthwise) with
 its fused epilogue. kernels.autograd wraps it (and kernels.backward) for training.
 
-BatchNorm train mode: `conv_forward(..., stats=True)` also returns the per-channel sum and sum of
-squares (fp32, [K]) of the pre-epilogue conv output z, gathered by the same kernel from its fp32
-accumulator (per-tile partials, reduced in fixed order), so batch statistics need no second read.
+BatchNorm train mode: `conv_forward(..., stats=True)` also returns the per-channel mean and biased
+variance (fp32, [K]) of the pre-epilogue conv output z, gathered by the same kernel from its fp32
+accumulator, so batch statistics need no second read: each output tile writes its per-channel mean
+and M2 (sum of squared deviations), which combine_moments merges in fixed order (deterministic).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Callable, Collection
+from typing import Any
 
 import torch
 
-from . import generator, runtime
+from . import convargs, generator, runtime
 from .schedule import Schedule
 from .spec import BlockSpec, Epilogue, SpecError, conv_spec
 
@@ -22,7 +25,8 @@ TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 SPEC_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
 # Tuned-kernel lookup installed by the product layer (tunerd); kernels never import it. It
-# answers a Schedule (rendered here), a Variant (exact source from a store or server), or None.
+# answers a Schedule (rendered here), a Variant (rendered by this process: a source from a store or
+# server is only ever a claim checked by kernels.trust), or None.
 ScheduleLookup = Callable[[BlockSpec, torch.device], "Schedule | generator.Variant | None"]
 _lookup: ScheduleLookup | None = None
 
@@ -39,8 +43,9 @@ def choose_variant(spec: BlockSpec, device: torch.device, schedule: Schedule | d
         answer = _lookup(spec, device)
         if isinstance(answer, generator.Variant):
             if answer.spec != spec:
-                raise SpecError(f"schedule lookup answered a kernel for {answer.spec.describe()}, "
-                                f"not {spec.describe()}")
+                raise SpecError(
+                    f"schedule lookup answered a kernel for {answer.spec.describe()}, not {spec.describe()}"
+                )
             return answer
         schedule = answer
     return generator.render(spec, schedule)
@@ -65,15 +70,25 @@ class EpilogueArgs:
             raise SpecError("scale and shift (folded BatchNorm) must be given together")
         if self.residual_mode not in ("pre", "post"):
             raise SpecError(f"residual_mode must be 'pre' or 'post', got {self.residual_mode!r}")
-        return Epilogue(bias=self.bias is not None, affine=self.scale is not None, activation=self.activation,
-                        residual=self.residual_mode if self.residual is not None else None,
-                        layer_scale=self.gamma is not None, stats=stats, save_z=save_z)
+        return Epilogue(
+            bias=self.bias is not None,
+            affine=self.scale is not None,
+            activation=self.activation,
+            residual=self.residual_mode if self.residual is not None else None,
+            layer_scale=self.gamma is not None,
+            stats=stats,
+            save_z=save_z,
+        )
 
     def star_tensor(self, device: torch.device) -> torch.Tensor:
         """(s, b) as the [2] fp32 tensor the kernels read through star_ptr (no host sync for tensors)."""
         if isinstance(self.star_s, torch.Tensor) or isinstance(self.star_b, torch.Tensor):
-            return torch.stack([torch.as_tensor(v, device=device).detach().to(torch.float32).reshape(())
-                                for v in (self.star_s, self.star_b)])
+            return torch.stack(
+                [
+                    torch.as_tensor(v, device=device).detach().to(torch.float32).reshape(())
+                    for v in (self.star_s, self.star_b)
+                ]
+            )
         return torch.tensor([float(self.star_s), float(self.star_b)], dtype=torch.float32, device=device)
 
 
@@ -83,37 +98,25 @@ def _check_tensor(name: str, t: Any) -> torch.Tensor:
     return t
 
 
-def make_spec(x: torch.Tensor, weight: torch.Tensor, ndim: int, stride: Any, padding: Any, dilation: Any,
-              groups: int, ep: EpilogueArgs, precision: str = "ieee", op: str = "fwd", stats: bool = False,
-              save_z: bool = False) -> BlockSpec:
+def make_spec(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ndim: int,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: int,
+    ep: EpilogueArgs,
+    precision: str = "ieee",
+    op: str = "fwd",
+    stats: bool = False,
+    save_z: bool = False,
+) -> BlockSpec:
     """Validate the torch-style call and describe it as a BlockSpec (stats / save_z: forward options)."""
-    _check_tensor("input", x)
-    _check_tensor("weight", weight)
-    fn = f"conv{ndim}d"
-    layout = "N, C, " + ", ".join(("D", "H", "W")[3 - ndim:])
-    if x.dim() != ndim + 2:
-        raise SpecError(f"{fn} expects a {ndim + 2}-D input [{layout}], got {x.dim()}-D shape {tuple(x.shape)}")
-    if weight.dim() != ndim + 2:
-        raise SpecError(f"{fn} expects a {ndim + 2}-D weight [K, C/groups, kernel...]; got shape {tuple(weight.shape)}")
-    if x.dtype not in TORCH_DTYPES:
-        raise SpecError(f"input dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
-    if weight.dtype != x.dtype:
-        raise SpecError(f"weight dtype {weight.dtype} does not match input dtype {x.dtype}")
-    if weight.device != x.device:
-        raise SpecError(f"weight is on {weight.device} but input is on {x.device}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise SpecError(f"groups must be a positive int, got {groups!r}")
-    n, c = x.shape[0], x.shape[1]
-    k = weight.shape[0]
-    if c % groups:
-        raise SpecError(f"input channels ({c}) must be divisible by groups ({groups})")
-    if k % groups:
-        raise SpecError(f"output channels ({k}) must be divisible by groups ({groups})")
-    if weight.shape[1] * groups != c:
-        raise SpecError(f"weight has {weight.shape[1]} input channels per group, but input has {c} channels "
-                        f"and groups={groups} (expected {c // groups})")
-    if min(x.shape) == 0:
-        raise SpecError(f"input has an empty dimension: {tuple(x.shape)}")
+    # torch's own checks, order, wording and exception types (x must be batched here)
+    args = convargs.normalize(ndim, x, weight, ep.bias, stride, padding, dilation, groups, unbatched=False)
+    stride, padding, dilation, groups = args.stride, args.padding, args.dilation, args.groups
+    n, c, k = x.shape[0], x.shape[1], weight.shape[0]
     for name in ("bias", "scale", "shift", "gamma"):
         t = getattr(ep, name)
         if t is None:
@@ -132,15 +135,29 @@ def make_spec(x: torch.Tensor, weight: torch.Tensor, ndim: int, stride: Any, pad
             v = getattr(ep, name)
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1 or not v.is_floating_point():
-                    raise SpecError(f"starrelu {name} must be a float or a one-element float tensor, "
-                                    f"got shape {tuple(v.shape)} {v.dtype}")
+                    raise SpecError(
+                        f"starrelu {name} must be a float or a one-element float tensor, "
+                        f"got shape {tuple(v.shape)} {v.dtype}"
+                    )
                 if v.device != x.device:
                     raise SpecError(f"starrelu {name} is on {v.device} but input is on {x.device}")
             elif not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise SpecError(f"starrelu {name} must be a float or a tensor, got {type(v).__name__}")
-    spec = conv_spec(n=n, c=c, k=k, in_size=tuple(x.shape[2:]), kernel=tuple(weight.shape[2:]), stride=stride,
-                     padding=padding, dilation=dilation, groups=groups, dtype=TORCH_DTYPES[x.dtype],
-                     epilogue=ep.spec(stats=stats, save_z=save_z), op=op, precision=precision)
+    spec = conv_spec(
+        n=n,
+        c=c,
+        k=k,
+        in_size=tuple(x.shape[2:]),
+        kernel=tuple(weight.shape[2:]),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        dtype=TORCH_DTYPES[x.dtype],
+        epilogue=ep.spec(stats=stats, save_z=save_z),
+        op=op,
+        precision=precision,
+    )
     if ep.residual is not None:
         r = _check_tensor("residual", ep.residual)
         expected = (n, k, *spec.out_size)
@@ -204,8 +221,9 @@ def pack_weight(spec: BlockSpec, weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, *range(2, weight.dim()), 1).contiguous()
 
 
-def epilogue_kernel_args(spec: BlockSpec, ep: EpilogueArgs, device: torch.device | None = None,
-                         only: Collection[str] | None = None) -> dict[str, Any]:
+def epilogue_kernel_args(
+    spec: BlockSpec, ep: EpilogueArgs, device: torch.device | None = None, only: Collection[str] | None = None
+) -> dict[str, Any]:
     """Epilogue arguments as the generated kernels name them (per-channel vectors in fp32).
 
     Every chain argument the spec's epilogue uses, or just the names in `only` (a backward
@@ -232,8 +250,9 @@ def epilogue_kernel_args(spec: BlockSpec, ep: EpilogueArgs, device: torch.device
         args["gamma_ptr"] = vec(ep.gamma)
     if e.activation == "starrelu" and want("star_ptr"):
         if device is None:
-            device = next((t.device for t in (ep.bias, ep.scale, ep.residual, ep.gamma) if t is not None),
-                          torch.device("cpu"))
+            device = next(
+                (t.device for t in (ep.bias, ep.scale, ep.residual, ep.gamma) if t is not None), torch.device("cpu")
+            )
         args["star_ptr"] = ep.star_tensor(device)
     return args
 
@@ -243,12 +262,22 @@ def upcast(x: torch.Tensor) -> bool:
     return runtime.is_interpreted(x.device) and x.dtype == torch.bfloat16
 
 
-def forward_args(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor, ep: EpilogueArgs,
-                 out_buf: torch.Tensor, z_buf: torch.Tensor | None = None,
-                 stats_buf: torch.Tensor | None = None) -> dict[str, Any]:
+def forward_args(
+    spec: BlockSpec,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ep: EpilogueArgs,
+    out_buf: torch.Tensor,
+    z_buf: torch.Tensor | None = None,
+    stats_buf: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Kernel arguments of a forward variant; z_buf / stats_buf when its epilogue has save_z / stats."""
-    args = {"x_ptr": to_channels_last(x.detach()), "w_ptr": pack_weight(spec, weight.detach()), "out_ptr": out_buf,
-            "UPCAST": upcast(x)}
+    args = {
+        "x_ptr": to_channels_last(x.detach()),
+        "w_ptr": pack_weight(spec, weight.detach()),
+        "out_ptr": out_buf,
+        "UPCAST": upcast(x),
+    }
     if spec.epilogue.save_z:
         args["z_ptr"] = z_buf
     if spec.epilogue.stats:
@@ -262,17 +291,45 @@ class ForwardResult:
     """What one forward launch produced.
 
     y: the output in x's memory format. z: the channels-last [N, *out, K] pre-epilogue conv output
-    (only with epilogue.save_z). sum / sumsq: per-channel fp32 [K] sums of z (only with epilogue.stats).
+    (only with epilogue.save_z). mean / var: per-channel fp32 [K] mean and biased variance of z over
+    batch and output positions (only with epilogue.stats).
     """
 
     y: torch.Tensor
     z: torch.Tensor | None = None
-    sum: torch.Tensor | None = None
-    sumsq: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    var: torch.Tensor | None = None
 
 
-def run_forward(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor, ep: EpilogueArgs,
-                schedule: Schedule | dict | None = None, out: torch.Tensor | None = None) -> ForwardResult:
+def combine_moments(partial: torch.Tensor, count: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, M2) of `count` rows from per-tile moments.
+
+    partial [tiles, 3, K]: each tile's mean as the pair m0 + c and its M2 over `block` rows (the last
+    tile has the rest). Chan et al.'s parallel formula over all tiles at once,
+    M2 = sum M2_t + sum n_t (mean_t - mean)^2, with every deviation taken from the first tile's pair
+    (m0_t - m0_0 is exact where the means are close) so large means neither cancel nor lose the tiles'
+    low bits. Fixed-shape
+    reductions only: bitwise reproducible.
+    """
+    tiles = partial.shape[0]
+    n_t = torch.full((tiles, 1), float(block), dtype=torch.float32, device=partial.device)
+    n_t[-1] = float(count - (tiles - 1) * block)
+    m0, c, m2s = partial.unbind(1)
+    dev = (m0 - m0[0]) + (c - c[0])  # tile mean - first tile's mean
+    shift = (n_t * dev).sum(dim=0) / count  # overall mean - first tile's mean
+    mean = m0[0] + (c[0] + shift)
+    m2 = m2s.sum(dim=0) + (n_t * (dev - shift).square()).sum(dim=0)
+    return mean, m2
+
+
+def run_forward(
+    spec: BlockSpec,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ep: EpilogueArgs,
+    schedule: Schedule | dict | None = None,
+    out: torch.Tensor | None = None,
+) -> ForwardResult:
     """Launch the forward variant of an already validated spec (see make_spec)."""
     variant = choose_variant(spec, x.device, schedule)
     shape = (spec.n, *spec.out_size, spec.k)
@@ -284,29 +341,39 @@ def run_forward(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor, ep: Epil
         raise SpecError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
     z = new_buffer(shape, x.dtype, x.device) if spec.epilogue.save_z else None
     partial = None
-    if spec.epilogue.stats:  # one row of per-channel (sum, sumsq) per tile of block_m output pixels
+    if spec.epilogue.stats:  # per tile of block_m output pixels, per channel: mean (m0 + c) and M2
         rows = -(-spec.out_pixels // variant.schedule.block_m)
-        partial = new_buffer((rows, 2, spec.k), torch.float32, x.device)
+        partial = new_buffer((rows, 3, spec.k), torch.float32, x.device)
     runtime.launch(variant, forward_args(spec, x, weight, ep, out, z, partial), x.device)
     res = ForwardResult(y=from_channels_last(out, x) if full is None else in_format_of(full, x), z=z)
     if partial is not None:
-        res.sum, res.sumsq = partial.sum(dim=0).unbind(0)  # fixed-order reduction: deterministic
+        res.mean, m2 = combine_moments(partial, spec.out_pixels, variant.schedule.block_m)
+        res.var = m2 / spec.out_pixels
     return res
 
 
-def conv_forward(x: torch.Tensor, weight: torch.Tensor, ndim: int, stride: Any = 1, padding: Any = 0,
-                 dilation: Any = 1, groups: int = 1, ep: EpilogueArgs | None = None,
-                 schedule: Schedule | dict | None = None, precision: str = "ieee",
-                 out: torch.Tensor | None = None, stats: bool = False
-                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def conv_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ndim: int,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    ep: EpilogueArgs | None = None,
+    schedule: Schedule | dict | None = None,
+    precision: str = "ieee",
+    out: torch.Tensor | None = None,
+    stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = epilogue(conv(x, weight)) with torch.nn.functional semantics; returns y in x's memory format.
 
     `out`, if given, is the [N, *out_spatial, K] channels-last buffer to write (tests poison it).
-    stats=True returns (y, sum, sumsq): per-channel fp32 [K] sum and sum of squares over N and the
-    output positions of the pre-epilogue conv output z (no bias), e.g. mean = sum / (N * P * Q).
-    No autograd here: kernels.autograd.conv differentiates through y, sum and sumsq.
+    stats=True returns (y, mean, var): per-channel fp32 [K] mean and biased variance over N and the
+    output positions of the pre-epilogue conv output z (no bias), as BatchNorm's batch statistics.
+    No autograd here: kernels.autograd.conv differentiates through y, mean and var.
     """
     ep = ep or EpilogueArgs()
     spec = make_spec(x, weight, ndim, stride, padding, dilation, groups, ep, precision, stats=stats)
     res = run_forward(spec, x, weight, ep, schedule, out)
-    return (res.y, res.sum, res.sumsq) if stats else res.y
+    return (res.y, res.mean, res.var) if stats else res.y

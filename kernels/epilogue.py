@@ -1,4 +1,5 @@
 """The fused epilogue chain: Triton expressions for the generator and the torch oracle for tests."""
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,9 @@ ACT_TRITON: dict[str, str] = {
     "relu6": "tl.minimum(tl.maximum({v}, 0.0), 6.0)",
     "silu": "{v} * tl.sigmoid({v})",
     "gelu": "0.5 * {v} * (1.0 + tl.erf({v} * 0.7071067811865476))",
-    "gelu_tanh": "0.5 * {v} * (1.0 + " + _TANH.format(x="0.7978845608028654 * ({v} + 0.044715 * {v} * {v} * {v})") + ")",
+    "gelu_tanh": "0.5 * {v} * (1.0 + "
+    + _TANH.format(x="0.7978845608028654 * ({v} + 0.044715 * {v} * {v} * {v})")
+    + ")",
     "hardswish": "{v} * tl.minimum(tl.maximum({v} + 3.0, 0.0), 6.0) * 0.16666666666666666",
     "sigmoid": "tl.sigmoid({v})",
     "starrelu": "star_s * tl.maximum({v}, 0.0) * tl.maximum({v}, 0.0) + star_b",
@@ -30,8 +33,15 @@ ACT_GRAD_TRITON: dict[str, str] = {
     "relu6": "tl.where(({v} > 0.0) & ({v} < 6.0), 1.0, 0.0)",
     "silu": "tl.sigmoid({v}) * (1.0 + {v} * (1.0 - tl.sigmoid({v})))",
     "gelu": "0.5 * (1.0 + tl.erf({v} * 0.7071067811865476)) + {v} * 0.3989422804014327 * tl.exp(-0.5 * {v} * {v})",
-    "gelu_tanh": ("0.5 * (1.0 + " + _TANH_INNER + ") + 0.5 * {v} * (1.0 - " + _TANH_INNER + " * " + _TANH_INNER
-                  + ") * 0.7978845608028654 * (1.0 + 0.134145 * {v} * {v})"),
+    "gelu_tanh": (
+        "0.5 * (1.0 + "
+        + _TANH_INNER
+        + ") + 0.5 * {v} * (1.0 - "
+        + _TANH_INNER
+        + " * "
+        + _TANH_INNER
+        + ") * 0.7978845608028654 * (1.0 + 0.134145 * {v} * {v})"
+    ),
     "hardswish": "tl.where({v} < -3.0, 0.0, tl.where({v} <= 3.0, {v} * 0.3333333333333333 + 0.5, 1.0))",
     "sigmoid": "tl.sigmoid({v}) * (1.0 - tl.sigmoid({v}))",
     "starrelu": "2.0 * star_s * tl.maximum({v}, 0.0)",
@@ -59,7 +69,7 @@ def activation_torch(name: str | None, v: torch.Tensor, star_s: float = 1.0, sta
     if name == "gelu":
         return 0.5 * v * (1.0 + torch.erf(v / math.sqrt(2.0)))
     if name == "gelu_tanh":
-        return 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+        return 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
     if name == "hardswish":
         return v * (v + 3.0).clamp(0.0, 6.0) / 6.0
     if name == "sigmoid":
@@ -69,9 +79,20 @@ def activation_torch(name: str | None, v: torch.Tensor, star_s: float = 1.0, sta
     raise ValueError(f"unknown activation {name!r}")
 
 
-def apply_torch(ep: Epilogue, y: torch.Tensor, *, bias=None, scale=None, shift=None, residual=None, gamma=None,
-                star_s: float = 1.0, star_b: float = 0.0) -> torch.Tensor:
+def apply_torch(
+    ep: Epilogue,
+    y: torch.Tensor,
+    *,
+    bias=None,
+    scale=None,
+    shift=None,
+    residual=None,
+    gamma=None,
+    star_s: float = 1.0,
+    star_b: float = 0.0,
+) -> torch.Tensor:
     """Apply the chain to a channels-first conv output y [N, K, *spatial] (reference semantics)."""
+
     def per_channel(t: torch.Tensor) -> torch.Tensor:
         return t.to(y.dtype).reshape((1, -1) + (1,) * (y.dim() - 2))
 
@@ -111,7 +132,7 @@ class GradPlan:
     """What one dgrad/wgrad kernel reads to turn dy into dz, and what wgrad reduces per channel.
 
     dgrad and wgrad apply the chain's gradient to dy as they load it (never materialising dz):
-      da = dy * gamma;  du = da * act'(u);  dz = du * scale (+ dsum + 2 z dsumsq with stats)
+      da = dy * gamma;  du = da * act'(u);  dz = du * scale (+ d0 + d1 * (z - d2) with stats)
     with u = (z + bias) * scale + shift (+ residual 'pre') rebuilt from the saved z.
     wgrad programs that own a channel's first column tile also sum, per channel:
       dshift = sum du (dbias = scale * dshift), dscale = sum du * (z + bias),
@@ -143,10 +164,22 @@ def grad_epilogue(ep: Epilogue, op: str) -> Epilogue:
     pre = ep.residual == "pre"
     if op == "dgrad":
         act = ep.activation is not None
-        return Epilogue(bias=ep.bias and act, affine=ep.affine, activation=ep.activation,
-                        residual="pre" if pre and act else None, layer_scale=ep.layer_scale, stats=ep.stats)
-    return Epilogue(bias=ep.bias, affine=ep.affine, activation=ep.activation, residual="pre" if pre else None,
-                    layer_scale=ep.layer_scale, stats=ep.stats)
+        return Epilogue(
+            bias=ep.bias and act,
+            affine=ep.affine,
+            activation=ep.activation,
+            residual="pre" if pre and act else None,
+            layer_scale=ep.layer_scale,
+            stats=ep.stats,
+        )
+    return Epilogue(
+        bias=ep.bias,
+        affine=ep.affine,
+        activation=ep.activation,
+        residual="pre" if pre else None,
+        layer_scale=ep.layer_scale,
+        stats=ep.stats,
+    )
 
 
 def grad_plan(ep: Epilogue, op: str) -> GradPlan:
@@ -180,7 +213,7 @@ def grad_plan(ep: Epilogue, op: str) -> GradPlan:
     if ep.activation == "starrelu":
         params.append("star_ptr")
     if ep.stats:
-        params.append("dstats_ptr")  # [2, K] fp32: gradients of the stats outputs sum and sumsq
+        params.append("dstats_ptr")  # [3, K] fp32 (d0, d1, d2): the stats outputs' gradient dz += d0 + d1 (z - d2)
     return GradPlan(epilogue=ep, load_z=load_z, need_u=need_u, params=tuple(params), reductions=reductions)
 
 

@@ -3,14 +3,16 @@
 Same spec + schedule -> byte-identical source -> the same content hash (the variant id).
 Each (kind, op) has one Template: a Jinja2 file, a context builder and a grid function.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jinja2
 
@@ -19,8 +21,8 @@ from . import schedule as _sched
 from .schedule import UNROLL_TAPS, Schedule
 from .spec import BlockSpec, SpecError
 
-GENERATOR_VERSION = "0.1.0"
-_INT32_LIMIT = 2 ** 31 - 1
+GENERATOR_VERSION = "0.2.0"
+INT32_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -64,36 +66,63 @@ def _prod(xs) -> int:
     return out
 
 
-class _Ctx(dict):
+class Context(dict):
     """Template context with attribute access (v.BM rather than v['BM'])."""
 
     __getattr__ = dict.__getitem__
 
 
-def _geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
+def geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     """Shape constants every template shares: NHWC strides and window geometry."""
     nd = spec.ndim
-    sx = [spec.c * _prod(spec.in_size[d + 1:]) for d in range(nd)]
+    sx = [spec.c * _prod(spec.in_size[d + 1 :]) for d in range(nd)]
     largest = max(spec.n * spec.c * _prod(spec.in_size), spec.out_pixels * spec.k)
     return dict(
-        ndim=nd, dims=list(range(nd)), N=spec.n, C=spec.c, K=spec.k, CG=spec.cg, KG=spec.kg, G=spec.groups,
-        IN=list(spec.in_size), OUT=list(spec.out_size), KS=list(spec.kernel), ST=list(spec.stride),
-        PAD=[p[0] for p in spec.padding], DIL=list(spec.dilation), TAPS=spec.taps, M=spec.out_pixels,
-        SX=sx, SXN=spec.c * _prod(spec.in_size), padded=spec.has_padding, i64=largest > _INT32_LIMIT,
-        BM=s.block_m, BN=s.block_n, BK=s.block_k, GROUP_M=s.group_m, ep=spec.epilogue,
-        ep_args=_ep.arg_names(spec.epilogue), act=lambda var: _ep.activation_expr(spec.epilogue.activation, var),
+        ndim=nd,
+        dims=list(range(nd)),
+        N=spec.n,
+        C=spec.c,
+        K=spec.k,
+        CG=spec.cg,
+        KG=spec.kg,
+        G=spec.groups,
+        IN=list(spec.in_size),
+        OUT=list(spec.out_size),
+        KS=list(spec.kernel),
+        ST=list(spec.stride),
+        PAD=[p[0] for p in spec.padding],
+        DIL=list(spec.dilation),
+        TAPS=spec.taps,
+        M=spec.out_pixels,
+        SX=sx,
+        SXN=spec.c * _prod(spec.in_size),
+        padded=spec.has_padding,
+        i64=largest > INT32_LIMIT,
+        BM=s.block_m,
+        BN=s.block_n,
+        BK=s.block_k,
+        GROUP_M=s.group_m,
+        ep=spec.epilogue,
+        BF16=spec.dtype == "bfloat16",
+        ep_args=_ep.arg_names(spec.epilogue),
+        act=lambda var: _ep.activation_expr(spec.epilogue.activation, var),
     )
 
 
 def _grad_geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     """Shared context of backward templates: geometry plus the plan of the chain's gradient."""
-    g = _geometry(spec, s)
+    g = geometry(spec, s)
     ep = spec.epilogue
-    g.update(gep=ep, plan=_ep.grad_plan(ep, spec.op), SPLIT=s.split_k,
-             act_grad=lambda var: _ep.activation_grad_expr(ep.activation, var),
-             SO=[_prod(spec.out_size[d + 1:]) for d in range(spec.ndim)], OPIX=_prod(spec.out_size),
-             TS=[_prod(spec.kernel[d + 1:]) for d in range(spec.ndim)],
-             dot_kw=f', input_precision="{spec.precision}"' if spec.dtype == "float32" else "")
+    g.update(
+        gep=ep,
+        plan=_ep.grad_plan(ep, spec.op),
+        SPLIT=s.split_k,
+        act_grad=lambda var: _ep.activation_grad_expr(ep.activation, var),
+        SO=[_prod(spec.out_size[d + 1 :]) for d in range(spec.ndim)],
+        OPIX=_prod(spec.out_size),
+        TS=[_prod(spec.kernel[d + 1 :]) for d in range(spec.ndim)],
+        dot_kw=f', input_precision="{spec.precision}"' if spec.dtype == "float32" else "",
+    )
     return g
 
 
@@ -137,12 +166,18 @@ def _phases(spec: BlockSpec) -> dict[str, Any]:
 
 
 def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
-    g = _geometry(spec, s)
+    g = geometry(spec, s)
     pointwise = spec.taps == 1 and all(v == 1 for v in spec.stride) and not spec.has_padding
     dot_kw = f', input_precision="{spec.precision}"' if spec.dtype == "float32" else ""
-    g.update(NPID_M=_cdiv(spec.out_pixels, s.block_m), NPID_N=_cdiv(spec.kg, s.block_n),
-             NCB=_cdiv(spec.cg, s.block_k), KTOT=spec.cg * spec.taps, k_order=s.k_order,
-             pointwise=pointwise, dot_kw=dot_kw)
+    g.update(
+        NPID_M=_cdiv(spec.out_pixels, s.block_m),
+        NPID_N=_cdiv(spec.kg, s.block_n),
+        NCB=_cdiv(spec.cg, s.block_k),
+        KTOT=spec.cg * spec.taps,
+        k_order=s.k_order,
+        pointwise=pointwise,
+        dot_kw=dot_kw,
+    )
     return g
 
 
@@ -151,7 +186,7 @@ def _conv_fwd_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
 
 
 def _depthwise_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
-    g = _geometry(spec, s)
+    g = geometry(spec, s)
     # Unroll the innermost window dim when short; longer ones (31x31) stay runtime loops.
     static = [d == spec.ndim - 1 and spec.kernel[d] <= UNROLL_TAPS for d in range(spec.ndim)]
     g.update(MULT=spec.k // spec.c, static=static)
@@ -165,8 +200,12 @@ def _depthwise_fwd_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
 def _conv_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = _grad_geometry(spec, s)
     g.update(_phases(spec))
-    g.update(NPID_M=_cdiv(g["MMAX"], s.block_m), NPID_N=_cdiv(spec.cg, s.block_n), NKB=_cdiv(spec.kg, s.block_k),
-             k_order=s.k_order)
+    g.update(
+        NPID_M=_cdiv(g["MMAX"], s.block_m),
+        NPID_N=_cdiv(spec.cg, s.block_n),
+        NKB=_cdiv(spec.kg, s.block_k),
+        k_order=s.k_order,
+    )
     return g
 
 
@@ -183,9 +222,14 @@ def _wgrad_cols(spec: BlockSpec, s: Schedule) -> int:
 
 def _conv_wgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = _grad_geometry(spec, s)
-    g.update(NPID_M=_cdiv(spec.kg, s.block_m), NPID_N=_wgrad_cols(spec, s), NCB=_cdiv(spec.cg, s.block_n),
-             k_order=s.k_order, KTOT=spec.taps * spec.cg,
-             CHUNK=_cdiv(_cdiv(spec.out_pixels, s.block_k), s.split_k) * s.block_k)
+    g.update(
+        NPID_M=_cdiv(spec.kg, s.block_m),
+        NPID_N=_wgrad_cols(spec, s),
+        NCB=_cdiv(spec.cg, s.block_n),
+        k_order=s.k_order,
+        KTOT=spec.taps * spec.cg,
+        CHUNK=_cdiv(_cdiv(spec.out_pixels, s.block_k), s.split_k) * s.block_k,
+    )
     return g
 
 
@@ -206,8 +250,7 @@ def _depthwise_dgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
 
 def _depthwise_wgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = _grad_geometry(spec, s)
-    g.update(MULT=spec.k // spec.c, BT=s.block_k,
-             CHUNK=_cdiv(_cdiv(spec.out_pixels, s.block_m), s.split_k) * s.block_m)
+    g.update(MULT=spec.k // spec.c, BT=s.block_k, CHUNK=_cdiv(_cdiv(spec.out_pixels, s.block_m), s.split_k) * s.block_m)
     return g
 
 
@@ -232,11 +275,15 @@ def register(kind: str, op: str, template: Template) -> None:
 
 
 @lru_cache(maxsize=1)
-def _env() -> jinja2.Environment:
+def environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
-        autoescape=False)
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
 
 
 def kernel_name(spec: BlockSpec) -> str:
@@ -267,15 +314,9 @@ def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant:
 @lru_cache(maxsize=4096)
 def _render(spec: BlockSpec, s: Schedule) -> Variant:
     tpl = _template(spec)
-    ctx = _Ctx(tpl.context(spec, s))
+    ctx = Context(tpl.context(spec, s))
     name = kernel_name(spec)
     ctx.update(name=name, generator_version=GENERATOR_VERSION, spec_json=spec.to_json(), schedule_json=s.to_json())
-    source = _env().get_template(tpl.file).render(v=ctx)
+    source = environment().get_template(tpl.file).render(v=ctx)
     source = "\n".join(line.rstrip() for line in source.splitlines()) + "\n"
     return Variant(spec=spec, schedule=s, source=source, kernel_name=name, grid=tpl.grid(spec, s))
-
-
-def from_source(spec: BlockSpec, schedule: Schedule, source: str) -> Variant:
-    """A variant whose source came from elsewhere (a store, a server, a bundle): launched exactly as given."""
-    s = _sched.resolve(spec, schedule)
-    return Variant(spec=spec, schedule=s, source=source, kernel_name=kernel_name(spec), grid=_template(spec).grid(spec, s))

@@ -1,4 +1,5 @@
 """Torch oracles: what every generated kernel must compute, evaluated in float64."""
+
 from __future__ import annotations
 
 import torch
@@ -18,15 +19,33 @@ def pad_input(spec: BlockSpec, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pads)
 
 
-def conv(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor, *, bias=None, scale=None, shift=None,
-         residual=None, gamma=None, star_s: float = 1.0, star_b: float = 0.0) -> torch.Tensor:
+def conv(
+    spec: BlockSpec,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias=None,
+    scale=None,
+    shift=None,
+    residual=None,
+    gamma=None,
+    star_s: float = 1.0,
+    star_b: float = 0.0,
+) -> torch.Tensor:
     """float64 forward of spec (conv + its epilogue) on channels-first tensors."""
     d = torch.float64
     y = _CONV[spec.ndim](pad_input(spec, x.to(d)), weight.to(d), None, spec.stride, 0, spec.dilation, spec.groups)
-    return _ep.apply_torch(spec.epilogue, y, bias=None if bias is None else bias.to(d),
-                           scale=None if scale is None else scale.to(d), shift=None if shift is None else shift.to(d),
-                           residual=None if residual is None else residual.to(d),
-                           gamma=None if gamma is None else gamma.to(d), star_s=star_s, star_b=star_b)
+    return _ep.apply_torch(
+        spec.epilogue,
+        y,
+        bias=None if bias is None else bias.to(d),
+        scale=None if scale is None else scale.to(d),
+        shift=None if shift is None else shift.to(d),
+        residual=None if residual is None else residual.to(d),
+        gamma=None if gamma is None else gamma.to(d),
+        star_s=star_s,
+        star_b=star_b,
+    )
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -3,6 +3,7 @@
 CUDA tensors run the compiled kernel; CPU tensors run the same kernel through Triton's
 interpreter. Source files live in a content-addressed cache directory, written atomically.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,14 +24,21 @@ from .generator import Variant
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}  # variant id -> JITFunction, or InterpretedFunction when interpreting
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-                 torch.int64: "i64", torch.uint8: "u8"}
+_TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.uint8: "u8",
+}
 
 
 def cache_dir() -> Path:
     """Where generated kernel sources are kept: $TUNERD_CACHE_DIR/kernels or ~/.cache/tunerd/kernels."""
     root = os.environ.get("TUNERD_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tunerd")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tunerd"
+    )
     return Path(root) / "kernels"
 
 
@@ -86,8 +94,10 @@ def _check_interpreter() -> None:
 
     version = lambda v: tuple(int(x) for x in re.findall(r"\d+", v)[:2])  # noqa: E731
     if version(triton.__version__) < (3, 7) and version(np.__version__) >= (2, 4):
-        raise RuntimeError(f"Triton {triton.__version__}'s interpreter does not work with numpy {np.__version__}: "
-                           "install 'numpy<2.4' or triton >= 3.7 to run kernels on the CPU")
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s interpreter does not work with numpy {np.__version__}: "
+            "install 'numpy<2.4' or triton >= 3.7 to run kernels on the CPU"
+        )
 
 
 def interpreting() -> bool:
@@ -118,9 +128,11 @@ def launch(variant: Variant, args: dict[str, Any], device: torch.device) -> None
         fn[variant.grid](*bind(fn, args), num_warps=variant.num_warps, num_stages=variant.num_stages)
     elif device.type == "cpu":
         if not interpreting():
-            raise RuntimeError("CPU tensors run through Triton's interpreter, which must be chosen before triton is "
-                               "imported: set TRITON_INTERPRET=1 in the environment (tunerd does this itself on "
-                               "machines without CUDA)")
+            raise RuntimeError(
+                "CPU tensors run through Triton's interpreter, which must be chosen before triton is "
+                "imported: set TRITON_INTERPRET=1 in the environment (tunerd does this itself on "
+                "machines without CUDA)"
+            )
         _check_interpreter()
         fn = load(variant)
         fn[variant.grid](*bind(fn, args))
@@ -165,5 +177,8 @@ def aot_compile(variant: Variant, args: dict[str, Any], arch: int = 90) -> Any:
     # loads, cp.async and wgmma paths a real launch gets depend on it
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
+    )

@@ -1,4 +1,5 @@
 """Schedule: the knobs of one variant, their validity rules and a default heuristic per kind."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ class Schedule:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Schedule":
+    def from_dict(cls, d: Any) -> Schedule:
         if not isinstance(d, dict):
             raise ScheduleError(f"a schedule must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
@@ -60,15 +61,17 @@ class Schedule:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str) -> "Schedule":
+    def from_json(cls, text: str) -> Schedule:
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise ScheduleError(f"schedule is not valid JSON: {e}") from None
 
     def describe(self) -> str:
-        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
-                f"s{self.num_stages} sk{self.split_k} {self.k_order}")
+        return (
+            f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
+            f"s{self.num_stages} sk{self.split_k} {self.k_order}"
+        )
 
 
 def is_pow2(v: int) -> bool:
@@ -132,8 +135,9 @@ def check(spec: BlockSpec, s: Schedule) -> None:
 def default(spec: BlockSpec) -> Schedule:
     """A schedule sized to the problem, used when no tuned winner is known."""
     if spec.kind == "depthwise":
-        return {"fwd": _default_depthwise, "dgrad": _default_depthwise_dgrad,
-                "wgrad": _default_depthwise_wgrad}[spec.op](spec)
+        return {"fwd": _default_depthwise, "dgrad": _default_depthwise_dgrad, "wgrad": _default_depthwise_wgrad}[
+            spec.op
+        ](spec)
     return {"fwd": _default_conv, "dgrad": _default_conv_dgrad, "wgrad": _default_conv_wgrad}[spec.op](spec)
 
 
@@ -184,20 +188,28 @@ def _default_conv(spec: BlockSpec) -> Schedule:
     m, n, _ = spec.gemm_shape()
     # Small channel groups (stems, C=3) reduce over the flattened (tap, channel) axis.
     flat = spec.cg < 16 and spec.taps > 1
-    bm, bn, bk, warps = _gemm_tiles(m, n, spec.cg * spec.taps if flat else spec.cg, spec.itemsize,
-                                    scalar=flat or not vector_rows(spec))
-    return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=3,
-                    k_order="flat" if flat else "tap")
+    bm, bn, bk, warps = _gemm_tiles(
+        m, n, spec.cg * spec.taps if flat else spec.cg, spec.itemsize, scalar=flat or not vector_rows(spec)
+    )
+    return Schedule(
+        block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=3, k_order="flat" if flat else "tap"
+    )
 
 
 def _default_conv_dgrad(spec: BlockSpec) -> Schedule:
     # GEMM per stride phase: input pixels x C/g, reduced over K/g x (the phase's taps)
     phase_taps = max(1, spec.taps // spec.phases)
     flat = spec.kg < 16 and phase_taps > 1
-    bm, bn, bk, warps = _gemm_tiles(spec.phase_pixels, spec.cg, spec.kg * phase_taps if flat else spec.kg,
-                                    spec.itemsize, scalar=flat or not vector_rows(spec))
-    return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=3,
-                    k_order="flat" if flat else "tap")
+    bm, bn, bk, warps = _gemm_tiles(
+        spec.phase_pixels,
+        spec.cg,
+        spec.kg * phase_taps if flat else spec.kg,
+        spec.itemsize,
+        scalar=flat or not vector_rows(spec),
+    )
+    return Schedule(
+        block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=3, k_order="flat" if flat else "tap"
+    )
 
 
 def _default_conv_wgrad(spec: BlockSpec) -> Schedule:
@@ -208,9 +220,16 @@ def _default_conv_wgrad(spec: BlockSpec) -> Schedule:
     bm, bn = _clamp_pow2(spec.kg, 16, 128), _clamp_pow2(cols, 16, 128)
     bk = _clamp_pow2(spec.out_pixels, 16, 64 if spec.itemsize == 2 and not scalar else 32)
     tiles = _cdiv(spec.kg, bm) * _cdiv(cols, bn) * (1 if flat else spec.taps) * spec.groups
-    return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=_warps(bm, bn, bk, scalar),
-                    num_stages=3, split_k=_split(tiles, _cdiv(spec.out_pixels, bk)),
-                    k_order="flat" if flat else "tap")
+    return Schedule(
+        block_m=bm,
+        block_n=bn,
+        block_k=bk,
+        group_m=8,
+        num_warps=_warps(bm, bn, bk, scalar),
+        num_stages=3,
+        split_k=_split(tiles, _cdiv(spec.out_pixels, bk)),
+        k_order="flat" if flat else "tap",
+    )
 
 
 def _default_depthwise(spec: BlockSpec) -> Schedule:
@@ -227,8 +246,9 @@ def _default_depthwise(spec: BlockSpec) -> Schedule:
 def _default_depthwise_dgrad(spec: BlockSpec) -> Schedule:
     block_n = _clamp_pow2(spec.c, 1, 64)
     block_m = min(max(8, min(256, 4096 // block_n)), _clamp_pow2(spec.phase_pixels, 1, 256))
-    return Schedule(block_m=block_m, block_n=block_n, group_m=1,
-                    num_warps=4 if block_m * block_n >= 2048 else 2, num_stages=1)
+    return Schedule(
+        block_m=block_m, block_n=block_n, group_m=1, num_warps=4 if block_m * block_n >= 2048 else 2, num_stages=1
+    )
 
 
 def _default_depthwise_wgrad(spec: BlockSpec) -> Schedule:
@@ -236,8 +256,15 @@ def _default_depthwise_wgrad(spec: BlockSpec) -> Schedule:
     block_t = _clamp_pow2(spec.taps, 1, 16)
     block_m = min(max(8, min(64, 8192 // (block_n * block_t))), _clamp_pow2(spec.out_pixels, 1, 64))
     programs = _cdiv(spec.k, block_n) * _cdiv(spec.taps, block_t)
-    return Schedule(block_m=block_m, block_n=block_n, block_k=block_t, group_m=1, num_warps=4, num_stages=1,
-                    split_k=_split(programs, _cdiv(spec.out_pixels, block_m)))
+    return Schedule(
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_t,
+        group_m=1,
+        num_warps=4,
+        num_stages=1,
+        split_k=_split(programs, _cdiv(spec.out_pixels, block_m)),
+    )
 
 
 def resolve(spec: BlockSpec, schedule: Schedule | dict | None) -> Schedule:

@@ -1,4 +1,5 @@
 """BlockSpec: what one kernel computes. Frozen, hashable, canonical JSON is the lookup key."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,10 +29,10 @@ class Epilogue:
     ConvNeXt's identity + gamma * conv(x) is layer_scale + residual='post'.
 
     Two training options (forward specs) change what else a kernel writes, not y:
-    save_z stores the pre-epilogue conv output z for the backward kernels; stats emits per-channel
-    partial sum / sum of squares of z (BatchNorm batch statistics). On dgrad/wgrad specs the chain
+    save_z stores the pre-epilogue conv output z for the backward kernels; stats emits per-tile,
+    per-channel mean and M2 of z (BatchNorm batch statistics, merged on the host). On dgrad/wgrad specs the chain
     names the forward epilogue whose gradient the kernel applies to dy as it loads it, and stats
-    adds the gradients of those sums.
+    adds the gradients of those statistics.
     """
 
     bias: bool = False
@@ -39,7 +40,7 @@ class Epilogue:
     activation: str | None = None
     residual: str | None = None
     layer_scale: bool = False  # per-channel gamma
-    stats: bool = False  # per-channel sum and sum of squares of z
+    stats: bool = False  # per-channel mean and M2 (sum of squared deviations) of z, per tile
     save_z: bool = False  # also store z (forward of a training step)
 
     def __post_init__(self) -> None:
@@ -137,7 +138,8 @@ class BlockSpec:
             raise SpecError(f"padding must be >= 0, got {self.padding}")
         if self.c % self.groups or self.k % self.groups:
             raise SpecError(
-                f"in_channels ({self.c}) and out_channels ({self.k}) must both be divisible by groups ({self.groups})")
+                f"in_channels ({self.c}) and out_channels ({self.k}) must both be divisible by groups ({self.groups})"
+            )
         if self.kind == "depthwise" and self.groups != self.c:
             raise SpecError("a depthwise spec needs groups == in_channels")
         for i in range(nd):
@@ -146,7 +148,8 @@ class BlockSpec:
             if span > padded:
                 raise SpecError(
                     f"kernel extent {span} (kernel {self.kernel[i]}, dilation {self.dilation[i]}) is larger than "
-                    f"the padded input {padded} along spatial dim {i}")
+                    f"the padded input {padded} along spatial dim {i}"
+                )
 
     # ---- derived shapes -------------------------------------------------------------
     @property
@@ -157,7 +160,8 @@ class BlockSpec:
     def out_size(self) -> tuple[int, ...]:
         return tuple(
             (self.in_size[i] + sum(self.padding[i]) - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1
-            for i in range(self.ndim))
+            for i in range(self.ndim)
+        )
 
     @property
     def cg(self) -> int:
@@ -235,7 +239,7 @@ class BlockSpec:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     @classmethod
-    def from_dict(cls, d: Any) -> "BlockSpec":
+    def from_dict(cls, d: Any) -> BlockSpec:
         if not isinstance(d, dict):
             raise SpecError(f"a spec must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
@@ -264,14 +268,14 @@ class BlockSpec:
             raise SpecError(str(e)) from None
 
     @classmethod
-    def from_json(cls, text: str) -> "BlockSpec":
+    def from_json(cls, text: str) -> BlockSpec:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise SpecError(f"spec is not valid JSON: {e}") from None
         return cls.from_dict(d)
 
-    def with_(self, **changes: Any) -> "BlockSpec":
+    def with_(self, **changes: Any) -> BlockSpec:
         return replace(self, **changes)
 
     def describe(self) -> str:
@@ -294,8 +298,9 @@ def _prod(xs: tuple[int, ...]) -> int:
     return out
 
 
-def normalize_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...],
-                      stride: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+def normalize_padding(
+    padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...]
+) -> tuple[tuple[int, int], ...]:
     """torch padding (int, tuple, 'same', 'valid') -> (low, high) per dim.
 
     'same' pads total d*(k-1) with the extra element on the high side, as torch does.
@@ -314,13 +319,27 @@ def normalize_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int
             return tuple(out)
         raise SpecError(f"padding string must be 'same' or 'valid', got {padding!r}")
     if isinstance(padding, (tuple, list)) and len(padding) == nd and all(isinstance(p, (tuple, list)) for p in padding):
-        return tuple(_ints("padding pair", p, 2) for p in padding)
+        pairs = [_ints("padding pair", p, 2) for p in padding]
+        return tuple((lo, hi) for lo, hi in pairs)
     return tuple((p, p) for p in _ints("padding", padding, nd))
 
 
-def conv_spec(*, n: int, c: int, k: int, in_size: tuple[int, ...], kernel: Any, stride: Any = 1, padding: Any = 0,
-              dilation: Any = 1, groups: int = 1, dtype: str = "float32", epilogue: Epilogue | None = None,
-              op: str = "fwd", precision: str = "ieee") -> BlockSpec:
+def conv_spec(
+    *,
+    n: int,
+    c: int,
+    k: int,
+    in_size: tuple[int, ...],
+    kernel: Any,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    dtype: str = "float32",
+    epilogue: Epilogue | None = None,
+    op: str = "fwd",
+    precision: str = "ieee",
+) -> BlockSpec:
     """Build a spec from torch-style arguments; picks the depthwise kind when groups == c."""
     nd = len(in_size)
     kernel_t = _ints("kernel_size", kernel, nd)
@@ -328,6 +347,19 @@ def conv_spec(*, n: int, c: int, k: int, in_size: tuple[int, ...], kernel: Any, 
     dilation_t = _ints("dilation", dilation, nd)
     pad = normalize_padding(padding, kernel_t, dilation_t, stride_t)
     kind = "depthwise" if groups == c and groups > 1 else "conv"
-    return BlockSpec(kind=kind, n=n, c=c, k=k, in_size=tuple(in_size), kernel=kernel_t, stride=stride_t,
-                     padding=pad, dilation=dilation_t, groups=groups, dtype=dtype,
-                     epilogue=epilogue or Epilogue(), op=op, precision=precision)
+    return BlockSpec(
+        kind=kind,
+        n=n,
+        c=c,
+        k=k,
+        in_size=tuple(in_size),
+        kernel=kernel_t,
+        stride=stride_t,
+        padding=pad,
+        dilation=dilation_t,
+        groups=groups,
+        dtype=dtype,
+        epilogue=epilogue or Epilogue(),
+        op=op,
+        precision=precision,
+    )

@@ -4,8 +4,9 @@ The interpreter accepts code a GPU compiler rejects, so this is the check that m
 CPU-only development. Triton's language module is patched in interpreter mode, so compiling
 happens in a child process with TRITON_INTERPRET=0:
 
-    python -m kernels.validate --arch 90 < variants.jsonl   # {"spec": {...}, "schedule": {...}} per line
+    python -m tunerd.kernels.validate --arch 90 < variants.jsonl   # {"spec": {...}, "schedule": {...}} per line
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -37,36 +39,47 @@ def example_args(spec: BlockSpec) -> dict[str, Any]:
         return torch.empty((1,) * rank, dtype=dtype, device="meta")
 
     e = spec.epilogue
-    ep = _conv.EpilogueArgs(bias=t() if e.bias else None, scale=t(torch.float32) if e.affine else None,
-                            shift=t(torch.float32) if e.affine else None,
-                            residual=t(rank=spec.ndim + 2) if e.residual else None,
-                            gamma=t(torch.float32) if e.layer_scale else None,
-                            activation=e.activation, residual_mode=e.residual or "post")
+    ep = _conv.EpilogueArgs(
+        bias=t() if e.bias else None,
+        scale=t(torch.float32) if e.affine else None,
+        shift=t(torch.float32) if e.affine else None,
+        residual=t(rank=spec.ndim + 2) if e.residual else None,
+        gamma=t(torch.float32) if e.layer_scale else None,
+        activation=e.activation,
+        residual_mode=e.residual or "post",
+    )
     args = {"x_ptr": t(), "w_ptr": t(), "out_ptr": t(), "UPCAST": False}
     if e.save_z:
         args["z_ptr"] = t()
     if e.stats:
         args["stats_ptr"] = t(torch.float32)
     args.update(_conv.epilogue_kernel_args(spec, ep, torch.device("meta")))
-    if spec.op != "fwd":
-        from . import backward  # noqa: F401  (registers the backward ops' EXAMPLE_ARGS)
-    extra = EXAMPLE_ARGS.get(spec.op)
-    return extra(spec, args) if extra else args
+    if spec.op == "fwd":
+        return args
+    from . import backward  # local, one way: backward never imports this module
 
-
-# Backward ops register how their arguments differ from the forward ones.
-EXAMPLE_ARGS: dict[str, Any] = {}
+    return backward.example_args(spec, args)
 
 
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
 _GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.\w+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)")
+_CP_ASYNC = re.compile(  # cp.async.cg.shared.global [dst], [src], bytes
+    r"\bcp\.async\.c[ag]\.shared\.global(?:\.\w+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
+)
+# the tensor-core instruction a tl.dot became, newest first: sm_100 tcgen05, sm_90 wgmma, sm_80 mma.sync
+_MMA_KINDS = (("tcgen05.mma", "tcgen05"), ("wgmma.mma_async", "wgmma"), ("mma.sync", "mma.sync"))
+
+
+def mma_kind(ptx: str) -> str:
+    """The MMA kind in the PTX: "tcgen05", "wgmma" or "mma.sync"; "fma" when none (CUDA cores)."""
+    return next((kind for needle, kind in _MMA_KINDS if needle in ptx), "fma")
 
 
 def resources(kernel: Any) -> dict[str, Any]:
     """What the compiled kernel costs and uses, read from its cubin (cuobjdump) and PTX: registers per
-    thread, spill bytes (stack + local), the MMA its dots became ("wgmma", "mma.sync", or "fma" when
-    none: CUDA cores), cp.async copies (software pipelining) and the widest global load/store in bytes
-    (vectorization)."""
+    thread, spill bytes (stack + local), the MMA its dots became (see mma_kind), cp.async copies
+    (software pipelining) and the widest of them, and the widest plain global load/store in bytes
+    (vectorization; 0 when every read is a cp.async copy)."""
     import triton
 
     out: dict[str, Any] = {"regs": None, "spill_bytes": None}
@@ -84,9 +97,14 @@ def resources(kernel: Any) -> dict[str, Any]:
     widest = {"ld": 0, "st": 0}
     for op, vec, bits in _GLOBAL_ACCESS.findall(ptx):
         widest[op] = max(widest[op], int(vec or 1) * int(bits) // 8)
-    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
-    out.update(mma=mma, cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-               max_load_bytes=widest["ld"], max_store_bytes=widest["st"])
+    copies = [int(b, 0) for b in _CP_ASYNC.findall(ptx)]
+    out.update(
+        mma=mma_kind(ptx),
+        cp_async=len(copies),
+        max_copy_bytes=max(copies, default=0),
+        max_load_bytes=widest["ld"],
+        max_store_bytes=widest["st"],
+    )
     return out
 
 
@@ -100,24 +118,34 @@ def compile_one(variant: Variant, arch: int = 90) -> dict[str, Any]:
         return {"id": variant.id, "ok": False, "shared": None, "error": f"{type(e).__name__}: {str(e)[-800:]}"}
 
 
-def compile_check(variants: Iterable[Variant], arch: int = 90, timeout: float = 900.0,
-                  jobs: int | None = None) -> list[dict[str, Any]]:
+def compile_check(
+    variants: Iterable[Variant], arch: int = 90, timeout: float = 900.0, jobs: int | None = None
+) -> list[dict[str, Any]]:
     """Compile each variant for sm_<arch> in child processes (up to `jobs`, by default one per core, each
     taking a contiguous share); one result dict per variant, in order."""
     variants = list(variants)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(variants) // 8 or 1))
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"))
-    shares = [variants[i * len(variants) // jobs:(i + 1) * len(variants) // jobs] for i in range(jobs)]
+    fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION=fusion)
+    shares = [variants[i * len(variants) // jobs : (i + 1) * len(variants) // jobs] for i in range(jobs)]
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for i, share in enumerate(shares):
             path = Path(tmp) / f"share{i}.jsonl"
-            path.write_text("".join(json.dumps({"spec": v.spec.to_dict(), "schedule": v.schedule.to_dict()}) + "\n"
-                                    for v in share))
+            path.write_text(
+                "".join(json.dumps({"spec": v.spec.to_dict(), "schedule": v.schedule.to_dict()}) + "\n" for v in share)
+            )
             with path.open() as stdin:
-                procs.append(subprocess.Popen([sys.executable, "-m", "kernels.validate", "--arch", str(arch)],
-                                              stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                              text=True, env=env))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "tunerd.kernels.validate", "--arch", str(arch)],
+                        stdin=stdin,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=env,
+                    )
+                )
         results: list[dict[str, Any]] = []
         try:
             for p, share in zip(procs, shares):
@@ -149,7 +177,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run as kernels.validate, not __main__, so registrations into EXAMPLE_ARGS (kernels.backward) are seen
-    from kernels.validate import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -19,13 +19,14 @@ Interpreter model (DeviceLimits.interpreted): programs x (per-program cost + red
 per-step cost, growing with tile elements), since the interpreter runs programs one by one in
 Python and numpy, with overheads per operation far above the arithmetic.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from kernels.schedule import Schedule, vector_rows
-from kernels.spec import BlockSpec
+from tunerd.kernels.schedule import Schedule, vector_rows
+from tunerd.kernels.spec import BlockSpec
 
 from .device import DeviceLimits
 
@@ -76,8 +77,13 @@ def phase_pixels(spec: BlockSpec) -> int:
 def gemm_view(spec: BlockSpec) -> GemmView:
     """The GEMM a conv kernel of spec's op runs (see GemmView)."""
     if spec.op == "dgrad":
-        return GemmView(m=phase_pixels(spec), n=spec.cg, inner=spec.kg, taps=max(1, spec.taps // phases(spec)),
-                        groups=spec.groups * phases(spec))
+        return GemmView(
+            m=phase_pixels(spec),
+            n=spec.cg,
+            inner=spec.kg,
+            taps=max(1, spec.taps // phases(spec)),
+            groups=spec.groups * phases(spec),
+        )
     if spec.op == "wgrad":
         return GemmView(m=spec.kg, n=spec.cg, inner=spec.out_pixels, taps=spec.taps, groups=spec.groups)
     return GemmView(m=spec.out_pixels, n=spec.kg, inner=spec.cg, taps=spec.taps, groups=spec.groups)
@@ -230,8 +236,11 @@ def estimate(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> Estimate:
     padded_flops = tile_flops * progs
     l2 = (loads + out_tile) * progs
     if limits.interpreted:
-        secs = progs * (limits.program_s + limits.element_s * w.out_elems
-                        + steps * (limits.step_s + limits.element_s * w.step_elems))
+        secs = progs * (
+            limits.program_s
+            + limits.element_s * w.out_elems
+            + steps * (limits.step_s + limits.element_s * w.step_elems)
+        )
         return Estimate(secs, progs, progs, 1, padded_flops, l2, float(spec.min_bytes), secs, 0.0)
 
     occ = occupancy(spec, s, limits)

@@ -9,6 +9,7 @@ Three sources, in `detect()` order:
   interpreter cost constants (seconds per program and per reduction step, fitted roughly on a
   2-core x86 box) instead of GPU rates. Its timings are a weak proxy for GPU timings.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -31,7 +32,7 @@ class DeviceLimits:
     max_regs_per_thread: int = 255
     max_threads_per_sm: int = 2048
     max_blocks_per_sm: int = 32
-    l2_bytes: int = 50 * 2 ** 20
+    l2_bytes: int = 50 * 2**20
     dram_bw: float = 3.35e12
     l2_bw: float = 1.0e13
     fp16_flops: float = 989e12  # fp16/bf16 tensor cores
@@ -48,17 +49,17 @@ class DeviceLimits:
 
     # ---- constructors -----------------------------------------------------------------
     @classmethod
-    def h100(cls) -> "DeviceLimits":
+    def h100(cls) -> DeviceLimits:
         """NVIDIA H100 SXM5 80GB: 132 SMs, 227 KiB opt-in shared memory per block, 3.35 TB/s HBM3."""
         return cls(name="NVIDIA H100 80GB HBM3", sm_count=132, smem_per_block=232448, smem_per_sm=233472)
 
     @classmethod
-    def interpreter(cls) -> "DeviceLimits":
+    def interpreter(cls) -> DeviceLimits:
         """The Triton interpreter on CPU: H100 resource limits, interpreter cost constants."""
         return replace(cls.h100(), name=INTERPRETER_NAME, interpreted=True)
 
     @classmethod
-    def from_cuda(cls, device: int | str | torch.device | None = None) -> "DeviceLimits":
+    def from_cuda(cls, device: int | str | torch.device | None = None) -> DeviceLimits:
         """Resources of a CUDA device from torch; rates from a known-part table or scaled from H100."""
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA device: use DeviceLimits.interpreter() or DeviceLimits.h100()")
@@ -68,20 +69,32 @@ class DeviceLimits:
         rates = _known_rates(p.name)
         if rates is None:  # unknown part: scale the H100's rates by SM count
             f = p.multi_processor_count / base.sm_count
-            rates = dict(dram_bw=base.dram_bw * f, l2_bw=base.l2_bw * f, fp16_flops=base.fp16_flops * f,
-                         tf32_flops=base.tf32_flops * f, fp32_flops=base.fp32_flops * f)
+            rates = dict(
+                dram_bw=base.dram_bw * f,
+                l2_bw=base.l2_bw * f,
+                fp16_flops=base.fp16_flops * f,
+                tf32_flops=base.tf32_flops * f,
+                fp32_flops=base.fp32_flops * f,
+            )
         smem_block = int(getattr(p, "shared_memory_per_block_optin", 0) or base.smem_per_block)
         smem_sm = int(getattr(p, "shared_memory_per_multiprocessor", 0) or max(smem_block, base.smem_per_sm))
-        return replace(base, name=p.name, sm_count=p.multi_processor_count, smem_per_block=smem_block,
-                       smem_per_sm=smem_sm, regs_per_sm=int(getattr(p, "regs_per_multiprocessor", 0) or 65536),
-                       max_threads_per_sm=int(getattr(p, "max_threads_per_multi_processor", 0) or 2048),
-                       l2_bytes=int(getattr(p, "L2_cache_size", 0) or base.l2_bytes),
-                       capability=(p.major, p.minor), **rates)
+        return replace(
+            base,
+            name=p.name,
+            sm_count=p.multi_processor_count,
+            smem_per_block=smem_block,
+            smem_per_sm=smem_sm,
+            regs_per_sm=int(getattr(p, "regs_per_multiprocessor", 0) or 65536),
+            max_threads_per_sm=int(getattr(p, "max_threads_per_multi_processor", 0) or 2048),
+            l2_bytes=int(getattr(p, "L2_cache_size", 0) or base.l2_bytes),
+            capability=(p.major, p.minor),
+            **rates,
+        )
 
     @classmethod
-    def detect(cls) -> "DeviceLimits":
+    def detect(cls) -> DeviceLimits:
         """The device kernels run on here: the current CUDA GPU, or the interpreter profile on CPU."""
-        from kernels import runtime  # kernels first: it picks the interpreter before triton loads
+        from tunerd.kernels import runtime  # kernels first: it picks the interpreter before triton loads
 
         if torch.cuda.is_available() and not runtime.interpreting():
             return cls.from_cuda()

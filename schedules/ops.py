@@ -6,18 +6,20 @@ Backward passes (kernels.backward's dgrad/wgrad templates) are bound for specs w
 chain is plain (no epilogue parameters for the kernel to read): their kernels then take only
 dy, the weight or input, and the gradient buffer.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from kernels import backward as _bwd
-from kernels import conv as _conv
-from kernels import reference
-from kernels.generator import Variant
-from kernels.spec import BlockSpec, Epilogue, SpecError
+from tunerd.kernels import backward as _bwd
+from tunerd.kernels import conv as _conv
+from tunerd.kernels import reference
+from tunerd.kernels.generator import Variant
+from tunerd.kernels.spec import BlockSpec, Epilogue, SpecError
 
 Inputs = dict[str, Any]
 
@@ -84,10 +86,17 @@ def epilogue_inputs(spec: BlockSpec, device: torch.device, gen: torch.Generator)
 
 
 def epilogue_args(spec: BlockSpec, inp: Inputs) -> _conv.EpilogueArgs:
-    return _conv.EpilogueArgs(bias=inp.get("bias"), scale=inp.get("scale"), shift=inp.get("shift"),
-                              residual=inp.get("residual"), gamma=inp.get("gamma"),
-                              activation=spec.epilogue.activation, residual_mode=spec.epilogue.residual or "post",
-                              star_s=inp.get("star_s", 1.0), star_b=inp.get("star_b", 0.0))
+    return _conv.EpilogueArgs(
+        bias=inp.get("bias"),
+        scale=inp.get("scale"),
+        shift=inp.get("shift"),
+        residual=inp.get("residual"),
+        gamma=inp.get("gamma"),
+        activation=spec.epilogue.activation,
+        residual_mode=spec.epilogue.residual or "post",
+        star_s=inp.get("star_s", 1.0),
+        star_b=inp.get("star_b", 0.0),
+    )
 
 
 def reference_epilogue(inp: Inputs) -> dict[str, Any]:
@@ -126,8 +135,10 @@ register("fwd", OpBinding(_fwd_inputs, _fwd_output, _fwd_args, _fwd_result, _fwd
 # ---- backward (plain gradient chain) ----------------------------------------------------
 def _plain_chain(spec: BlockSpec) -> None:
     if spec.epilogue != Epilogue():
-        raise SpecError(f"the harness gates {spec.op} variants whose gradient chain is plain; this spec's epilogue "
-                        f"{spec.epilogue} gives the kernel chain arguments it does not bind")
+        raise SpecError(
+            f"the harness gates {spec.op} variants whose gradient chain is plain; this spec's epilogue "
+            f"{spec.epilogue} gives the kernel chain arguments it does not bind"
+        )
 
 
 def _bwd_inputs(spec: BlockSpec, device: torch.device, gen: torch.Generator) -> Inputs:

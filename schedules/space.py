@@ -26,15 +26,16 @@ counts them):
 Sizes (H100 profile, the SEEDS suites): 36-2716 legal after the rules, median ~1000-1300 for
 dense/grouped layers, 107 for depthwise; 256 or fewer after the cap. Interpreter profile: 4-188.
 """
+
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator
 
-from kernels import schedule as _sched
-from kernels.schedule import Schedule, ScheduleError, next_pow2
-from kernels.spec import BlockSpec
+from tunerd.kernels import schedule as _sched
+from tunerd.kernels.schedule import Schedule, ScheduleError, next_pow2
+from tunerd.kernels.spec import BlockSpec
 
 from . import cost
 from .device import DeviceLimits
@@ -70,14 +71,16 @@ class Space:
         return len(self.candidates)
 
 
-def space(spec: BlockSpec, limits: DeviceLimits | None = None,
-          max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> list[Schedule]:
+def space(
+    spec: BlockSpec, limits: DeviceLimits | None = None, max_candidates: int | None = DEFAULT_MAX_CANDIDATES
+) -> list[Schedule]:
     """Legal, pruned, deduplicated schedules for spec (see the module doc for the rules)."""
     return build(spec, limits, max_candidates).candidates
 
 
-def build(spec: BlockSpec, limits: DeviceLimits | None = None,
-          max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> Space:
+def build(
+    spec: BlockSpec, limits: DeviceLimits | None = None, max_candidates: int | None = DEFAULT_MAX_CANDIDATES
+) -> Space:
     """Enumerate and prune; max_candidates=None keeps every legal schedule."""
     if max_candidates is not None and max_candidates < 1:
         raise ValueError(f"max_candidates must be >= 1 or None, got {max_candidates}")

@@ -17,6 +17,7 @@ GPU harness can compile ahead in parallel.
 - evolution: a population seeded with the prior's best, tournament selection, knob-wise
   crossover and one-step mutations screened by the prior.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,10 +25,11 @@ import math
 import random
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
-from kernels.schedule import Schedule
+from tunerd.kernels.schedule import Schedule
 
 from .trial import Trial
 
@@ -178,8 +180,9 @@ class SuccessiveHalving(Strategy):
 
     name = "halving"
 
-    def __init__(self, seed: int = 0, prior: Prior | None = None, reps: int = 10, eta: int = 3,
-                 min_reps: int = 1) -> None:
+    def __init__(
+        self, seed: int = 0, prior: Prior | None = None, reps: int = 10, eta: int = 3, min_reps: int = 1
+    ) -> None:
         super().__init__(seed, prior, reps)
         if eta < 2 or min_reps < 1:
             raise ValueError("eta must be >= 2 and min_reps >= 1")
@@ -195,7 +198,7 @@ class SuccessiveHalving(Strategy):
         survivors = order[:n0]
         rung = 0
         while survivors and not run.done:
-            reps = min(self.reps, self.min_reps * self.eta ** rung)
+            reps = min(self.reps, self.min_reps * self.eta**rung)
             run.prefetch(survivors)
             scored: list[tuple[float, int, Schedule]] = []
             for i, s in enumerate(survivors):
@@ -256,8 +259,10 @@ class TPE(Strategy):
         try:
             import optuna  # lazily: not on the GPU boxes
         except ImportError:
-            raise RuntimeError("the 'tpe' strategy needs optuna (pip install optuna); "
-                               "'evolution' is the model-guided alternative without it") from None
+            raise RuntimeError(
+                "the 'tpe' strategy needs optuna (pip install optuna); "
+                "'evolution' is the model-guided alternative without it"
+            ) from None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         values = knob_values(cands)
         dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in values.items()}
@@ -283,8 +288,11 @@ class TPE(Strategy):
                 study.tell(ot, value)
             else:  # TPE learns from what was measured, not from the illegal/duplicate proposal
                 study.tell(ot, state=optuna.trial.TrialState.FAIL)
-                study.add_trial(optuna.trial.create_trial(params={k: getattr(s, k) for k in values},
-                                                          distributions=dists, value=value))
+                study.add_trial(
+                    optuna.trial.create_trial(
+                        params={k: getattr(s, k) for k in values}, distributions=dists, value=value
+                    )
+                )
 
 
 class Evolution(Strategy):
@@ -299,8 +307,9 @@ class Evolution(Strategy):
     name = "evolution"
     uses_prior = True
 
-    def __init__(self, seed: int = 0, prior: Prior | None = None, reps: int = 10, population: int = 8,
-                 screen: int = 4) -> None:
+    def __init__(
+        self, seed: int = 0, prior: Prior | None = None, reps: int = 10, population: int = 8, screen: int = 4
+    ) -> None:
         super().__init__(seed, prior, reps)
         if population < 2 or screen < 1:
             raise ValueError("population must be >= 2 and screen >= 1")
@@ -335,8 +344,13 @@ class Evolution(Strategy):
             del pending[child]
             scored.append((t.cost, index[child], child))
 
-    def _child(self, pool: list[tuple[float, int, Schedule]], values: dict[str, list[Any]],
-               pending: list[Schedule], rng: random.Random) -> Schedule:
+    def _child(
+        self,
+        pool: list[tuple[float, int, Schedule]],
+        values: dict[str, list[Any]],
+        pending: list[Schedule],
+        rng: random.Random,
+    ) -> Schedule:
         def tournament() -> Schedule:
             a, b = rng.sample(pool, 2) if len(pool) > 1 else (pool[0], pool[0])
             return min(a, b)[2]
@@ -355,7 +369,8 @@ class Evolution(Strategy):
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Exhaustive, RandomSearch, SuccessiveHalving, ModelRanked, TPE, Evolution)}
+    cls.name: cls for cls in (Exhaustive, RandomSearch, SuccessiveHalving, ModelRanked, TPE, Evolution)
+}
 
 
 def available(name: str) -> bool:

@@ -9,16 +9,18 @@ every epilogue is plain, so the suite holds the unique conv geometries.
 `model_specs(model, example_input)` does the same for any torch model by tracing its
 Conv1d/2d/3d layers with forward hooks (works on the meta device: no compute).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from kernels.conv import TORCH_DTYPES
-from kernels.spec import BlockSpec, Epilogue, SpecError, conv_spec
+from tunerd.kernels.conv import TORCH_DTYPES
+from tunerd.kernels.spec import BlockSpec, Epilogue, SpecError, conv_spec
 
 BN_RELU = Epilogue(affine=True, activation="relu")
 BN_RELU6 = Epilogue(affine=True, activation="relu6")
@@ -39,10 +41,31 @@ class Net:
     dtype: str
     specs: list[BlockSpec] = field(default_factory=list)
 
-    def conv(self, c: int, k: int, size: tuple[int, ...], kernel: Any, stride: Any = 1, padding: Any = 0,
-             groups: int = 1, dilation: Any = 1, epilogue: Epilogue = Epilogue()) -> tuple[int, ...]:
-        spec = conv_spec(n=self.batch, c=c, k=k, in_size=tuple(size), kernel=kernel, stride=stride,
-                         padding=padding, dilation=dilation, groups=groups, dtype=self.dtype, epilogue=epilogue)
+    def conv(
+        self,
+        c: int,
+        k: int,
+        size: tuple[int, ...],
+        kernel: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        groups: int = 1,
+        dilation: Any = 1,
+        epilogue: Epilogue = Epilogue(),  # noqa: B008  (frozen, hashable)
+    ) -> tuple[int, ...]:
+        spec = conv_spec(
+            n=self.batch,
+            c=c,
+            k=k,
+            in_size=tuple(size),
+            kernel=kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            dtype=self.dtype,
+            epilogue=epilogue,
+        )
         self.specs.append(spec)
         return spec.out_size
 
@@ -74,8 +97,15 @@ def resnext50_32x4d(net: Net) -> None:
 
 
 # ---- MobileNetV2 ------------------------------------------------------------------------
-MOBILENETV2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-               (6, 320, 1, 1))  # (expansion t, channels c, repeats n, first stride s)
+MOBILENETV2 = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)  # (expansion t, channels c, repeats n, first stride s)
 
 
 def mobilenetv2(net: Net) -> None:
@@ -173,8 +203,15 @@ def video_2plus1d(net: Net) -> None:
             for j, (cin, out) in enumerate(((c, planes), (planes, planes))):
                 st = s if j == 0 else 1
                 size = net.conv(cin, mid, size, (1, 3, 3), stride=(1, st, st), padding=(0, 1, 1), epilogue=BN_RELU)
-                size = net.conv(mid, out, size, (3, 1, 1), stride=(st, 1, 1), padding=(1, 0, 0),
-                                epilogue=BN_RELU if j == 0 else BN_ADD_RELU)
+                size = net.conv(
+                    mid,
+                    out,
+                    size,
+                    (3, 1, 1),
+                    stride=(st, 1, 1),
+                    padding=(1, 0, 0),
+                    epilogue=BN_RELU if j == 0 else BN_ADD_RELU,
+                )
             if s != 1 or block_in != planes:
                 net.conv(block_in, planes, block_size, 1, stride=s, epilogue=BN)
             c = planes
@@ -254,9 +291,20 @@ def model_specs(model: nn.Module, example_input: Any, strict: bool = True) -> li
                 raise SpecError(f"padding_mode={mod.padding_mode!r} is not supported (zeros only)")
             if x.dtype not in TORCH_DTYPES:
                 raise SpecError(f"input dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
-            found.append(conv_spec(n=x.shape[0], c=x.shape[1], k=mod.out_channels, in_size=tuple(x.shape[2:]),
-                                   kernel=mod.kernel_size, stride=mod.stride, padding=mod.padding,
-                                   dilation=mod.dilation, groups=mod.groups, dtype=TORCH_DTYPES[x.dtype]))
+            found.append(
+                conv_spec(
+                    n=x.shape[0],
+                    c=x.shape[1],
+                    k=mod.out_channels,
+                    in_size=tuple(x.shape[2:]),
+                    kernel=mod.kernel_size,
+                    stride=mod.stride,
+                    padding=mod.padding,
+                    dilation=mod.dilation,
+                    groups=mod.groups,
+                    dtype=TORCH_DTYPES[x.dtype],
+                )
+            )
         except SpecError as e:
             errors.append(f"layer {name}: {e}")
 

@@ -1,10 +1,11 @@
 """Trial: one measured variant (status, timings, numerics), as the store records it."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from kernels.schedule import Schedule
+from tunerd.kernels.schedule import Schedule
 
 OK = "ok"
 WRONG = "wrong-result"
@@ -65,13 +66,13 @@ class Trial:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Trial":
+    def from_dict(cls, d: dict[str, Any]) -> Trial:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw["schedule"] = Schedule.from_dict(d["schedule"])
         return cls(**kw)
 
-    def with_(self, **changes: Any) -> "Trial":
+    def with_(self, **changes: Any) -> Trial:
         return replace(self, **changes)
 
 

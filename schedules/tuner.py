@@ -5,19 +5,21 @@ budget, reports every new measurement through `on_trial` (the store's glue layer
 and progress through `on_progress`, and skips variants already measured (`known`, keyed by
 variant id: resuming a run re-uses them instead of measuring again).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from kernels import schedule as _sched
-from kernels.schedule import Schedule
-from kernels.spec import BlockSpec
+from tunerd.kernels import schedule as _sched
+from tunerd.kernels.schedule import Schedule
+from tunerd.kernels.spec import BlockSpec
 
 from . import cost, ops
 from .device import DeviceLimits
-from .harness import Harness
+from .harness import Harness, Interrupted, guard
 from .space import DEFAULT_MAX_CANDIDATES, space
 from .strategies import Budget, make
 from .trial import Trial, best_of
@@ -51,18 +53,28 @@ class TuneResult:
     statuses: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_dict(), "best": self.best.to_dict() if self.best else None,
-                "trials": [t.to_dict() for t in self.trials], "default_trial": self.default_trial.to_dict(),
-                "speedup_vs_default": self.speedup_vs_default, "roofline_fraction": self.roofline_fraction,
-                "device": self.device, "strategy": self.strategy, "candidates": self.candidates,
-                "measured": self.measured, "seconds": self.seconds, "statuses": self.statuses}
+        return {
+            "spec": self.spec.to_dict(),
+            "best": self.best.to_dict() if self.best else None,
+            "trials": [t.to_dict() for t in self.trials],
+            "default_trial": self.default_trial.to_dict(),
+            "speedup_vs_default": self.speedup_vs_default,
+            "roofline_fraction": self.roofline_fraction,
+            "device": self.device,
+            "strategy": self.strategy,
+            "candidates": self.candidates,
+            "measured": self.measured,
+            "seconds": self.seconds,
+            "statuses": self.statuses,
+        }
 
 
 class _Measure:
     """The strategies' measure(schedule, reps): known/cached trials first, then the harness."""
 
-    def __init__(self, spec: BlockSpec, harness: Harness, known: dict[str, Trial],
-                 on_trial: Callable[[Trial], None] | None) -> None:
+    def __init__(
+        self, spec: BlockSpec, harness: Harness, known: dict[str, Trial], on_trial: Callable[[Trial], None] | None
+    ) -> None:
         self.spec = spec
         self.harness = harness
         self.cache = dict(known)
@@ -92,13 +104,23 @@ class _Measure:
             return None
 
 
-def tune(spec: BlockSpec, *, strategy: str = "exhaustive", budget_trials: int | None = None,
-         budget_seconds: float | None = None, seed: int = 0, known: dict[str, Trial] | None = None,
-         on_trial: Callable[[Trial], None] | None = None, on_progress: Callable[[Progress], None] | None = None,
-         harness: Harness | None = None, limits: DeviceLimits | None = None, reps: int | None = None,
-         candidates: Sequence[Schedule] | None = None,
-         max_candidates: int | None = DEFAULT_MAX_CANDIDATES, strategy_options: dict[str, Any] | None = None
-         ) -> TuneResult:
+def tune(
+    spec: BlockSpec,
+    *,
+    strategy: str = "exhaustive",
+    budget_trials: int | None = None,
+    budget_seconds: float | None = None,
+    seed: int = 0,
+    known: dict[str, Trial] | None = None,
+    on_trial: Callable[[Trial], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    harness: Harness | None = None,
+    limits: DeviceLimits | None = None,
+    reps: int | None = None,
+    candidates: Sequence[Schedule] | None = None,
+    max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
+    strategy_options: dict[str, Any] | None = None,
+) -> TuneResult:
     """Tune spec; see the module doc. `candidates` overrides the space; `reps` the long-run repetitions.
 
     Known trials count toward budget_trials, so a resumed seeded run proposes the same sequence
@@ -116,18 +138,27 @@ def tune(spec: BlockSpec, *, strategy: str = "exhaustive", budget_trials: int | 
     harness = harness or Harness()
     try:
         full = reps or harness.reps
-        strat = make(strategy, seed=seed, prior=lambda s: cost.predict(spec, s, limits), reps=full,
-                     **(strategy_options or {}))
+        strat = make(
+            strategy, seed=seed, prior=lambda s: cost.predict(spec, s, limits), reps=full, **(strategy_options or {})
+        )
         meas = _Measure(spec, harness, known or {}, on_trial)
         default_trial = meas(_sched.default(spec), full)
         total = min(budget_trials, len(cands)) if budget_trials else len(cands)
-        trials = strat.search(cands, _Tracked(meas, on_progress, default_trial, total, budget, t0), budget)
+        tracked = _Tracked(meas, on_progress, default_trial, total, budget, t0)
+        # budget_seconds also stops the trial that is running when it runs out (its worker is killed)
+        deadline = time.monotonic() + budget_seconds if budget_seconds is not None else None
+        try:
+            with guard(deadline=deadline):
+                trials = strat.search(cands, tracked, budget)
+                best = best_of([default_trial] + trials)
+                if best is not None and best.reps < full:  # confirm a short-run winner with a full run
+                    trials.append(meas(best.schedule, full))
+        except Interrupted as e:
+            if e.reason != "deadline":
+                raise
+            trials = tracked.seen[1:]  # what the search measured before the deadline
         everything = [default_trial] + trials
         best = best_of(everything)
-        if best is not None and best.reps < full:  # confirm a short-run winner with a full run
-            everything.append(meas(best.schedule, full))
-            trials.append(everything[-1])
-            best = best_of(everything)
     finally:
         if own:
             harness.close()
@@ -138,16 +169,34 @@ def tune(spec: BlockSpec, *, strategy: str = "exhaustive", budget_trials: int | 
     statuses: dict[str, int] = {}
     for t in everything:
         statuses[t.status] = statuses.get(t.status, 0) + 1
-    return TuneResult(spec=spec, best=best, trials=trials, default_trial=default_trial, speedup_vs_default=speedup,
-                      roofline_fraction=roof, device=harness.device_name, strategy=strategy, candidates=len(cands),
-                      measured=meas.measured, seconds=time.monotonic() - t0, statuses=statuses)
+    return TuneResult(
+        spec=spec,
+        best=best,
+        trials=trials,
+        default_trial=default_trial,
+        speedup_vs_default=speedup,
+        roofline_fraction=roof,
+        device=harness.device_name,
+        strategy=strategy,
+        candidates=len(cands),
+        measured=meas.measured,
+        seconds=time.monotonic() - t0,
+        statuses=statuses,
+    )
 
 
 class _Tracked:
     """measure() plus progress reports after each call."""
 
-    def __init__(self, meas: _Measure, on_progress: Callable[[Progress], None] | None, default_trial: Trial,
-                 total: int, budget: Budget, t0: float) -> None:
+    def __init__(
+        self,
+        meas: _Measure,
+        on_progress: Callable[[Progress], None] | None,
+        default_trial: Trial,
+        total: int,
+        budget: Budget,
+        t0: float,
+    ) -> None:
         self.meas = meas
         self.on_progress = on_progress
         self.seen = [default_trial]
@@ -172,5 +221,11 @@ class _Tracked:
         if self.budget.seconds is not None:
             left = max(0.0, self.budget.seconds - self.budget.elapsed)
             eta = left if eta is None else min(eta, left)
-        return Progress(done=done, total=self.total, measured=self.meas.measured, best=best_of(self.seen),
-                        elapsed_s=elapsed, eta_s=eta)
+        return Progress(
+            done=done,
+            total=self.total,
+            measured=self.meas.measured,
+            best=best_of(self.seen),
+            elapsed_s=elapsed,
+            eta_s=eta,
+        )

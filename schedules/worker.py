@@ -5,32 +5,35 @@ it sends {"ready": ...} once, then answers each request dict with one reply dict
 candidate does here (raise, segfault, os._exit, loop forever, corrupt the CUDA context), the
 parent sees a reply, a dead pipe or silence, and replaces this process.
 """
+
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-import kernels  # noqa: F401  (before triton: picks the interpreter on CPU-only machines)
-from kernels import reference, runtime
-from kernels.generator import Variant
-from kernels.schedule import Schedule
-from kernels.spec import BlockSpec
+from tunerd.kernels import reference, runtime
+from tunerd.kernels.generator import Variant
+from tunerd.kernels.schedule import Schedule
+from tunerd.kernels.spec import BlockSpec
 
 from . import ops
 from .trial import COMPILE_ERROR, CRASH, OK, WRONG
 
-L2_FLUSH_BYTES = 256 * 2 ** 20  # larger than any current L2: writing it evicts the kernel's data
+L2_FLUSH_BYTES = 256 * 2**20  # larger than any current L2: writing it evicts the kernel's data
 _flush_buffer: torch.Tensor | None = None
 
 
-def serve(conn: Connection, device: str, threads: int) -> None:
+def serve(conn: Connection, device: str, threads: int, memory_bytes: int | None = None) -> None:
     """Process entry point: answer requests until the parent sends None or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (harness.Worker.start)
     torch.set_num_threads(max(1, threads))
     dev = torch.device(device)
     if dev.type == "cpu" and not runtime.interpreting():
@@ -38,6 +41,8 @@ def serve(conn: Connection, device: str, threads: int) -> None:
         return
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
+    if dev.type == "cpu" and memory_bytes:
+        cap_address_space(memory_bytes)
     conn.send({"ready": True, "pid": os.getpid()})
     while True:
         try:
@@ -52,12 +57,39 @@ def serve(conn: Connection, device: str, threads: int) -> None:
             os._exit(70)
 
 
+def cap_address_space(memory_bytes: int) -> None:
+    """Let this process map at most memory_bytes beyond what it has mapped now (RLIMIT_AS): a larger
+    allocation fails here, as a MemoryError or a torch allocation error, instead of exhausting the machine.
+    CPU only: a CUDA process reserves far more address space than it uses (see schedules.harness)."""
+    try:
+        import resource
+
+        with open("/proc/self/statm", "rb") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = mapped + memory_bytes
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    except (ImportError, OSError, ValueError):  # not Linux: the parent's resident-memory sampling still applies
+        pass
+
+
 def handle(msg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Answer one request: {"kind": "compile" | "measure", spec, schedule, source, ...}."""
+    if msg["kind"] == "block":  # a whole block plan: schedules.blocks renders, gates and times it here
+        from .blocks import handle as handle_block
+
+        return handle_block(msg, device)
     t0 = time.perf_counter()
     spec = BlockSpec.from_dict(msg["spec"])
-    variant = Variant(spec=spec, schedule=Schedule.from_dict(msg["schedule"]), source=msg["source"],
-                      kernel_name=msg["kernel_name"], grid=tuple(msg["grid"]))
+    variant = Variant(
+        spec=spec,
+        schedule=Schedule.from_dict(msg["schedule"]),
+        source=msg["source"],
+        kernel_name=msg["kernel_name"],
+        grid=tuple(msg["grid"]),
+    )
     try:
         fn = runtime.load(variant)
         if msg["kind"] == "compile" and device.type == "cuda":
@@ -73,12 +105,13 @@ def handle(msg: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _precompile(fn: Any, variant: Variant, device: torch.device) -> None:
     """Compile for the GPU without running: Triton's JIT warmup writes its on-disk cache."""
-    from kernels import validate
+    from tunerd.kernels import validate
 
-    args = {k: (torch.empty(1, dtype=v.dtype, device=device) if isinstance(v, torch.Tensor) else v)
-            for k, v in validate.example_args(variant.spec).items()}
-    fn.warmup(*runtime.bind(fn, args), grid=variant.grid, num_warps=variant.num_warps,
-              num_stages=variant.num_stages)
+    args = {
+        k: (torch.empty(1, dtype=v.dtype, device=device) if isinstance(v, torch.Tensor) else v)
+        for k, v in validate.example_args(variant.spec).items()
+    }
+    fn.warmup(*runtime.bind(fn, args), grid=variant.grid, num_warps=variant.num_warps, num_stages=variant.num_stages)
 
 
 def measure(variant: Variant, msg: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -105,24 +138,40 @@ def measure(variant: Variant, msg: dict[str, Any], device: torch.device) -> dict
         got = b.result(variant, inp, out)
         rel, mx = reference.rel_error(got, ref), max_abs_error(got, ref)
         if not rel < tol:
-            return {"status": WRONG, "rel_error": rel, "max_error": mx,
-                    "error": f"relative error {rel:.3g} exceeds the {spec.dtype} tolerance {tol:g}"}
+            return {
+                "status": WRONG,
+                "rel_error": rel,
+                "max_error": mx,
+                "error": f"relative error {rel:.3g} exceeds the {spec.dtype} tolerance {tol:g}",
+            }
         times = time_launches(launch, device, int(msg["reps"]), int(msg["warmup"]), bool(msg["flush_l2"]))
         # the buffer now holds the last repetition: it must still be right (races, stale state)
         got = b.result(variant, inp, out)
         rel2 = reference.rel_error(got, ref)
         if not rel2 < tol:
-            return {"status": WRONG, "rel_error": rel2, "max_error": max_abs_error(got, ref),
-                    "error": f"output changed across repetitions: relative error {rel2:.3g} after timing"}
+            return {
+                "status": WRONG,
+                "rel_error": rel2,
+                "max_error": max_abs_error(got, ref),
+                "error": f"output changed across repetitions: relative error {rel2:.3g} after timing",
+            }
     except Exception as e:
         return failure(e, device)
     p10, p50, p90 = (float(v) for v in np.percentile(np.asarray(times), [10, 50, 90]))
-    return {"status": OK, "median_ms": p50, "p10_ms": p10, "p90_ms": p90, "reps": len(times),
-            "rel_error": max(rel, rel2), "max_error": mx}
+    return {
+        "status": OK,
+        "median_ms": p50,
+        "p10_ms": p10,
+        "p90_ms": p90,
+        "reps": len(times),
+        "rel_error": max(rel, rel2),
+        "max_error": mx,
+    }
 
 
-def time_launches(launch: Callable[[], None], device: torch.device, reps: int, warmup: int,
-                  flush_l2: bool) -> list[float]:
+def time_launches(
+    launch: Callable[[], None], device: torch.device, reps: int, warmup: int, flush_l2: bool
+) -> list[float]:
     """Milliseconds per launch: CUDA events around each launch after an L2 flush on GPU.
 
     On the CPU interpreter: the worker process's CPU time per launch, which other processes
@@ -180,8 +229,7 @@ def compile_errors() -> tuple[type, ...]:
     from triton.compiler import errors as compiler_errors
     from triton.runtime import errors as runtime_errors
 
-    names = (("CompilationError", compiler_errors), ("OutOfResources", runtime_errors),
-             ("PTXASError", runtime_errors))
+    names = (("CompilationError", compiler_errors), ("OutOfResources", runtime_errors), ("PTXASError", runtime_errors))
     return tuple(getattr(mod, name) for name, mod in names if hasattr(mod, name))
 
 

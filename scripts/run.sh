@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 SUITE=${SUITE:-quick}
 BUDGET=${BUDGET:-6}
 BUNDLE=${BUNDLE:-tunerd-$SUITE.bundle}
-$PY -m tunerd tune --suite "$SUITE" --strategy halving --budget "$BUDGET"
+$PY -m tunerd tune --suite "$SUITE" --budget "$BUDGET"   # the default strategy (tunerd.tuning.DEFAULT_STRATEGY)
 COLUMNS=${COLUMNS:-140} $PY -m tunerd show
 $PY -m tunerd export --out "$BUNDLE"

@@ -11,6 +11,11 @@ if ! $PY -c "import torch" 2>/dev/null; then
   pip "torch==2.13.0"
 fi
 pip -e ".[service,test]"
+# Real model definitions for the model tests (tests/test_train_models.py). --no-deps: an unpinned
+# torchvision would replace the CPU torch; its C ops do not load over it (tests/models_zoo.py declares
+# the op schemas torchvision needs at import). huggingface_hub (timm's import) comes with its own deps.
+pip --no-deps timm "torchvision==0.28.*"
+pip huggingface_hub safetensors pyyaml
 
 # System packages for the fleet (PostgreSQL) and dashboard (headless Chromium) tests.
 need=()

@@ -10,8 +10,9 @@ pytest_plugins = ["pg"]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import kernels  # noqa: E402,F401  (selects the interpreter on CPU-only machines before triton loads)
 import torch  # noqa: E402
+
+import tunerd  # noqa: E402,F401  (first: tunerd selects Triton's interpreter on CPU-only machines before triton loads)
 
 
 def pytest_collection_modifyitems(config, items):

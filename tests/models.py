@@ -1,4 +1,5 @@
 """Small versions of the seed blocks (no torchvision needed)."""
+
 from __future__ import annotations
 
 import torch
@@ -29,9 +30,15 @@ class InvertedResidual(nn.Module):
         super().__init__()
         h = c * t
         self.conv = nn.Sequential(
-            nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(inplace=True),
-            nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(inplace=True),
-            nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+            nn.Conv2d(c, h, 1, bias=False),
+            nn.BatchNorm2d(h),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False),
+            nn.BatchNorm2d(h),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(h, c, 1, bias=False),
+            nn.BatchNorm2d(c),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv(x)

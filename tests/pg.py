@@ -5,6 +5,7 @@
 `pg_url` (per test) is a fresh, empty database on it. Tests using them skip with the reason when
 the server binaries or the psycopg driver are missing.
 """
+
 from __future__ import annotations
 
 import glob
@@ -15,8 +16,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -25,8 +26,9 @@ _counter = itertools.count()
 
 def pg_bindir() -> Path | None:
     """The newest /usr/lib/postgresql/<version>/bin holding initdb and pg_ctl."""
-    found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")
-             if Path(p).with_name("pg_ctl").exists()]
+    found = [
+        Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb") if Path(p).with_name("pg_ctl").exists()
+    ]
     return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, default=None)
 
 
@@ -58,15 +60,29 @@ class PgServer:
             raise RuntimeError(f"{' '.join(args[:2])} failed ({proc.returncode}): {proc.stderr.strip()}\n{tail}")
 
     def start(self) -> None:
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "tunerd", "--auth=trust", "-E", "UTF8",
-                  "--no-sync")
+        self._run(
+            str(self.bindir / "initdb"), "-D", str(self.data), "-U", "tunerd", "--auth=trust", "-E", "UTF8", "--no-sync"
+        )
         for attempt in range(3):  # the free port can be taken between probing and binding
             self.port = free_port()
-            opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                    f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=60")
+            opts = (
+                f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=60"
+            )
             try:
-                self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"),
-                          "-o", opts, "-w", "-t", "60", "start")
+                self._run(
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.root / "log"),
+                    "-o",
+                    opts,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                )
                 return
             except RuntimeError:
                 if attempt == 2:
@@ -78,8 +94,7 @@ class PgServer:
     def create_database(self, name: str) -> str:
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=tunerd dbname=postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=tunerd dbname=postgres", autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
@@ -95,8 +110,9 @@ class PgServer:
 def pg_server() -> Iterator[PgServer]:
     bindir = pg_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
-                    "(apt-get install -y postgresql)")
+        pytest.skip(
+            "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin (apt-get install -y postgresql)"
+        )
     pytest.importorskip("psycopg", reason="the psycopg 3 driver is not installed (pip install 'psycopg[binary]')")
     if os.geteuid() == 0:
         try:

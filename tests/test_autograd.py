@@ -1,5 +1,6 @@
 """tunerd.functional training path: autograd through the custom ops, needs_input_grad, torch.compile,
 BatchNorm statistics, against float64 torch autograd on fresh random inputs."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,15 +8,21 @@ import torch
 import torch.nn.functional as tF
 from torch.library import opcheck
 
-from kernels import conv as kconv
-from kernels import reference, runtime
-from kernels.autograd import conv as autograd_conv
-from kernels.spec import SpecError, conv_spec, normalize_padding
 from tunerd import functional as F
+from tunerd.kernels import conv as kconv
+from tunerd.kernels import reference, runtime
+from tunerd.kernels.autograd import conv as autograd_conv
+from tunerd.kernels.spec import SpecError, conv_spec, normalize_padding
 
 _FN = {1: (F.conv1d, tF.conv1d), 2: (F.conv2d, tF.conv2d), 3: (F.conv3d, tF.conv3d)}
-_ACT = {"relu": torch.relu, "gelu": tF.gelu, "silu": tF.silu, "hardswish": tF.hardswish, "sigmoid": torch.sigmoid,
-        None: lambda v: v}
+_ACT = {
+    "relu": torch.relu,
+    "gelu": tF.gelu,
+    "silu": tF.silu,
+    "hardswish": tF.hardswish,
+    "sigmoid": torch.sigmoid,
+    None: lambda v: v,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -37,12 +44,28 @@ def launched(monkeypatch):
     return seen
 
 
-def _params(ndim, c, k, size, ks, groups, *, bias=False, affine=False, residual=None, gamma=False, star=False,
-            stride=1, padding=0, dilation=1):
+def _params(
+    ndim,
+    c,
+    k,
+    size,
+    ks,
+    groups,
+    *,
+    bias=False,
+    affine=False,
+    residual=None,
+    gamma=False,
+    star=False,
+    stride=1,
+    padding=0,
+    dilation=1,
+):
     x = torch.randn(2, c, *size)
-    w = torch.randn(k, c // groups, *((ks,) * ndim)) / (c // groups * ks ** ndim) ** 0.5
-    out = conv_spec(n=2, c=c, k=k, in_size=size, kernel=ks, stride=stride, padding=padding, dilation=dilation,
-                    groups=groups).out_size
+    w = torch.randn(k, c // groups, *((ks,) * ndim)) / (c // groups * ks**ndim) ** 0.5
+    out = conv_spec(
+        n=2, c=c, k=k, in_size=size, kernel=ks, stride=stride, padding=padding, dilation=dilation, groups=groups
+    ).out_size
     p = {"input": x, "weight": w}
     if bias:
         p["bias"] = torch.randn(k)
@@ -63,8 +86,7 @@ def _reference(ndim, p, stride, padding, dilation, groups, activation, residual_
     ks = tuple(q["weight"].shape[2:])
     st, dl = (stride,) * ndim if isinstance(stride, int) else stride, (dilation,) * ndim
     pads = [v for pair in reversed(normalize_padding(padding, ks, dl, st)) for v in pair]
-    y = tF.__dict__[f"conv{ndim}d"](tF.pad(q["input"], pads), q["weight"], q.get("bias"), stride, 0, dilation,
-                                     groups)
+    y = tF.__dict__[f"conv{ndim}d"](tF.pad(q["input"], pads), q["weight"], q.get("bias"), stride, 0, dilation, groups)
     ch = (1, -1) + (1,) * ndim
     if "scale" in q:
         y = y * q["scale"].reshape(ch) + q["shift"].reshape(ch)
@@ -98,8 +120,18 @@ def test_functional_grads_match_float64_torch(case):
     p = _params(ndim, c, k, size, ks, groups, stride=stride, padding=padding, dilation=dilation, **extra)
     ours = _FN[ndim][0]
     kw = {n: t for n, t in p.items() if n not in ("input", "weight", "bias")}
-    y = ours(p["input"], p["weight"], p.get("bias"), stride, padding, dilation, groups, activation=act,
-             residual_mode=mode, **kw)
+    y = ours(
+        p["input"],
+        p["weight"],
+        p.get("bias"),
+        stride,
+        padding,
+        dilation,
+        groups,
+        activation=act,
+        residual_mode=mode,
+        **kw,
+    )
     yref, q = _reference(ndim, p, stride, padding, dilation, groups, act, mode)
     assert reference.rel_error(y, yref) < 1e-5
     dy = torch.randn(yref.shape, dtype=torch.float64)
@@ -115,7 +147,7 @@ def test_needs_input_grad_is_respected(launched):
     w = torch.randn(8, 8, 3, 3, requires_grad=True)
     b = torch.randn(8)  # frozen
     y = F.conv2d(x, w, b, padding=1, activation="gelu")
-    gw, = torch.autograd.grad(y.sum(), [w])
+    (gw,) = torch.autograd.grad(y.sum(), [w])
     ops = [op for op, _ in launched]
     assert ops == ["fwd", "wgrad"]  # no dgrad for an input that needs no gradient
     assert launched[0][1].epilogue.save_z  # z kept for gelu'
@@ -137,7 +169,7 @@ def test_needs_input_grad_is_respected(launched):
 
 def _gelu_grad(x, w, b):
     z = tF.conv2d(x.double(), w.detach().double(), b.double(), padding=1).requires_grad_()
-    g, = torch.autograd.grad(tF.gelu(z).sum(), [z])
+    (g,) = torch.autograd.grad(tF.gelu(z).sum(), [z])
     return g
 
 
@@ -175,12 +207,100 @@ def test_torch_compile_gives_the_same_grads():
 def test_custom_ops_pass_opcheck():
     x, w, b = torch.randn(2, 8, 5, 5), torch.randn(8, 4, 3, 3), torch.randn(8)
     r, star = torch.randn(2, 8, 3, 3), torch.tensor([0.9, -0.3])
-    fwd = (x, w, b, None, None, r, None, star, [2, 2], [1, 1, 1, 1], [1, 1], 2, "starrelu", "pre", None, "ieee",
-           True, False)
+    fwd = (
+        x,
+        w,
+        b,
+        None,
+        None,
+        r,
+        None,
+        star,
+        [2, 2],
+        [1, 1, 1, 1],
+        [1, 1],
+        2,
+        "starrelu",
+        "pre",
+        None,
+        "ieee",
+        True,
+        False,
+    )
     opcheck(torch.ops.tunerd.conv.default, fwd)
     z = torch.randn(2, 3, 3, 8)
-    bwd = (torch.randn(2, 8, 3, 3), x, w, z, b, None, None, r, None, star, None, None, [2, 2], [1, 1, 1, 1],
-           [1, 1], 2, "starrelu", "pre", "ieee", False, [True, True, True, False, False, True, False, True])
+    bwd = (
+        torch.randn(2, 8, 3, 3),
+        x,
+        w,
+        z,
+        b,
+        None,
+        None,
+        r,
+        None,
+        star,
+        None,
+        None,
+        None,
+        [2, 2],
+        [1, 1, 1, 1],
+        [1, 1],
+        2,
+        "starrelu",
+        "pre",
+        "ieee",
+        False,
+        [True, True, True, False, False, True, False, True],
+    )
+    opcheck(torch.ops.tunerd.conv_backward.default, bwd)
+    # BatchNorm statistics: (y, z, mean, var) forward; dmean, dvar and the saved mean backward
+    fwd = (
+        x,
+        w[:, :, :2],
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        [1, 1],
+        [0, 0, 0, 0],
+        [1, 1],
+        2,
+        None,
+        "post",
+        None,
+        "ieee",
+        False,
+        True,
+    )
+    opcheck(torch.ops.tunerd.conv.default, fwd)
+    k = torch.randn(8)
+    bwd = (
+        torch.randn(2, 8, 4, 5),
+        x,
+        w[:, :, :2],
+        torch.randn(2, 4, 5, 8),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        k,
+        k + 1,
+        k - 1,
+        [1, 1],
+        [0, 0, 0, 0],
+        [1, 1],
+        2,
+        None,
+        "post",
+        "ieee",
+        True,
+        [True, True, False, False, False, False, False, False],
+    )
     opcheck(torch.ops.tunerd.conv_backward.default, bwd)
 
 
@@ -189,13 +309,9 @@ def test_batchnorm_train_from_stats_matches_torch():
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
     w = (torch.randn(16, 8, 3, 3) / 8).requires_grad_()
     gamma, beta = (torch.rand(16) + 0.5).requires_grad_(), torch.randn(16).requires_grad_()
-    z, s, ss = autograd_conv(x, w, None, 1, 1, ndim=2, stats=True)
-    count = z.numel() // z.shape[1]
-    mean = s / count
-    var = ss / count - mean * mean
+    z, mean, var = autograd_conv(x, w, None, 1, 1, ndim=2, stats=True)
     ch = (1, -1, 1, 1)
-    y = torch.relu((z - mean.reshape(ch)) * torch.rsqrt(var.reshape(ch) + 1e-5) * gamma.reshape(ch)
-                   + beta.reshape(ch))
+    y = torch.relu((z - mean.reshape(ch)) * torch.rsqrt(var.reshape(ch) + 1e-5) * gamma.reshape(ch) + beta.reshape(ch))
     leaves = [x, w, gamma, beta]
     q = [t.detach().double().requires_grad_() for t in leaves]
     yref = torch.relu(tF.batch_norm(tF.conv2d(q[0], q[1], padding=1), None, None, q[2], q[3], training=True))
@@ -208,13 +324,16 @@ def test_batchnorm_train_from_stats_matches_torch():
 def test_stats_need_no_extra_z_copy(launched):
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
     w = torch.randn(8, 8, 3, 3, requires_grad=True)
-    z, s, ss = autograd_conv(x, w, None, 1, 1, ndim=2, stats=True)
+    z, mean, var = autograd_conv(x, w, None, 1, 1, ndim=2, stats=True)
     fwd = launched[0][1]
     assert fwd.epilogue.stats and not fwd.epilogue.save_z  # z is the output itself
-    (z.sum() + s.sum() + ss.sum()).backward()
+    (z.sum() + mean.sum() + var.sum()).backward()
     zd = tF.conv2d(x.double(), w.double(), padding=1)
-    # d/dz of (sum z + sum z + sum z^2) = 2 + 2z
-    ref = torch.nn.grad.conv2d_input(x.shape, w.double(), 2 + 2 * zd, padding=1)
+    # d/dz of (sum z + mean z + biased var z) = 1 + 1/n + 2 (z - mean) / n, n = N * P * Q per channel
+    n = zd.numel() // zd.shape[1]
+    ref = torch.nn.grad.conv2d_input(
+        x.shape, w.double(), 1 + (1 + 2 * (zd - zd.mean((0, 2, 3), keepdim=True))) / n, padding=1
+    )
     assert reference.rel_error(x.grad, ref) < 1e-5
 
 

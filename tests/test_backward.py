@@ -1,5 +1,6 @@
 """Backward kernels (dgrad, wgrad, the epilogue chain's gradients, BatchNorm statistics) against
 float64 torch autograd, on fresh random inputs with every kernel-written buffer NaN-poisoned."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,17 +8,17 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as tF
+from convcases import DTYPES, Case, make_inputs, random_case, spec_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convcases import DTYPES, Case, make_inputs, random_case, spec_of
-from kernels import conv, generator, reference
-from kernels import epilogue as E
-from kernels.backward import Needs, conv_backward, grad_spec
-from kernels.conv import EpilogueArgs, run_forward
-from kernels.schedule import Schedule, check, default, next_pow2
-from kernels.spec import Epilogue, SpecError, conv_spec
-from kernels.validate import compile_check
+from tunerd.kernels import conv, generator, reference
+from tunerd.kernels import epilogue as E
+from tunerd.kernels.backward import Needs, conv_backward, grad_spec
+from tunerd.kernels.conv import EpilogueArgs, run_forward
+from tunerd.kernels.schedule import Schedule, check, default, next_pow2
+from tunerd.kernels.spec import Epilogue, SpecError, conv_spec
+from tunerd.kernels.validate import compile_check
 
 _CONV = {1: tF.conv1d, 2: tF.conv2d, 3: tF.conv3d}
 RESNET = dict(affine=True, residual="pre", activation="relu")  # relu(bn(conv) + identity)
@@ -35,9 +36,16 @@ def _tol(dtype: str) -> float:
     return {"float32": 2e-5, "float16": 3e-3, "bfloat16": 2e-2}[dtype]
 
 
-def grad_errors(case: Case, dtype: str = "float32", device: str = "cpu", *, stats: bool = False,
-                needs: Needs | None = None, schedules: dict | None = None,
-                channels_last: bool = False) -> dict[str, float]:
+def grad_errors(
+    case: Case,
+    dtype: str = "float32",
+    device: str = "cpu",
+    *,
+    stats: bool = False,
+    needs: Needs | None = None,
+    schedules: dict | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
     """Forward (saving z) then backward; relative error of every computed gradient vs float64 autograd."""
     spec0 = spec_of(case, dtype)
     ep_spec = dataclasses.replace(spec0.epilogue, stats=stats)
@@ -47,39 +55,64 @@ def grad_errors(case: Case, dtype: str = "float32", device: str = "cpu", *, stat
     if channels_last and case.ndim > 1:
         x = x.to(memory_format=torch.channels_last if case.ndim == 2 else torch.channels_last_3d)
     star = [torch.tensor(inp[k], device=device) for k in ("star_s", "star_b")] if "star_s" in inp else [1.0, 0.0]
-    ep = EpilogueArgs(bias=inp.get("bias"), scale=inp.get("scale"), shift=inp.get("shift"),
-                      residual=inp.get("residual"), gamma=inp.get("gamma"), activation=spec.epilogue.activation,
-                      residual_mode=spec.epilogue.residual or "post", star_s=star[0], star_b=star[1])
+    ep = EpilogueArgs(
+        bias=inp.get("bias"),
+        scale=inp.get("scale"),
+        shift=inp.get("shift"),
+        residual=inp.get("residual"),
+        gamma=inp.get("gamma"),
+        activation=spec.epilogue.activation,
+        residual_mode=spec.epilogue.residual or "post",
+        star_s=star[0],
+        star_b=star[1],
+    )
     res = run_forward(spec, x, inp["w"], ep)
 
     d = torch.float64
-    leaf = {k: inp[k].to(d).requires_grad_() for k in ("x", "w", "bias", "scale", "shift", "residual", "gamma")
-            if k in inp}
+    leaf = {
+        k: inp[k].to(d).requires_grad_() for k in ("x", "w", "bias", "scale", "shift", "residual", "gamma") if k in inp
+    }
     if "star_s" in inp:
         leaf["star"] = torch.tensor([inp["star_s"], inp["star_b"]], dtype=d, requires_grad=True)
-    z = _CONV[spec.ndim](reference.pad_input(spec, leaf["x"]), leaf["w"], None, spec.stride, 0, spec.dilation,
-                         spec.groups)
-    y = E.apply_torch(spec.epilogue, z, bias=leaf.get("bias"), scale=leaf.get("scale"), shift=leaf.get("shift"),
-                      residual=leaf.get("residual"), gamma=leaf.get("gamma"),
-                      star_s=leaf["star"][0] if "star" in leaf else 1.0,
-                      star_b=leaf["star"][1] if "star" in leaf else 0.0)
+    z = _CONV[spec.ndim](
+        reference.pad_input(spec, leaf["x"]), leaf["w"], None, spec.stride, 0, spec.dilation, spec.groups
+    )
+    y = E.apply_torch(
+        spec.epilogue,
+        z,
+        bias=leaf.get("bias"),
+        scale=leaf.get("scale"),
+        shift=leaf.get("shift"),
+        residual=leaf.get("residual"),
+        gamma=leaf.get("gamma"),
+        star_s=leaf["star"][0] if "star" in leaf else 1.0,
+        star_b=leaf["star"][1] if "star" in leaf else 0.0,
+    )
     errs = {"y": reference.rel_error(res.y, y)}
     dy = torch.randn(y.shape, dtype=d, device=device)
     loss = (y * dy).sum()
-    dsum = dsumsq = None
+    dmean = dvar = None
     if stats:
         dims = (0,) + tuple(range(2, spec.ndim + 2))
-        errs["sum"] = reference.rel_error(res.sum, z.sum(dims))
-        errs["sumsq"] = reference.rel_error(res.sumsq, (z * z).sum(dims))
-        dsum, dsumsq = torch.randn(spec.k, dtype=d, device=device), torch.randn(spec.k, dtype=d, device=device)
-        loss = loss + (z.sum(dims) * dsum).sum() + ((z * z).sum(dims) * dsumsq).sum() / z[0].numel()
-        dsumsq = dsumsq / z[0].numel()
+        var, mean = torch.var_mean(z, dims, correction=0)
+        errs["mean"] = reference.rel_error(res.mean, mean)
+        errs["var"] = reference.rel_error(res.var, var)
+        dmean, dvar = torch.randn(spec.k, dtype=d, device=device), torch.randn(spec.k, dtype=d, device=device)
+        loss = loss + (mean * dmean).sum() + (var * dvar).sum()
     ref = dict(zip(leaf, torch.autograd.grad(loss, list(leaf.values()))))
-    names = {"x": "input", "w": "weight", "bias": "bias", "scale": "scale", "shift": "shift", "residual": "residual",
-             "gamma": "gamma", "star": "star"}
+    names = {
+        "x": "input",
+        "w": "weight",
+        "bias": "bias",
+        "scale": "scale",
+        "shift": "shift",
+        "residual": "residual",
+        "gamma": "gamma",
+        "star": "star",
+    }
     if needs is None:
         needs = Needs(**{names[k]: True for k in leaf})
-    g = conv_backward(dy.to(DTYPES[dtype]), x, inp["w"], spec, ep, res.z, needs, dsum, dsumsq, schedules)
+    g = conv_backward(dy.to(DTYPES[dtype]), x, inp["w"], spec, ep, res.z, needs, dmean, dvar, res.mean, schedules)
     for k, name in names.items():
         got = getattr(g, name)
         if not getattr(needs, name) or k not in leaf:
@@ -133,9 +166,17 @@ def test_geometry_grads(case):
     _assert_ok(grad_errors(case), "float32")
 
 
-@pytest.mark.parametrize("case,dtype", [(GEOMETRY[1], "bfloat16"), (GEOMETRY[6], "float16"),
-                                        (GEOMETRY[11], "bfloat16"), (GEOMETRY[17], "float16"),
-                                        (GEOMETRY[20], "bfloat16")], ids=str)
+@pytest.mark.parametrize(
+    "case,dtype",
+    [
+        (GEOMETRY[1], "bfloat16"),
+        (GEOMETRY[6], "float16"),
+        (GEOMETRY[11], "bfloat16"),
+        (GEOMETRY[17], "float16"),
+        (GEOMETRY[20], "bfloat16"),
+    ],
+    ids=str,
+)
 def test_half_precision_grads(case, dtype):
     _assert_ok(grad_errors(case, dtype, channels_last=True), dtype)
 
@@ -152,33 +193,69 @@ def test_activation_grads(geom, act):
     _assert_ok(grad_errors(case), "float32")
 
 
-CHAINS = [RESNET, CONVNEXT, EVERYTHING, dict(residual="pre"), dict(bias=True, affine=True),
-          dict(affine=True, activation="starrelu", layer_scale=True, residual="post")]
-CHAIN_GEOM = [Case(2, 16, 24, (7, 7), 3, stride=2, padding=1), Case(2, 16, 16, (7, 7), 3, padding=1, groups=16),
-              Case(1, 16, 16, (12,), 4, padding=((3, 0),), groups=16), Case(3, 8, 8, (3, 4, 4), 3, padding=1, n=1)]
+CHAINS = [
+    RESNET,
+    CONVNEXT,
+    EVERYTHING,
+    dict(residual="pre"),
+    dict(bias=True, affine=True),
+    dict(affine=True, activation="starrelu", layer_scale=True, residual="post"),
+]
+CHAIN_GEOM = [
+    Case(2, 16, 24, (7, 7), 3, stride=2, padding=1),
+    Case(2, 16, 16, (7, 7), 3, padding=1, groups=16),
+    Case(1, 16, 16, (12,), 4, padding=((3, 0),), groups=16),
+    Case(3, 8, 8, (3, 4, 4), 3, padding=1, n=1),
+]
 
 
 # every chain on a dense and a depthwise geometry; 1d and 3d take turns
-@pytest.mark.parametrize("geom,ep", [(CHAIN_GEOM[j if j < 2 else 2 + i % 2], ep) for i, ep in enumerate(CHAINS)
-                                     for j in (0, 1, 2)],
-                         ids=lambda p: str(p) if isinstance(p, Case) else "+".join(f"{k}={v}" for k, v in p.items()))
+@pytest.mark.parametrize(
+    "geom,ep",
+    [(CHAIN_GEOM[j if j < 2 else 2 + i % 2], ep) for i, ep in enumerate(CHAINS) for j in (0, 1, 2)],
+    ids=lambda p: str(p) if isinstance(p, Case) else "+".join(f"{k}={v}" for k, v in p.items()),
+)
 def test_chain_grads(geom, ep):
     _assert_ok(grad_errors(dataclasses.replace(geom, epilogue=ep)), "float32")
 
 
-@pytest.mark.parametrize("case", [Case(2, 16, 24, (7, 7), 3, stride=2, padding=1),
-                                  Case(2, 16, 16, (7, 7), 3, padding=1, groups=16, epilogue=dict(bias=True)),
-                                  Case(1, 8, 8, (12,), 3, padding=1, epilogue=dict(bias=True, activation="silu")),
-                                  Case(3, 8, 16, (3, 4, 4), 3, padding=1, groups=2)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(2, 16, 24, (7, 7), 3, stride=2, padding=1),
+        Case(2, 16, 16, (7, 7), 3, padding=1, groups=16, epilogue=dict(bias=True)),
+        Case(1, 8, 8, (12,), 3, padding=1, epilogue=dict(bias=True, activation="silu")),
+        Case(3, 8, 16, (3, 4, 4), 3, padding=1, groups=2),
+    ],
+    ids=str,
+)
 def test_stats_and_their_grads(case):
-    # sum / sumsq of the pre-epilogue output (no bias), gradients through them and through y
+    # mean / var of the pre-epilogue output (no bias), gradients through them and through y
     _assert_ok(grad_errors(case, stats=True), "float32")
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise"])
+def test_stats_of_large_means_are_stable_and_deterministic(kind):
+    # channel means 10^3 times their spread, 105 pixels over 7 tiles of 16 (the last one ragged): per-tile
+    # mean and M2 merged by Chan's formula match float64 moments of the very z the kernel wrote
+    groups = 16 if kind == "depthwise" else 1
+    spec = conv_spec(n=3, c=16, k=16, in_size=(7, 5), kernel=1, groups=groups, epilogue=Epilogue(stats=True))
+    sched = dataclasses.replace(default(spec), block_m=16)
+    check(spec, sched)
+    x = 1000 + torch.randn(3, 16, 7, 5)
+    w = torch.rand(16, 16 // groups, 1, 1) + 0.5
+    res = run_forward(spec, x, w, EpilogueArgs(), sched)
+    var, mean = torch.var_mean(res.y.double(), (0, 2, 3), correction=0)
+    assert reference.rel_error(res.mean, mean) < 1e-7
+    assert reference.rel_error(res.var, var) < 1e-6  # E[z^2] - E[z]^2 in fp32 is off by ~1 here
+    again = run_forward(spec, x, w, EpilogueArgs(), sched)
+    assert torch.equal(again.mean, res.mean) and torch.equal(again.var, res.var)
 
 
 def test_stats_bf16():
     case = Case(2, 16, 32, (6, 6), 3, padding=1)
     errs = grad_errors(case, "bfloat16", stats=True)
-    assert errs["sum"] < 1e-5 and errs["sumsq"] < 1e-5  # fp32 sums of the fp32 accumulator
+    assert errs["mean"] < 1e-5 and errs["var"] < 1e-5  # fp32 moments of the fp32 accumulator
     _assert_ok(errs, "bfloat16")
 
 
@@ -198,22 +275,34 @@ def test_only_requested_grads():
     _assert_ok(errs, "float32")
 
 
-@pytest.mark.parametrize("sched", [
-    {"dgrad": Schedule(block_m=16, block_n=16, block_k=16, group_m=1, k_order="flat"),
-     "wgrad": Schedule(block_m=16, block_n=16, block_k=16, split_k=4, k_order="flat")},
-    {"dgrad": Schedule(block_m=32, block_n=32, block_k=16, group_m=2, k_order="tap"),
-     "wgrad": Schedule(block_m=32, block_n=32, block_k=32, split_k=3, k_order="tap")},
-    {"dgrad": Schedule(block_m=64, block_n=16, block_k=32), "wgrad": Schedule(block_m=16, block_n=64, block_k=64)},
-], ids=["flat-sk4", "tap-sk3", "wide"])
+@pytest.mark.parametrize(
+    "sched",
+    [
+        {
+            "dgrad": Schedule(block_m=16, block_n=16, block_k=16, group_m=1, k_order="flat"),
+            "wgrad": Schedule(block_m=16, block_n=16, block_k=16, split_k=4, k_order="flat"),
+        },
+        {
+            "dgrad": Schedule(block_m=32, block_n=32, block_k=16, group_m=2, k_order="tap"),
+            "wgrad": Schedule(block_m=32, block_n=32, block_k=32, split_k=3, k_order="tap"),
+        },
+        {"dgrad": Schedule(block_m=64, block_n=16, block_k=32), "wgrad": Schedule(block_m=16, block_n=64, block_k=64)},
+    ],
+    ids=["flat-sk4", "tap-sk3", "wide"],
+)
 def test_conv_schedules_agree(sched):
     case = Case(2, 24, 40, (7, 9), 3, stride=2, padding=1, groups=2, epilogue=RESNET)
     _assert_ok(grad_errors(case, schedules=sched), "float32")
 
 
-@pytest.mark.parametrize("sched", [
-    {"dgrad": Schedule(block_m=16, block_n=4), "wgrad": Schedule(block_m=16, block_n=8, block_k=4, split_k=5)},
-    {"dgrad": Schedule(block_m=64, block_n=32), "wgrad": Schedule(block_m=32, block_n=32, block_k=32, split_k=1)},
-], ids=["small", "big"])
+@pytest.mark.parametrize(
+    "sched",
+    [
+        {"dgrad": Schedule(block_m=16, block_n=4), "wgrad": Schedule(block_m=16, block_n=8, block_k=4, split_k=5)},
+        {"dgrad": Schedule(block_m=64, block_n=32), "wgrad": Schedule(block_m=32, block_n=32, block_k=32, split_k=1)},
+    ],
+    ids=["small", "big"],
+)
 def test_depthwise_schedules_agree(sched):
     case = Case(2, 6, 12, (7, 7), 5, stride=2, padding=2, groups=6, n=1, epilogue=dict(bias=True, activation="gelu"))
     _assert_ok(grad_errors(case, schedules=sched), "float32")
@@ -236,13 +325,20 @@ def test_wgrad_split_k_is_deterministic():
 def test_backward_needs_saved_z():
     spec = conv_spec(n=1, c=16, k=16, in_size=(6, 6), kernel=3, padding=1, epilogue=Epilogue(activation="relu"))
     with pytest.raises(ValueError, match="needs z"):
-        conv_backward(torch.randn(1, 16, 6, 6), torch.randn(1, 16, 6, 6), torch.randn(16, 16, 3, 3), spec,
-                      EpilogueArgs(activation="relu"), None)
+        conv_backward(
+            torch.randn(1, 16, 6, 6),
+            torch.randn(1, 16, 6, 6),
+            torch.randn(16, 16, 3, 3),
+            spec,
+            EpilogueArgs(activation="relu"),
+            None,
+        )
 
 
 def test_backward_specs_key_only_what_the_kernel_reads():
-    fwd = conv_spec(n=1, c=16, k=16, in_size=(6, 6), kernel=3, padding=1,
-                    epilogue=Epilogue(bias=True, residual="post", save_z=True))
+    fwd = conv_spec(
+        n=1, c=16, k=16, in_size=(6, 6), kernel=3, padding=1, epilogue=Epilogue(bias=True, residual="post", save_z=True)
+    )
     d, w = grad_spec(fwd, "dgrad"), grad_spec(fwd, "wgrad")
     assert d.epilogue == Epilogue() and w.epilogue == Epilogue(bias=True)  # 'post' and save_z drop out
     assert "save_z" not in fwd.with_(epilogue=Epilogue()).to_json()  # inference keys unchanged
@@ -255,15 +351,18 @@ def test_backward_specs_key_only_what_the_kernel_reads():
         fwd.with_(op="dgrad")
 
 
-@pytest.mark.parametrize("kw", [
-    dict(n=32, c=16, k=16, in_size=(112, 112), kernel=3, padding=1),  # small channels, many pixels
-    dict(n=8, c=3, k=64, in_size=(224, 224), kernel=7, stride=2, padding=3),  # stem
-    dict(n=8, c=256, k=512, in_size=(14, 14), kernel=1, stride=2),
-    dict(n=8, c=128, k=128, in_size=(28, 28), kernel=3, padding=1, groups=32),
-    dict(n=8, c=96, k=96, in_size=(56, 56), kernel=7, padding=3, groups=96),
-    dict(n=2, c=128, k=128, in_size=(32, 32), kernel=31, padding=15, groups=128),
-    dict(n=1, c=4, k=4, in_size=(5,), kernel=3, padding=1, groups=4),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(n=32, c=16, k=16, in_size=(112, 112), kernel=3, padding=1),  # small channels, many pixels
+        dict(n=8, c=3, k=64, in_size=(224, 224), kernel=7, stride=2, padding=3),  # stem
+        dict(n=8, c=256, k=512, in_size=(14, 14), kernel=1, stride=2),
+        dict(n=8, c=128, k=128, in_size=(28, 28), kernel=3, padding=1, groups=32),
+        dict(n=8, c=96, k=96, in_size=(56, 56), kernel=7, padding=3, groups=96),
+        dict(n=2, c=128, k=128, in_size=(32, 32), kernel=31, padding=15, groups=128),
+        dict(n=1, c=4, k=4, in_size=(5,), kernel=3, padding=1, groups=4),
+    ],
+)
 def test_default_backward_schedules_fit_the_problem(kw):
     spec = conv_spec(dtype="bfloat16", **kw)
     for op in ("dgrad", "wgrad"):
@@ -280,10 +379,22 @@ def test_default_backward_schedules_fit_the_problem(kw):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=random_case(groups=(1, 2), cg=(1, 3, 8, 16), max_kernel=(4, 4, 3), max_size=(8, 8, 4),
-                        epilogues=({}, dict(bias=True, activation="relu"), RESNET, CONVNEXT,
-                                   dict(bias=True, activation="silu", layer_scale=True))),
-       stats=st.booleans())
+@given(
+    case=random_case(
+        groups=(1, 2),
+        cg=(1, 3, 8, 16),
+        max_kernel=(4, 4, 3),
+        max_size=(8, 8, 4),
+        epilogues=(
+            {},
+            dict(bias=True, activation="relu"),
+            RESNET,
+            CONVNEXT,
+            dict(bias=True, activation="silu", layer_scale=True),
+        ),
+    ),
+    stats=st.booleans(),
+)
 def test_random_specs(case, stats):
     _assert_ok(grad_errors(case, stats=stats), "float32")
 
@@ -296,24 +407,47 @@ def test_real_compiler_accepts_backward_kernels():
     for op in ("dgrad", "wgrad"):
         for kw, ep, dt, sched in [
             (dict(c=64, k=64, in_size=(56, 56), kernel=3, padding=1, stride=2), full, "bfloat16", None),
-            (dict(c=3, k=64, in_size=(224, 224), kernel=7, stride=2, padding=3), Epilogue(activation="starrelu"),
-             "float16", None),
+            (
+                dict(c=3, k=64, in_size=(224, 224), kernel=7, stride=2, padding=3),
+                Epilogue(activation="starrelu"),
+                "float16",
+                None,
+            ),
             (dict(c=128, k=128, in_size=(28, 28), kernel=3, padding=1, groups=32), Epilogue(), "float32", None),
             (dict(c=96, k=96, in_size=(56, 56), kernel=7, padding=3, groups=96), full, "bfloat16", None),
-            (dict(c=64, k=128, in_size=(28, 28), kernel=3, padding=1, groups=64, stride=2),
-             Epilogue(activation="hardswish", residual="pre"), "float16", None),
-            (dict(c=1536, k=1536, in_size=(2048,), kernel=4, padding=((3, 0),), groups=1536),
-             Epilogue(bias=True, activation="silu"), "bfloat16", None),
-            (dict(c=64, k=64, in_size=(8, 28, 28), kernel=3, padding=1), Epilogue(residual="pre", activation="relu"),
-             "bfloat16", big),
+            (
+                dict(c=64, k=128, in_size=(28, 28), kernel=3, padding=1, groups=64, stride=2),
+                Epilogue(activation="hardswish", residual="pre"),
+                "float16",
+                None,
+            ),
+            (
+                dict(c=1536, k=1536, in_size=(2048,), kernel=4, padding=((3, 0),), groups=1536),
+                Epilogue(bias=True, activation="silu"),
+                "bfloat16",
+                None,
+            ),
+            (
+                dict(c=64, k=64, in_size=(8, 28, 28), kernel=3, padding=1),
+                Epilogue(residual="pre", activation="relu"),
+                "bfloat16",
+                big,
+            ),
         ]:
             picked.append(generator.render(grad_spec(conv_spec(n=8, dtype=dt, epilogue=ep, **kw), op), sched))
     fwd_stats = Epilogue(bias=True, activation="relu", stats=True, save_z=True)
-    picked.append(generator.render(conv_spec(n=8, c=64, k=64, in_size=(56, 56), kernel=3, padding=1,
-                                             dtype="bfloat16", epilogue=fwd_stats)))
-    picked.append(generator.render(conv_spec(n=8, c=96, k=96, in_size=(56, 56), kernel=7, padding=3, groups=96,
-                                             dtype="float16", epilogue=fwd_stats)))
+    picked.append(
+        generator.render(
+            conv_spec(n=8, c=64, k=64, in_size=(56, 56), kernel=3, padding=1, dtype="bfloat16", epilogue=fwd_stats)
+        )
+    )
+    picked.append(
+        generator.render(
+            conv_spec(
+                n=8, c=96, k=96, in_size=(56, 56), kernel=7, padding=3, groups=96, dtype="float16", epilogue=fwd_stats
+            )
+        )
+    )
     results = compile_check(picked, arch=90)
     bad = [(v.spec.describe(), v.schedule.describe(), r["error"]) for v, r in zip(picked, results) if not r["ok"]]
     assert not bad, bad
-

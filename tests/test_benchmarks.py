@@ -1,4 +1,5 @@
 """The benchmark: small interpreter mode end to end, its math, the model builders, failure handling."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ import pytest
 import torch
 
 from benchmarks import models, report, run, timing
-from kernels import reference
-from kernels import schedule as _sched
-from kernels.spec import Epilogue, conv_spec
-from schedules import suites
+from tunerd.kernels import reference
+from tunerd.kernels import schedule as _sched
+from tunerd.kernels.spec import Epilogue, SpecError, conv_spec
+from tunerd.schedules import suites
 
 
 def test_small_mode_runs_end_to_end_and_writes_valid_outputs(tmp_path):
@@ -55,8 +56,12 @@ def test_geomean_on_known_numbers():
 
 
 def _case(suite: str, fused: bool, **ms: float | None) -> dict:
-    return {"suite": suite, "fused": fused, "roofline": {},
-            "contenders": {k: ({"status": "ok", "median_ms": v} if v else {"status": "error"}) for k, v in ms.items()}}
+    return {
+        "suite": suite,
+        "fused": fused,
+        "roofline": {},
+        "contenders": {k: ({"status": "ok", "median_ms": v} if v else {"status": "error"}) for k, v in ms.items()},
+    }
 
 
 def test_speedups_and_per_suite_summary():
@@ -64,8 +69,12 @@ def test_speedups_and_per_suite_summary():
     fused = _case("a", True, tunerd_tuned=2.0, tunerd_default=2.0, torch_unfused=8.0, torch_compile=1.0)
     for c in (plain, fused):
         c["speedups"] = report.case_speedups(c)
-    assert plain["speedups"] == {"tuned_vs_torch": 4.0, "tuned_vs_compile": None, "default_vs_torch": 2.0,
-                                 "tuned_vs_default": 2.0}
+    assert plain["speedups"] == {
+        "tuned_vs_torch": 4.0,
+        "tuned_vs_compile": None,
+        "default_vs_torch": 2.0,
+        "tuned_vs_default": 2.0,
+    }
     assert fused["speedups"]["tuned_vs_unfused"] == 4.0 and fused["speedups"]["tuned_vs_compile"] == 0.5
     assert "tuned_vs_torch" not in fused["speedups"]
     s = report.summarize([plain, fused])
@@ -90,8 +99,10 @@ def test_roofline_math_on_known_numbers():
     assert r["bound"] == "memory" and r["tunerd_tuned"] == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("name,params,convs,linears", [
-    ("resnet50", 25_557_032, 53, 1), ("mobilenetv2", 3_504_872, 52, 1), ("convnext_t", 28_589_128, 22, 37)])
+@pytest.mark.parametrize(
+    "name,params,convs,linears",
+    [("resnet50", 25_557_032, 53, 1), ("mobilenetv2", 3_504_872, 52, 1), ("convnext_t", 28_589_128, 22, 37)],
+)
 def test_model_builders_match_the_reference_architectures(name, params, convs, linears):
     m = models.build(name, device="meta")
     assert models.param_count(m) == params
@@ -103,8 +114,12 @@ def test_model_builders_match_the_reference_architectures(name, params, convs, l
 
 def test_model_builder_layer_structure():
     r = models.build("resnet50", device="meta")
-    assert [sum(1 for _ in stage) for stage in [r.layers[:3], r.layers[3:7], r.layers[7:13], r.layers[13:]]] == \
-        [3, 4, 6, 3] and len(r.layers) == 16
+    assert [sum(1 for _ in stage) for stage in [r.layers[:3], r.layers[3:7], r.layers[7:13], r.layers[13:]]] == [
+        3,
+        4,
+        6,
+        3,
+    ] and len(r.layers) == 16
     assert r.layers[3].conv2.stride == (2, 2) and r.layers[3].conv1.stride == (1, 1)  # v1.5
     mb = models.build("mobilenetv2", device="meta")
     blocks = [b for b in mb.features if isinstance(b, models.InvertedResidual)]
@@ -123,8 +138,12 @@ def test_compare_records_a_failing_contender_and_times_the_rest():
         raise RuntimeError("inductor exploded")
 
     calls = []
-    res = timing.compare({"ok": calls.append, "bad": boom}, 3, torch.device("cpu"),
-                         timing.TimingConfig(warmup=1, reps=2, rounds=3, flush_bytes=0))
+    res = timing.compare(
+        {"ok": calls.append, "bad": boom},
+        3,
+        torch.device("cpu"),
+        timing.TimingConfig(warmup=1, reps=2, rounds=3, flush_bytes=0),
+    )
     assert isinstance(res["ok"], timing.Timing) and res["ok"].samples == 6
     assert sorted(set(calls)) == [0, 1, 2]  # input sets rotate
     assert isinstance(res["bad"], timing.Failure) and "inductor exploded" in res["bad"].error
@@ -134,14 +153,23 @@ def test_torch_compile_failure_is_recorded_not_fatal(monkeypatch):
     def broken_compile(fn, **kwargs):  # like Inductor: compiling happens, and fails, at the first call
         def compiled(*args):
             raise RuntimeError("torch.compile is broken here")
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     # the tuner is not under test here: hand back the default schedule without measuring
     monkeypatch.setattr(run, "tune_spec", lambda spec, cfg, harness: (_sched.default(spec), {"seconds": 0.0}))
     cfg = run.parse_args(["--small", "--compile", "on"])
-    spec = conv_spec(n=1, c=16, k=16, in_size=(6, 6), kernel=3, padding=1, dtype="float32",
-                     epilogue=Epilogue(bias=True, activation="relu"))
+    spec = conv_spec(
+        n=1,
+        c=16,
+        k=16,
+        in_size=(6, 6),
+        kernel=3,
+        padding=1,
+        dtype="float32",
+        epilogue=Epilogue(bias=True, activation="relu"),
+    )
     limits = run.measured_limits({"copy_gbps": 1.0, "matmul_tflops": {"bfloat16": 1.0, "float32": 1.0}})
     doc = run.run_case(run.Case("quick", 0, spec, "bias+relu", (0,)), cfg, torch.device("cpu"), None, limits)
     got = doc["contenders"]
@@ -151,8 +179,17 @@ def test_torch_compile_failure_is_recorded_not_fatal(monkeypatch):
 
 
 def test_torch_contenders_match_the_reference_with_causal_padding():
-    spec = conv_spec(n=2, c=8, k=8, in_size=(12,), kernel=4, padding=((3, 0),), groups=8, dtype="float32",
-                     epilogue=Epilogue(bias=True, activation="silu"))
+    spec = conv_spec(
+        n=2,
+        c=8,
+        k=8,
+        in_size=(12,),
+        kernel=4,
+        padding=((3, 0),),
+        groups=8,
+        dtype="float32",
+        epilogue=Epilogue(bias=True, activation="silu"),
+    )
     x, w, b = torch.randn(2, 8, 12), torch.randn(8, 1, 4), torch.randn(8)
     y = run.torch_forward(spec)(x, w, b)
     assert reference.rel_error(y, reference.conv(spec, x, w, bias=b)) < 1e-6
@@ -176,7 +213,7 @@ def test_plan_orders_cases_and_derives_fused_ones():
     assert cfg.dtypes == ["float32", "bfloat16"] and cfg.suites == ["quick"] and not cfg.compile
     cases = run.plan(cfg)
     assert cases[0].spec.op == "fwd" and cases[0].spec.dtype == "float32"
-    assert all(c.spec.dtype == "float32" for c in cases[:len(cases) // 2])  # the first dtype comes first
+    assert all(c.spec.dtype == "float32" for c in cases[: len(cases) // 2])  # the first dtype comes first
     fused = {c.fused: c.spec for c in cases if c.fused and c.spec.dtype == "float32"}
     assert set(fused) == set(run.FUSED_KINDS)
     assert fused["bias+gelu"].kind == "depthwise" and fused["bn+relu+res"].epilogue.residual == "pre"
@@ -195,14 +232,59 @@ def test_e2e_training_step_small():
 
 
 def test_atomic_write_leaves_complete_files(tmp_path):
-    doc = {"device": {"name": "x", "interpreter": True, "torch": "t", "triton": "t"}, "labels": {"torch": "torch"},
-           "created": "now", "elapsed_s": 1.0, "peaks": {"copy_gbps": 1.0, "matmul_tflops": {"bfloat16": 1.0}},
-           "config": {"compile_mode": "m", "tune": {}, "timing": {}, "n_inputs": 2}, "cases": [], "summary": {},
-           "e2e": [], "stopped": None}
-    doc["cases"] = [{**_case("a", False, tunerd_tuned=1.0), "speedups": {}, "layer": 0, "name": "n", "pass": "fwd",
-                     "dtype": "float32", "epilogue": None}]
+    doc = {
+        "device": {"name": "x", "interpreter": True, "torch": "t", "triton": "t"},
+        "labels": {"torch": "torch"},
+        "created": "now",
+        "elapsed_s": 1.0,
+        "peaks": {"copy_gbps": 1.0, "matmul_tflops": {"bfloat16": 1.0}},
+        "config": {"compile_mode": "m", "tune": {}, "timing": {}, "n_inputs": 2},
+        "cases": [],
+        "summary": {},
+        "e2e": [],
+        "stopped": None,
+    }
+    doc["cases"] = [
+        {
+            **_case("a", False, tunerd_tuned=1.0),
+            "speedups": {},
+            "layer": 0,
+            "name": "n",
+            "pass": "fwd",
+            "dtype": "float32",
+            "epilogue": None,
+        }
+    ]
     doc["cases"][0]["contenders"]["torch"] = {"status": "wrong-result", "rel_error": math.inf}
     paths = report.write(doc, tmp_path, final=False)
     assert json.loads(Path(paths["json"]).read_text())["cases"][0]["contenders"]["torch"]["rel_error"] == "inf"
     assert json.loads(Path(paths["json"]).read_text())["device"]["name"] == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "results.json"]  # no temp files left
+
+
+def test_named_subsets_pick_the_intended_layers():
+    picks = {p.label: suites.suite(p.suite)[i] for p, i in run.resolve("representative")}
+    assert len(picks) == len(run.SUBSETS["representative"]) == 12 and len(set(picks.values())) == 12
+    stem = picks["ResNet-50 stem 7x7/2"]
+    assert (stem.c, stem.kernel, stem.stride) == (3, (7, 7), (2, 2))
+    assert picks["ResNet-50 3x3"].kernel == (3, 3) and picks["ResNet-50 1x1 reduce"].kernel == (1, 1)
+    assert picks["ConvNeXt-T dw 7x7"].kind == "depthwise" and picks["ConvNeXt-T dw 7x7"].kernel == (7, 7)
+    assert picks["RepLKNet-31B dw 31x31"].kind == "depthwise" and picks["RepLKNet-31B dw 31x31"].kernel == (31, 31)
+    mamba = picks["Mamba causal conv1d k4"]
+    assert mamba.ndim == 1 and mamba.padding == ((3, 0),) and mamba.kind == "depthwise"
+    assert picks["(2+1)D spatial 1x3x3"].kernel == (1, 3, 3) and picks["(2+1)D temporal 3x1x1"].kernel == (3, 1, 1)
+    mb = [picks[f"MobileNetV2 {x}"] for x in ("expand 1x1", "dw 3x3", "project 1x1")]
+    assert mb[0].k == mb[1].c == mb[2].c and mb[1].kind == "depthwise"  # one inverted-residual block
+    # the plan: every pick's forward first (in the subset's order), then the backward passes, then fused cases
+    cfg = run.parse_args(["--full", "--cases", "representative", "--dtypes", "bf16"])
+    assert cfg.suites == list(dict.fromkeys(p.suite for p in run.SUBSETS["representative"]))
+    cases = run.plan(cfg)
+    assert [c.pick for c in cases[:12]] == [p.label for p in run.SUBSETS["representative"]]
+    assert all(c.spec.op == "fwd" for c in cases[:12]) and {c.spec.op for c in cases[12:36]} == {"dgrad", "wgrad"}
+    assert all(c.fused for c in cases[36:]) and all(c.spec.dtype == "bfloat16" for c in cases)
+    chosen = {(p.suite, i) for p, i in run.resolve("representative")}
+    assert all((c.suite, c.layer) in chosen for c in cases)  # fused cases stay on the subset's layers
+    with pytest.raises(SystemExit):
+        run.parse_args(["--cases", "nope"])
+    with pytest.raises(SpecError, match="unknown case subset"):
+        run.resolve("nope")

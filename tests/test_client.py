@@ -1,12 +1,13 @@
 """tunerd.Client against a live daemon: batch lookups, disk cache, fallbacks, retries, install, patch_remote."""
+
 from __future__ import annotations
 
 import copy
 import json
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 
@@ -14,16 +15,16 @@ for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
     pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
 import httpx  # noqa: E402
 import torch
-
-import kernels  # noqa: F401  (interpreter before triton)
-from db.fingerprint import current
-from db.store import Store
-from kernels import conv as kconv
-from kernels import render, runtime
-from kernels.schedule import Schedule
 from test_service import TOKEN, fake_tuner, live, seed, spec_of, worker_for
+
 from tunerd import functional as TF
 from tunerd.client import Client, ClientError, ServerUnavailable, install, installed
+from tunerd.db import variant_id
+from tunerd.db.fingerprint import current
+from tunerd.db.store import Store
+from tunerd.kernels import conv as kconv
+from tunerd.kernels import render, runtime
+from tunerd.kernels.schedule import Schedule
 from tunerd.remote import model_specs, patch_remote
 
 ODD = Schedule(block_m=32, block_n=16, block_k=16, group_m=4, num_warps=2, num_stages=2)  # not the default
@@ -132,8 +133,15 @@ def test_answers_that_do_not_match_the_question_are_never_launched(store, tmp_pa
     seed(store, spec, 1.0, ODD)
     with live(store) as (srv, http):
         real = http.post("/v1/lookup", json={"specs": [spec.to_dict()]}).json()
+
+    def payload(r):  # the hash check alone would pass: the server supplies source and id together
+        r["source"] += "\nimport os\n"
+        r["variant_id"] = variant_id(r["source"])
+
     tampered = {
         "altered source": lambda r: r.update(source=r["source"] + "\n# evil\n"),
+        "payload with a recomputed id": payload,
+        "header stripped": lambda r: r.update(source="\n".join(r["source"].split("\n")[3:])),
         "another spec": lambda r: r.update(spec=spec_of(n=7).to_dict()),
         "launch metadata": lambda r: r["launch"].update(grid=[999, 1]),
         "schedule": lambda r: r.update(schedule={"block_m": 3}),
@@ -141,8 +149,11 @@ def test_answers_that_do_not_match_the_question_are_never_launched(store, tmp_pa
     for what, change in tampered.items():
         body = copy.deepcopy(real)
         change(body["results"][0])
-        c = client("http://tunerd.invalid", tmp_path / what.replace(" ", "_"),
-                   transport=httpx.MockTransport(lambda req, b=body: httpx.Response(200, json=b)))
+        c = client(
+            "http://tunerd.invalid",
+            tmp_path / what.replace(" ", "_"),
+            transport=httpx.MockTransport(lambda req, b=body: httpx.Response(200, json=b)),
+        )
         (a,) = c.lookup([spec])
         assert (a.hit, a.origin) == (False, "default"), what
         assert "rejected" in c.last_error, what
@@ -250,8 +261,11 @@ def test_install_launches_exactly_the_servers_source(store, tmp_path):
         time.sleep(0.25)  # a miss is asked again after its ttl: it may have been tuned meanwhile
         seed(store, miss, 1.0)
         assert hook(miss, torch.device("cpu")) is not None and hook.stats["server_lookups"] == 3
-        lookups = [line for line in http.get("/metrics").text.splitlines()
-                   if line.startswith('tunerd_http_requests_total{method="POST",route="/v1/lookup"')]
+        lookups = [
+            line
+            for line in http.get("/metrics").text.splitlines()
+            if line.startswith('tunerd_http_requests_total{method="POST",route="/v1/lookup"')
+        ]
         assert lookups == ['tunerd_http_requests_total{method="POST",route="/v1/lookup",status="200"} 3.0']
         hook.uninstall()
         assert installed() is None and kconv.choose_variant(spec, torch.device("cpu"), None).id == render(spec).id
@@ -260,7 +274,7 @@ def test_install_launches_exactly_the_servers_source(store, tmp_path):
 def test_patch_remote_prefetches_a_whole_training_step_in_one_request(store, tmp_path):
     from models import InvertedResidual
 
-    from tunerd.patch import patch
+    from tunerd.patching import patch
 
     torch.manual_seed(0)
     model = InvertedResidual(c=8, t=2)

@@ -1,5 +1,6 @@
 """Every template renders compile-valid Triton: checked statically for many variants, and by the
 real Triton compiler + ptxas for an sm_90 target for a representative set (no GPU needed)."""
+
 import json
 import os
 import re
@@ -9,14 +10,19 @@ import textwrap
 
 import pytest
 
-from kernels import generator
-from kernels.schedule import Schedule, is_pow2
-from kernels.spec import Epilogue, conv_spec
-from kernels.validate import compile_check
+from tunerd.kernels import generator
+from tunerd.kernels.schedule import Schedule, is_pow2
+from tunerd.kernels.spec import Epilogue, conv_spec
+from tunerd.kernels.validate import compile_check
 
-EPS = [Epilogue(), Epilogue(bias=True, activation="gelu"), Epilogue(affine=True, residual="pre", activation="relu"),
-       Epilogue(layer_scale=True, residual="post"), Epilogue(bias=True, activation="starrelu"),
-       Epilogue(bias=True, activation="gelu_tanh")]
+EPS = [
+    Epilogue(),
+    Epilogue(bias=True, activation="gelu"),
+    Epilogue(affine=True, residual="pre", activation="relu"),
+    Epilogue(layer_scale=True, residual="post"),
+    Epilogue(bias=True, activation="starrelu"),
+    Epilogue(bias=True, activation="gelu_tanh"),
+]
 GEOMS = [
     dict(c=64, k=64, in_size=(56, 56), kernel=3, padding=1),
     dict(c=256, k=64, in_size=(56, 56), kernel=1),
@@ -28,8 +34,11 @@ GEOMS = [
     dict(c=64, k=64, in_size=(8, 28, 28), kernel=(3, 1, 1), padding=(1, 0, 0)),
     dict(c=64, k=64, in_size=(8, 28, 28), kernel=(1, 3, 3), padding=(0, 1, 1), groups=64),
 ]
-SCHEDS = [None, Schedule(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
-          Schedule(block_m=16, block_n=16, block_k=16, num_warps=1, k_order="flat")]
+SCHEDS = [
+    None,
+    Schedule(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
+    Schedule(block_m=16, block_n=16, block_k=16, num_warps=1, k_order="flat"),
+]
 
 
 def _variants(dtypes=("float16", "bfloat16", "float32")):
@@ -60,8 +69,9 @@ def test_real_compiler_accepts_generated_kernels():
     for i, g in enumerate(GEOMS):
         dt = ("bfloat16", "float16", "float32")[i % 3]
         picked.append(generator.render(conv_spec(n=8, dtype=dt, epilogue=EPS[i % len(EPS)], **g)))
-        picked.append(generator.render(conv_spec(n=8, dtype="bfloat16", epilogue=EPS[(i + 2) % len(EPS)], **g),
-                                       SCHEDS[1 + i % 2]))
+        picked.append(
+            generator.render(conv_spec(n=8, dtype="bfloat16", epilogue=EPS[(i + 2) % len(EPS)], **g), SCHEDS[1 + i % 2])
+        )
     results = compile_check(picked, arch=90)
     bad = [(v.spec.describe(), v.schedule.describe(), r["error"]) for v, r in zip(picked, results) if not r["ok"]]
     assert not bad, bad
@@ -76,9 +86,9 @@ def test_real_compiler_rejects_invalid_triton():
     # compile in a child without the interpreter, as compile_check does
     code = textwrap.dedent("""
         import json, sys
-        from kernels import generator, validate
-        from kernels.spec import BlockSpec
-        from kernels.schedule import Schedule
+        from tunerd.kernels import generator, validate
+        from tunerd.kernels.spec import BlockSpec
+        from tunerd.kernels.schedule import Schedule
         d = json.load(sys.stdin)
         v = generator.render(BlockSpec.from_dict(d["spec"]), Schedule.from_dict(d["schedule"]))
         bad = generator.Variant(spec=v.spec, schedule=v.schedule, source=d["source"], kernel_name=v.kernel_name,
@@ -86,9 +96,14 @@ def test_real_compiler_rejects_invalid_triton():
         print(json.dumps(validate.compile_one(bad)))
     """)
     env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(
-        {"spec": v.spec.to_dict(), "schedule": v.schedule.to_dict(), "source": bad_src}), capture_output=True,
-        text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps({"spec": v.spec.to_dict(), "schedule": v.schedule.to_dict(), "source": bad_src}),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["ok"] is False and res["error"]

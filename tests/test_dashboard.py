@@ -1,12 +1,13 @@
 """The dashboard in real headless Chromium: rendered content (--dump-dom) and a non-blank screenshot."""
+
 from __future__ import annotations
 
 import os
-from html import unescape
 import shutil
 import struct
 import subprocess
 import zlib
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -14,23 +15,47 @@ import pytest
 for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
     pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
 
-import kernels  # noqa: F401  (interpreter before triton)
-from db.fingerprint import current
-from db.store import Store
-from kernels import conv_spec, render
-from tunerd.service import ServerThread, create_app
+from tunerd.api import ServerThread, create_app
+from tunerd.db.fingerprint import current
+from tunerd.db.store import Store
+from tunerd.kernels import conv_spec, render
 from tunerd.settings import Settings
 
-CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                             shutil.which("chromium-browser")) if p and Path(p).exists()), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed "
-                                                         "(apt-get install -y chromium)")
+CHROMIUM = next(
+    (
+        p
+        for p in (
+            os.environ.get("CHROMIUM"),
+            "/usr/bin/chromium",
+            shutil.which("chromium"),
+            shutil.which("chromium-browser"),
+        )
+        if p and Path(p).exists()
+    ),
+    None,
+)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium)"
+)
 
 
 def chromium(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", *args, url]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,900",
+        *args,
+        url,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -39,8 +64,8 @@ def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     pos, idat, header = 8, b"", None
     while pos < len(data):
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        chunk = data[pos + 8:pos + 8 + length]
+        (length,), kind = struct.unpack(">I", data[pos : pos + 4]), data[pos + 4 : pos + 8]
+        chunk = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", chunk)
         elif kind == b"IDAT":
@@ -51,7 +76,7 @@ def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
     bpp = 3 if color == 2 else 4
     raw, stride, rows, prev = zlib.decompress(idat), width * bpp, [], bytearray(width * bpp)
     for y in range(height):
-        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for i in range(stride):
             a = line[i - bpp] if i >= bpp else 0
             b, c = prev[i], prev[i - bpp] if i >= bpp else 0
@@ -77,8 +102,18 @@ def seeded(tmp_path) -> Store:
     for n, ms in ((1, 0.8), (2, 1.6)):
         spec = conv_spec(n=n, c=16, k=32, in_size=(8, 8), kernel=3, padding=1)
         v = render(spec)
-        store.record_trial(dev, spec, v.schedule, v.source, status="ok", median_ms=ms, spread_ms=0.02, reps=5,
-                           max_error=2e-7, strategy="halving")
+        store.record_trial(
+            dev,
+            spec,
+            v.schedule,
+            v.source,
+            status="ok",
+            median_ms=ms,
+            spread_ms=0.02,
+            reps=5,
+            max_error=2e-7,
+            strategy="halving",
+        )
         store.set_winner_stats(dev, spec, speedup_vs_default=1.37 * n, fraction_of_roofline=0.42)
     running = store.enqueue_job(specs=[conv_spec(n=4, c=16, k=16, in_size=(8, 8), kernel=1)], budget_trials=8)
     store.enqueue_job(suite="resnet50", strategy="random", budget_trials=32)
@@ -101,10 +136,24 @@ def test_dashboard_renders_in_headless_chromium(seeded, tmp_path):
         r = chromium(tmp_path, srv.url + "/", f"--screenshot={shot}")
         assert r.returncode == 0 and shot.exists(), r.stderr[-2000:]
     # rendered content: every section with the seeded facts
-    for text in ("Devices", "Winners", "Jobs", "Miss queue", "Snapshots", "triton-interpreter (CPU)",
-                 "conv2d fwd n1 c16->k32 @8x8 k3x3", "1.37×", "2.74×", "42.0%", "0.800 ms",
-                 "gpu-box-7", "suite <b>resnet50</b>", "38%", "depthwise2d fwd n8 c64->k64 @14x14 k7x7 g64",
-                 "nightly-42"):
+    for text in (
+        "Devices",
+        "Winners",
+        "Jobs",
+        "Miss queue",
+        "Snapshots",
+        "triton-interpreter (CPU)",
+        "conv2d fwd n1 c16->k32 @8x8 k3x3",
+        "1.37×",
+        "2.74×",
+        "42.0%",
+        "0.800 ms",
+        "gpu-box-7",
+        "suite <b>resnet50</b>",
+        "38%",
+        "depthwise2d fwd n8 c64->k64 @14x14 k7x7 g64",
+        "nightly-42",
+    ):
         assert text in html, f"{text!r} missing from the rendered dashboard"
     assert 'id="stat-winners">2<' in html and 'id="stat-queue">1<' in html
     assert 'class="pill running"' in html and 'class="pill queued"' in html
@@ -113,7 +162,7 @@ def test_dashboard_renders_in_headless_chromium(seeded, tmp_path):
     data = shot.read_bytes()
     width, height, rows = png_pixels(data)
     assert (width, height) == (1280, 900)
-    values = [sum(row[i:i + 3]) for row in rows[::7] for i in range(0, len(row), 4 * 13)]
+    values = [sum(row[i : i + 3]) for row in rows[::7] for i in range(0, len(row), 4 * 13)]
     mean = sum(values) / len(values)
     variance = sum((v - mean) ** 2 for v in values) / len(values)
     assert len(set(values)) > 20 and variance > 200, f"screenshot looks blank (variance {variance:.0f})"

@@ -5,6 +5,7 @@ killed mid-job stops heartbeating and its job is requeued and finished by the ot
 Run as a script (`python tests/test_fleet_pg.py DB_URL URL_FILE WORKER_ID DELAY_S`) this file is
 one such daemon, with a fast stand-in tuner that records one real trial per spec.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,9 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "fleet-token"
@@ -25,9 +26,9 @@ HEARTBEAT_S, STALE_S = 0.2, 1.5
 def run_daemon(db_url: str, url_file: str, worker_id: str, delay_s: float) -> None:
     """One daemon: the HTTP API and a worker whose tuner sleeps delay_s per spec, then records a trial."""
     sys.path.insert(0, str(ROOT))
-    from db.store import Store
-    from kernels import render
-    from tunerd.service import ServerThread, create_app
+    from tunerd.api import ServerThread, create_app
+    from tunerd.db.store import Store
+    from tunerd.kernels import render
     from tunerd.settings import Settings
     from tunerd.worker import Worker
 
@@ -35,14 +36,32 @@ def run_daemon(db_url: str, url_file: str, worker_id: str, delay_s: float) -> No
         for i, spec in enumerate(job.specs):
             time.sleep(delay_s)
             v = render(spec)
-            store.record_trial(device, spec, v.schedule, v.source, status="ok", median_ms=1.0 + i, spread_ms=0.0,
-                               reps=1, max_error=0.0, strategy=job.strategy, job_id=job.id)
+            store.record_trial(
+                device,
+                spec,
+                v.schedule,
+                v.source,
+                status="ok",
+                median_ms=1.0 + i,
+                spread_ms=0.0,
+                reps=1,
+                max_error=0.0,
+                strategy=job.strategy,
+                job_id=job.id,
+            )
             on_progress({"specs_done": i + 1, "specs_total": len(job.specs)})
         return {"tuned": len(job.specs), "by": worker_id}
 
     store = Store(db_url)
-    worker = Worker(store, worker_id=worker_id, run_job=tuner, poll_s=0.05, heartbeat_s=HEARTBEAT_S,
-                    stale_after_s=STALE_S, tune_misses=False)
+    worker = Worker(
+        store,
+        worker_id=worker_id,
+        run_job=tuner,
+        poll_s=0.05,
+        heartbeat_s=HEARTBEAT_S,
+        stale_after_s=STALE_S,
+        tune_misses=False,
+    )
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     with ServerThread(create_app(Settings(token=TOKEN), store=store, worker=worker)) as srv:
@@ -64,9 +83,9 @@ for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
     pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
 import httpx  # noqa: E402
 
-import kernels  # noqa: E402,F401
-from db.store import Store  # noqa: E402
-from kernels import conv_spec  # noqa: E402
+import tunerd  # noqa: E402,F401
+from tunerd.db.store import Store  # noqa: E402
+from tunerd.kernels import conv_spec  # noqa: E402
 
 
 class Daemon:
@@ -77,11 +96,15 @@ class Daemon:
         self.url_file = tmp_path / f"{worker_id}.url"
         self.log = tmp_path / f"{worker_id}.log"
         with open(self.log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, __file__, db_url, str(self.url_file), worker_id,
-                                          str(delay_s)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__, db_url, str(self.url_file), worker_id, str(delay_s)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         self.http: httpx.Client | None = None
 
-    def ready(self, timeout: float = 120) -> "Daemon":
+    def ready(self, timeout: float = 120) -> Daemon:
         end = time.monotonic() + timeout
         while not self.url_file.exists():
             if self.proc.poll() is not None or time.monotonic() > end:
@@ -131,11 +154,14 @@ def test_every_job_runs_exactly_once_across_two_daemons(pg_url, tmp_path):  # no
     store = Store(pg_url)
     with fleet(pg_url, tmp_path, ("gpu-a", 0.15), ("gpu-b", 0.15)) as (a, b):
         a.ready(), b.ready()
-        ids = [(a if i % 2 else b).http.post("/v1/jobs", json={"specs": [spec(i + 1).to_dict()]},
-                                             headers=AUTH).json()["id"] for i in range(12)]
+        ids = [
+            (a if i % 2 else b)
+            .http.post("/v1/jobs", json={"specs": [spec(i + 1).to_dict()]}, headers=AUTH)
+            .json()["id"]
+            for i in range(12)
+        ]
         assert len(set(ids)) == 12
-        wait_for(lambda: all(j["status"] == "done" for j in a.http.get("/v1/jobs").json()["jobs"]), 90,
-                 "all jobs done")
+        wait_for(lambda: all(j["status"] == "done" for j in a.http.get("/v1/jobs").json()["jobs"]), 90, "all jobs done")
         jobs = {j["id"]: j for j in b.http.get("/v1/jobs", params={"limit": 100}).json()["jobs"]}
     assert sorted(jobs) == sorted(ids)
     for job_id in ids:
@@ -160,8 +186,11 @@ def test_a_killed_daemons_job_is_requeued_and_finished_by_the_other(pg_url, tmp_
             assert store.job(job["id"]).status == "running", "the doomed daemon finished before the kill"
             doomed.proc.send_signal(signal.SIGKILL)  # no goodbye: its heartbeats just stop
             doomed.proc.wait(10)
-            wait_for(lambda: survivor.http.get(f"/v1/jobs/{job['id']}").json()["status"] == "done", 60,
-                     "the survivor to finish the requeued job")
+            wait_for(
+                lambda: survivor.http.get(f"/v1/jobs/{job['id']}").json()["status"] == "done",
+                60,
+                "the survivor to finish the requeued job",
+            )
             done = survivor.http.get(f"/v1/jobs/{job['id']}").json()
             health = survivor.http.get("/healthz").json()
     assert done["worker_id"] == "survivor" and done["attempts"] == 2 and done["result"]["by"] == "survivor"

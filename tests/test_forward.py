@@ -1,12 +1,13 @@
 """Forward correctness of every generated family against float64 torch, on poisoned outputs."""
+
 import pytest
 import torch
+from convcases import Case, random_case, run_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convcases import Case, random_case, run_case
-from kernels import reference
-from kernels.schedule import Schedule
+from tunerd.kernels import reference
+from tunerd.kernels.schedule import Schedule
 
 RESNET = dict(affine=True, residual="pre", activation="relu")  # relu(bn(conv) + identity)
 CONVNEXT = dict(layer_scale=True, residual="post")  # identity + gamma * conv
@@ -53,12 +54,24 @@ def test_geometry(case, dtype):
     assert err < reference.tolerance(dtype), f"rel error {err:.3g}"
 
 
-EPILOGUES = [dict(bias=True), BIAS_GELU, RESNET, CONVNEXT, dict(bias=True, affine=True, activation="silu"),
-             dict(residual="pre"), dict(layer_scale=True, activation="hardswish")]
-EPILOGUES += [dict(bias=True, activation=a) for a in ("relu", "relu6", "silu", "gelu_tanh", "hardswish",
-                                                    "sigmoid", "starrelu")]
-EP_GEOM = [Case(2, 16, 32, (7, 7), 3, padding=1), Case(2, 16, 16, (7, 7), 7, padding=3, groups=16),
-           Case(1, 16, 16, (12,), 4, padding=((3, 0),), groups=16), Case(3, 8, 8, (3, 4, 4), 3, padding=1)]
+EPILOGUES = [
+    dict(bias=True),
+    BIAS_GELU,
+    RESNET,
+    CONVNEXT,
+    dict(bias=True, affine=True, activation="silu"),
+    dict(residual="pre"),
+    dict(layer_scale=True, activation="hardswish"),
+]
+EPILOGUES += [
+    dict(bias=True, activation=a) for a in ("relu", "relu6", "silu", "gelu_tanh", "hardswish", "sigmoid", "starrelu")
+]
+EP_GEOM = [
+    Case(2, 16, 32, (7, 7), 3, padding=1),
+    Case(2, 16, 16, (7, 7), 7, padding=3, groups=16),
+    Case(1, 16, 16, (12,), 4, padding=((3, 0),), groups=16),
+    Case(3, 8, 8, (3, 4, 4), 3, padding=1),
+]
 
 
 @pytest.mark.parametrize("ep", EPILOGUES, ids=lambda e: "+".join(f"{k}={v}" for k, v in e.items()))
@@ -75,18 +88,23 @@ def test_largest_depthwise_31x31():
     assert run_case(case, "float32") < 1e-5
 
 
-@pytest.mark.parametrize("schedule", [
-    Schedule(block_m=16, block_n=16, block_k=16, group_m=1),
-    Schedule(block_m=32, block_n=64, block_k=32, group_m=4, k_order="flat"),
-    Schedule(block_m=128, block_n=16, block_k=64, group_m=2, k_order="tap"),
-], ids=lambda s: s.describe())
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        Schedule(block_m=16, block_n=16, block_k=16, group_m=1),
+        Schedule(block_m=32, block_n=64, block_k=32, group_m=4, k_order="flat"),
+        Schedule(block_m=128, block_n=16, block_k=64, group_m=2, k_order="tap"),
+    ],
+    ids=lambda s: s.describe(),
+)
 def test_conv_schedules_agree(schedule):
     case = Case(2, 24, 40, (7, 9), 3, padding=1, groups=2, epilogue=RESNET)
     assert run_case(case, "float32", schedule=schedule) < 1e-5
 
 
-@pytest.mark.parametrize("schedule", [Schedule(block_m=8, block_n=4), Schedule(block_m=64, block_n=32)],
-                         ids=lambda s: s.describe())
+@pytest.mark.parametrize(
+    "schedule", [Schedule(block_m=8, block_n=4), Schedule(block_m=64, block_n=32)], ids=lambda s: s.describe()
+)
 def test_depthwise_schedules_agree(schedule):
     case = Case(2, 40, 40, (9, 9), 5, padding=2, groups=40, epilogue=BIAS_GELU)
     assert run_case(case, "float32", schedule=schedule) < 1e-5
@@ -95,6 +113,7 @@ def test_depthwise_schedules_agree(schedule):
 @pytest.mark.parametrize("case", [GEOMETRY[0], GEOMETRY[11], GEOMETRY[22]], ids=str)
 def test_memory_format_follows_input(case):
     from convcases import make_inputs, spec_of
+
     from tunerd import functional as F
 
     spec = spec_of(case, "float32")
@@ -108,15 +127,53 @@ def test_memory_format_follows_input(case):
     torch.testing.assert_close(y_cf, y_cl)
     # a strided view (every other channel) is accepted too
     xv = torch.randn(spec.n, 2 * spec.c, *spec.in_size)[:, ::2]
-    ref = torch.nn.functional.__dict__[f"conv{case.ndim}d"](xv, inp["w"], None, case.stride, case.padding,
-                                                             case.dilation, case.groups)
-    torch.testing.assert_close(fn(xv, inp["w"], None, case.stride, case.padding, case.dilation, case.groups), ref,
-                               rtol=1e-4, atol=1e-4)
+    ref = torch.nn.functional.__dict__[f"conv{case.ndim}d"](
+        xv, inp["w"], None, case.stride, case.padding, case.dilation, case.groups
+    )
+    torch.testing.assert_close(
+        fn(xv, inp["w"], None, case.stride, case.padding, case.dilation, case.groups), ref, rtol=1e-4, atol=1e-4
+    )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=random_case(epilogues=({}, dict(bias=True, activation="relu"), RESNET, CONVNEXT, BIAS_GELU)),
-       dtype=st.sampled_from(["float32", "float16"]))
+@given(
+    case=random_case(epilogues=({}, dict(bias=True, activation="relu"), RESNET, CONVNEXT, BIAS_GELU)),
+    dtype=st.sampled_from(["float32", "float16"]),
+)
 def test_random_specs(case, dtype):
     err = run_case(case, dtype)
     assert err < reference.tolerance(dtype), f"{case}: rel error {err:.3g}"
+
+
+@pytest.mark.parametrize("groups", [1, 16])
+def test_bf16_outputs_round_to_nearest_even(groups):
+    # the interpreter's fp32 -> bf16 cast truncates; the kernels round there explicitly, as a GPU does.
+    # Same bf16-exact inputs in fp32 give the very accumulator, so the bf16 output is its rounding.
+    from tunerd.kernels.autograd import conv
+
+    x = torch.randn(2, 16, 6, 6).bfloat16()
+    w = torch.randn(16, 16 // groups, 3, 3).bfloat16()
+    r = torch.randn(2, 16, 6, 6).bfloat16()
+    y = conv(x, w, None, padding=1, groups=groups, ndim=2, activation="relu", residual=r, residual_mode="pre")
+    yf = conv(
+        x.float(),
+        w.float(),
+        None,
+        padding=1,
+        groups=groups,
+        ndim=2,
+        activation="relu",
+        residual=r.float(),
+        residual_mode="pre",
+    )
+    assert torch.equal(y, yf.bfloat16())
+    # backward: dz = dy * gamma is fp32 (a bf16 tl.dot operand in the implicit GEMM); dx is stored as bf16
+    gamma = torch.rand(16) + 0.5
+    dy = torch.randn(2, 16, 6, 6).bfloat16()
+    xs, xf = x.clone().requires_grad_(), x.float().requires_grad_()
+    conv(xs, w, None, padding=1, groups=groups, ndim=2, layer_scale=gamma).backward(dy)
+    dz = dy.float() * gamma.reshape(1, -1, 1, 1)
+    if groups == 1:  # the implicit GEMM's tl.dot takes dz as a bf16 operand (rounded here by torch)
+        dz = dz.bfloat16().float()
+    conv(xf, w.float(), None, padding=1, groups=groups, ndim=2).backward(dz)
+    assert torch.equal(xs.grad, xf.grad.bfloat16())

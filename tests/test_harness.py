@@ -1,17 +1,18 @@
 """Measurement harness: planted crash, hang, wrong-answer and compile-error kernels run for real in the
 isolated worker; each failure is recorded and the next candidate is still measured. Also tune() and resume."""
+
 import json
 
 import pytest
 
-from kernels import reference
-from kernels.schedule import Schedule
-from kernels.spec import Epilogue, SpecError, conv_spec
-from schedules.device import INTERPRETER_NAME, DeviceLimits
-from schedules.harness import Harness
-from schedules.space import space
-from schedules.trial import COMPILE_ERROR, CRASH, OK, TIMEOUT, WRONG, Trial
-from schedules.tuner import tune
+from tunerd.kernels import reference
+from tunerd.kernels.schedule import Schedule
+from tunerd.kernels.spec import Epilogue, SpecError, conv_spec
+from tunerd.schedules.device import INTERPRETER_NAME, DeviceLimits
+from tunerd.schedules.harness import Harness, Interrupted, guard, resident_bytes
+from tunerd.schedules.space import space
+from tunerd.schedules.trial import COMPILE_ERROR, CRASH, OK, TIMEOUT, WRONG, Trial
+from tunerd.schedules.tuner import tune
 
 PLANT_SPEC = conv_spec(n=1, c=16, k=16, in_size=(8, 8), kernel=3, padding=1, epilogue=Epilogue(bias=True))
 STORE = "tl.store(out_ptr + out_offs, acc.to("
@@ -38,6 +39,10 @@ def plant(variant):
         return variant.source.replace(f"def {variant.kernel_name}(", "def renamed(")
     if s.group_m == 6:  # raises at run time inside the interpreter
         return variant.source.replace("acc = tl.zeros", "acc = tl.no_such_function")
+    if s.group_m == 7:  # grabs far more memory than the worker may use, touching every page
+        return variant.source + "\nhog = bytearray(1 << 36)\n"
+    if s.group_m == 9:  # slow: a minute before the kernel is even defined
+        return "import time\ntime.sleep(60)\n" + variant.source
     fn = PLANTS.get(s.block_m)
     return fn(variant.source) if fn else None
 
@@ -88,10 +93,15 @@ def test_hang_times_out(harness):
     assert_good(harness)
 
 
-@pytest.mark.parametrize("group_m,status,why", [(3, COMPILE_ERROR, "SyntaxError"),
-                                                (5, COMPILE_ERROR, "has no attribute 'tunerd_conv2d_fwd'"),
-                                                (6, CRASH, "no_such_function")],
-                         ids=["syntax", "missing-kernel", "runtime-error"])
+@pytest.mark.parametrize(
+    "group_m,status,why",
+    [
+        (3, COMPILE_ERROR, "SyntaxError"),
+        (5, COMPILE_ERROR, "has no attribute 'tunerd_conv2d_fwd'"),
+        (6, CRASH, "no_such_function"),
+    ],
+    ids=["syntax", "missing-kernel", "runtime-error"],
+)
 def test_bad_sources(harness, group_m, status, why):
     t = harness.measure(PLANT_SPEC, Schedule(block_m=64, block_n=16, block_k=16, group_m=group_m))
     assert t.status == status and why in t.error, t.error
@@ -104,11 +114,27 @@ def test_invalid_schedule_is_a_compile_error(harness):
 
 
 def test_epilogues_and_depthwise_pass_the_gate(harness):
-    full = conv_spec(n=2, c=16, k=16, in_size=(5, 5), kernel=3, padding=1, epilogue=Epilogue(
-        bias=True, affine=True, residual="pre", activation="starrelu", layer_scale=True))
+    full = conv_spec(
+        n=2,
+        c=16,
+        k=16,
+        in_size=(5, 5),
+        kernel=3,
+        padding=1,
+        epilogue=Epilogue(bias=True, affine=True, residual="pre", activation="starrelu", layer_scale=True),
+    )
     assert_good(harness, full, Schedule(block_m=64, block_n=16, block_k=16))
-    dw = conv_spec(n=1, c=16, k=16, in_size=(6, 6), kernel=3, padding=1, groups=16, dtype="bfloat16",
-                   epilogue=Epilogue(layer_scale=True, residual="post"))
+    dw = conv_spec(
+        n=1,
+        c=16,
+        k=16,
+        in_size=(6, 6),
+        kernel=3,
+        padding=1,
+        groups=16,
+        dtype="bfloat16",
+        epilogue=Epilogue(layer_scale=True, residual="post"),
+    )
     assert_good(harness, dw, Schedule(block_m=64, block_n=16))
 
 
@@ -134,8 +160,15 @@ class Counting:
 def test_tune_reports_and_resumes(harness):
     spec = conv_spec(n=1, c=16, k=16, in_size=(6, 6), kernel=3, padding=1)
     counting, logged, progress = Counting(harness), [], []
-    r = tune(spec, strategy="random", budget_trials=3, seed=4, harness=counting, on_trial=logged.append,
-             on_progress=progress.append)
+    r = tune(
+        spec,
+        strategy="random",
+        budget_trials=3,
+        seed=4,
+        harness=counting,
+        on_trial=logged.append,
+        on_progress=progress.append,
+    )
     assert r.default_trial.ok and r.best is not None and r.best.ok
     assert r.best.cost <= r.default_trial.cost and r.speedup_vs_default >= 1.0
     assert r.roofline_fraction is None and r.device == INTERPRETER_NAME  # no roofline on the interpreter
@@ -165,8 +198,10 @@ def test_compile_pool_and_prefetch():
 
 
 def test_backward_ops_are_gated(harness):
-    for op, sched in (("dgrad", Schedule(block_m=16, block_n=16, block_k=16)),
-                      ("wgrad", Schedule(block_m=16, block_n=16, block_k=16, split_k=2))):
+    for op, sched in (
+        ("dgrad", Schedule(block_m=16, block_n=16, block_k=16)),
+        ("wgrad", Schedule(block_m=16, block_n=16, block_k=16, split_k=2)),
+    ):
         spec = conv_spec(n=1, c=16, k=16, in_size=(6, 6), kernel=3, padding=1, stride=2, op=op)
         t = harness.measure(spec, sched)
         assert t.status == OK and t.rel_error < 1e-5, t.error
@@ -186,3 +221,58 @@ def test_tune_rejects_bad_input_before_measuring(harness):
     with pytest.raises(SpecError, match="plain|cannot measure op"):
         tune(spec.with_(op="wgrad", epilogue=Epilogue(bias=True)), harness=counting)
     assert counting.measured == []
+
+
+def test_memory_limit_stops_a_hog_and_the_next_candidate_runs(harness):
+    """The worker caps its own address space (CPU) and the parent kills it past memory_bytes resident."""
+    t = harness.measure(PLANT_SPEC, Schedule(block_m=64, block_n=16, block_k=16, group_m=7))
+    assert t.status in (COMPILE_ERROR, CRASH) and ("MemoryError" in t.error or "memory" in t.error), t.error
+    assert_good(harness)
+    big = conv_spec(n=4096, c=256, k=256, in_size=(64, 64), kernel=3, padding=1)  # ~100 GiB to measure
+    t = harness.measure(big, GOOD)
+    assert t.status == CRASH and "measurement memory limit" in t.error  # refused before any worker runs
+
+
+def test_resident_memory_sampling_kills_the_worker():
+    import os
+
+    with Harness(timeout_s=TIMEOUT_S, source_hook=plant, memory_bytes=64 << 20) as h:
+        assert resident_bytes(os.getpid()) > 0
+        t = h.measure(PLANT_SPEC, GOOD)  # torch alone is resident past 64 MiB: the sampler kills it
+        assert t.status in (CRASH, COMPILE_ERROR), t.error
+        assert "memory" in t.error.lower() or "MemoryError" in t.error, t.error
+
+
+def test_cancel_and_deadline_kill_the_running_trial_within_a_second(harness):
+    import threading
+    import time
+
+    slow = Schedule(block_m=64, block_n=16, block_k=16, group_m=9)
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted, match="cancelled"), guard(cancel=stop):
+        harness.measure(PLANT_SPEC, slow)
+    assert time.monotonic() - t0 < 3.0
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted, match="deadline"), guard(deadline=time.monotonic() + 1.0):
+        harness.measure(PLANT_SPEC, slow)
+    assert time.monotonic() - t0 < 3.0
+    assert_good(harness)  # a fresh worker measures the next candidate
+
+
+def test_budget_seconds_stops_the_running_trial():
+    """tune()'s budget_seconds ends the search in time even when a candidate would run far longer."""
+    import time
+
+    spec = PLANT_SPEC
+    cands = [
+        GOOD,
+        Schedule(block_m=64, block_n=16, block_k=16, group_m=9),
+        Schedule(block_m=32, block_n=16, block_k=16),
+    ]
+    with Harness(timeout_s=120.0, source_hook=plant) as h:
+        t0 = time.monotonic()
+        res = tune(spec, strategy="exhaustive", budget_seconds=4.0, candidates=cands, harness=h)
+        assert time.monotonic() - t0 < 30.0  # the default trial, then at most 4 s of search
+    assert res.default_trial.ok and all(t.schedule.group_m != 9 for t in res.trials)

@@ -1,11 +1,13 @@
 """The tunerd daemon over real HTTP: a uvicorn server on a loopback port, talked to with httpx."""
+
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -13,21 +15,30 @@ for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
     pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
 import httpx  # noqa: E402
 
-import kernels  # noqa: F401  (interpreter before triton)
-from db.errors import StoreUnavailable
-from db.fingerprint import DeviceFingerprint, current
-from db.store import Store
-from kernels import conv_spec, render
-from kernels.schedule import Schedule
-from tunerd.service import ServerThread, create_app
+from tunerd.api import ServerThread, create_app
+from tunerd.db.errors import StoreUnavailable
+from tunerd.db.fingerprint import DeviceFingerprint, current
+from tunerd.db.store import Store
+from tunerd.kernels import GENERATOR_VERSION, conv_spec, render
+from tunerd.kernels.schedule import Schedule
 from tunerd.settings import Settings
 from tunerd.worker import Worker
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-GPU = DeviceFingerprint(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", sm_count=132,
-                        memory_bytes=85 << 30, driver="550.54.15", cuda="12.4", triton="3.9.0", torch="2.13.0",
-                        generator_version=kernels.GENERATOR_VERSION, interpreter=False)
+BUNDLE = {**AUTH, "Content-Type": "application/octet-stream"}
+GPU = DeviceFingerprint(
+    name="NVIDIA H100 80GB HBM3",
+    compute_capability="9.0",
+    sm_count=132,
+    memory_bytes=85 << 30,
+    driver="550.54.15",
+    cuda="12.4",
+    triton="3.9.0",
+    torch="2.13.0",
+    generator_version=GENERATOR_VERSION,
+    interpreter=False,
+)
 
 
 def spec_of(n: int = 1, c: int = 16, k: int = 16, size: int = 8, kernel: int = 3):
@@ -37,8 +48,19 @@ def spec_of(n: int = 1, c: int = 16, k: int = 16, size: int = 8, kernel: int = 3
 def seed(store: Store, spec, median_ms: float, schedule: Schedule | None = None, device=None, **kw: Any) -> str:
     """Record one ok trial of spec (rendered under schedule) and return its variant id."""
     v = render(spec, schedule)
-    store.record_trial(device or current(), spec, v.schedule, v.source, status="ok", median_ms=median_ms,
-                       spread_ms=0.01, reps=5, max_error=1e-6, strategy="test", **kw)
+    store.record_trial(
+        device or current(),
+        spec,
+        v.schedule,
+        v.source,
+        status="ok",
+        median_ms=median_ms,
+        spread_ms=0.01,
+        reps=5,
+        max_error=1e-6,
+        strategy="test",
+        **kw,
+    )
     return v.id
 
 
@@ -53,8 +75,19 @@ def fake_tuner(log: list | None = None, fail: bool = False, delay_s: float = 0.0
         for i, spec in enumerate(job.specs):
             time.sleep(delay_s)
             v = render(spec)
-            store.record_trial(device, spec, v.schedule, v.source, status="ok", median_ms=2.0 + i, spread_ms=0.01,
-                               reps=3, max_error=0.0, strategy=job.strategy, job_id=job.id)
+            store.record_trial(
+                device,
+                spec,
+                v.schedule,
+                v.source,
+                status="ok",
+                median_ms=2.0 + i,
+                spread_ms=0.01,
+                reps=3,
+                max_error=0.0,
+                strategy=job.strategy,
+                job_id=job.id,
+            )
             on_progress({"specs_done": i + 1, "specs_total": len(job.specs)})
         return {"specs": len(job.specs), "tuned": len(job.specs)}
 
@@ -94,16 +127,25 @@ def test_lookup_batch_hit_and_miss(store):
     hit_spec, miss_spec = spec_of(), spec_of(n=2)
     vid = seed(store, hit_spec, 1.5)
     with live(store) as (_, http):
-        r = http.post("/v1/lookup", json={"specs": [hit_spec.to_dict(), miss_spec.to_dict(), miss_spec.to_dict()],
-                                          "device": current().to_dict()})
+        r = http.post(
+            "/v1/lookup",
+            json={
+                "specs": [hit_spec.to_dict(), miss_spec.to_dict(), miss_spec.to_dict()],
+                "device": current().to_dict(),
+            },
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert (body["hits"], body["misses"]) == (1, 2)
         hit, miss, again = body["results"]
         assert hit["hit"] and hit["variant_id"] == vid
         assert hit["source"] == render(hit_spec).source  # the exact measured source
-        assert hit["launch"] == {"kernel_name": "tunerd_conv2d_fwd", "grid": list(render(hit_spec).grid),
-                                 "num_warps": render(hit_spec).num_warps, "num_stages": render(hit_spec).num_stages}
+        assert hit["launch"] == {
+            "kernel_name": "tunerd_conv2d_fwd",
+            "grid": list(render(hit_spec).grid),
+            "num_warps": render(hit_spec).num_warps,
+            "num_stages": render(hit_spec).num_stages,
+        }
         assert hit["timings"]["median_ms"] == 1.5 and hit["numerics"]["max_error"] == 1e-6
         assert hit["provenance"]["interpreter"] is True and hit["provenance"]["strategy"] == "test"
         assert not miss["hit"] and miss["misses"] == 1 and miss["spec"] == miss_spec.to_dict()
@@ -213,10 +255,10 @@ def test_oversized_bodies_are_413_before_parsing(store):
 
         r = http.post("/v1/lookup", content=chunks(), headers={"Content-Type": "application/json"})
         assert r.status_code == 413
-        r = http.post("/v1/bundle", content=b"\x1f\x8b" + b"\0" * 6000, headers=AUTH)
+        r = http.post("/v1/bundle", content=b"\x1f\x8b" + b"\0" * 6000, headers=BUNDLE)
         assert r.status_code == 422  # within the bundle limit: parsed, and refused as corrupt
         assert "bundle" in r.json()["detail"]
-        assert http.post("/v1/bundle", content=b"\0" * 9000, headers=AUTH).status_code == 413
+        assert http.post("/v1/bundle", content=b"\0" * 9000, headers=BUNDLE).status_code == 413
         assert store.top_misses(5) == []
 
 
@@ -226,8 +268,11 @@ def test_jobs_are_tuned_by_the_worker_and_then_hit(store):
     worker = worker_for(store, fake_tuner(ran, delay_s=0.05))
     specs = [spec_of(), spec_of(n=2)]
     with live(store, worker=worker) as (_, http):
-        r = http.post("/v1/jobs", json={"specs": [s.to_dict() for s in specs], "strategy": "halving",
-                                        "budget_trials": 3}, headers=AUTH)
+        r = http.post(
+            "/v1/jobs",
+            json={"specs": [s.to_dict() for s in specs], "strategy": "halving", "budget_trials": 3},
+            headers=AUTH,
+        )
         assert r.status_code == 201, r.text
         job = r.json()
         assert r.headers["location"] == f"/v1/jobs/{job['id']}" and job["status"] in ("queued", "running")
@@ -242,13 +287,16 @@ def test_jobs_are_tuned_by_the_worker_and_then_hit(store):
         listed = http.get("/v1/jobs", params={"status": "done"}).json()
         assert [j["id"] for j in listed["jobs"]] == [job["id"]] and listed["queue_depth"] == 0
         assert http.get("/v1/jobs/999999").status_code == 404
-        assert http.get("/v1/jobs/0").status_code == 404
+        assert http.get("/v1/jobs/0").status_code == 422  # ids start at 1 (the schema says so)
         assert http.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
-        assert http.post("/v1/jobs", json={"suite": "x", "specs": [specs[0].to_dict()]},
-                         headers=AUTH).status_code == 422
+        assert (
+            http.post("/v1/jobs", json={"suite": "x", "specs": [specs[0].to_dict()]}, headers=AUTH).status_code == 422
+        )
         assert http.post("/v1/jobs", json={}, headers=AUTH).status_code == 422
-        assert http.post("/v1/jobs", json={"specs": [specs[0].to_dict()], "budget_trials": 0},
-                         headers=AUTH).status_code == 422
+        assert (
+            http.post("/v1/jobs", json={"specs": [specs[0].to_dict()], "budget_trials": 0}, headers=AUTH).status_code
+            == 422
+        )
         health = http.get("/healthz").json()
         assert health["worker"]["jobs_done"] == 1 and health["worker"]["alive"] is True
     assert not worker.alive  # stopped with the app
@@ -257,8 +305,9 @@ def test_jobs_are_tuned_by_the_worker_and_then_hit(store):
 def test_a_crashing_job_is_marked_failed_and_the_worker_goes_on(store):
     worker = worker_for(store, fake_tuner(fail=True))
     with live(store, worker=worker) as (_, http):
-        ids = [http.post("/v1/jobs", json={"specs": [spec_of(n=n).to_dict()]}, headers=AUTH).json()["id"]
-               for n in (1, 2)]
+        ids = [
+            http.post("/v1/jobs", json={"specs": [spec_of(n=n).to_dict()]}, headers=AUTH).json()["id"] for n in (1, 2)
+        ]
         wait_for(lambda: all(http.get(f"/v1/jobs/{i}").json()["status"] == "failed" for i in ids), what="failures")
         failed = http.get(f"/v1/jobs/{ids[0]}").json()
         assert "RuntimeError: candidate crashed" in failed["error"]
@@ -283,14 +332,16 @@ def test_cancelling_a_running_job_stops_its_worker_at_the_next_progress_report(s
     def endless(store_, job, device, on_progress) -> dict:
         while True:  # a long tuning run: only losing the job ends it
             reports.append(job.id)
-            on_progress({"trials_done": len(reports), "trials_total": 10 ** 6, "eta_s": float("inf")})
+            on_progress({"trials_done": len(reports), "trials_total": 10**6, "eta_s": float("inf")})
             time.sleep(0.02)
 
     worker = worker_for(store, endless, heartbeat_s=0.05)
     with live(store, worker=worker) as (_, http):
         job = http.post("/v1/jobs", json={"specs": [spec_of().to_dict()]}, headers=AUTH).json()
-        wait_for(lambda: (http.get(f"/v1/jobs/{job['id']}").json()["progress"] or {}).get("trials_done", 0) > 2,
-                 what="heartbeats carrying progress (an infinite ETA is stored as null)")
+        wait_for(
+            lambda: (http.get(f"/v1/jobs/{job['id']}").json()["progress"] or {}).get("trials_done", 0) > 2,
+            what="heartbeats carrying progress (an infinite ETA is stored as null)",
+        )
         assert http.get(f"/v1/jobs/{job['id']}").json()["progress"]["eta_s"] is None
         assert http.delete(f"/v1/jobs/{job['id']}", headers=AUTH).json()["cancelled"] is True
         wait_for(lambda: worker.status()["current_job"] is None, what="the worker to drop the job")
@@ -338,10 +389,17 @@ def test_jobs_for_another_device_wait_for_a_worker_on_it(store):
     with live(store) as (_, http):
         r = http.post("/v1/jobs", json={"specs": [spec_of().to_dict()], "device": GPU.to_dict()}, headers=AUTH)
         assert r.status_code == 201 and r.json()["device_key"] == GPU.digest  # a device with no data yet is fine
-        assert http.post("/v1/jobs", json={"specs": [spec_of().to_dict()], "device": "0123456789abcdef"},
-                         headers=AUTH).status_code == 404  # a digest must name a known device
-        assert http.post("/v1/jobs", json={"specs": [spec_of().to_dict()], "strategy": "bogus"},
-                         headers=AUTH).json()["detail"].startswith("unknown strategy 'bogus'")
+        assert (
+            http.post(
+                "/v1/jobs", json={"specs": [spec_of().to_dict()], "device": "0123456789abcdef"}, headers=AUTH
+            ).status_code
+            == 404
+        )  # a digest must name a known device
+        assert (
+            http.post("/v1/jobs", json={"specs": [spec_of().to_dict()], "strategy": "bogus"}, headers=AUTH)
+            .json()["detail"]
+            .startswith("unknown strategy 'bogus'")
+        )
         assert "resnet50" in http.post("/v1/jobs", json={"suite": "nope"}, headers=AUTH).json()["detail"]
     assert worker.run_once() is None and store.queue_depth() == 1  # the interpreter never tunes for a GPU
 
@@ -448,7 +506,7 @@ def test_bundle_export_import_round_trip_while_tuning(store, tmp_path):
         reports: list[dict] = []
 
         def send() -> None:
-            reports.append(dst.post("/v1/bundle", content=data, headers=AUTH).json())
+            reports.append(dst.post("/v1/bundle", content=data, headers=BUNDLE).json())
 
         threads = [threading.Thread(target=send) for _ in range(3)]
         for t in threads:
@@ -464,9 +522,9 @@ def test_bundle_export_import_round_trip_while_tuning(store, tmp_path):
         one = dst.get("/v1/winners", params={"device": current().digest, "include_source": True}).json()
         assert len(one["winners"]) == 7 and one["winners"][0]["source"].startswith("#")
         corrupt = data[:-20]
-        r = dst.post("/v1/bundle", content=corrupt, headers=AUTH)
+        r = dst.post("/v1/bundle", content=corrupt, headers=BUNDLE)
         assert r.status_code == 422 and "truncated" in r.json()["detail"]
-        assert dst.post("/v1/bundle", content=b"", headers=AUTH).status_code == 422
+        assert dst.post("/v1/bundle", content=b"", headers=BUNDLE).status_code == 422
         devices = dst.get("/v1/devices").json()
         assert devices["devices"][0]["winners"] == 7 and devices["this_device"] == current().digest
     target.close()
@@ -504,11 +562,19 @@ def test_settings_come_from_the_environment(monkeypatch):
 
 
 # ---- the API against its own schema ---------------------------------------------------------------------
-def test_schemathesis_finds_no_server_errors(store):
+def test_schemathesis_all_checks_hold(store):
+    """Every operation, positive and negative examples, every schemathesis check: status codes, headers,
+    content types and response bodies must be what the schema documents (bounded: < 60 s on 2 cores).
+
+    One check is left out: positive_data_acceptance. A BlockSpec has rules JSON Schema cannot state
+    (channels divisible by groups, kernel extent within the padded input, the work limits' products),
+    so a schema-valid spec may get the documented 422; negative_data_rejection still holds."""
     schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, given, settings as hsettings
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     seed(store, spec_of(), 1.0)
     with live(store) as (srv, _):
@@ -518,14 +584,20 @@ def test_schemathesis_finds_no_server_errors(store):
         seen: dict[str, int] = {}
         for op in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                @hsettings(max_examples=6, deadline=None, database=None, derandomize=True,
-                           suppress_health_check=list(HealthCheck))
+
+                @hsettings(
+                    max_examples=5,
+                    deadline=None,
+                    database=None,
+                    derandomize=True,
+                    suppress_health_check=list(HealthCheck),
+                )
                 @given(case=op.as_strategy(generation_mode=mode))
-                def check(case) -> None:
-                    response = case.call(base_url=srv.url, headers=AUTH, timeout=30)
-                    seen[op.label] = seen.get(op.label, 0) + 1
-                    assert response.status_code < 500, (
-                        f"{op.label} -> {response.status_code}: {response.text[:500]}\n{case.as_curl_command()}")
+                def check(case) -> None:  # called right below, inside this iteration
+                    seen[op.label] = seen.get(op.label, 0) + 1  # noqa: B023
+                    case.call_and_validate(
+                        base_url=srv.url, headers=AUTH, timeout=30, excluded_checks=[positive_data_acceptance]
+                    )
 
                 try:
                     check()
@@ -541,8 +613,11 @@ def test_real_tuning_end_to_end_on_the_interpreter(store):
     worker = worker_for(store, None, heartbeat_s=1.0, stale_after_s=120.0)
     with live(store, worker=worker) as (_, http):
         job = http.post("/v1/jobs", json={"specs": [spec.to_dict()], "budget_trials": 2}, headers=AUTH).json()
-        wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] in ("done", "failed"), timeout=240,
-                 what="real tuning job")
+        wait_for(
+            lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] in ("done", "failed"),
+            timeout=240,
+            what="real tuning job",
+        )
         done = http.get(f"/v1/jobs/{job['id']}").json()
         assert done["status"] == "done", done["error"]
         hit = http.post("/v1/lookup", json={"specs": [spec.to_dict()]}).json()["results"][0]
@@ -568,11 +643,30 @@ def test_tunerd_serve_runs_the_daemon_and_its_worker(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp_path / "token").write_text(TOKEN + "\n")
-    env = {**os.environ, "TUNERD_POLL_S": "0.1", "TUNERD_LOG_LEVEL": "warning",
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-m", "tunerd", "serve", "--port", str(port), "--db",
-                             f"sqlite:///{tmp_path}/serve.sqlite", "--token-file", str(tmp_path / "token")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "TUNERD_POLL_S": "0.1",
+        "TUNERD_LOG_LEVEL": "warning",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tunerd",
+            "serve",
+            "--port",
+            str(port),
+            "--db",
+            f"sqlite:///{tmp_path}/serve.sqlite",
+            "--token-file",
+            str(tmp_path / "token"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             wait_for(lambda: _up(http) or proc.poll() is not None, timeout=120, what="tunerd serve to start")
@@ -580,8 +674,11 @@ def test_tunerd_serve_runs_the_daemon_and_its_worker(tmp_path):
             spec = conv_spec(n=1, c=16, k=16, in_size=(4, 4), kernel=1)
             assert http.post("/v1/jobs", json={"specs": [spec.to_dict()]}).status_code == 401
             job = http.post("/v1/jobs", json={"specs": [spec.to_dict()], "budget_trials": 2}, headers=AUTH).json()
-            wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] in ("done", "failed"), timeout=240,
-                     what="the daemon's worker to tune")
+            wait_for(
+                lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] in ("done", "failed"),
+                timeout=240,
+                what="the daemon's worker to tune",
+            )
             assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "done"
             assert http.post("/v1/lookup", json={"specs": [spec.to_dict()]}).json()["hits"] == 1
             assert http.get("/healthz").json()["worker"]["jobs_done"] == 1

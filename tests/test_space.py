@@ -1,15 +1,16 @@
 """Schedule spaces: constraint pruning, dedupe, caps, and the cost model's consistency."""
+
 from dataclasses import replace
 
 import pytest
 
-from kernels import generator
-from kernels import schedule as ks
-from kernels.schedule import Schedule, is_pow2, next_pow2
-from kernels.spec import conv_spec
-from schedules import cost, space
-from schedules.device import DeviceLimits
-from schedules.suites import suite
+from tunerd.kernels import generator
+from tunerd.kernels import schedule as ks
+from tunerd.kernels.schedule import Schedule, is_pow2, next_pow2
+from tunerd.kernels.spec import conv_spec
+from tunerd.schedules import cost, space
+from tunerd.schedules.device import DeviceLimits
+from tunerd.schedules.suites import suite
 
 H100 = DeviceLimits.h100()
 INTERP = DeviceLimits.interpreter()
@@ -85,8 +86,9 @@ def test_cap_keeps_every_tile_shape_then_the_cost_models_best():
     shapes = {space.tile_shape(s) for s in full}
     assert {space.tile_shape(s) for s in capped.candidates} == shapes  # 45 tilings, all represented
     # each tiling by its best-predicted launch knobs
-    representatives = {min((s for s in full if space.tile_shape(s) == sh), key=lambda s: cost.predict(spec, s, H100))
-                       for sh in shapes}
+    representatives = {
+        min((s for s in full if space.tile_shape(s) == sh), key=lambda s: cost.predict(spec, s, H100)) for sh in shapes
+    }
     assert representatives <= kept
     worst_fill = max(cost.predict(spec, s, H100) for s in kept - representatives)
     assert all(cost.predict(spec, d, H100) >= worst_fill for d in full if d not in kept)  # the rest: best first
@@ -117,8 +119,9 @@ def test_wgrad_space_varies_split_k():
         ks.check(spec, s)
 
 
-@pytest.mark.parametrize("name", ["resnet50", "mobilenetv2", "convnext_t", "replknet31b", "mamba_short_conv",
-                                  "video_2plus1d", "quick"])
+@pytest.mark.parametrize(
+    "name", ["resnet50", "mobilenetv2", "convnext_t", "replknet31b", "mamba_short_conv", "video_2plus1d", "quick"]
+)
 def test_suite_spaces_are_sane_and_render(name):
     specs = suite(name)
     for spec in specs[:: max(1, len(specs) // 4)]:

@@ -1,4 +1,5 @@
 """BlockSpec identity, schedule rules and clear errors for bad input."""
+
 import json
 
 import pytest
@@ -6,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import generator
-from kernels.schedule import Schedule, ScheduleError, default
-from kernels.spec import BlockSpec, Epilogue, SpecError, conv_spec
 from tunerd import functional as F
+from tunerd.kernels import generator
+from tunerd.kernels.schedule import Schedule, ScheduleError, default
+from tunerd.kernels.spec import BlockSpec, Epilogue, SpecError, conv_spec
 
 
 def _spec(**kw):
@@ -19,12 +20,32 @@ def _spec(**kw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(nd=st.integers(1, 3), c=st.sampled_from([4, 8, 12]), g=st.sampled_from([1, 2, 4]), k=st.integers(1, 5),
-       s=st.integers(1, 3), d=st.integers(1, 2), lo=st.integers(0, 3), hi=st.integers(0, 3),
-       act=st.sampled_from([None, "relu", "starrelu"]), dtype=st.sampled_from(["float32", "bfloat16"]))
+@given(
+    nd=st.integers(1, 3),
+    c=st.sampled_from([4, 8, 12]),
+    g=st.sampled_from([1, 2, 4]),
+    k=st.integers(1, 5),
+    s=st.integers(1, 3),
+    d=st.integers(1, 2),
+    lo=st.integers(0, 3),
+    hi=st.integers(0, 3),
+    act=st.sampled_from([None, "relu", "starrelu"]),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+)
 def test_spec_json_round_trip(nd, c, g, k, s, d, lo, hi, act, dtype):
-    spec = conv_spec(n=1, c=c, k=c * 2, in_size=(12,) * nd, kernel=k, stride=s, dilation=d,
-                     padding=((lo, hi),) * nd, groups=g, dtype=dtype, epilogue=Epilogue(bias=True, activation=act))
+    spec = conv_spec(
+        n=1,
+        c=c,
+        k=c * 2,
+        in_size=(12,) * nd,
+        kernel=k,
+        stride=s,
+        dilation=d,
+        padding=((lo, hi),) * nd,
+        groups=g,
+        dtype=dtype,
+        epilogue=Epilogue(bias=True, activation=act),
+    )
     again = BlockSpec.from_json(spec.to_json())
     assert again == spec and hash(again) == hash(spec) and again.to_json() == spec.to_json()
 
@@ -53,63 +74,82 @@ def test_default_schedule_depends_on_shape():
     assert small.block_m <= 64 and big.block_m * big.block_n >= 64 * 64
 
 
-@pytest.mark.parametrize("bad,msg", [
-    (Schedule(block_m=24), "power of two"),
-    (Schedule(block_k=8), "minimum of 16"),
-    ({"block_m": "64"}, "must be an int"),
-    ({"tile": 3}, "unknown schedule fields"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (Schedule(block_m=24), "power of two"),
+        (Schedule(block_k=8), "minimum of 16"),
+        ({"block_m": "64"}, "must be an int"),
+        ({"tile": 3}, "unknown schedule fields"),
+    ],
+)
 def test_bad_schedules(bad, msg):
     with pytest.raises(ScheduleError, match=msg):
         generator.render(_spec(), bad)
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("{not json", "not valid JSON"),
-    ("[]", "JSON object"),
-    ('{"kind": "conv"}', "missing spec fields"),
-    ('{"kind":"conv","n":1,"c":4,"k":4,"in_size":[4,4],"kernel":[3,3],"stride":[1,1],"padding":[[0,0],[0,0]],'
-     '"dilation":[1,1],"colour":"red"}', "unknown spec fields"),
-    ('{"kind":"conv","n":1,"c":4,"k":4,"in_size":[4,4],"kernel":[3,3],"stride":[1,1],"padding":[[0,0],[0,0]],'
-     '"dilation":[1,1],"epilogue":{"activation":"swish9"}}', "unknown activation"),
-    ('{"kind":"conv","n":1,"c":4,"k":4,"in_size":[4,4],"kernel":[3],"stride":[1,1],"padding":[[0,0],[0,0]],'
-     '"dilation":[1,1]}', "kernel must be"),
-    ('{"kind":"conv","n":0,"c":4,"k":4,"in_size":[4,4],"kernel":[3,3],"stride":[1,1],"padding":[[0,0],[0,0]],'
-     '"dilation":[1,1]}', "positive int"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "JSON object"),
+        ('{"kind": "conv"}', "missing spec fields"),
+        (
+            '{"kind":"conv","n":1,"c":4,"k":4,"in_size":[4,4],"kernel":[3,3],"stride":[1,1],"padding":[[0,0],[0,0]],'
+            '"dilation":[1,1],"colour":"red"}',
+            "unknown spec fields",
+        ),
+        (
+            '{"kind":"conv","n":1,"c":4,"k":4,"in_size":[4,4],"kernel":[3,3],"stride":[1,1],"padding":[[0,0],[0,0]],'
+            '"dilation":[1,1],"epilogue":{"activation":"swish9"}}',
+            "unknown activation",
+        ),
+        (
+            '{"kind":"conv","n":1,"c":4,"k":4,"in_size":[4,4],"kernel":[3],"stride":[1,1],"padding":[[0,0],[0,0]],'
+            '"dilation":[1,1]}',
+            "kernel must be",
+        ),
+        (
+            '{"kind":"conv","n":0,"c":4,"k":4,"in_size":[4,4],"kernel":[3,3],"stride":[1,1],"padding":[[0,0],[0,0]],'
+            '"dilation":[1,1]}',
+            "positive int",
+        ),
+    ],
+)
 def test_malformed_spec_json(text, msg):
     with pytest.raises(SpecError, match=msg):
         BlockSpec.from_json(text)
 
 
 def test_bad_calls_give_clear_errors():
+    # torch's wording and exception types (RuntimeError / TypeError), and SpecError for tunerd's callers
     x = torch.randn(2, 6, 8, 8)
     w = torch.randn(4, 3, 3, 3)
-    with pytest.raises(SpecError, match="divisible by groups"):
+    with pytest.raises(SpecError, match=r"expected input\[2, 5, 8, 8\] to have 2 channels"):
         F.conv2d(torch.randn(2, 5, 8, 8), torch.randn(4, 1, 3, 3), groups=2)
-    with pytest.raises(SpecError, match="4-D input"):
-        F.conv2d(torch.randn(6, 8, 8), w)
-    with pytest.raises(SpecError, match="weight dtype"):
+    with pytest.raises(RuntimeError, match=r"Expected 3D \(unbatched\) or 4D \(batched\) input"):
+        F.conv2d(torch.randn(8, 8), w)
+    with pytest.raises(RuntimeError, match=r"weight type \(torch.float16, cpu\) should be the same"):
         F.conv2d(x, w.half(), groups=2)
-    with pytest.raises(SpecError, match="bias dtype"):
+    with pytest.raises(SpecError, match=r"bias type \(torch.float16, cpu\) should be the same"):
         F.conv2d(x, w, torch.randn(4, dtype=torch.float16), groups=2)
-    with pytest.raises(SpecError, match=r"bias must have shape \[4\]"):
+    with pytest.raises(SpecError, match=r"expected bias to be 1-dimensional with 4 elements"):
         F.conv2d(x, w, torch.randn(5), groups=2)
-    with pytest.raises(SpecError, match="larger than the padded input"):
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
         F.conv2d(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 5, 5))
-    with pytest.raises(SpecError, match="weight is on meta"):
+    with pytest.raises(SpecError, match=r"weight type \(torch.float32, meta\)"):
         F.conv2d(x, w.to("meta"), groups=2)
-    with pytest.raises(SpecError, match="input dtype torch.float64"):
+    with pytest.raises(NotImplementedError, match="input dtype torch.float64 is not supported"):
         F.conv2d(x.double(), w.double(), groups=2)
     with pytest.raises(SpecError, match="residual must have the output's shape"):
         F.conv2d(x, w, groups=2, padding=1, residual=torch.randn(2, 4, 7, 7))
     with pytest.raises(SpecError, match="together"):
         F.conv2d(x, w, groups=2, scale=torch.ones(4))
-    with pytest.raises(SpecError, match="'same' is not supported for strided"):
+    with pytest.raises(RuntimeError, match="'same' is not supported for strided"):
         F.conv2d(x, w, groups=2, stride=2, padding="same")
     with pytest.raises(SpecError, match="unknown activation"):
         F.conv2d(x, w, groups=2, activation="mish")
-    with pytest.raises(SpecError, match="weight has 6 input channels per group"):
+    with pytest.raises(RuntimeError, match=r"weight of size \[4, 6, 3, 3\], expected input\[2, 6, 8, 8\] to have 12"):
         F.conv2d(x, torch.randn(4, 6, 3, 3), groups=2)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         F.conv2d(x.numpy(), w)
@@ -136,7 +176,7 @@ def test_old_interpreter_with_new_numpy_is_refused_clearly(monkeypatch):
     import numpy as np
     import triton
 
-    from kernels import runtime
+    from tunerd.kernels import runtime
 
     runtime._check_interpreter.cache_clear()
     monkeypatch.setattr(triton, "__version__", "3.6.0")

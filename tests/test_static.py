@@ -1,5 +1,6 @@
 """The static sm_90 audit: resources read from real compiles, the findings it flags, defaults that stay
 in registers where the first audit found spills."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,13 @@ import json
 import pytest
 
 from benchmarks import static
-from kernels import generator
-from kernels.schedule import Schedule, vector_rows
-from kernels.spec import conv_spec
-from kernels.validate import compile_check
-from schedules import cost
-from schedules.device import DeviceLimits
-from schedules.suites import suite
+from tunerd.kernels import generator
+from tunerd.kernels.schedule import Schedule, vector_rows
+from tunerd.kernels.spec import conv_spec
+from tunerd.kernels.validate import compile_check
+from tunerd.schedules import cost
+from tunerd.schedules.device import DeviceLimits
+from tunerd.schedules.suites import suite
 
 
 @pytest.mark.slow
@@ -76,6 +77,7 @@ def test_defaults_that_spilled_in_the_first_audit_stay_in_registers():
         assert r["ok"], (s.describe(), r["error"])
         assert r["spill_bytes"] == 0, (s.describe(), r)
     # the check can fail: the old stem schedule still spills
-    old = generator.render(specs[0], Schedule(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3,
-                                              k_order="flat"))
+    old = generator.render(
+        specs[0], Schedule(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3, k_order="flat")
+    )
     assert compile_check([old], arch=90)[0]["spill_bytes"] > 0

@@ -1,5 +1,6 @@
 """The store on SQLite: winner rules, resume after a kill, concurrent writers and workers, snapshots,
 misses, jobs, migrations and error translation. Real specs, schedules and rendered sources throughout."""
+
 from __future__ import annotations
 
 import json
@@ -11,32 +12,57 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from functools import lru_cache
+from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sqlalchemy", reason="the store needs the service extras (sqlalchemy, alembic)")
 
+from alembic import command  # noqa: E402
 from alembic.autogenerate import compare_metadata  # noqa: E402
 from alembic.runtime.migration import MigrationContext  # noqa: E402
 
-from db import (DeviceFingerprint, InvalidRecord, JobNotOwned, SchemaError, SnapshotExists, Store,  # noqa: E402
-                StoreError, StoreUnavailable, UnknownJob, UnknownSnapshot, UnknownWinner, current, variant_id)
-from db import engine as db_engine  # noqa: E402
-from db.models import Base  # noqa: E402
-from kernels import GENERATOR_VERSION, Schedule, Variant, conv_spec, render  # noqa: E402
+from tunerd.db import (  # noqa: E402
+    DeviceFingerprint,
+    InvalidRecord,
+    JobNotOwned,
+    SchemaError,
+    SnapshotExists,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    UnknownJob,
+    UnknownSnapshot,
+    UnknownWinner,
+    current,
+    variant_id,
+)
+from tunerd.db import engine as db_engine  # noqa: E402
+from tunerd.db.models import Base  # noqa: E402
+from tunerd.db.rows import WinnerRow  # noqa: E402
+from tunerd.kernels import GENERATOR_VERSION, Schedule, Variant, conv_spec, render  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 SPEC = conv_spec(n=1, c=16, k=32, in_size=(8, 8), kernel=3, padding=1)
 DW = conv_spec(n=1, c=16, k=16, in_size=(8, 8), kernel=3, padding=1, groups=16)
 DEV = current()  # this CPU box: the Triton interpreter
-GPU = DeviceFingerprint(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", sm_count=132,
-                        memory_bytes=85_045_460_992, driver="550.54.15", cuda="12.4", triton=DEV.triton,
-                        torch=DEV.torch, generator_version=GENERATOR_VERSION, interpreter=False)
+GPU = DeviceFingerprint(
+    name="NVIDIA H100 80GB HBM3",
+    compute_capability="9.0",
+    sm_count=132,
+    memory_bytes=85_045_460_992,
+    driver="550.54.15",
+    cuda="12.4",
+    triton=DEV.triton,
+    torch=DEV.torch,
+    generator_version=GENERATOR_VERSION,
+    interpreter=False,
+)
 
 
-@lru_cache(maxsize=None)
+@cache
 def variants(spec=SPEC, count: int = 8) -> tuple[Variant, ...]:
     """count distinct real variants of spec (distinct schedules -> distinct sources)."""
     out: dict[str, Variant] = {}
@@ -50,9 +76,39 @@ def variants(spec=SPEC, count: int = 8) -> tuple[Variant, ...]:
 
 
 def record(store: Store, v: Variant, ms: float | None, *, device=DEV, status: str = "ok", **kw) -> int:
-    return store.record_trial(device, v.spec, v.schedule, v.source, status=status, median_ms=ms,
-                              spread_ms=None if ms is None else ms / 20, reps=10 if status == "ok" else 0,
-                              max_error=1e-6 if status == "ok" else None, strategy=kw.pop("strategy", "halving"), **kw)
+    return store.record_trial(
+        device,
+        v.spec,
+        v.schedule,
+        v.source,
+        status=status,
+        median_ms=ms,
+        spread_ms=None if ms is None else ms / 20,
+        reps=10 if status == "ok" else 0,
+        max_error=1e-6 if status == "ok" else None,
+        strategy=kw.pop("strategy", "halving"),
+        **kw,
+    )
+
+
+def claim(store: Store, v: Variant, ms: float, *, device=DEV, origin: str = "bundle:test") -> str:
+    """Import v as a winner measured elsewhere (a claim); returns the outcome ('added', 'kept', ...)."""
+    row = WinnerRow(
+        device=device,
+        spec=v.spec,
+        schedule=v.schedule,
+        source=v.source,
+        variant_id=v.id,
+        median_ms=ms,
+        spread_ms=None,
+        reps=5,
+        max_error=0.0,
+        speedup_vs_default=None,
+        fraction_of_roofline=None,
+        strategy="ci",
+        created_at=datetime.now(timezone.utc),
+    )
+    return store.ingest([row], origin=origin)[0]
 
 
 @pytest.fixture
@@ -68,9 +124,14 @@ def store(url) -> Store:
 
 def state(store: Store) -> tuple:
     """Everything observable, to prove an operation changed nothing."""
-    return (json.dumps([w.to_dict() for w in store.winners()]), store.trial_counts(),
-            json.dumps([d.to_dict() for d in store.devices()]), [j.to_dict() for j in store.jobs()],
-            [m.to_dict() for m in store.top_misses(100)], [s.to_dict() for s in store.snapshots()])
+    return (
+        json.dumps([w.to_dict() for w in store.winners()]),
+        store.trial_counts(),
+        json.dumps([d.to_dict() for d in store.devices()]),
+        [j.to_dict() for j in store.jobs()],
+        [m.to_dict() for m in store.top_misses(100)],
+        [s.to_dict() for s in store.snapshots()],
+    )
 
 
 # ---- child processes (also used by test_store_pg) -------------------------------------------------
@@ -228,8 +289,18 @@ def test_wrong_result_disqualifies_a_variant_and_demotes_the_winner(store):
     record(store, v[1], 2.0)
     record(store, v[2], 1.0)
     store.set_winner_stats(DEV, SPEC, speedup_vs_default=4.0)
-    store.record_trial(DEV, SPEC, v[2].schedule, v[2].source, status="wrong-result", median_ms=None,
-                       spread_ms=None, reps=0, max_error=float("nan"), error="84.7% wrong elements")
+    store.record_trial(
+        DEV,
+        SPEC,
+        v[2].schedule,
+        v[2].source,
+        status="wrong-result",
+        median_ms=None,
+        spread_ms=None,
+        reps=0,
+        max_error=float("nan"),
+        error="84.7% wrong elements",
+    )
     w = store.winner(DEV, SPEC)
     assert (w.variant_id, w.median_ms) == (v[1].id, 2.0) and math.isclose(w.speedup_vs_default, 2.0)
     record(store, v[2], 0.5)  # a later ok timing of a disqualified variant never wins again
@@ -237,8 +308,17 @@ def test_wrong_result_disqualifies_a_variant_and_demotes_the_winner(store):
     m = store.measured(DEV, SPEC)
     assert m[v[2].id].status == "wrong-result" and m[v[2].id].max_error is None
     for u in (v[0], v[1]):
-        store.record_trial(DEV, SPEC, u.schedule, u.source, status="wrong-result", median_ms=None, spread_ms=None,
-                           reps=0, max_error=0.5)
+        store.record_trial(
+            DEV,
+            SPEC,
+            u.schedule,
+            u.source,
+            status="wrong-result",
+            median_ms=None,
+            spread_ms=None,
+            reps=0,
+            max_error=0.5,
+        )
     assert store.winner(DEV, SPEC) is None  # nothing correct left
 
 
@@ -285,21 +365,27 @@ def test_record_trial_rejects_a_source_that_belongs_to_something_else(store):
     v, w = variants()[:2]
     d = variants(DW, 1)[0]
     before = state(store)
-    with pytest.raises(InvalidRecord, match="spec"):
-        store.record_trial(DEV, DW, d.schedule, v.source, status="ok", median_ms=1.0, spread_ms=0.1, reps=3,
-                           max_error=0.0)
-    with pytest.raises(InvalidRecord, match="schedule"):
-        store.record_trial(DEV, SPEC, w.schedule, v.source, status="ok", median_ms=1.0, spread_ms=0.1, reps=3,
-                           max_error=0.0)
-    with pytest.raises(InvalidRecord, match="Generated by tunerd"):
-        store.record_trial(replace(DEV, generator_version="9.9"), SPEC, v.schedule, v.source, status="ok",
-                           median_ms=1.0, spread_ms=0.1, reps=3, max_error=0.0)
+    ok = dict(status="ok", median_ms=1.0, spread_ms=0.1, reps=3, max_error=0.0)
+    with pytest.raises(InvalidRecord, match="not this tunerd's rendering of depthwise2d"):
+        store.record_trial(DEV, DW, d.schedule, v.source, **ok)
+    with pytest.raises(InvalidRecord, match="not this tunerd's rendering.*schedule"):
+        store.record_trial(DEV, SPEC, w.schedule, v.source, **ok)
+    headless = "\n".join(d.source.split("\n")[3:])  # another spec's kernel with its header stripped
+    assert not headless.startswith("#")
+    with pytest.raises(InvalidRecord, match="not this tunerd's rendering"):
+        store.record_trial(DEV, SPEC, v.schedule, headless, **ok)
+    with pytest.raises(InvalidRecord, match="not this tunerd's rendering"):
+        store.record_trial(DEV, SPEC, v.schedule, v.source + "\nimport os\n", **ok)
+    with pytest.raises(InvalidRecord, match="cannot verify a source recorded for generator '9.9'"):
+        store.record_trial(replace(DEV, generator_version="9.9"), SPEC, v.schedule, v.source, **ok)
     with pytest.raises(InvalidRecord, match="spec must be a BlockSpec"):
-        store.record_trial(DEV, SPEC.to_dict(), v.schedule, v.source, status="ok", median_ms=1.0, spread_ms=0.1,
-                           reps=3, max_error=0.0)
+        store.record_trial(
+            DEV, SPEC.to_dict(), v.schedule, v.source, status="ok", median_ms=1.0, spread_ms=0.1, reps=3, max_error=0.0
+        )
     with pytest.raises(InvalidRecord, match="source"):
-        store.record_trial(DEV, SPEC, v.schedule, "  ", status="ok", median_ms=1.0, spread_ms=0.1, reps=3,
-                           max_error=0.0)
+        store.record_trial(
+            DEV, SPEC, v.schedule, "  ", status="ok", median_ms=1.0, spread_ms=0.1, reps=3, max_error=0.0
+        )
     assert state(store) == before
 
 
@@ -315,11 +401,60 @@ def test_measured_keeps_one_row_per_variant_for_resume(store):
     m = store.measured(DEV, SPEC)
     assert set(m) == {v[0].id, v[1].id, v[2].id}
     assert (m[v[0].id].median_ms, m[v[1].id].status, m[v[1].id].error, m[v[2].id].median_ms) == (
-        2.5, "compile-error", "t2", 7.0)
+        2.5,
+        "compile-error",
+        "t2",
+        7.0,
+    )
     assert m[v[0].id].schedule == v[0].schedule and m[v[0].id].device_key == DEV.key
     assert store.measured(GPU, SPEC) == {} and store.measured(DEV, DW) == {}
     json.dumps(m[v[0].id].to_dict())
     assert store.variant(v[0].id).source == v[0].source and store.variant("0" * 24) is None
+
+
+# ---- imported timings are claims ---------------------------------------------------------------------
+def test_claims_never_beat_a_local_measurement_and_end_when_measured_here(store):
+    v = variants()
+    assert claim(store, v[0], 1e-6) == "added"  # an empty store takes a claim, marked as such
+    w = store.winner(DEV, SPEC)
+    assert (w.variant_id, w.claimed, w.origin) == (v[0].id, True, "bundle:test")
+    assert claim(store, v[1], 1e-3, origin="bundle:other") == "kept"  # slower claim
+    assert claim(store, v[2], 1e-7) == "replaced"  # faster claim
+    assert [c.variant_id for c in store.claims(DEV)] == [v[0].id, v[1].id, v[2].id]
+    assert store.measured(DEV, SPEC) == {}  # claims are not measurements: a tuner measures them itself
+    record(store, v[5], 50.0)  # a slow local measurement still beats every claim
+    w = store.winner(DEV, SPEC)
+    assert (w.variant_id, w.median_ms, w.claimed, w.origin) == (v[5].id, 50.0, False, None)
+    assert claim(store, v[3], 1e-9) == "kept" and store.winner(DEV, SPEC).variant_id == v[5].id
+    # Measuring a claimed variant here replaces its claim: its claimed time no longer counts anywhere.
+    record(store, v[2], 80.0)
+    assert store.winner(DEV, SPEC).variant_id == v[5].id
+    assert {c.variant_id for c in store.claims(DEV)} == {v[0].id, v[1].id, v[3].id}
+    assert store.measured(DEV, SPEC)[v[2].id].median_ms == 80.0
+    record(store, v[5], None, status="wrong-result", error="wrong here")
+    record(store, v[2], None, status="wrong-result", error="wrong here")
+    w = store.winner(DEV, SPEC)  # no correct local measurement left: the fastest remaining claim answers
+    assert (w.variant_id, w.median_ms, w.claimed) == (v[3].id, 1e-9, True)
+    record(store, v[3], None, status="timeout", error="exceeded 10 s")  # a claimed winner failing here ...
+    w = store.winner(DEV, SPEC)  # ... loses its place to the next claim
+    assert (w.variant_id, w.claimed) == (v[0].id, True)
+    record(store, v[0], 3.0)
+    w = store.winner(DEV, SPEC)
+    assert (w.variant_id, w.median_ms, w.claimed) == (v[0].id, 3.0, False)
+    assert claim(store, v[2], 1e-9) == "kept"  # disqualified here: a later claim cannot revive it
+    assert claim(store, v[0], 1e-9) == "kept"  # measured here: its claims no longer count
+    assert [c.variant_id for c in store.claims(DEV, SPEC)] == [v[1].id] and store.claims(GPU) == []
+
+
+def test_snapshots_keep_whether_a_winner_was_claimed(store):
+    v = variants()
+    claim(store, v[0], 1.0)
+    record(store, v[1], 5.0, device=GPU)
+    snap = store.create_snapshot("s")
+    record(store, v[2], 9.0)  # the local measurement replaces the live claim, not the pinned one
+    pinned = {w.device_key: w.claimed for w in store.winners(snapshot=snap)}
+    assert pinned == {DEV.key: True, GPU.key: False} and not store.winner(DEV, SPEC).claimed
+    assert store.winner(DEV, SPEC, snapshot=snap).to_dict()["claimed"] is True
 
 
 # ---- processes -------------------------------------------------------------------------------------
@@ -421,8 +556,15 @@ def test_misses_count_rank_and_clear(store):
 
 # ---- jobs -------------------------------------------------------------------------------------------
 def test_job_queue_lifecycle(store):
-    for bad in (dict(), dict(specs=[SPEC], suite="resnet50"), dict(specs=[]), dict(specs=[SPEC.to_dict()]),
-                dict(suite="x", budget_trials=0), dict(suite="x", budget_seconds=-1.0), dict(suite="x", strategy="")):
+    for bad in (
+        dict(),
+        dict(specs=[SPEC], suite="resnet50"),
+        dict(specs=[]),
+        dict(specs=[SPEC.to_dict()]),
+        dict(suite="x", budget_trials=0),
+        dict(suite="x", budget_seconds=-1.0),
+        dict(suite="x", strategy=""),
+    ):
         with pytest.raises(InvalidRecord):
             store.enqueue_job(**bad)
     a = store.enqueue_job(specs=[SPEC, DW], strategy="exhaustive", budget_trials=20)
@@ -447,7 +589,11 @@ def test_job_queue_lifecycle(store):
     with pytest.raises(JobNotOwned, match="done"):
         store.finish_job(a, "cpu-worker", result={})
     assert (store.job(a).status, store.job(a).result, store.job(c).status, store.job(c).error) == (
-        "done", {"winners": 2}, "failed", "suite not found")
+        "done",
+        {"winners": 2},
+        "failed",
+        "suite not found",
+    )
     assert store.cancel_job(b) and not store.cancel_job(a)
     with pytest.raises(JobNotOwned, match="cancelled"):
         store.heartbeat(b, "gpu-worker", {})
@@ -505,6 +651,37 @@ def test_migrations_on_a_fresh_and_an_existing_file(tmp_path):
     raw.close()
     with pytest.raises(SchemaError, match="9999_future.*newer tunerd"):
         Store(f"sqlite:///{path}")
+
+
+def test_migration_0002_marks_imported_winners_claimed(tmp_path):
+    url = f"sqlite:///{tmp_path / 'v1.sqlite'}"
+    engine = db_engine.create(url)
+    with engine.connect().execution_options(**{db_engine.WRITE: True}) as conn, conn.begin():
+        command.upgrade(db_engine._alembic_config(conn), "0001")  # a store written by the previous tunerd
+    engine.dispose()
+    v = variants()
+    with sqlite3.connect(tmp_path / "v1.sqlite") as raw:
+        raw.execute("INSERT INTO devices VALUES (1, ?, 'd', 'cpu', 1, '2025-01-01')", (DEV.key,))
+        for sid, spec in ((1, SPEC), (2, DW)):
+            raw.execute(
+                "INSERT INTO specs VALUES (?, ?, 'd', 'conv', 'fwd', 'float32', 's', '2025-01-01')",
+                (sid, spec.to_json()),
+            )
+        for tid, (sid, var, origin) in enumerate([(1, v[0], None), (2, variants(DW, 1)[0], "bundle:abc")], 1):
+            raw.execute(
+                "INSERT INTO variants VALUES (?, ?, ?, ?, ?, '2025-01-01')",
+                (var.id, sid, var.schedule.to_json(), var.source, GENERATOR_VERSION),
+            )
+            raw.execute(
+                "INSERT INTO trials (id, device_id, spec_id, variant_id, status, median_ms, reps, origin, "
+                "created_at) VALUES (?, 1, ?, ?, 'ok', 1.0, 3, ?, '2025-01-01')",
+                (tid, sid, var.id, origin),
+            )
+            raw.execute("INSERT INTO winners VALUES (1, ?, ?, ?, 1.0, NULL, NULL, '2025-01-01')", (sid, tid, var.id))
+    with Store(url) as store:
+        assert store.revision == db_engine.head_revision()
+        assert (store.winner(DEV, SPEC).claimed, store.winner(DEV, DW).claimed) == (False, True)
+        assert [c.variant_id for c in store.claims(DEV)] == [variants(DW, 1)[0].id]
 
 
 def test_driver_errors_become_store_errors(tmp_path, url):

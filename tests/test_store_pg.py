@@ -1,20 +1,21 @@
 """The same Store on a throwaway PostgreSQL server: schema, API, SKIP LOCKED job claiming across worker
 processes (a dead worker's job is requeued), concurrent trial writers, bundles between backends."""
+
 from __future__ import annotations
 
 import pytest
 
 pytest.importorskip("sqlalchemy", reason="the store needs the service extras (sqlalchemy, alembic)")
+import test_store  # noqa: E402
 from alembic.autogenerate import compare_metadata  # noqa: E402
 from alembic.runtime.migration import MigrationContext  # noqa: E402
-
-from db import BundleError, JobNotOwned, SchemaError, Store, StoreUnavailable  # noqa: E402
-from db import engine as db_engine  # noqa: E402
-from db.bundle import bundle_bytes, import_bundle_bytes  # noqa: E402
-from db.models import Base  # noqa: E402
 from pg import free_port  # noqa: E402
-from test_store import (DEV, DW, GPU, SPEC, parse_writes, record, spawn,  # noqa: E402
-                        start_together, state, variants, wait_all)
+from test_store import DEV, DW, GPU, SPEC, parse_writes, record, spawn, start_together, state, variants, wait_all  # noqa: E402
+
+from tunerd.db import BundleError, JobNotOwned, SchemaError, Store, StoreUnavailable  # noqa: E402
+from tunerd.db import engine as db_engine  # noqa: E402
+from tunerd.db.bundle import bundle_bytes, import_bundle_bytes  # noqa: E402
+from tunerd.db.models import Base  # noqa: E402
 
 
 def test_pg_schema_and_api(pg_url):
@@ -31,8 +32,17 @@ def test_pg_schema_and_api(pg_url):
     w = store.winner(DEV, SPEC)
     assert (w.variant_id, w.speedup_vs_default) == (v[2].id, 4.0)
     assert store.winner(DEV, SPEC, snapshot=pinned).variant_id == v[1].id
-    store.record_trial(DEV, SPEC, v[2].schedule, v[2].source, status="wrong-result", median_ms=None,
-                       spread_ms=None, reps=0, max_error=1.0)
+    store.record_trial(
+        DEV,
+        SPEC,
+        v[2].schedule,
+        v[2].source,
+        status="wrong-result",
+        median_ms=None,
+        spread_ms=None,
+        reps=0,
+        max_error=1.0,
+    )
     assert store.winner(DEV, SPEC).variant_id == v[1].id and store.winner(GPU, SPEC) is None
     assert store.record_miss(GPU, DW) == 1 and store.record_miss(GPU, DW) == 2
     assert [m.count for m in store.top_misses(5)] == [2]
@@ -95,8 +105,19 @@ def test_bundles_move_between_sqlite_and_pg(pg_url, tmp_path):
     assert state(pg) == before
     report = import_bundle_bytes(pg, bundle_bytes(lite, provenance={"ci": 1}))
     assert (report.added, report.kept) == (1, 1) and pg.winner(GPU, DW).median_ms == 1.0
-    back = import_bundle_bytes(lite, bundle_bytes(pg, provenance={}))
-    assert (back.replaced, back.unchanged) == (1, 1) and lite.winner(DEV, SPEC).median_ms == 1.5
+    back = import_bundle_bytes(lite, bundle_bytes(pg, provenance={}))  # pg's 1.5 is a claim here
+    assert (back.kept, back.unchanged) == (1, 1) and lite.winner(DEV, SPEC).median_ms == 2.0
+    assert pg.winner(GPU, DW).claimed and not pg.winner(DEV, SPEC).claimed
+
+
+def test_pg_claims_rank_below_local_measurements(pg_url):
+    with Store(pg_url) as store:  # the same rules through PostgreSQL's upsert and boolean ordering
+        test_store.test_claims_never_beat_a_local_measurement_and_end_when_measured_here(store)
+
+
+def test_pg_snapshots_keep_claims(pg_url):
+    with Store(pg_url) as store:
+        test_store.test_snapshots_keep_whether_a_winner_was_claimed(store)
 
 
 def test_pg_down_is_store_unavailable():

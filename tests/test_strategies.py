@@ -1,4 +1,5 @@
 """Search strategies on synthetic measure functions (fast), and the replay benchmark on a synthetic table."""
+
 import json
 import math
 import random
@@ -6,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from kernels.spec import conv_spec
-from schedules import cost, replay, space
-from schedules.device import DeviceLimits
-from schedules.strategies import STRATEGIES, Budget, SuccessiveHalving, available, make
-from schedules.trial import CRASH, OK, Trial
+from tunerd.kernels.spec import conv_spec
+from tunerd.schedules import cost, replay, space
+from tunerd.schedules.device import DeviceLimits
+from tunerd.schedules.strategies import STRATEGIES, Budget, SuccessiveHalving, available, make
+from tunerd.schedules.trial import CRASH, OK, Trial
 
 H100 = DeviceLimits.h100()
 SPEC = conv_spec(n=32, c=64, k=64, in_size=(56, 56), kernel=3, padding=1, dtype="bfloat16")
@@ -115,7 +116,7 @@ def test_successive_halving_lengthens_runs_for_survivors():
     rung0 = [t for t in trials if t.reps == 1]
     rung1 = {t.schedule for t in trials if t.reps == 3}
     assert len(rung0) == 40 and len(rung1) == len(rung0) // 3
-    assert rung1 == {t.schedule for t in sorted(rung0, key=lambda t: t.cost)[:len(rung1)]}
+    assert rung1 == {t.schedule for t in sorted(rung0, key=lambda t: t.cost)[: len(rung1)]}
     final = [t for t in trials if t.reps == 9]
     assert min(final, key=lambda t: t.cost).schedule == min(rung1, key=lambda s: truth[s])
 
@@ -153,8 +154,16 @@ def synthetic_table(truth: dict) -> replay.Table:
         if t is None:
             trials[s] = Trial(schedule=s, variant_id=s.to_json(), source="", status="wrong-result", rel_error=1.0)
         else:
-            trials[s] = Trial(schedule=s, variant_id=s.to_json(), source="", status=OK, median_ms=t,
-                              p10_ms=t * 0.97, p90_ms=t * 1.03, reps=10)
+            trials[s] = Trial(
+                schedule=s,
+                variant_id=s.to_json(),
+                source="",
+                status=OK,
+                median_ms=t,
+                p10_ms=t * 0.97,
+                p90_ms=t * 1.03,
+                reps=10,
+            )
     return replay.Table(spec=SPEC, device="synthetic", limits=H100, trials=trials, note="synthetic", reps=10)
 
 
@@ -199,8 +208,9 @@ def test_recorded_tables_replay():
         assert tb.limits.interpreted and "weak proxy" in tb.note
         # complete: every tiling the space offers has its recorded trial (the interpreter ignores launch
         # knobs, so the space keeps one launch variant per tiling, which a refined model may change)
-        assert {space.tile_shape(s) for s in space.space(tb.spec, tb.limits, max_candidates=None)} \
-            == {space.tile_shape(s) for s in tb.trials}
+        assert {space.tile_shape(s) for s in space.space(tb.spec, tb.limits, max_candidates=None)} == {
+            space.tile_shape(s) for s in tb.trials
+        }
         assert tb.best.ok
     report = replay.replay(tables, ["model"], seeds=1, fractions=(0.2,))
     assert 0 < report["strategies"]["model"]["curve"][0]["mean_quality"] <= 1

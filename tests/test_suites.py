@@ -1,18 +1,28 @@
 """Shape suites: layer counts, cross-checked against independent nn.Module builds traced by model_specs
 (on the meta device), and a compile-validity sample of each suite's default variants."""
+
 import pytest
 import torch
 from torch import nn
 
-from kernels import generator
-from kernels.spec import BlockSpec, Epilogue, SpecError
-from kernels.validate import compile_check
-from schedules import cost, space
-from schedules.device import DeviceLimits
-from schedules.suites import SUITES, layers, model_specs, suite
+from tunerd.kernels import generator
+from tunerd.kernels.spec import BlockSpec, Epilogue, SpecError
+from tunerd.kernels.validate import compile_check
+from tunerd.schedules import cost, space
+from tunerd.schedules.device import DeviceLimits
+from tunerd.schedules.suites import SUITES, layers, model_specs, suite
 
-UNIQUE = {"resnet50": 23, "resnext50_32x4d": 24, "mobilenetv2": 30, "convnext_t": 16, "replknet31b": 26,
-          "inceptionnext_t": 24, "mamba_short_conv": 20, "video_2plus1d": 25, "quick": 6}
+UNIQUE = {
+    "resnet50": 23,
+    "resnext50_32x4d": 24,
+    "mobilenetv2": 30,
+    "convnext_t": 16,
+    "replknet31b": 26,
+    "inceptionnext_t": 24,
+    "mamba_short_conv": 20,
+    "video_2plus1d": 25,
+    "quick": 6,
+}
 LAYERS = {"resnet50": 53, "resnext50_32x4d": 53, "mobilenetv2": 52, "convnext_t": 58}
 
 
@@ -55,8 +65,15 @@ class InvertedResidual(nn.Module):
 
 def mobilenet_v2():
     mods, cin = [nn.Conv2d(3, 32, 3, 2, 1)], 32
-    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                       (6, 320, 1, 1)):
+    for t, c, n, s in (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ):
         for i in range(n):
             mods.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
             cin = c
@@ -64,8 +81,10 @@ def mobilenet_v2():
 
 
 def conv2plus1d(cin, out, mid, stride=1):
-    return nn.Sequential(nn.Conv3d(cin, mid, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
-                         nn.Conv3d(mid, out, (3, 1, 1), (stride, 1, 1), (1, 0, 0), bias=False))
+    return nn.Sequential(
+        nn.Conv3d(cin, mid, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
+        nn.Conv3d(mid, out, (3, 1, 1), (stride, 1, 1), (1, 0, 0), bias=False),
+    )
 
 
 class BasicBlock3d(nn.Module):
@@ -80,8 +99,13 @@ class BasicBlock3d(nn.Module):
 
 
 def r2plus1d_18():
-    mods, cin = [nn.Conv3d(3, 45, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False),
-                 nn.Conv3d(45, 64, (3, 1, 1), 1, (1, 0, 0), bias=False)], 64
+    mods, cin = (
+        [
+            nn.Conv3d(3, 45, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False),
+            nn.Conv3d(45, 64, (3, 1, 1), 1, (1, 0, 0), bias=False),
+        ],
+        64,
+    )
     for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
         mods += [BasicBlock3d(cin, planes, stride), BasicBlock3d(planes, planes, 1)]
         cin = planes
@@ -95,12 +119,15 @@ def traced(build, shape, dtype=torch.bfloat16):
     return model_specs(model, x)
 
 
-@pytest.mark.parametrize("name,build,shape", [
-    ("resnet50", resnet, (32, 3, 224, 224)),
-    ("resnext50_32x4d", lambda: resnet(groups=32, base_width=4), (32, 3, 224, 224)),
-    ("mobilenetv2", mobilenet_v2, (32, 3, 224, 224)),
-    ("video_2plus1d", r2plus1d_18, (8, 3, 16, 112, 112)),
-])
+@pytest.mark.parametrize(
+    "name,build,shape",
+    [
+        ("resnet50", resnet, (32, 3, 224, 224)),
+        ("resnext50_32x4d", lambda: resnet(groups=32, base_width=4), (32, 3, 224, 224)),
+        ("mobilenetv2", mobilenet_v2, (32, 3, 224, 224)),
+        ("video_2plus1d", r2plus1d_18, (8, 3, 16, 112, 112)),
+    ],
+)
 def test_suites_match_traced_reference_models(name, build, shape):
     assert suite(name) == traced(build, shape)
 
@@ -137,8 +164,12 @@ def test_suite_parameters():
 
 
 def test_model_specs_handles_dims_dtypes_and_bad_layers():
-    model = nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.Conv1d(8, 16, 4, stride=2, padding="valid"))
+    model = nn.Sequential(
+        nn.Conv1d(8, 8, 3, padding=1),
+        nn.Conv1d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(8, 16, 4, stride=2, padding="valid"),
+    )
     specs = model_specs(model, torch.randn(2, 8, 20))
     assert len(specs) == 2 and specs[0].ndim == 1 and specs[0].dtype == "float32" and specs[1].out_size == (9,)
     bad = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 4, 1))
@@ -165,5 +196,5 @@ def test_suite_default_variants_and_space_extremes_compile_for_sm90():
     results = compile_check(picked, arch=90)
     bad = [(v.spec.describe(), v.schedule.describe(), r["error"]) for v, r in zip(picked, results) if not r["ok"]]
     assert not bad, bad
-    for (spec, s), r in zip(extremes, results[-len(extremes):]):
+    for (spec, s), r in zip(extremes, results[-len(extremes) :]):
         assert r["shared"] <= cost.smem_bytes(spec, s) <= h100.smem_per_block

@@ -5,9 +5,12 @@ lookup has one deadline covering all retries, and after a failure the client sto
 server for a cool-down period (doubling while it stays down), answering from its disk cache, the
 local store (when one exists) or the default schedule instead.
 
-`install(client)` makes every tunerd convolution ask the server once per (device, spec) and then
-launch exactly the Triton source the server returned.
+`install(client)` makes every tunerd convolution ask the server once per (device, spec). An answer
+is a claim: the client re-renders its (spec, schedule) with its own generator and launches only that
+rendering (kernels.trust), so a server, a disk cache or a local store can choose a schedule but can
+never make this process run code it did not render.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,24 +19,26 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import httpx
 
-from db.errors import StoreError
-from db.fingerprint import DeviceFingerprint
-from db.fingerprint import current as current_device
-from kernels import conv as _conv
-from kernels import generator
-from kernels.runtime import atomic_write_text, cache_dir as kernel_cache_dir
-from kernels.schedule import Schedule, ScheduleError
-from kernels.spec import BlockSpec, SpecError
+from tunerd.db.errors import StoreError
+from tunerd.db.fingerprint import DeviceFingerprint
+from tunerd.db.fingerprint import current as current_device
+from tunerd.kernels import conv as _conv
+from tunerd.kernels import generator, trust
+from tunerd.kernels.runtime import atomic_write_text
+from tunerd.kernels.runtime import cache_dir as kernel_cache_dir
+from tunerd.kernels.schedule import Schedule, ScheduleError
+from tunerd.kernels.spec import BlockSpec, SpecError
 
 log = logging.getLogger("tunerd.client")
 
-DeviceArg = Union[DeviceFingerprint, str, None]
+DeviceArg = DeviceFingerprint | str | None
 _RETRY_STATUS = (502, 503, 504)
 _CACHE_VERSION = 1
 
@@ -59,7 +64,8 @@ class ServerUnavailable(ClientError):
 
 
 class BadAnswer(Exception):
-    """A server answer that does not match the question (wrong spec, altered source): never launched."""
+    """An answer that does not match the question (wrong spec, a source this client would not render): never
+    launched."""
 
 
 @dataclass(frozen=True)
@@ -84,22 +90,31 @@ class Answer:
     provenance: dict = field(default_factory=dict)
 
     def variant(self) -> generator.Variant | None:
-        """The exact kernel to launch (None for a miss): built from the returned source, never regenerated."""
+        """The kernel to launch (None for a miss): this process's rendering of (spec, schedule), which the
+        answer's source must equal (raises kernels.trust.UntrustedSource otherwise)."""
         if not self.hit:
             return None
-        return generator.from_source(self.spec, self.schedule, self.source)
+        return trust.verify(self.spec, self.schedule, self.source, variant_id=self.variant_id)
 
     def to_json(self) -> dict[str, Any]:
-        return {"hit": self.hit, "spec": self.spec.to_dict(),
-                "schedule": None if self.schedule is None else self.schedule.to_dict(), "source": self.source,
-                "variant_id": self.variant_id, "launch": self.launch,
-                "timings": {"median_ms": self.median_ms}, "numerics": {"max_error": self.max_error},
-                "speedup_vs_default": self.speedup_vs_default, "fraction_of_roofline": self.fraction_of_roofline,
-                "provenance": self.provenance}
+        return {
+            "hit": self.hit,
+            "spec": self.spec.to_dict(),
+            "schedule": None if self.schedule is None else self.schedule.to_dict(),
+            "source": self.source,
+            "variant_id": self.variant_id,
+            "launch": self.launch,
+            "timings": {"median_ms": self.median_ms},
+            "numerics": {"max_error": self.max_error},
+            "speedup_vs_default": self.speedup_vs_default,
+            "fraction_of_roofline": self.fraction_of_roofline,
+            "provenance": self.provenance,
+        }
 
 
 def _parse_answer(data: Any, expected: BlockSpec, origin: str) -> Answer:
-    """A lookup result -> Answer, verified: same spec, source hashing to its variant id, same launch."""
+    """A lookup result -> Answer, verified: same spec, and a source byte-identical to this client's rendering
+    of (spec, schedule) (kernels.trust.verify; another generator version's answer is re-rendered here)."""
     if not isinstance(data, dict) or not isinstance(data.get("hit"), bool):
         raise BadAnswer(f"malformed lookup result: {str(data)[:200]}")
     try:
@@ -113,24 +128,43 @@ def _parse_answer(data: Any, expected: BlockSpec, origin: str) -> Answer:
     source, vid = data.get("source"), data.get("variant_id")
     if not isinstance(source, str) or not isinstance(vid, str):
         raise BadAnswer("a hit without source or variant_id")
-    if generator.source_id(source) != vid:
-        raise BadAnswer(f"the source does not hash to variant {vid}: it was altered in transit or storage")
     try:
-        schedule = Schedule.from_dict(data.get("schedule"))
-        variant = generator.from_source(expected, schedule, source)
-    except (ScheduleError, SpecError) as e:
-        raise BadAnswer(f"the answer's schedule does not fit its spec: {e}") from None
-    launch = data.get("launch") or {}
-    mine = {"kernel_name": variant.kernel_name, "grid": list(variant.grid), "num_warps": variant.num_warps,
-            "num_stages": variant.num_stages}
-    if {k: launch.get(k) for k in mine} != mine:
-        raise BadAnswer(f"the answer's launch metadata {launch} differs from this client's {mine} "
-                        f"(different tunerd versions?)")
+        variant = trust.verify(expected, Schedule.from_dict(data.get("schedule")), source, variant_id=vid)
+    except (ScheduleError, trust.UntrustedSource) as e:
+        raise BadAnswer(str(e)) from None
+    mine = {
+        "kernel_name": variant.kernel_name,
+        "grid": list(variant.grid),
+        "num_warps": variant.num_warps,
+        "num_stages": variant.num_stages,
+    }
+    if variant.source == source:  # same generator: its launch metadata must be this client's too
+        launch = data.get("launch") or {}
+        if {k: launch.get(k) for k in mine} != mine:
+            raise BadAnswer(
+                f"the answer's launch metadata {launch} differs from this client's {mine} (different tunerd versions?)"
+            )
+    else:
+        log.info(
+            "re-rendered %s from the schedule of an answer made by generator %s",
+            expected.describe(),
+            trust.claimed_generator(source),
+        )
     timings, numerics = data.get("timings") or {}, data.get("numerics") or {}
-    return Answer(spec=expected, hit=True, origin=origin, schedule=schedule, source=source, variant_id=vid,
-                  launch=mine, median_ms=timings.get("median_ms"), max_error=numerics.get("max_error"),
-                  speedup_vs_default=data.get("speedup_vs_default"),
-                  fraction_of_roofline=data.get("fraction_of_roofline"), provenance=data.get("provenance") or {})
+    return Answer(
+        spec=expected,
+        hit=True,
+        origin=origin,
+        schedule=variant.schedule,
+        source=variant.source,
+        variant_id=variant.id,
+        launch=mine,
+        median_ms=timings.get("median_ms"),
+        max_error=numerics.get("max_error"),
+        speedup_vs_default=data.get("speedup_vs_default"),
+        fraction_of_roofline=data.get("fraction_of_roofline"),
+        provenance=data.get("provenance") or {},
+    )
 
 
 class AnswerCache:
@@ -184,10 +218,21 @@ def default_cache_dir() -> Path:
 class Client:
     """Talks to a tunerd daemon. Lookups never raise for an unreachable server: they fall back."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 2.0, retries: int = 2,
-                 cache_dir: str | Path | None = None, *, admin_timeout: float = 60.0, backoff_s: float = 0.05,
-                 cooldown_s: float = 5.0, max_cooldown_s: float = 300.0, local_store: Any = "auto",
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 2.0,
+        retries: int = 2,
+        cache_dir: str | Path | None = None,
+        *,
+        admin_timeout: float = 60.0,
+        backoff_s: float = 0.05,
+        cooldown_s: float = 5.0,
+        max_cooldown_s: float = 300.0,
+        local_store: Any = "auto",
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"server url must start with http:// or https://, got {url!r}")
         if timeout <= 0 or retries < 0:
@@ -203,8 +248,12 @@ class Client:
         headers = {"User-Agent": "tunerd-client"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
-                                  limits=httpx.Limits(max_connections=8, max_keepalive_connections=4))
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            transport=transport,
+            limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
+        )
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._failures = 0
@@ -217,7 +266,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -243,8 +292,9 @@ class Client:
             self.last_error = error
         log.warning("tunerd server %s unavailable (%s); not asking again for %.0f s", self.url, error, wait)
 
-    def request(self, method: str, path: str, *, timeout: float | None = None, idempotent: bool = True,
-                **kw: Any) -> httpx.Response:
+    def request(
+        self, method: str, path: str, *, timeout: float | None = None, idempotent: bool = True, **kw: Any
+    ) -> httpx.Response:
         """One call with a single deadline over all retries; raises ServerUnavailable or ClientError.
 
         Retries connection failures and 502/503/504 with exponential backoff and jitter; requests
@@ -270,7 +320,7 @@ class Client:
                 if not idempotent and r.status_code != 503:
                     break
             if attempt < self.retries:
-                pause = self.backoff_s * 2 ** attempt * (0.5 + random.random())
+                pause = self.backoff_s * 2**attempt * (0.5 + random.random())
                 time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
         raise ServerUnavailable(f"{method} {path} to {self.url} failed: {last}")
 
@@ -279,13 +329,13 @@ class Client:
         r = self.request(method, path, **kw)
         if r.status_code not in ok:
             body = _body(r)
-            raise ClientError(r.status_code, body.get("detail", r.text[:500]) if isinstance(body, dict) else body,
-                              body)
+            raise ClientError(r.status_code, body.get("detail", r.text[:500]) if isinstance(body, dict) else body, body)
         return r
 
     # ---- lookups ------------------------------------------------------------------------------------
-    def lookup(self, specs: BlockSpec | Sequence[BlockSpec], device: DeviceArg = None,
-               snapshot: str | None = None) -> list[Answer]:
+    def lookup(
+        self, specs: BlockSpec | Sequence[BlockSpec], device: DeviceArg = None, snapshot: str | None = None
+    ) -> list[Answer]:
         """One answer per spec, in order. Never raises for an unreachable server; returns within
         about `timeout` seconds (immediately while cooling down after a failure)."""
         specs = [specs] if isinstance(specs, BlockSpec) else list(specs)
@@ -304,8 +354,9 @@ class Client:
             answers.update(self._ask_server(specs, todo, fp, snapshot))
         return [answers[i] if i in answers else self._fallback(specs[i], fp, snapshot) for i in range(len(specs))]
 
-    def _ask_server(self, specs: list[BlockSpec], todo: list[int], fp: DeviceFingerprint,
-                    snapshot: str | None) -> dict[int, Answer]:
+    def _ask_server(
+        self, specs: list[BlockSpec], todo: list[int], fp: DeviceFingerprint, snapshot: str | None
+    ) -> dict[int, Answer]:
         """Answers the server gave for specs[todo] (hits, and misses it confirmed); {} when it could not."""
         if not self.available or self._unknown_devices.get(fp.key, 0) > time.monotonic():
             return {}
@@ -320,8 +371,11 @@ class Client:
             with self._lock:
                 self._unknown_devices[fp.key] = time.monotonic() + self.max_cooldown_s
             hint = _body(r)
-            log.warning("tunerd server %s has no kernels for this device: %s", self.url,
-                        hint.get("hint") if isinstance(hint, dict) else hint)
+            log.warning(
+                "tunerd server %s has no kernels for this device: %s",
+                self.url,
+                hint.get("hint") if isinstance(hint, dict) else hint,
+            )
             return {}
         if r.status_code != 200:
             self.last_error = f"lookup: HTTP {r.status_code}: {_detail(r)}"
@@ -362,12 +416,36 @@ class Client:
             except StoreError as e:
                 log.warning("local store lookup failed: %s", e)
                 row = None
-            if row is not None:
-                return Answer(spec=spec, hit=True, origin="local-store", schedule=row.schedule, source=row.source,
-                              variant_id=row.variant_id, median_ms=row.median_ms, max_error=row.max_error,
-                              speedup_vs_default=row.speedup_vs_default,
-                              fraction_of_roofline=row.fraction_of_roofline,
-                              provenance={"device": row.device.describe(), "origin": row.origin})
+            try:
+                v = (
+                    None
+                    if row is None
+                    else trust.verify(
+                        spec,
+                        row.schedule,
+                        row.source,
+                        variant_id=row.variant_id,
+                        generator_version=row.device.generator_version,
+                    )
+                )
+            except trust.UntrustedSource as e:
+                self.last_error = f"rejected the local store's winner for {spec.describe()}: {e}"
+                log.error(self.last_error)
+                v = None
+            if v is not None:
+                return Answer(
+                    spec=spec,
+                    hit=True,
+                    origin="local-store",
+                    schedule=v.schedule,
+                    source=v.source,
+                    variant_id=v.id,
+                    median_ms=row.median_ms,
+                    max_error=row.max_error,
+                    speedup_vs_default=row.speedup_vs_default,
+                    fraction_of_roofline=row.fraction_of_roofline,
+                    provenance={"device": row.device.describe(), "origin": row.origin, "claimed": row.claimed},
+                )
         return Answer(spec=spec, hit=False, origin="default")
 
     def _local_store(self) -> Any:
@@ -382,8 +460,8 @@ class Client:
                 store = arg
             elif arg == "auto":
                 try:
-                    from db.engine import default_url, parse_url
-                    from db.store import Store
+                    from tunerd.db.engine import default_url, parse_url
+                    from tunerd.db.store import Store
 
                     url = parse_url(default_url())
                     if url.get_backend_name() != "sqlite" or (url.database and Path(url.database).exists()):
@@ -394,12 +472,18 @@ class Client:
             return store
 
     # ---- jobs, snapshots, bundles, reads --------------------------------------------------------
-    def submit_job(self, specs: Sequence[BlockSpec] | None = None, suite: str | None = None, *,
-                   strategy: str = "halving", budget_trials: int | None = None,
-                   budget_seconds: float | None = None, device: DeviceArg = None) -> dict:
+    def submit_job(
+        self,
+        specs: Sequence[BlockSpec] | None = None,
+        suite: str | None = None,
+        *,
+        strategy: str = "halving",
+        budget_trials: int | None = None,
+        budget_seconds: float | None = None,
+        device: DeviceArg = None,
+    ) -> dict:
         """Queue a tuning job (exactly one of specs or suite); returns the job as the server shows it."""
-        body: dict[str, Any] = {"strategy": strategy, "budget_trials": budget_trials,
-                                "budget_seconds": budget_seconds}
+        body: dict[str, Any] = {"strategy": strategy, "budget_trials": budget_trials, "budget_seconds": budget_seconds}
         if specs is not None:
             body["specs"] = [s.to_dict() for s in specs]
         if suite is not None:
@@ -451,8 +535,13 @@ class Client:
         """Send a bundle (bytes of `tunerd export`); returns the server's import report."""
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"bundle data must be bytes, got {type(data).__name__}")
-        return self._call("POST", "/v1/bundle", content=bytes(data), idempotent=False,
-                          headers={"Content-Type": "application/octet-stream"}).json()
+        return self._call(
+            "POST",
+            "/v1/bundle",
+            content=bytes(data),
+            idempotent=False,
+            headers={"Content-Type": "application/octet-stream"},
+        ).json()
 
     def devices(self) -> list[dict]:
         return self._call("GET", "/v1/devices").json()["devices"]
@@ -553,5 +642,5 @@ def install(client: Client, snapshot: str | None = None, *, miss_ttl_s: float = 
     return hook
 
 
-def installed() -> Optional[RemoteLookup]:
+def installed() -> RemoteLookup | None:
     return _installed.get("lookup")

@@ -1,4 +1,5 @@
 """The daemon's dashboard page: devices, winners, jobs with progress, the miss queue."""
+
 from __future__ import annotations
 
 import threading
@@ -7,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from db.errors import StoreError
-from db.fingerprint import DeviceFingerprint
+from tunerd.db.errors import StoreError
+from tunerd.db.fingerprint import DeviceFingerprint
 
 if TYPE_CHECKING:
-    from .service import Service
+    from .api.state import Service
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -30,17 +31,31 @@ def _templates() -> jinja2.Environment:
     global _env
     with _env_lock:
         if _env is None:
-            _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-                                      autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True,
-                                      lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+            _env = jinja2.Environment(
+                loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                autoescape=jinja2.select_autoescape(["html"]),
+                trim_blocks=True,
+                lstrip_blocks=True,
+                undefined=jinja2.StrictUndefined,
+            )
         return _env
 
 
 def render_dashboard(svc: Service) -> tuple[str, int]:
     """The dashboard page and its status (503 with a banner when the database is down)."""
-    ctx: dict[str, Any] = {"version": version(), "this_device": svc.device, "worker": None, "error": None,
-                           "devices": [], "winners": [], "jobs": [], "misses": [], "snapshots": [],
-                           "queue_depth": None, "trials": {}}
+    ctx: dict[str, Any] = {
+        "version": version(),
+        "this_device": svc.device,
+        "worker": None,
+        "error": None,
+        "devices": [],
+        "winners": [],
+        "jobs": [],
+        "misses": [],
+        "snapshots": [],
+        "queue_depth": None,
+        "trials": {},
+    }
     if svc.worker is not None:
         ctx["worker"] = svc.worker.status()
     status = 200
@@ -56,8 +71,9 @@ def render_dashboard(svc: Service) -> tuple[str, int]:
         ctx["error"] = f"{type(e).__name__}: {e}"
         status = 503
     digests = {d.key: d.fingerprint for d in ctx["devices"]}
-    ctx["describe_device"] = lambda key: digests[key].describe() if key in digests else \
-        DeviceFingerprint.from_key(key).describe()
+    ctx["describe_device"] = lambda key: (
+        digests[key].describe() if key in digests else DeviceFingerprint.from_key(key).describe()
+    )
     ctx["progress_of"] = _progress_fraction
     return _templates().get_template("dashboard.html").render(**ctx), status
 

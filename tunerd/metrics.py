@@ -1,30 +1,36 @@
 """Prometheus metrics of the daemon: requests, latency, lookups, and store/worker gauges read at scrape time."""
+
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from db.errors import StoreError
+from tunerd.db.errors import StoreError
 
 if TYPE_CHECKING:
-    from .service import Service
+    from .api.state import Service
 
 
 class Metrics:
     """Per-app Prometheus registry: request counts and latency, lookup hits/misses, store gauges."""
 
-    def __init__(self, service: "Service") -> None:
+    def __init__(self, service: Service) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("tunerd_http_requests", "HTTP requests served", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("tunerd_http_request_duration_seconds", "HTTP request latency", ["route"],
-                                 buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10),
-                                 registry=self.registry)
-        self.lookups = Counter("tunerd_lookup_specs", "specs looked up, by result", ["result"],
-                               registry=self.registry)
+        self.requests = Counter(
+            "tunerd_http_requests", "HTTP requests served", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "tunerd_http_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=self.registry,
+        )
+        self.lookups = Counter("tunerd_lookup_specs", "specs looked up, by result", ["result"], registry=self.registry)
         self.registry.register(_StoreCollector(service))
 
 
@@ -59,7 +65,7 @@ class MetricsMiddleware:
 class _StoreCollector:
     """Queue depth, trials by status and the worker's counters, read at scrape time."""
 
-    def __init__(self, service: "Service") -> None:
+    def __init__(self, service: Service) -> None:
         self.service = service
 
     def collect(self):
@@ -81,8 +87,9 @@ class _StoreCollector:
         worker = self.service.worker
         if worker is not None:
             st = worker.status()
-            yield GaugeMetricFamily("tunerd_worker_busy", "1 while the worker runs a job",
-                                    value=0 if st["current_job"] is None else 1)
+            yield GaugeMetricFamily(
+                "tunerd_worker_busy", "1 while the worker runs a job", value=0 if st["current_job"] is None else 1
+            )
             g = GaugeMetricFamily("tunerd_worker_jobs", "jobs this daemon's worker finished", labels=["outcome"])
             g.add_metric(["done"], st["jobs_done"])
             g.add_metric(["failed"], st["jobs_failed"])

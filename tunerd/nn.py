@@ -8,13 +8,14 @@ BatchNorm (and activation) that follows it, in three modes:
 - tune:  BN folded into the weights on every step (Efficient ConvBN "Tune mode"): gradients flow
          through the fold to W, gamma and beta; running statistics stay frozen.
 - train: batch statistics with torch's BatchNorm semantics (momentum or cumulative averages,
-         unbiased running variance, num_batches_tracked). The per-channel sum and sum of squares
-         come from the conv kernel's own epilogue, so the statistics need no second read of its
-         output; normalisation and activation are then one elementwise pass.
+         unbiased running variance, num_batches_tracked). The per-channel mean and variance come
+         from the conv kernel's own epilogue (per-tile moments, merged stably), so the statistics
+         need no second read of its output; normalisation and activation are then elementwise.
 
 Fused modules keep the BN module where it was (now a pass-through), so state_dict keys and
 optimizer parameter lists do not change when a model is patched.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels import prologue
-from kernels.autograd import conv as _conv
-from kernels.epilogue import activation_torch
+from tunerd.kernels import prologue
+from tunerd.kernels.autograd import conv as _conv
+from tunerd.kernels.epilogue import activation_torch
 
 BN_MODES = ("train", "tune", "eval")
 
@@ -33,8 +34,9 @@ def activation_name(m: nn.Module) -> str | None:
     """The epilogue's name for a torch activation module it can absorb, else None."""
     if type(m) is nn.GELU:
         return "gelu_tanh" if m.approximate == "tanh" else "gelu"
-    return {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-            nn.Sigmoid: "sigmoid"}.get(type(m))
+    return {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid"}.get(
+        type(m)
+    )
 
 
 class _TunerdConv:
@@ -43,14 +45,14 @@ class _TunerdConv:
     _ndim: int
     activation: str | None = None
 
-    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      **epilogue: Any) -> torch.Tensor:
+    def _conv_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **epilogue: Any
+    ) -> torch.Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return _conv(input, weight, bias, self.stride, padding, self.dilation, self.groups, ndim=self._ndim,
-                     **epilogue)
+        return _conv(input, weight, bias, self.stride, padding, self.dilation, self.groups, ndim=self._ndim, **epilogue)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, self.weight, self.bias, activation=self.activation)
@@ -97,34 +99,41 @@ class _FusedConvBN(_TunerdConv):
         bn = self.__dict__["_tunerd_bn"]
         training = bn.training and self.bn_mode != "eval"
         if training and self.bn_mode == "tune":
-            w, b = prologue.fold_bn(self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                    bn.eps)
+            w, b = prologue.fold_bn(self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
             return self._conv_forward(input, w, b, activation=self.activation)
         if training or not bn.track_running_stats:
             return self._batch_statistics(input, bn)
         scale, shift = prologue.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-        return self._conv_forward(input, self.weight, self.bias, scale=scale, shift=shift,
-                                  activation=self.activation)
-
+        return self._conv_forward(input, self.weight, self.bias, scale=scale, shift=shift, activation=self.activation)
 
     def _batch_statistics(self, input: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
-        z, total, total_sq = self._conv_forward(input, self.weight, None, stats=True)
+        """torch's BatchNorm with batch statistics; the mean and variance come from the conv kernel itself."""
+        z, mean, var = self._conv_forward(input, self.weight, None, stats=True)
         count = z.numel() // z.shape[1]
-        mean = total / count
-        var = (total_sq / count - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises with
-        if bn.training and bn.track_running_stats:
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            with torch.no_grad():
-                batch_mean = mean if self.bias is None else mean + self.bias.float()
-                bn.running_mean.lerp_(batch_mean.to(bn.running_mean.dtype), factor)
-                bn.running_var.lerp_((var * count / max(count - 1, 1)).to(bn.running_var.dtype), factor)
-        inv = torch.rsqrt(var + bn.eps)
-        scale = inv if bn.weight is None else inv * bn.weight.float()
-        shift = -mean * scale if bn.bias is None else bn.bias.float() - mean * scale
+        if count == 1:  # after counting the batch, as torch does
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.size()}")
+        if bn.training and bn.track_running_stats:
+            with torch.no_grad():  # torch's update, in float64 as its CPU kernel does
+                batch_mean = mean.double() if self.bias is None else mean.double() + self.bias.double()
+                unbiased = var.double() * (count / (count - 1))
+                bn.running_mean.copy_(factor * batch_mean + (1.0 - factor) * bn.running_mean.double())
+                bn.running_var.copy_(factor * unbiased + (1.0 - factor) * bn.running_var.double())
+        if self.bias is not None:  # BN removes a conv bias: its gradient is zero (a tensor, as torch gives)
+            mean = mean + self.bias.float() * 0.0
         shape = (1, -1) + (1,) * (z.dim() - 2)
-        y = (z.float() * scale.reshape(shape) + shift.reshape(shape)).to(z.dtype)
-        return activation_torch(self.activation, y)
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.float()
+        centred = z.float() - mean.reshape(shape)  # never E[z^2] - E[z]^2: no cancellation for large means
+        if bn.bias is None:
+            y = centred * scale.reshape(shape)
+        else:
+            y = torch.addcmul(bn.bias.float().reshape(shape), centred, scale.reshape(shape))
+        return activation_torch(self.activation, y.to(z.dtype))
 
 
 class FusedConvBN1d(_FusedConvBN, nn.Conv1d):
@@ -185,15 +194,31 @@ class ConvBNAct(nn.Module):
     always the running statistics, fused as the kernel's scale/shift epilogue.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
-                 dilation: Any = 1, groups: int = 1, bias: bool = False, *, ndim: int = 2,
-                 activation: str | None = "relu", bn_mode: str = "train", eps: float = 1e-5,
-                 momentum: float | None = 0.1, device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = False,
+        *,
+        ndim: int = 2,
+        activation: str | None = "relu",
+        bn_mode: str = "train",
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__()
         conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ndim]
         bn_cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[ndim]
-        self.conv = conv_cls(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                             device=device, dtype=dtype)
+        self.conv = conv_cls(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device=device, dtype=dtype
+        )
         self.bn = bn_cls(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
         fuse_conv_bn(self.conv, self.bn, None, bn_mode)
         self.conv.activation = activation

@@ -1,10 +1,12 @@
 """tunerd.patch(model, server=...): patch a model and take its kernels from a tunerd daemon.
 
-The model's convolutions are swapped as by tunerd.patch, and every one of them then launches
-the exact Triton source the server tuned for this device (or the default schedule where the
-server has none, is unreachable, or answers wrongly). Given an example input, all of the
-model's specs are fetched in one batch request before the first training step.
+The model's convolutions are swapped as by tunerd.patch, and every one of them then runs the
+schedule the server tuned for this device, rendered by this process (the server's source must be
+byte-identical to that rendering: kernels.trust), or the default schedule where the server has
+none, is unreachable, or answers anything else. Given an example input, all of the model's specs
+are fetched in one batch request before the first training step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.spec import BlockSpec
+from tunerd.kernels.spec import BlockSpec
 
 from .client import Client, RemoteLookup, install
-from .patch import PatchReport, patch
+from .patching import PatchReport, patch
 
 
 @dataclass
@@ -81,8 +83,14 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def patch_remote(model: nn.Module, server: str | Client, snapshot: str | None = None, token: str | None = None,
-                 example_input: Any = None, **patch_options: Any) -> RemotePatchReport:
+def patch_remote(
+    model: nn.Module,
+    server: str | Client,
+    snapshot: str | None = None,
+    token: str | None = None,
+    example_input: Any = None,
+    **patch_options: Any,
+) -> RemotePatchReport:
     """Patch model in place (see tunerd.patch) and serve its kernels from the tunerd daemon at server.
 
     server: a URL or a Client. example_input: a tensor (or tuple of forward arguments) of the real
@@ -91,8 +99,9 @@ def patch_remote(model: nn.Module, server: str | Client, snapshot: str | None = 
     client = server if isinstance(server, Client) else Client(server, token=token)
     hook = install(client, snapshot=snapshot)
     base = patch(model, **patch_options)
-    report = RemotePatchReport(swapped=base.swapped, fused=base.fused, left=base.left, server=client.url,
-                               snapshot=snapshot, lookup=hook)
+    report = RemotePatchReport(
+        swapped=base.swapped, fused=base.fused, left=base.left, server=client.url, snapshot=snapshot, lookup=hook
+    )
     if example_input is not None:
         by_device: dict[str, list[BlockSpec]] = {}
         for spec, device in model_specs(model, example_input, hook):

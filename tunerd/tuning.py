@@ -1,23 +1,29 @@
 """Tuning against the store: resume from what is measured, record trials as they complete,
-keep winner statistics, run queued jobs, and answer conv calls from the local store."""
+keep winner statistics, run queued jobs (tuning, and verifying imported claims), and answer conv
+calls from the local store."""
+
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from db.fingerprint import DeviceFingerprint, current
-from db.rows import TrialRow
-from db.store import Store
-from kernels import generator
-from kernels.conv import set_schedule_lookup
-from kernels.spec import BlockSpec, SpecError
-from schedules import suites
-from schedules.trial import Trial
-from schedules.tuner import Progress, TuneResult, tune
+from tunerd.db.fingerprint import DeviceFingerprint, current
+from tunerd.db.rows import TrialRow
+from tunerd.db.store import Store
+from tunerd.kernels import trust
+from tunerd.kernels.conv import set_schedule_lookup
+from tunerd.kernels.spec import BlockSpec, SpecError
+from tunerd.schedules import suites
+from tunerd.schedules.trial import Trial
+from tunerd.schedules.tuner import Progress, TuneResult, tune
 
-DEFAULT_STRATEGY = "halving"
+DEFAULT_STRATEGY = "model"  # ranked best by the replay benchmark (python -m tunerd.schedules.replay), needs no optuna
+VERIFY = "verify"  # the strategy of a job that re-measures imported claims (see run_job)
+log = logging.getLogger("tunerd.tuning")
 
 
 def _known(store: Store, device: DeviceFingerprint, spec: BlockSpec) -> dict[str, Trial]:
@@ -26,16 +32,36 @@ def _known(store: Store, device: DeviceFingerprint, spec: BlockSpec) -> dict[str
     rows: dict[str, TrialRow] = store.measured(device, spec)
     for vid, row in rows.items():
         v = store.variant(vid)
-        out[vid] = Trial(schedule=row.schedule, variant_id=vid, source=v.source if v else "", status=row.status,
-                         median_ms=row.median_ms, reps=row.reps, max_error=row.max_error, error=row.error,
-                         device=device.name)
+        out[vid] = Trial(
+            schedule=row.schedule,
+            variant_id=vid,
+            source=v.source if v else "",
+            status=row.status,
+            median_ms=row.median_ms,
+            reps=row.reps,
+            max_error=row.max_error,
+            error=row.error,
+            device=device.name,
+        )
     return out
 
 
-def tune_spec(store: Store, device: DeviceFingerprint, spec: BlockSpec, *, strategy: str = DEFAULT_STRATEGY,
-              budget_trials: int | None = None, budget_seconds: float | None = None, job_id: int | None = None,
-              seed: int = 0, on_progress: Callable[[Progress], None] | None = None, **tune_options: Any) -> TuneResult:
-    """Tune one spec on this process's device, writing every trial to the store as it completes.
+def tune_spec(
+    store: Store,
+    device: DeviceFingerprint,
+    spec: BlockSpec,
+    *,
+    strategy: str = DEFAULT_STRATEGY,
+    budget_trials: int | None = None,
+    budget_seconds: float | None = None,
+    job_id: int | None = None,
+    seed: int = 0,
+    on_progress: Callable[[Progress], None] | None = None,
+    label: str | None = None,
+    **tune_options: Any,
+) -> TuneResult:
+    """Tune one spec on this process's device, writing every trial to the store as it completes (with
+    strategy label, default the strategy's name).
 
     A run killed halfway resumes: trials already stored count toward the budget and are not measured again.
     """
@@ -46,15 +72,36 @@ def tune_spec(store: Store, device: DeviceFingerprint, spec: BlockSpec, *, strat
     def record(t: Trial) -> None:
         if not t.source:  # a schedule rejected before rendering has no variant to store
             return
-        store.record_trial(device, spec, t.schedule, t.source, status=t.status, median_ms=t.median_ms,
-                           spread_ms=t.spread_ms, reps=t.reps, max_error=t.max_error, error=t.error,
-                           strategy=strategy, job_id=job_id)
+        store.record_trial(
+            device,
+            spec,
+            t.schedule,
+            t.source,
+            status=t.status,
+            median_ms=t.median_ms,
+            spread_ms=t.spread_ms,
+            reps=t.reps,
+            max_error=t.max_error,
+            error=t.error,
+            strategy=label or strategy,
+            job_id=job_id,
+        )
 
-    result = tune(spec, strategy=strategy, budget_trials=budget_trials, budget_seconds=budget_seconds, seed=seed,
-                  known=_known(store, device, spec), on_trial=record, on_progress=on_progress, **tune_options)
+    result = tune(
+        spec,
+        strategy=strategy,
+        budget_trials=budget_trials,
+        budget_seconds=budget_seconds,
+        seed=seed,
+        known=_known(store, device, spec),
+        on_trial=record,
+        on_progress=on_progress,
+        **tune_options,
+    )
     if result.best is not None and store.winner(device, spec) is not None:
-        store.set_winner_stats(device, spec, speedup_vs_default=result.speedup_vs_default,
-                               fraction_of_roofline=result.roofline_fraction)
+        store.set_winner_stats(
+            device, spec, speedup_vs_default=result.speedup_vs_default, fraction_of_roofline=result.roofline_fraction
+        )
     return result
 
 
@@ -68,25 +115,81 @@ def job_specs(specs: tuple[BlockSpec, ...] | list[BlockSpec] | None, suite: str 
     return list(dict.fromkeys(out))
 
 
-def run_job(store: Store, job: Any, device: DeviceFingerprint | None = None,
-            on_progress: Callable[[dict[str, Any]], None] | None = None, **tune_options: Any) -> dict[str, Any]:
-    """Tune every spec of a claimed job; returns the result summary stored with the job."""
+def claimed_specs(store: Store, device: DeviceFingerprint, limit: int = 16) -> list[BlockSpec]:
+    """Specs with imported timings on device that were never measured here (what a verify job takes)."""
+    return list(dict.fromkeys(c.spec for c in store.claims(device, limit=8 * limit)))[:limit]
+
+
+def run_job(
+    store: Store,
+    job: Any,
+    device: DeviceFingerprint | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    **tune_options: Any,
+) -> dict[str, Any]:
+    """Tune every spec of a claimed job; returns the result summary stored with the job.
+
+    A VERIFY job measures here, for each of its specs, every imported claim not measured yet plus the
+    default schedule: the local measurements then replace the claims in the winner table (a claim
+    slower than measured loses its place, a wrong one is disqualified on this device)."""
     device = device or current()
     specs = job_specs(job.specs, job.suite)
+    verify = job.strategy == VERIFY
     summary: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
-        def progress(p: Progress, i: int = i) -> None:
-            if on_progress is not None:
-                on_progress({"spec_index": i, "specs": len(specs), "spec": spec.describe(), "trials_done": p.done,
-                             "trials_total": p.total, "best_ms": p.best.median_ms if p.best else None,
-                             "eta_s": p.eta_s})
 
-        res = tune_spec(store, device, spec, strategy=job.strategy, budget_trials=job.budget_trials,
-                        budget_seconds=job.budget_seconds, job_id=job.id, on_progress=progress, **tune_options)
-        summary.append({"spec": spec.key, "describe": spec.describe(),
-                        "best_ms": res.best.median_ms if res.best else None,
-                        "default_ms": res.default_trial.median_ms, "speedup_vs_default": res.speedup_vs_default,
-                        "statuses": res.statuses, "measured": res.measured})
+        def progress(p: Progress, i: int = i, spec: BlockSpec = spec) -> None:
+            if on_progress is not None:
+                on_progress(
+                    {
+                        "spec_index": i,
+                        "specs": len(specs),
+                        "spec": spec.describe(),
+                        "trials_done": p.done,
+                        "trials_total": p.total,
+                        "best_ms": p.best.median_ms if p.best else None,
+                        "eta_s": p.eta_s,
+                    }
+                )
+
+        if verify:
+            claimed = [c.schedule for c in store.claims(device, spec, limit=1000)]
+            if not claimed:
+                continue  # measured meanwhile (or never claimed): nothing to verify
+            res = tune_spec(
+                store,
+                device,
+                spec,
+                strategy="exhaustive",
+                label=VERIFY,
+                candidates=claimed,
+                job_id=job.id,
+                on_progress=progress,
+                **tune_options,
+            )
+        else:
+            res = tune_spec(
+                store,
+                device,
+                spec,
+                strategy=job.strategy,
+                budget_trials=job.budget_trials,
+                budget_seconds=job.budget_seconds,
+                job_id=job.id,
+                on_progress=progress,
+                **tune_options,
+            )
+        summary.append(
+            {
+                "spec": spec.key,
+                "describe": spec.describe(),
+                "best_ms": res.best.median_ms if res.best else None,
+                "default_ms": res.default_trial.median_ms,
+                "speedup_vs_default": res.speedup_vs_default,
+                "statuses": res.statuses,
+                "measured": res.measured,
+            }
+        )
     return {"device": device.key, "specs": summary}
 
 
@@ -114,7 +217,18 @@ class StoreLookup:
             if key in self._cache:
                 return self._cache[key]
         row = self._open().winner(fp, spec)
-        answer = generator.from_source(spec, row.schedule, row.source) if row is not None else None
+        answer = None
+        if row is not None:
+            try:  # a store file is data from outside this process: only its (spec, schedule) is used
+                answer = trust.verify(
+                    spec,
+                    row.schedule,
+                    row.source,
+                    variant_id=row.variant_id,
+                    generator_version=row.device.generator_version,
+                )
+            except trust.UntrustedSource as e:
+                log.error("not using the local store's winner for %s: %s", spec.describe(), e)
         with self._lock:
             self._cache[key] = answer
         return answer

@@ -5,7 +5,11 @@ the store hands each job to exactly one worker (PostgreSQL: FOR UPDATE SKIP LOCK
 heartbeats while it tunes, and any worker requeues jobs whose holder stopped heartbeating. When
 the queue is empty the worker tunes the specs clients asked for most and nobody has tuned yet
 (the miss queue), for its own device only.
+
+A cancelled job (or one requeued away from this worker, or a daemon stopping) ends within seconds:
+the measurement that is running is killed (schedules.harness.guard), not left to finish.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,11 +20,12 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from db.errors import JobNotOwned, StoreError, StoreUnavailable
-from db.fingerprint import DeviceFingerprint
-from db.fingerprint import current as current_device
+from tunerd.db.errors import JobNotOwned, StoreError, StoreUnavailable
+from tunerd.db.fingerprint import DeviceFingerprint
+from tunerd.db.fingerprint import current as current_device
 
 log = logging.getLogger("tunerd.worker")
 
@@ -49,12 +54,27 @@ def _default_runner() -> JobRunner:
 class Worker:
     """Claims and runs tuning jobs in a background thread; `run_once` does one step synchronously."""
 
-    def __init__(self, store: Any, device: DeviceFingerprint | None = None, *, worker_id: str | None = None,
-                 run_job: JobRunner | None = None, poll_s: float = 1.0, heartbeat_s: float = 5.0,
-                 stale_after_s: float = 60.0, max_attempts: int | None = 3, tune_misses: bool = True,
-                 miss_strategy: str = "halving", miss_budget_trials: int | None = 16,
-                 miss_budget_seconds: float | None = 600.0, miss_min_count: int = 1,
-                 miss_retry_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        store: Any,
+        device: DeviceFingerprint | None = None,
+        *,
+        worker_id: str | None = None,
+        run_job: JobRunner | None = None,
+        poll_s: float = 1.0,
+        heartbeat_s: float = 5.0,
+        stale_after_s: float = 60.0,
+        max_attempts: int | None = 3,
+        tune_misses: bool = True,
+        miss_strategy: str = "halving",
+        miss_budget_trials: int | None = 16,
+        miss_budget_seconds: float | None = 600.0,
+        miss_min_count: int = 1,
+        miss_retry_s: float = 3600.0,
+        trial_memory_bytes: int | None = None,
+        trial_timeout_s: float = 120.0,
+        verify_claims: bool = True,
+    ) -> None:
         if stale_after_s <= heartbeat_s:
             raise ValueError(f"stale_after_s ({stale_after_s}) must exceed heartbeat_s ({heartbeat_s})")
         self.store = store
@@ -71,7 +91,12 @@ class Worker:
         self.miss_budget_seconds = miss_budget_seconds
         self.miss_min_count = miss_min_count
         self.miss_retry_s = miss_retry_s
+        self.trial_memory_bytes = trial_memory_bytes
+        self.trial_timeout_s = trial_timeout_s
+        self._cancel = threading.Event()  # set: stop the current job's measurements now
         self._miss_tried: dict[str, float] = {}  # spec key -> when this worker last queued it from the miss queue
+        self.verify_claims = verify_claims  # when idle, re-measure imported timings for this device first
+        self._verify_tried: dict[str, float] = {}  # spec key -> when this worker last queued its claims' verify
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -82,12 +107,21 @@ class Worker:
         self.last_error: str | None = None
 
     @classmethod
-    def from_settings(cls, store: Any, settings: Any, **overrides: Any) -> "Worker":
-        kw = dict(worker_id=settings.worker_id, poll_s=settings.poll_s, heartbeat_s=settings.heartbeat_s,
-                  stale_after_s=settings.stale_after_s, max_attempts=settings.max_attempts,
-                  tune_misses=settings.tune_misses, miss_strategy=settings.miss_strategy,
-                  miss_budget_trials=settings.miss_budget_trials, miss_budget_seconds=settings.miss_budget_seconds,
-                  miss_min_count=settings.miss_min_count)
+    def from_settings(cls, store: Any, settings: Any, **overrides: Any) -> Worker:
+        kw = dict(
+            worker_id=settings.worker_id,
+            poll_s=settings.poll_s,
+            heartbeat_s=settings.heartbeat_s,
+            stale_after_s=settings.stale_after_s,
+            max_attempts=settings.max_attempts,
+            tune_misses=settings.tune_misses,
+            miss_strategy=settings.miss_strategy,
+            miss_budget_trials=settings.miss_budget_trials,
+            miss_budget_seconds=settings.miss_budget_seconds,
+            miss_min_count=settings.miss_min_count,
+            trial_memory_bytes=settings.trial_memory_bytes,
+            trial_timeout_s=settings.trial_timeout_s,
+        )
         kw.update(overrides)
         return cls(store, **kw)
 
@@ -100,10 +134,19 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Ask the loop to stop; a running job is abandoned at its next progress report (and later requeued)."""
+        """Stop the loop; a running job's measurement is killed and the job left to be requeued."""
         self._stop.set()
+        self._cancel.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def cancel(self, job_id: int) -> bool:
+        """Stop the measurements of job_id now if this worker runs it (the store already marked it cancelled)."""
+        with self._lock:
+            if self.current_job != job_id:
+                return False
+            self._cancel.set()
+            return True
 
     @property
     def alive(self) -> bool:
@@ -111,9 +154,17 @@ class Worker:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return {"worker_id": self.worker_id, "device": self.device.describe(), "device_digest": self.device.digest,
-                    "alive": self.alive, "current_job": self.current_job, "progress": dict(self.progress),
-                    "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed, "last_error": self.last_error}
+            return {
+                "worker_id": self.worker_id,
+                "device": self.device.describe(),
+                "device_digest": self.device.digest,
+                "alive": self.alive,
+                "current_job": self.current_job,
+                "progress": dict(self.progress),
+                "jobs_done": self.jobs_done,
+                "jobs_failed": self.jobs_failed,
+                "last_error": self.last_error,
+            }
 
     def _loop(self) -> None:
         log.info("worker %s started on %s", self.worker_id, self.device.describe())
@@ -147,12 +198,31 @@ class Worker:
         if n:
             log.info("requeued %d stale job(s)", n)
         job = self.store.claim_job(self.worker_id, device_key=self.device.key)
+        if job is None and self.verify_claims and self._queue_claims():
+            job = self.store.claim_job(self.worker_id, device_key=self.device.key)
         if job is None and self.tune_misses and self._queue_top_miss():
             job = self.store.claim_job(self.worker_id, device_key=self.device.key)
         if job is None:
             return None
         self.execute(job)
         return job.id
+
+    def _queue_claims(self) -> bool:
+        """Queue a verify job for imported timings on this device never measured here; True if one was queued."""
+        from .tuning import VERIFY, claimed_specs
+
+        now = time.monotonic()
+        specs = [
+            s
+            for s in claimed_specs(self.store, self.device)
+            if now - self._verify_tried.get(s.to_json(), -1e18) >= self.miss_retry_s
+        ]
+        if not specs:
+            return False
+        self._verify_tried.update((s.to_json(), now) for s in specs)
+        self.store.enqueue_job(specs=specs, strategy=VERIFY, device_key=self.device.key)
+        log.info("queued a verify job for the imported timings of %d spec(s)", len(specs))
+        return True
 
     def _queue_top_miss(self) -> bool:
         """Turn the most requested untuned spec for this device into a job; True if one was queued."""
@@ -164,9 +234,13 @@ class Worker:
             if now - self._miss_tried.get(key, -1e18) < self.miss_retry_s:
                 continue  # tried recently and still missing: an untunable spec must not loop forever
             self._miss_tried[key] = now
-            self.store.enqueue_job(specs=[miss.spec], strategy=self.miss_strategy,
-                                   budget_trials=self.miss_budget_trials, budget_seconds=self.miss_budget_seconds,
-                                   device_key=self.device.key)
+            self.store.enqueue_job(
+                specs=[miss.spec],
+                strategy=self.miss_strategy,
+                budget_trials=self.miss_budget_trials,
+                budget_seconds=self.miss_budget_seconds,
+                device_key=self.device.key,
+            )
             self.store.clear_miss(self.device, miss.spec)
             log.info("queued miss %s (%d lookups)", miss.spec.describe(), miss.count)
             return True
@@ -174,10 +248,15 @@ class Worker:
 
     def execute(self, job: Any) -> None:
         """Run a claimed job with heartbeats; mark it done or failed. A lost job is left to its new owner."""
-        runner = self._run_job or _default_runner()
+        from tunerd.schedules.harness import Interrupted, guard
+
         lost = threading.Event()
         with self._lock:
             self.current_job, self.progress = job.id, {}
+            self._cancel = threading.Event()
+            cancel = self._cancel
+        if self._stop.is_set():
+            cancel.set()
 
         def on_progress(progress: dict) -> None:
             with self._lock:
@@ -188,14 +267,24 @@ class Worker:
                 raise WorkerStopping(f"worker {self.worker_id} is stopping")
 
         beat_stop = threading.Event()
-        beater = threading.Thread(target=self._heartbeat, args=(job.id, beat_stop, lost), daemon=True,
-                                  name=f"tunerd-heartbeat-{job.id}")
+        beater = threading.Thread(
+            target=self._heartbeat,
+            args=(job.id, beat_stop, lost, cancel),
+            daemon=True,
+            name=f"tunerd-heartbeat-{job.id}",
+        )
         beater.start()
         result: dict | None = None
         error: str | None = None
+        harness = None
         try:
-            result = runner(self.store, job, self.device, on_progress)
-        except (JobLost, WorkerStopping) as e:
+            with guard(cancel=cancel):
+                if self._run_job is not None:
+                    result = self._run_job(self.store, job, self.device, on_progress)
+                else:
+                    harness = self._harness()
+                    result = _default_runner()(self.store, job, self.device, on_progress, harness=harness)
+        except (JobLost, WorkerStopping, Interrupted) as e:
             log.warning("job %s abandoned: %s", job.id, e)
             return
         except Exception as e:  # a failing job never takes the worker down: it is marked failed
@@ -204,6 +293,8 @@ class Worker:
         finally:
             beat_stop.set()
             beater.join()
+            if harness is not None:
+                harness.close()
             with self._lock:
                 self.current_job = None
         if lost.is_set():
@@ -224,7 +315,7 @@ class Worker:
                 return
             except StoreUnavailable as e:
                 self._note_error(f"finishing job {job_id}: {e}")
-                if self._stop.wait(min(30.0, 0.5 * 2 ** attempt)):
+                if self._stop.wait(min(30.0, 0.5 * 2**attempt)):
                     return
         else:
             return  # left running: its heartbeat stops, so a worker requeues it
@@ -235,14 +326,20 @@ class Worker:
                 self.jobs_failed += 1
                 self.last_error = f"job {job_id}: {error.splitlines()[0]}"
 
-    def _heartbeat(self, job_id: int, stop: threading.Event, lost: threading.Event) -> None:
+    def _harness(self) -> Any:
+        from tunerd.schedules.harness import Harness
+
+        return Harness(memory_bytes=self.trial_memory_bytes, timeout_s=self.trial_timeout_s)
+
+    def _heartbeat(self, job_id: int, stop: threading.Event, lost: threading.Event, cancel: threading.Event) -> None:
         while not stop.wait(self.heartbeat_s):
             with self._lock:
                 progress = dict(self.progress)
             try:
                 self.store.heartbeat(job_id, self.worker_id, progress)
-            except JobNotOwned:
+            except JobNotOwned:  # cancelled or requeued: stop the running measurement now
                 lost.set()
+                cancel.set()
                 return
             except StoreError as e:  # keep beating: the job is ours until the store says otherwise
                 self._note_error(f"heartbeat of job {job_id}: {e}")

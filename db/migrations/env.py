@@ -1,24 +1,28 @@
 """Alembic environment. tunerd runs migrations itself (db.engine.upgrade) with a connection it
 already holds in a transaction; `alembic -c db/alembic.ini upgrade head` also works, using
 $TUNERD_DB or the default SQLite file."""
+
 from alembic import context
 
-from db import engine as _engine
-from db.models import Base
+from tunerd.db import engine as _engine
+from tunerd.db.models import Base
 
 config = context.config
 
 
 def _run(conn) -> None:
-    context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True,
-                      compare_type=True)
+    context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True, compare_type=True)
     with context.begin_transaction():
         context.run_migrations()
 
 
 if context.is_offline_mode():
-    context.configure(url=str(_engine.parse_url(config.get_main_option("sqlalchemy.url") or None)),
-                      target_metadata=Base.metadata, literal_binds=True, render_as_batch=True)
+    context.configure(
+        url=str(_engine.parse_url(config.get_main_option("sqlalchemy.url") or None)),
+        target_metadata=Base.metadata,
+        literal_binds=True,
+        render_as_batch=True,
+    )
     with context.begin_transaction():
         context.run_migrations()
 elif config.attributes.get("connection") is not None:

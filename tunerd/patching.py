@@ -5,14 +5,17 @@ optimizer built before patching keeps working and unpatch() restores plain torch
 Where a torch.fx trace proves that a conv feeds only a BatchNorm (and that BN only an
 activation module), the three are fused into one kernel call.
 """
+
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from kernels.conv import TORCH_DTYPES
+from tunerd.kernels.conv import TORCH_DTYPES
 
 from .nn import BN_MODES, TUNERD_CONV, activation_name, fuse_conv_bn
 
@@ -26,8 +29,10 @@ class PatchReport:
     left: list[tuple[str, str]] = field(default_factory=list)  # (module name, why it was left)
 
     def __str__(self) -> str:
-        lines = [f"tunerd.patch: {len(self.swapped)} convolutions swapped, {len(self.fused)} fused with BN, "
-                 f"{len(self.left)} left"]
+        lines = [
+            f"tunerd.patch: {len(self.swapped)} convolutions swapped, {len(self.fused)} fused with BN, "
+            f"{len(self.left)} left"
+        ]
         lines += [f"  swapped {n}: {w}" for n, w in self.swapped]
         lines += [f"  fused   {n} <- {w}" for n, w in self.fused]
         lines += [f"  left    {n}: {w}" for n, w in self.left]
@@ -42,10 +47,37 @@ def _why_not(m: nn.Module) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _meta_state(model: nn.Module) -> Iterator[None]:
+    """Every parameter and buffer swapped for a meta-device twin (shared tensors stay shared) and the RNG
+    states forked: the Python that tracing runs (e.g. a BatchNorm counting num_batches_tracked) touches
+    no real tensor and draws no random number."""
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    twins: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is None:
+                    continue
+                if id(t) not in twins:
+                    meta = torch.empty_like(t, device="meta")
+                    twins[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+                swapped.append((store, name, t))
+                store[name] = twins[id(t)]
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        for store, name, t in swapped:
+            store[name] = t
+
+
 def _fusible_chains(model: nn.Module) -> tuple[dict[str, tuple[str, str | None]], str | None]:
     """conv name -> (bn name, act name or None) where the fx graph shows an exclusive chain."""
     try:
-        gm = torch.fx.symbolic_trace(model)
+        with _meta_state(model):
+            gm = torch.fx.symbolic_trace(model)
     except Exception as e:  # untraceable control flow: swap convs only
         return {}, f"torch.fx could not trace the model ({type(e).__name__}); BatchNorm left unfused"
     modules = dict(model.named_modules())
@@ -86,6 +118,9 @@ def patch(model: nn.Module, *, fuse_bn: bool = True, bn_mode: str = "train") -> 
     chains, trace_note = _fusible_chains(model) if fuse_bn else ({}, None)
     modules = dict(model.named_modules())
     for name, m in modules.items():
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            report.left.append((name, f"{type(m).__name__}: tunerd has no transposed-convolution kernel"))
+            continue
         if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             continue
         if hasattr(m, "_tunerd_orig_class"):

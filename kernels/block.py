@@ -1,0 +1,496 @@
+"""Block: a small graph of conv, norm, activation, SE, scale, residual and split/concat nodes.
+
+Frozen, hashable, canonical JSON (the store's key for block winners), strict like BlockSpec:
+unknown fields, illegal graphs and shape mismatches raise SpecError naming the node. Tensors
+are NCHW-shaped at the surface and channels-last in memory, like single convs.
+
+Node ops (every node has one output; `inputs` name earlier nodes or "x", the block input):
+  conv    out, kernel, stride, padding, dilation, groups, bias  -- any family conv_spec builds
+  bn      folded BatchNorm: y = x * scale + shift per channel (params scale, shift)
+  ln      LayerNorm over channels at each pixel, eps (params weight, bias)
+  act     fn: one of spec.ACTIVATIONS
+  se      squeeze-excite: x * sigmoid(W2 act(W1 mean_hw(x) + b1) + b2), hidden, act (params w1, b1, w2, b2)
+  scale   layer scale: x * gamma per channel (param gamma)
+  add     residual: inputs[0] + inputs[1], same shape
+  split   channel slice [start, start + size) of its input
+  concat  channel concatenation of its inputs, same spatial size
+The last node is the block's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .spec import ACTIVATIONS, DTYPES, BlockSpec, Epilogue, SpecError, _ints, conv_spec
+
+INPUT = "x"
+
+# op -> {attribute: default}; an attribute without a default (None marker) is required.
+_REQUIRED = object()
+ATTRS: dict[str, dict[str, Any]] = {
+    "conv": {
+        "out": _REQUIRED,
+        "kernel": _REQUIRED,
+        "stride": 1,
+        "padding": 0,
+        "dilation": 1,
+        "groups": 1,
+        "bias": False,
+    },
+    "bn": {},
+    "ln": {"eps": 1e-6},
+    "act": {"fn": _REQUIRED},
+    "se": {"hidden": _REQUIRED, "act": "relu"},
+    "scale": {},
+    "add": {},
+    "split": {"start": _REQUIRED, "size": _REQUIRED},
+    "concat": {},
+}
+ARITY = {"add": 2}  # exact input counts; concat takes >= 2, everything else 1
+PARAMS = {"bn": ("scale", "shift"), "ln": ("weight", "bias"), "se": ("w1", "b1", "w2", "b2"), "scale": ("gamma",)}
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One graph node: name, op, input names and its attributes (sorted (key, value) pairs)."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    attrs: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or set(self.name) - _NAME_CHARS or self.name == INPUT:
+            raise SpecError(f"node name {self.name!r} must be a non-empty lower-case identifier other than {INPUT!r}")
+        if self.op not in ATTRS:
+            raise SpecError(f"node {self.name!r}: unknown op {self.op!r}; expected one of {sorted(ATTRS)}")
+        if not isinstance(self.inputs, (tuple, list)) or not all(isinstance(i, str) for i in self.inputs):
+            raise SpecError(f"node {self.name!r}: inputs must be a list of node names")
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        want = ARITY.get(self.op, 1)
+        if self.op == "concat" and len(self.inputs) < 2:
+            raise SpecError(f"node {self.name!r}: concat needs at least 2 inputs, got {len(self.inputs)}")
+        if self.op != "concat" and len(self.inputs) != want:
+            raise SpecError(f"node {self.name!r}: {self.op} takes {want} input(s), got {len(self.inputs)}")
+        given = dict(self.attrs)
+        spec = ATTRS[self.op]
+        unknown = set(given) - set(spec)
+        if unknown:
+            raise SpecError(f"node {self.name!r}: unknown {self.op} fields {sorted(unknown)}")
+        full = {}
+        for k, default in spec.items():
+            if k not in given:
+                if default is _REQUIRED:
+                    raise SpecError(f"node {self.name!r}: {self.op} needs field {k!r}")
+                full[k] = default
+            else:
+                full[k] = _canon(given[k])
+        _check_attrs(self.name, self.op, full)
+        object.__setattr__(self, "attrs", tuple(sorted(full.items())))
+
+    def __getitem__(self, key: str) -> Any:
+        return dict(self.attrs)[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"name": self.name, "op": self.op, "inputs": list(self.inputs)}
+        d.update({k: _jsonable(v) for k, v in self.attrs})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Node:
+        if not isinstance(d, dict):
+            raise SpecError(f"a node must be a JSON object, got {type(d).__name__}")
+        missing = {"name", "op", "inputs"} - set(d)
+        if missing:
+            raise SpecError(f"node {d.get('name', '?')!r}: missing fields {sorted(missing)}")
+        attrs = {k: v for k, v in d.items() if k not in ("name", "op", "inputs")}
+        return cls(
+            name=d["name"],
+            op=d["op"],
+            inputs=tuple(d["inputs"]) if isinstance(d["inputs"], list) else d["inputs"],
+            attrs=tuple(attrs.items()),
+        )
+
+
+def _canon(v: Any) -> Any:
+    """Lists (from JSON) -> tuples, recursively, so nodes hash."""
+    if isinstance(v, list):
+        return tuple(_canon(x) for x in v)
+    return v
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _pos_int(node: str, name: str, v: Any, lo: int = 1) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise SpecError(f"node {node!r}: {name} must be an int >= {lo}, got {v!r}")
+
+
+def _check_attrs(node: str, op: str, a: dict[str, Any]) -> None:
+    if op == "conv":
+        _pos_int(node, "out", a["out"])
+        _pos_int(node, "groups", a["groups"])
+        if not isinstance(a["bias"], bool):
+            raise SpecError(f"node {node!r}: bias must be a bool")
+    elif op == "ln":
+        if not isinstance(a["eps"], float) or not 0.0 < a["eps"] < 1.0:
+            raise SpecError(f"node {node!r}: eps must be a float in (0, 1), got {a['eps']!r}")
+    elif op == "act":
+        if a["fn"] not in ACTIVATIONS or a["fn"] == "starrelu":
+            raise SpecError(f"node {node!r}: activation {a['fn']!r} is not one of {ACTIVATIONS[:-1]}")
+    elif op == "se":
+        _pos_int(node, "hidden", a["hidden"])
+        if a["act"] not in ("relu", "silu", "gelu", "hardswish"):
+            raise SpecError(f"node {node!r}: se act must be relu, silu, gelu or hardswish, got {a['act']!r}")
+    elif op == "split":
+        _pos_int(node, "start", a["start"], 0)
+        _pos_int(node, "size", a["size"])
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A node's output: channels and spatial size."""
+
+    c: int
+    size: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block instance: input [n, c, *in_size] of dtype, then `nodes` in topological order."""
+
+    n: int
+    c: int
+    in_size: tuple[int, ...]
+    nodes: tuple[Node, ...]
+    dtype: str = "float32"
+    shapes: dict[str, Shape] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        for name in ("n", "c"):
+            _pos_int("block", name, getattr(self, name))
+        if self.dtype not in DTYPES:
+            raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.in_size, (tuple, list)) or len(self.in_size) != 2:
+            raise SpecError(f"blocks are 2-D: in_size must be [H, W], got {self.in_size!r}")
+        object.__setattr__(self, "in_size", _ints("in_size", self.in_size, 2))
+        if min(self.in_size) < 1:
+            raise SpecError(f"in_size must be positive, got {self.in_size}")
+        if not isinstance(self.nodes, (tuple, list)) or not self.nodes:
+            raise SpecError("a block needs at least one node")
+        if not all(isinstance(nd, Node) for nd in self.nodes):
+            raise SpecError("nodes must be Node objects")
+        object.__setattr__(self, "nodes", tuple(self.nodes))
+        shapes: dict[str, Shape] = {INPUT: Shape(self.c, self.in_size)}
+        for nd in self.nodes:
+            if nd.name in shapes:
+                raise SpecError(f"duplicate node name {nd.name!r}")
+            for i in nd.inputs:
+                if i not in shapes:
+                    raise SpecError(f"node {nd.name!r} reads {i!r}, which is not an earlier node or {INPUT!r}")
+            shapes[nd.name] = self._infer(nd, [shapes[i] for i in nd.inputs])
+        used = {i for nd in self.nodes for i in nd.inputs}
+        dead = [nd.name for nd in self.nodes[:-1] if nd.name not in used]
+        if dead:
+            raise SpecError(f"nodes {dead} are never used: every node but the last must feed another")
+        object.__setattr__(self, "shapes", shapes)
+
+    def _infer(self, nd: Node, ins: list[Shape]) -> Shape:
+        a = dict(nd.attrs)
+        s = ins[0]
+        if nd.op == "conv":
+            spec = self.conv_spec(nd, s)
+            return Shape(spec.k, spec.out_size)
+        if nd.op in ("bn", "ln", "act", "scale"):
+            return s
+        if nd.op == "se":
+            return s
+        if nd.op == "add":
+            if ins[0] != ins[1]:
+                raise SpecError(
+                    f"node {nd.name!r}: add of mismatched shapes {ins[0].c}x{ins[0].size} and {ins[1].c}x{ins[1].size}"
+                )
+            return s
+        if nd.op == "split":
+            if a["start"] + a["size"] > s.c:
+                raise SpecError(
+                    f"node {nd.name!r}: channels [{a['start']}, {a['start'] + a['size']}) exceed the input's {s.c}"
+                )
+            return Shape(a["size"], s.size)
+        if any(i.size != s.size for i in ins):  # concat
+            raise SpecError(f"node {nd.name!r}: concat of different spatial sizes {[i.size for i in ins]}")
+        return Shape(sum(i.c for i in ins), s.size)
+
+    def conv_spec(self, nd: Node, s: Shape | None = None, epilogue: Epilogue | None = None) -> BlockSpec:
+        """The single-conv BlockSpec of a conv node (its bias in the epilogue unless one is given)."""
+        s = s or self.shapes[nd.inputs[0]]
+        a = dict(nd.attrs)
+        try:
+            return conv_spec(
+                n=self.n,
+                c=s.c,
+                k=a["out"],
+                in_size=s.size,
+                kernel=_canon(a["kernel"]),
+                stride=_canon(a["stride"]),
+                padding=_canon(a["padding"]),
+                dilation=_canon(a["dilation"]),
+                groups=a["groups"],
+                dtype=self.dtype,
+                epilogue=epilogue or Epilogue(bias=a["bias"]),
+            )
+        except SpecError as e:
+            raise SpecError(f"node {nd.name!r}: {e}") from None
+
+    # ---- graph queries ----------------------------------------------------------------
+    def node(self, name: str) -> Node:
+        for nd in self.nodes:
+            if nd.name == name:
+                return nd
+        raise KeyError(name)
+
+    def consumers(self, name: str) -> list[str]:
+        return [nd.name for nd in self.nodes if name in nd.inputs]
+
+    @property
+    def output(self) -> Shape:
+        return self.shapes[self.nodes[-1].name]
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter tensor the block reads, '<node>.<param>' -> shape (fp32 vectors, weights in dtype)."""
+        out: dict[str, tuple[int, ...]] = {}
+        for nd in self.nodes:
+            s = self.shapes[nd.inputs[0]]
+            if nd.op == "conv":
+                spec = self.conv_spec(nd)
+                out[f"{nd.name}.weight"] = (spec.k, spec.cg, *spec.kernel)
+                if nd["bias"]:
+                    out[f"{nd.name}.bias"] = (spec.k,)
+            elif nd.op == "se":
+                h = nd["hidden"]
+                out.update(
+                    {
+                        f"{nd.name}.w1": (h, s.c),
+                        f"{nd.name}.b1": (h,),
+                        f"{nd.name}.w2": (s.c, h),
+                        f"{nd.name}.b2": (s.c,),
+                    }
+                )
+            else:
+                for p in PARAMS.get(nd.op, ()):
+                    out[f"{nd.name}.{p}"] = (s.c,)
+        return out
+
+    # ---- identity ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "block",
+            "n": self.n,
+            "c": self.c,
+            "in_size": list(self.in_size),
+            "dtype": self.dtype,
+            "nodes": [nd.to_dict() for nd in self.nodes],
+        }
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no spaces. Equal blocks give equal strings."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def key(self) -> str:
+        return self.to_json()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Block:
+        if not isinstance(d, dict):
+            raise SpecError(f"a block must be a JSON object, got {type(d).__name__}")
+        unknown = set(d) - {"kind", "n", "c", "in_size", "dtype", "nodes"}
+        if unknown:
+            raise SpecError(f"unknown block fields: {sorted(unknown)}")
+        missing = {"n", "c", "in_size", "nodes"} - set(d)
+        if missing:
+            raise SpecError(f"missing block fields: {sorted(missing)}")
+        if d.get("kind", "block") != "block":
+            raise SpecError(f"kind must be 'block', got {d.get('kind')!r}")
+        if not isinstance(d["nodes"], list):
+            raise SpecError("nodes must be a list")
+        return cls(
+            n=d["n"],
+            c=d["c"],
+            in_size=tuple(d["in_size"]) if isinstance(d["in_size"], list) else d["in_size"],
+            dtype=d.get("dtype", "float32"),
+            nodes=tuple(Node.from_dict(nd) for nd in d["nodes"]),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Block:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"block is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def describe(self) -> str:
+        ops = "-".join(
+            nd.op
+            if nd.op != "conv"
+            else ("dw" if self.conv_spec(nd).kind == "depthwise" else "pw" if self.conv_spec(nd).taps == 1 else "conv")
+            for nd in self.nodes
+        )
+        return f"block n{self.n} c{self.c}->{self.output.c} @{self.in_size[0]}x{self.in_size[1]} {ops} {self.dtype}"
+
+
+def node(name: str, op: str, inputs: list[str] | tuple[str, ...], **attrs: Any) -> Node:
+    return Node(name=name, op=op, inputs=tuple(inputs), attrs=tuple(attrs.items()))
+
+
+# ---- seed blocks ------------------------------------------------------------------------
+def separable(
+    *,
+    n: int,
+    c: int,
+    k: int,
+    in_size: tuple[int, int],
+    kernel: int = 3,
+    stride: int = 1,
+    act: str | None = "relu",
+    pw_act: str | None = "relu",
+    residual: bool = False,
+    dtype: str = "float32",
+) -> Block:
+    """MobileNet / timm DepthwiseSeparableConv: dw k x k (s) -> BN -> act -> pw -> BN [-> act] [+ x]."""
+    nodes = [
+        node("dw", "conv", ["x"], out=c, kernel=kernel, stride=stride, padding=kernel // 2, groups=c),
+        node("dw_bn", "bn", ["dw"]),
+    ]
+    if act:
+        nodes.append(node("dw_act", "act", ["dw_bn"], fn=act))
+    nodes += [node("pw", "conv", [nodes[-1].name], out=k, kernel=1), node("pw_bn", "bn", ["pw"])]
+    if pw_act:
+        nodes.append(node("pw_act", "act", ["pw_bn"], fn=pw_act))
+    if residual:
+        nodes.append(node("res", "add", [nodes[-1].name, "x"]))
+    return Block(n=n, c=c, in_size=tuple(in_size), nodes=tuple(nodes), dtype=dtype)
+
+
+def convnext(
+    *,
+    n: int,
+    c: int,
+    in_size: tuple[int, int],
+    kernel: int = 7,
+    expansion: int = 4,
+    eps: float = 1e-6,
+    layer_scale: bool = True,
+    dtype: str = "float32",
+) -> Block:
+    """ConvNeXt block: x + gamma * PW2(GELU(PW1(LN(DW7(x))))), PW1: C -> expansion * C."""
+    nodes = [
+        node("dw", "conv", ["x"], out=c, kernel=kernel, padding=kernel // 2, groups=c, bias=True),
+        node("ln", "ln", ["dw"], eps=eps),
+        node("pw1", "conv", ["ln"], out=expansion * c, kernel=1, bias=True),
+        node("act", "act", ["pw1"], fn="gelu"),
+        node("pw2", "conv", ["act"], out=c, kernel=1, bias=True),
+    ]
+    if layer_scale:
+        nodes.append(node("gamma", "scale", ["pw2"]))
+    nodes.append(node("res", "add", [nodes[-1].name, "x"]))
+    return Block(n=n, c=c, in_size=tuple(in_size), nodes=tuple(nodes), dtype=dtype)
+
+
+def mbconv(
+    *,
+    n: int,
+    c: int,
+    k: int,
+    in_size: tuple[int, int],
+    expansion: int = 6,
+    kernel: int = 3,
+    stride: int = 1,
+    se_ratio: float | None = 0.25,
+    act: str = "silu",
+    dtype: str = "float32",
+) -> Block:
+    """MBConv (MobileNetV2 with se_ratio=None, act='relu6'; EfficientNet): [pw expand -> BN -> act] ->
+    dw (s) -> BN -> act [-> SE] -> pw project -> BN [+ x when stride 1 and c == k].
+    SE hidden = max(1, int(c * se_ratio)) of the block's input channels, as EfficientNet sizes it."""
+    if not isinstance(expansion, int) or expansion < 1:
+        raise SpecError(f"expansion must be an int >= 1, got {expansion!r}")
+    hid = c * expansion
+    nodes: list[Node] = []
+    src = "x"
+    if expansion != 1:
+        nodes += [
+            node("expand", "conv", ["x"], out=hid, kernel=1),
+            node("expand_bn", "bn", ["expand"]),
+            node("expand_act", "act", ["expand_bn"], fn=act),
+        ]
+        src = "expand_act"
+    nodes += [
+        node("dw", "conv", [src], out=hid, kernel=kernel, stride=stride, padding=kernel // 2, groups=hid),
+        node("dw_bn", "bn", ["dw"]),
+        node("dw_act", "act", ["dw_bn"], fn=act),
+    ]
+    src = "dw_act"
+    if se_ratio:
+        nodes.append(node("se", "se", [src], hidden=max(1, int(c * se_ratio)), act=act if act != "relu6" else "relu"))
+        src = "se"
+    nodes += [node("project", "conv", [src], out=k, kernel=1), node("project_bn", "bn", ["project"])]
+    if stride == 1 and c == k:
+        nodes.append(node("res", "add", ["project_bn", "x"]))
+    return Block(n=n, c=c, in_size=tuple(in_size), nodes=tuple(nodes), dtype=dtype)
+
+
+def inception_dw(
+    *,
+    n: int,
+    c: int,
+    in_size: tuple[int, int],
+    square_kernel: int = 3,
+    band_kernel: int = 11,
+    branch_ratio: float = 0.125,
+    dtype: str = "float32",
+) -> Block:
+    """InceptionNeXt token mixer (timm InceptionDWConv2d): gc = int(c * branch_ratio) channels each through a
+    square dw k x k, a 1 x band and a band x 1 depthwise conv (all with bias), the first c - 3 gc channels
+    kept: concat(x_id, dwconv_hw(x_hw), dwconv_w(x_w), dwconv_h(x_h)). Conv node names are timm's."""
+    if not isinstance(branch_ratio, float) or not 0.0 < branch_ratio <= 1 / 3:
+        raise SpecError(f"branch_ratio must be a float in (0, 1/3], got {branch_ratio!r}")
+    for name, k in (("square_kernel", square_kernel), ("band_kernel", band_kernel)):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k % 2 == 0:
+            raise SpecError(f"{name} must be an odd int >= 1 (same-size output), got {k!r}")
+    gc = int(c * branch_ratio)
+    if gc < 1:
+        raise SpecError(f"c={c} x branch_ratio={branch_ratio} leaves no channels for the conv branches")
+    cid = c - 3 * gc
+    nodes: list[Node] = []
+    cat: list[str] = []
+    if cid:
+        nodes.append(node("x_id", "split", ["x"], start=0, size=cid))
+        cat.append("x_id")
+    sq, band = square_kernel // 2, band_kernel // 2
+    branches = (("hw", square_kernel, sq), ("w", (1, band_kernel), (0, band)), ("h", (band_kernel, 1), (band, 0)))
+    for i, (tag, kernel, pad) in enumerate(branches):
+        nodes += [
+            node(f"x_{tag}", "split", ["x"], start=cid + i * gc, size=gc),
+            node(f"dwconv_{tag}", "conv", [f"x_{tag}"], out=gc, kernel=kernel, padding=pad, groups=gc, bias=True),
+        ]
+        cat.append(f"dwconv_{tag}")
+    nodes.append(node("cat", "concat", cat))
+    return Block(n=n, c=c, in_size=tuple(in_size), nodes=tuple(nodes), dtype=dtype)

@@ -1,0 +1,62 @@
+"""Torch semantics of block nodes, and the float64 oracle of a whole block.
+
+apply_node() is the one definition of what each non-conv node computes; the oracle runs it in
+float64 and fused.py's 'op' steps run it in fp32. Tensors are [N, C, H, W] (any memory format).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .block import Block, Node
+from .epilogue import activation_torch
+
+Params = dict[str, torch.Tensor]
+
+
+def _vec(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(like.dtype).reshape(1, -1, 1, 1)
+
+
+def apply_node(nd: Node, ins: list[torch.Tensor], params: Params) -> torch.Tensor:
+    """One non-conv node on tensors of one float dtype (computed in that dtype)."""
+    x = ins[0]
+    p = {k.split(".", 1)[1]: v.to(x.dtype) for k, v in params.items() if k.split(".", 1)[0] == nd.name}
+    if nd.op == "bn":
+        return x * _vec(p["scale"], x) + _vec(p["shift"], x)
+    if nd.op == "ln":
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), p["weight"], p["bias"], nd["eps"])
+        return y.permute(0, 3, 1, 2)
+    if nd.op == "act":
+        return activation_torch(nd["fn"], x)
+    if nd.op == "se":
+        s = x.mean(dim=(2, 3))
+        s = activation_torch(nd["act"], s @ p["w1"].t() + p["b1"])
+        s = torch.sigmoid(s @ p["w2"].t() + p["b2"])
+        return x * s[:, :, None, None]
+    if nd.op == "scale":
+        return x * _vec(p["gamma"], x)
+    if nd.op == "add":
+        return x + ins[1]
+    if nd.op == "split":
+        return x[:, nd["start"] : nd["start"] + nd["size"]]
+    if nd.op == "concat":
+        return torch.cat(ins, dim=1)
+    raise ValueError(f"apply_node does not run {nd.op!r} nodes")
+
+
+def block(blk: Block, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """float64 forward of the whole block on [N, C, H, W]."""
+    d = torch.float64
+    vals = {"x": x.to(d)}
+    for nd in blk.nodes:
+        ins = [vals[i] for i in nd.inputs]
+        if nd.op == "conv":
+            spec = blk.conv_spec(nd)
+            bias = params.get(f"{nd.name}.bias")
+            vals[nd.name] = reference.conv(spec, ins[0], params[f"{nd.name}.weight"], bias=bias)
+        else:
+            vals[nd.name] = apply_node(nd, ins, params)
+    return vals[blk.nodes[-1].name]

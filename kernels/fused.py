@@ -1,0 +1,680 @@
+"""Fused block kernels and plan execution.
+
+A FusedSpec (block + one fused step of a plan) renders through the generator's Jinja environment
+to a Variant, launched by kernels.runtime like any single conv. run_plan() executes a whole plan:
+'conv' steps through kernels.conv (the existing kernels and their epilogue), 'op' steps through
+block_reference.apply_node in fp32, fused steps through the block templates. Tensors are
+[N, C, H, W] at the surface and channels-last in memory; the output is channels-last.
+
+Compile-validity for sm_90 without a GPU: compile_check() (a child process with TRITON_INTERPRET=0,
+like kernels.validate), `python -m tunerd.kernels.fused --arch 90 < lines` with one
+{"block": ..., "plan": ..., "step": i, "schedule": ...} per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from . import conv as _conv
+from . import epilogue as _ep
+from . import generator, runtime
+from .block import INPUT, Block, Node
+from .block_reference import Params, apply_node
+from .plan import (
+    FUSED,
+    Branch,
+    Plan,
+    Step,
+    check,
+    dw_epilogue,
+    inception_branches,
+    matches,
+    next_pow2,
+    rank,
+    tail_epilogue,
+)
+from .schedule import UNROLL_TAPS, Schedule, ScheduleError, is_pow2
+from .spec import BlockSpec, Epilogue, SpecError
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    """One fused launch: a step of kind separable / mlp / convnext / inception of block."""
+
+    block: Block
+    step: Step
+
+    def __post_init__(self) -> None:
+        if self.step.kind not in FUSED:
+            raise SpecError(f"{self.step.kind!r} is not a fused step kind ({FUSED})")
+        check_step(self.block, self.step)
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.block.node(n) for n in self.step.nodes]
+
+    @property
+    def dtype(self) -> str:
+        return self.block.dtype
+
+    def parts(self) -> dict[str, Any]:
+        """The step's anatomy: dw (depthwise node, its Epilogue), ln, pw1, mid act, pw (last GEMM node) and
+        the tail Epilogue after it."""
+        if self.step.kind == "inception":
+            raise SpecError("an inception step has branches (FusedSpec.branches), not GEMM parts")
+        names = list(self.step.nodes)
+        b = self.block
+        out: dict[str, Any] = {"dw": None, "dw_ep": None, "ln": None, "pw1": None, "mid_act": None}
+        if self.step.kind == "separable":
+            i = next(i for i, n in enumerate(names) if i > 0 and b.node(n).op == "conv")
+            out.update(dw=b.node(names[0]), dw_ep=dw_epilogue(b, names[:i]), pw=b.node(names[i]))
+            out["tail"] = tail_epilogue(b, names[i + 1 :], out["pw"]["bias"])
+            out["tail_nodes"] = names[i + 1 :]
+            return out
+        if self.step.kind == "convnext":
+            out.update(dw=b.node(names[0]), dw_ep=Epilogue(bias=b.node(names[0])["bias"]))
+            names = names[1:]
+        out.update(ln=b.node(names[0]), pw1=b.node(names[1]), mid_act=b.node(names[2])["fn"], pw=b.node(names[3]))
+        out["tail"] = tail_epilogue(b, names[4:], out["pw"]["bias"])
+        out["tail_nodes"] = names[4:]
+        return out
+
+    @property
+    def branches(self) -> list[Branch]:
+        """An inception step's branches in concat order (plan.inception_branches)."""
+        out = inception_branches(self.block, list(self.step.nodes))
+        if out is None:
+            raise SpecError(f"{self.describe()} is not an inception step")
+        return out
+
+    @property
+    def out_spec(self) -> BlockSpec:
+        """The last GEMM as a single-conv spec carrying the step's tail epilogue (epilogue args come from it)."""
+        p = self.parts()
+        return self.block.conv_spec(p["pw"], epilogue=p["tail"])
+
+    @property
+    def dw_spec(self) -> BlockSpec | None:
+        p = self.parts()
+        return None if p["dw"] is None else self.block.conv_spec(p["dw"], epilogue=p["dw_ep"])
+
+    @property
+    def pixels(self) -> int:
+        if self.step.kind == "inception":
+            h, w = self.block.shapes[self.step.nodes[-1]].size
+            return self.block.n * h * w
+        return self.out_spec.out_pixels
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"block": self.block.to_dict(), "step": self.step.to_dict()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def describe(self) -> str:
+        return f"{self.step.kind}[{'+'.join(self.step.nodes)}] of {self.block.describe()}"
+
+
+def check_step(block: Block, step: Step) -> None:
+    if not matches(block, step):
+        raise SpecError(f"step {step.kind}[{'+'.join(step.nodes)}] is not a legal {step.kind} kernel for this block")
+
+
+# ---- schedules -----------------------------------------------------------------------------
+def _clamp_pow2(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, next_pow2(max(v, 1))))
+
+
+def default_schedule(fs: FusedSpec) -> Schedule:
+    """Tiles sized to the problem. separable: block_m pixels x block_n output channels, block_k channels per
+    depthwise/GEMM step. mlp/convnext: block_m pixels (all channels on chip), block_k hidden channels per chunk."""
+    m = fs.pixels
+    bm = _clamp_pow2(m, 16, 64)
+    if fs.step.kind == "inception":  # no GEMM, block_k unused. Spill-free on sm_90 (fused.compile_check,
+        # InceptionNeXt-T): <= 8 elements per thread per [pixels, channels] tile, as the unrolled 11-tap band
+        # keeps every tap's load in flight
+        bc = _clamp_pow2(max(b.size for b in fs.branches), 16, 32)
+        conv_tile = bm * max((min(bc, next_pow2(b.size)) for b in fs.branches if b.conv), default=1)
+        return Schedule(
+            block_m=bm, block_n=bc, block_k=16, group_m=1, num_warps=min(8, max(4, conv_tile // 256)), num_stages=1
+        )
+    if fs.step.kind == "separable":
+        spec = fs.out_spec
+        bn = _clamp_pow2(spec.k, 16, 128)
+        bk = _clamp_pow2(spec.c, 16, 32 if spec.itemsize == 4 or spec.c > 256 else 64)
+        warps = 8 if bm * bn >= 128 * 64 else 4
+        return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=1, num_warps=warps, num_stages=2)
+    # spill-free on sm_90 (benchmarks: fused.compile_check): 16-bit rows of <= 128 channels take 64-row wgmma
+    # tiles, 256-channel rows 32; fp32 (CUDA-core dots) half that, with 16 hidden channels per chunk
+    wide = max(next_pow2(fs.block.shapes[fs.parts()["ln"].name].c), next_pow2(fs.out_spec.k)) >= 256
+    if fs.dtype == "float32":
+        top, bh = (16 if wide else 32), 16
+    else:
+        top, bh = (32 if wide else 64), 32
+    return Schedule(block_m=min(bm, top), block_n=16, block_k=bh, group_m=1, num_warps=8, num_stages=2)
+
+
+def canonical(fs: FusedSpec, s: Schedule) -> Schedule:
+    s = replace(s, group_m=1, split_k=1, k_order="tap")
+    if fs.step.kind == "inception":
+        return replace(s, block_k=16)
+    return s if fs.step.kind == "separable" else replace(s, block_n=16)
+
+
+def check_schedule(fs: FusedSpec, s: Schedule) -> None:
+    """ScheduleError unless s is compile-valid for fs (powers of two, tl.dot dims >= 16, bounded tiles)."""
+    for name in ("block_m", "block_n", "block_k", "num_warps"):
+        v = getattr(s, name)
+        if not isinstance(v, int) or not is_pow2(v):
+            raise ScheduleError(f"{name}={v!r} must be a power of two")
+        if name != "num_warps" and v < 16:
+            raise ScheduleError(f"{name}={v} is below tl.dot's minimum of 16")
+    if s.num_warps > 16 or s.num_stages < 1:
+        raise ScheduleError("num_warps must be <= 16 and num_stages >= 1")
+    if s.block_m * s.block_n > 256 * 256 or s.block_m * s.block_k > 256 * 128:
+        raise ScheduleError("tile larger than 256x256 (outputs) or 256x128 (operand) elements")
+    if fs.step.kind not in ("separable", "inception"):
+        cp = next_pow2(fs.block.shapes[fs.parts()["ln"].name].c)
+        kp = next_pow2(fs.out_spec.k)
+        if s.block_m * max(cp, kp) > 128 * 256:
+            raise ScheduleError(f"block_m={s.block_m} x {max(cp, kp)} on-chip channels exceeds 32768 elements")
+
+
+def resolve(fs: FusedSpec, schedule: Schedule | dict | None) -> Schedule:
+    if schedule is None:
+        s = default_schedule(fs)
+    elif isinstance(schedule, dict):
+        s = Schedule.from_dict(schedule)
+    elif isinstance(schedule, Schedule):
+        s = schedule
+    else:
+        raise ScheduleError(f"schedule must be a Schedule, a dict or None, got {type(schedule).__name__}")
+    s = canonical(fs, s)
+    check_schedule(fs, s)
+    return s
+
+
+# ---- rendering -----------------------------------------------------------------------------
+TEMPLATE_FILES = {
+    "separable": "block_separable.py.j2",
+    "mlp": "block_mlp.py.j2",
+    "convnext": "block_mlp.py.j2",
+    "inception": "block_inception.py.j2",
+}
+_DW_ARGS = (("bias", "dw_bias_ptr"), ("affine", "dw_scale_ptr"), ("affine", "dw_shift_ptr"))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _inception_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
+    """Per-branch constants: slice start/size, output offset, channel tile, filter geometry and [bn] [act]."""
+    h, w = fs.block.shapes[fs.step.nodes[-1]].size
+    branches, args, t0 = [], [], 0
+    for i, br in enumerate(fs.branches):
+        bc = min(s.block_n, next_pow2(br.size))
+        d: dict[str, Any] = dict(
+            i=i,
+            START=br.start,
+            OUT0=br.out_start,
+            SIZE=br.size,
+            BC=bc,
+            T0=t0,
+            END=t0 + _cdiv(br.size, bc),
+            conv=br.conv is not None,
+        )
+        t0 = d["END"]
+        if br.conv is None:
+            d["desc"] = f"identity: channels [{br.start}, {br.start + br.size})"
+        else:
+            spec = fs.block.conv_spec(fs.block.node(br.conv))
+            ep = dw_epilogue(fs.block, [br.conv, *br.tail])
+            d.update(
+                KS=list(spec.kernel),
+                DIL=list(spec.dilation),
+                PAD=[p[0] for p in spec.padding],
+                padded=[p != (0, 0) for p in spec.padding],
+                ep=ep,
+                act=lambda var, a=ep.activation: _ep.activation_expr(a, var),
+                desc=f"{'+'.join((br.conv, *br.tail))}: dw {'x'.join(map(str, spec.kernel))} on channels "
+                f"[{br.start}, {br.start + br.size})",
+            )
+            args += [f"w{i}_ptr"] + [
+                f"{k}{i}_ptr" for k, on in (("b", ep.bias), ("s", ep.affine), ("t", ep.affine)) if on
+            ]
+        branches.append(d)
+    return {
+        "M": fs.pixels,
+        "H": h,
+        "W": w,
+        "BM": s.block_m,
+        "branches": branches,
+        "args": args,
+        "desc": " | ".join(b["desc"].split(":")[0] for b in branches),
+        "tiles": t0,
+    }
+
+
+def _context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
+    if fs.step.kind == "inception":
+        return _inception_context(fs, s)
+    p = fs.parts()
+    out = fs.out_spec
+    dot_kw = ', input_precision="ieee"' if fs.dtype == "float32" else ""
+    dw = fs.dw_spec
+    if dw is not None:
+        g = generator.geometry(dw, s)
+        g.update(
+            static=[False, dw.kernel[1] <= UNROLL_TAPS],
+            dw_ep=p["dw_ep"],
+            dw_args=[name for flag, name in _DW_ARGS if getattr(p["dw_ep"], flag)],
+            dw_act=lambda var: _ep.activation_expr(p["dw_ep"].activation, var),
+        )
+    else:
+        g = {"M": out.out_pixels, "BM": s.block_m, "BN": s.block_n, "BK": s.block_k, "i64": False}
+    g.update(
+        K=out.k,
+        ep=out.epilogue,
+        ep_args=_ep.arg_names(out.epilogue),
+        dot_kw=dot_kw,
+        act=lambda var: _ep.activation_expr(out.epilogue.activation, var),
+        i64=g["i64"] or max(out.out_pixels * out.k, out.out_pixels * out.c) > generator.INT32_LIMIT,
+    )
+    if fs.step.kind == "separable":
+        pw = fs.step.nodes.index(p["pw"].name)
+        g.update(C=out.c, NPID_N=_cdiv(out.k, s.block_n), dw_desc="+".join(fs.step.nodes[1:pw]) or "nothing")
+        return g
+    c = fs.block.shapes[p["ln"].name].c
+    g.update(
+        dw=dw is not None,
+        C=c,
+        CP=next_pow2(c),
+        HID=fs.block.shapes[p["pw1"].name].c,
+        BH=s.block_k,
+        KP=next_pow2(out.k),
+        EPS=repr(float(p["ln"]["eps"])),
+        b1=p["pw1"]["bias"],
+        mid_act=p["mid_act"],
+        mid_act_expr=_ep.activation_expr(p["mid_act"], "h"),
+    )
+    return g
+
+
+def kernel_name(fs: FusedSpec) -> str:
+    return f"tunerd_block_{fs.step.kind}"
+
+
+def grid(fs: FusedSpec, s: Schedule) -> tuple[int, ...]:
+    m = _cdiv(fs.pixels, s.block_m)
+    if fs.step.kind == "inception":
+        return (m, sum(_cdiv(b.size, min(s.block_n, next_pow2(b.size))) for b in fs.branches))
+    return (m * _cdiv(fs.out_spec.k, s.block_n),) if fs.step.kind == "separable" else (m,)
+
+
+def render(fs: FusedSpec, schedule: Schedule | dict | None = None) -> generator.Variant:
+    """Triton source of a fused step under schedule (default heuristic when None); cached."""
+    return _render(fs, resolve(fs, schedule))
+
+
+@lru_cache(maxsize=512)
+def _render(fs: FusedSpec, s: Schedule) -> generator.Variant:
+    ctx = generator.Context(_context(fs, s))
+    name = kernel_name(fs)
+    ctx.update(
+        name=name, generator_version=generator.GENERATOR_VERSION, spec_json=fs.to_json(), schedule_json=s.to_json()
+    )
+    source = generator.environment().get_template(TEMPLATE_FILES[fs.step.kind]).render(v=ctx)
+    source = "\n".join(line.rstrip() for line in source.splitlines()) + "\n"
+    return generator.Variant(spec=fs, schedule=s, source=source, kernel_name=name, grid=grid(fs, s))
+
+
+# ---- arguments -----------------------------------------------------------------------------
+def _vec(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _gemm_weight(w: torch.Tensor) -> torch.Tensor:
+    """1x1 conv weight [K, C, 1, 1] -> GEMM B operand [C, K], contiguous."""
+    return w.detach().reshape(w.shape[0], w.shape[1]).t().contiguous()
+
+
+def fused_args(fs: FusedSpec, params: Params, vals: dict[str, torch.Tensor], out: torch.Tensor) -> dict[str, Any]:
+    """Kernel arguments of a fused step; vals holds the [N, C, H, W] tensors computed so far."""
+    if fs.step.kind == "inception":  # out: the [N, H, W, C] buffer; the kernel reads x's slices in place
+        return inception_args(fs, params, vals[fs.nodes[0].inputs[0]], out.permute(0, 3, 1, 2))
+    p = fs.parts()
+    first = fs.nodes[0]
+    x = vals[first.inputs[0]]
+    args: dict[str, Any] = {"x_ptr": _conv.to_channels_last(x.detach()), "out_ptr": out, "UPCAST": _conv.upcast(x)}
+    if p["dw"] is not None:
+        dw = p["dw"].name
+        args["wd_ptr"] = _conv.pack_weight(fs.dw_spec, params[f"{dw}.weight"].detach())
+        if p["dw_ep"].bias:
+            args["dw_bias_ptr"] = _vec(params[f"{dw}.bias"])
+        if p["dw_ep"].affine:
+            bn = next(n for n in fs.step.nodes[1:] if fs.block.node(n).op == "bn")
+            args["dw_scale_ptr"], args["dw_shift_ptr"] = _vec(params[f"{bn}.scale"]), _vec(params[f"{bn}.shift"])
+    if fs.step.kind == "separable":
+        args["w_ptr"] = _gemm_weight(params[f"{p['pw'].name}.weight"])
+    else:
+        ln, pw1, pw2 = p["ln"].name, p["pw1"].name, p["pw"].name
+        args.update(
+            ln_w_ptr=_vec(params[f"{ln}.weight"]),
+            ln_b_ptr=_vec(params[f"{ln}.bias"]),
+            w1_ptr=_gemm_weight(params[f"{pw1}.weight"]),
+            w2_ptr=_gemm_weight(params[f"{pw2}.weight"]),
+        )
+        if p["pw1"]["bias"]:
+            args["b1_ptr"] = _vec(params[f"{pw1}.bias"])
+    ep = epilogue_args(fs.block, p["pw"], p["tail_nodes"], params, vals)
+    args.update(_conv.epilogue_kernel_args(fs.out_spec, ep, x.device))
+    return args
+
+
+def _cl_strides(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(s_n, s_h, s_w) of a channels-last [N, C, H, W] view (channel stride 1), else SpecError."""
+    if tuple(t.shape) != shape:
+        raise SpecError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.stride(1) != 1 and shape[1] > 1:
+        raise SpecError(f"{name} must be a channels-last view (channel stride 1), got strides {t.stride()}")
+    return t.stride(0), t.stride(2), t.stride(3)
+
+
+def inception_args(fs: FusedSpec, params: Params, x: torch.Tensor, out: torch.Tensor) -> dict[str, Any]:
+    """Arguments of an inception step: x (the splits' source) and out (the concat) are [N, C, H, W] channels-last
+    views, e.g. channel slices of larger tensors; neither is copied."""
+    b = fs.block
+    src = b.shapes[fs.nodes[0].inputs[0]]
+    dst = b.shapes[fs.step.nodes[-1]]
+    sx = _cl_strides("inception input", x, (b.n, src.c, *src.size))
+    so = _cl_strides("inception output", out, (b.n, dst.c, *dst.size))
+    args: dict[str, Any] = {"x_ptr": x.detach(), "out_ptr": out}
+    for i, br in enumerate(fs.branches):
+        if br.conv is None:
+            continue
+        spec = b.conv_spec(b.node(br.conv))
+        args[f"w{i}_ptr"] = _conv.pack_weight(spec, params[f"{br.conv}.weight"].detach())
+        if b.node(br.conv)["bias"]:
+            args[f"b{i}_ptr"] = _vec(params[f"{br.conv}.bias"])
+        bn = next((n for n in br.tail if b.node(n).op == "bn"), None)
+        if bn is not None:
+            args[f"s{i}_ptr"], args[f"t{i}_ptr"] = _vec(params[f"{bn}.scale"]), _vec(params[f"{bn}.shift"])
+    args.update(sx_n=sx[0], sx_h=sx[1], sx_w=sx[2], so_n=so[0], so_h=so[1], so_w=so[2])
+    return args
+
+
+def run_inception(
+    fs: FusedSpec,
+    params: Params,
+    x: torch.Tensor,
+    out: torch.Tensor | None = None,
+    schedule: Schedule | dict | None = None,
+) -> torch.Tensor:
+    """One inception launch: x the splits' source and out the concat, [N, C, H, W] channels-last views (out
+    allocated when None, e.g. a channel slice of a larger buffer to write into in place); returns out."""
+    if fs.step.kind != "inception":
+        raise SpecError(f"{fs.describe()} is not an inception step")
+    if _conv.TORCH_DTYPES.get(x.dtype) != fs.dtype:
+        raise SpecError(f"input dtype {x.dtype} does not match the block's {fs.dtype}")
+    if out is None:
+        dst = fs.block.shapes[fs.step.nodes[-1]]
+        out = _conv.new_channels_last((fs.block.n, dst.c, *dst.size), x.dtype, x.device)
+    elif out.dtype != x.dtype or out.device != x.device:
+        raise SpecError(f"out must be {x.dtype} on {x.device}, got {out.dtype} on {out.device}")
+    runtime.launch(render(fs, schedule), inception_args(fs, params, x, out), x.device)
+    return out
+
+
+def epilogue_args(
+    block: Block, gemm: Node, tail: list[str], params: Params, vals: dict[str, torch.Tensor]
+) -> _conv.EpilogueArgs:
+    """Runtime tensors of the epilogue chain formed by a conv/GEMM node and the tail nodes after it."""
+    ep = tail_epilogue(block, tail, gemm["bias"])
+    args = _conv.EpilogueArgs(
+        bias=params.get(f"{gemm.name}.bias") if gemm["bias"] else None,
+        activation=ep.activation,
+        residual_mode=ep.residual or "post",
+    )
+    prev = gemm.name
+    for name in tail:
+        nd = block.node(name)
+        if nd.op == "bn":
+            args.scale, args.shift = params[f"{name}.scale"], params[f"{name}.shift"]
+        elif nd.op == "scale":
+            args.gamma = params[f"{name}.gamma"]
+        elif nd.op == "add":
+            args.residual = vals[nd.inputs[1] if nd.inputs[0] == prev else nd.inputs[0]]
+        prev = name
+    return args
+
+
+# ---- execution -----------------------------------------------------------------------------
+def check_inputs(block: Block, params: Params, x: torch.Tensor) -> None:
+    """SpecError unless x and params are what block describes."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    want = (block.n, block.c, *block.in_size)
+    if tuple(x.shape) != want:
+        raise SpecError(f"block input must have shape {want}, got {tuple(x.shape)}")
+    if _conv.TORCH_DTYPES.get(x.dtype) != block.dtype:
+        raise SpecError(f"block input dtype {x.dtype} does not match the block's {block.dtype}")
+    shapes = block.param_shapes()
+    missing = sorted(set(shapes) - set(params))
+    extra = sorted(set(params) - set(shapes))
+    if missing or extra:
+        raise SpecError(f"block parameters do not match: missing {missing}, unexpected {extra}")
+    for k, shape in shapes.items():
+        t = params[k]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise SpecError(
+                f"parameter {k} must be a tensor of shape {shape}, got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+        if t.device != x.device:
+            raise SpecError(f"parameter {k} is on {t.device} but the input is on {x.device}")
+        if k.endswith(".weight") and block.node(k.split(".")[0]).op == "conv" and t.dtype != x.dtype:
+            raise SpecError(f"conv weight {k} dtype {t.dtype} does not match the input's {x.dtype}")
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _is_cl_view(t: torch.Tensor) -> bool:
+    """A 4-D view whose channels are contiguous (channels-last, or a channel slice of such a tensor)."""
+    return t.dim() == 4 and (t.stride(1) == 1 or t.shape[1] == 1)
+
+
+def run_plan(
+    block: Block,
+    params: Params,
+    x: torch.Tensor,
+    plan: Plan | None = None,
+    schedules: dict[int, Schedule] | None = None,
+    poison: bool = False,
+) -> torch.Tensor:
+    """The block's output [N, K, P, Q] (channels-last memory) under plan (the planner's best when None).
+
+    schedules: step index -> Schedule for conv and fused steps (defaults otherwise). poison fills every
+    buffer a kernel writes with NaN first (the correctness gate)."""
+    check_inputs(block, params, x)
+    plan = plan or rank(block)[0].plan
+    check(block, plan)
+    schedules = schedules or {}
+    vals: dict[str, torch.Tensor] = {INPUT: x if _is_cl_view(x) else _channels_last(x)}
+    for i, step in enumerate(plan.steps):
+        first = block.node(step.nodes[0])
+        out_shape = block.shapes[step.nodes[-1]]
+        full = (block.n, out_shape.c, *out_shape.size)
+        if step.kind == "op" and first.op == "split":  # a view, as torch.split gives
+            y = vals[first.inputs[0]][:, first["start"] : first["start"] + first["size"]]
+        elif step.kind == "op":
+            ins = [vals[n].float() for n in first.inputs]
+            y = _channels_last(apply_node(first, ins, params).to(x.dtype))
+        else:
+            y = _conv.new_channels_last(full, x.dtype, x.device)
+            if poison:
+                y.fill_(float("nan"))
+            buf = _conv.to_channels_last(y)
+            if step.kind == "conv":
+                spec = block.conv_spec(first)
+                ep = epilogue_args(block, first, list(step.nodes[1:]), params, vals)
+                _conv.conv_forward(
+                    vals[first.inputs[0]],
+                    params[f"{first.name}.weight"],
+                    2,
+                    stride=spec.stride,
+                    padding=spec.padding,
+                    dilation=spec.dilation,
+                    groups=spec.groups,
+                    ep=ep,
+                    schedule=schedules.get(i),
+                    out=buf,
+                )
+            else:
+                fs = FusedSpec(block, step)
+                v = render(fs, schedules.get(i))
+                runtime.launch(v, fused_args(fs, params, vals, buf), x.device)
+        vals[step.nodes[-1]] = y
+    return vals[block.nodes[-1].name]
+
+
+def variants(block: Block, plan: Plan, schedules: dict[int, Schedule] | None = None) -> list[generator.Variant]:
+    """The variant each kernel step of plan launches ('op' steps launch none)."""
+    schedules = schedules or {}
+    out = []
+    for i, step in enumerate(plan.steps):
+        if step.kind == "conv":
+            nd = block.node(step.nodes[0])
+            ep = tail_epilogue(block, list(step.nodes[1:]), nd["bias"])
+            out.append(generator.render(block.conv_spec(nd, epilogue=ep), schedules.get(i)))
+        elif step.kind in FUSED:
+            out.append(render(FusedSpec(block, step), schedules.get(i)))
+    return out
+
+
+def random_params(
+    block: Block, device: torch.device | str = "cpu", generator_: torch.Generator | None = None
+) -> Params:
+    """Fresh parameters of a block: conv weights ~ N(0, 1/fan_in) in the block dtype, BN scale in [0.5, 1.5],
+    everything else ~ N(0, 1) (fp32), so every term of every node matters in tests and the tuner's gate."""
+    dt = _conv.SPEC_DTYPES[block.dtype]
+    out: Params = {}
+    for key, shape in block.param_shapes().items():
+        name, p = key.split(".")
+        nd = block.node(name)
+        if nd.op == "conv" and p == "weight":
+            fan = shape[1] * shape[2] * shape[3]
+            out[key] = (torch.randn(shape, generator=generator_, device=device) * fan**-0.5).to(dt)
+        elif nd.op == "conv":
+            out[key] = torch.randn(shape, generator=generator_, device=device).to(dt) * 0.5
+        elif p == "scale" and nd.op == "bn":
+            out[key] = torch.rand(shape, generator=generator_, device=device) + 0.5
+        elif nd.op == "se" and p in ("w1", "w2"):
+            out[key] = torch.randn(shape, generator=generator_, device=device) * shape[1] ** -0.5
+        elif nd.op == "ln" and p == "weight":
+            out[key] = torch.rand(shape, generator=generator_, device=device) + 0.5
+        else:
+            out[key] = torch.randn(shape, generator=generator_, device=device) * 0.5
+    return out
+
+
+# ---- compile-validity for sm_90 (no GPU) ---------------------------------------------------------
+def _meta_args(fs: FusedSpec) -> dict[str, Any]:
+    """Kernel arguments on the meta device (types matter to the compiler, not shapes)."""
+    block = fs.block
+    dt = _conv.SPEC_DTYPES[block.dtype]
+    meta = torch.device("meta")
+    params = {
+        k: torch.empty(
+            s,
+            dtype=dt if k.endswith(".weight") and block.node(k.split(".")[0]).op == "conv" else torch.float32,
+            device=meta,
+        )
+        for k, s in block.param_shapes().items()
+    }
+    vals = {
+        n: torch.empty((block.n, s.c, *s.size), dtype=dt, device=meta, memory_format=torch.channels_last)
+        for n, s in block.shapes.items()
+    }
+    if fs.step.kind == "inception":
+        s = block.shapes[fs.step.nodes[-1]]
+        return fused_args(fs, params, vals, torch.empty((block.n, *s.size, s.c), dtype=dt, device=meta))
+    out = torch.empty((1,), dtype=dt, device=meta)
+    args = fused_args(fs, params, vals, out)
+    args["UPCAST"] = False
+    return args
+
+
+def _compile_line(d: dict[str, Any], arch: int) -> dict[str, Any]:
+    from . import validate
+
+    block = Block.from_dict(d["block"])
+    plan = Plan.from_dict(block, d["plan"])
+    fs = FusedSpec(block, plan.steps[d["step"]])
+    v = render(fs, Schedule.from_dict(d["schedule"]))
+    try:
+        k = runtime.aot_compile(v, _meta_args(fs), arch=arch)
+        return {"id": v.id, "ok": True, "shared": int(k.metadata.shared), "error": None, **validate.resources(k)}
+    except Exception as e:  # the compiler's own message is the useful part
+        return {"id": v.id, "ok": False, "shared": None, "error": f"{type(e).__name__}: {str(e)[-800:]}"}
+
+
+def compile_check(
+    items: Iterable[tuple[Block, Plan, int, Schedule | None]], arch: int = 90, timeout: float = 900.0
+) -> list[dict[str, Any]]:
+    """Compile fused steps (block, plan, step index, schedule) for sm_<arch> in a child process with
+    TRITON_INTERPRET=0; per item {"id", "ok", "shared", "error", "regs", "spill_bytes", "mma", ...}."""
+    lines = []
+    for block, plan, i, s in items:
+        fs = FusedSpec(block, plan.steps[i])
+        lines.append(
+            json.dumps(
+                {"block": block.to_dict(), "plan": plan.to_dict(), "step": i, "schedule": resolve(fs, s).to_dict()}
+            )
+        )
+    env = dict(
+        os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "tunerd.kernels.fused", "--arch", str(arch)],
+        input="\n".join(lines),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"fused compile checker failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+    got = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    if len(got) != len(lines):
+        raise RuntimeError(f"fused compile checker returned {len(got)} results for {len(lines)} kernels")
+    return got
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90)
+    ns = ap.parse_args(argv)
+    for line in sys.stdin:
+        if line.strip():
+            print(json.dumps(_compile_line(json.loads(line), ns.arch)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from tunerd.kernels.fused import main as _main
+
+    sys.exit(_main())

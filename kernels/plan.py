@@ -1,0 +1,441 @@
+"""Plan: a partition of a Block into kernels, the legal plans of a block, and their modelled cost.
+
+A Step is one launch and names its kind:
+  conv       one conv node and the epilogue chain it absorbs (existing single-conv kernels):
+             [bn] [add 'pre'] [act] [scale] [add 'post'], in Epilogue's order
+  op         one non-conv node run as torch ops (LayerNorm, SE, standalone BN/act/scale/add, split, concat)
+  separable  depthwise k x k [bn] [act] -> pointwise GEMM + its epilogue chain: the depthwise tile is the
+             GEMM's A operand, never written to memory
+  mlp        LayerNorm over channels -> pw expand [act] -> pw project + epilogue chain, the expanded hidden
+             kept on chip chunk by chunk (back-to-back GEMM)
+  convnext   depthwise k x k -> the mlp step, in one launch
+  inception  multi-branch depthwise over channel splits of one input (InceptionNeXt's token mixer): splits
+             of one tensor, each either kept (identity) or through a stride-1 same-size depthwise conv
+             [bn] [act], concatenated; one launch reads each slice once and writes each branch's channels
+             of the concat in place (no split copies, no concat copy)
+A fused step is legal when its nodes form a chain (each feeds only the next; a residual add's other
+operand already exists) and its tiles fit on chip (mlp/convnext: padded C and K <= MAX_ONCHIP).
+A split is a view (eager torch.split): no bytes moved and no launch of its own in the cost model.
+plans() enumerates every legal plan; rank() orders them by the cost model (bytes moved through
+HBM and instruction issue on tensor/CUDA cores, plus a launch overhead per step).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .block import INPUT, Block, Node
+from .spec import Epilogue, SpecError
+
+STEP_KINDS = ("conv", "op", "separable", "mlp", "convnext", "inception")
+FUSED = ("separable", "mlp", "convnext", "inception")
+MAX_ONCHIP = 256  # padded channels of a row (and of the project GEMM's output) an mlp tile keeps on chip
+
+
+def next_pow2(v: int) -> int:
+    p = 1
+    while p < v:
+        p *= 2
+    return p
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    nodes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "nodes": list(self.nodes)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+
+    @property
+    def launches(self) -> int:
+        return len(self.steps)
+
+    @property
+    def fused(self) -> bool:
+        return any(s.kind in FUSED for s in self.steps)
+
+    def describe(self) -> str:
+        """e.g. 'convnext[dw+ln+pw1+act+pw2+gamma+res]' or 'conv[dw] | op[ln] | conv[pw1+act] | ...'."""
+        return " | ".join(f"{s.kind}[{'+'.join(s.nodes)}]" for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": [s.to_dict() for s in self.steps]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, block: Block, d: Any) -> Plan:
+        """A plan as JSON, checked against block: every step must match its kind (see check)."""
+        if not isinstance(d, dict) or set(d) != {"steps"} or not isinstance(d["steps"], list):
+            raise SpecError("a plan must be a JSON object {'steps': [{'kind': ..., 'nodes': [...]}, ...]}")
+        steps = []
+        for s in d["steps"]:
+            if not isinstance(s, dict) or set(s) != {"kind", "nodes"} or not isinstance(s["nodes"], list):
+                raise SpecError(f"a plan step must be {{'kind': ..., 'nodes': [...]}}, got {s!r}")
+            steps.append(Step(kind=s["kind"], nodes=tuple(s["nodes"])))
+        plan = cls(steps=tuple(steps))
+        check(block, plan)
+        return plan
+
+
+# ---- matching one step --------------------------------------------------------------------
+def _chain_ok(block: Block, names: list[str]) -> bool:
+    """names[i+1] reads names[i] (first input); every name but the last feeds only the next."""
+    for a, b in itertools.pairwise(names):
+        nb = block.node(b)
+        if nb.inputs[0] != a and not (nb.op == "add" and nb.inputs[1] == a):
+            return False
+        if block.consumers(a) != [b]:
+            return False
+        if nb.op == "add" and nb.inputs[0] == nb.inputs[1]:
+            return False
+    return True
+
+
+def _other(nd: Node, prev: str) -> str:
+    """The operand of an add that is not the chain's running value."""
+    return nd.inputs[1] if nd.inputs[0] == prev else nd.inputs[0]
+
+
+def tail_epilogue(block: Block, names: list[str], bias: bool) -> Epilogue | None:
+    """The Epilogue a chain of nodes after a conv/GEMM forms ([bn] [add pre] [act] [scale] [add post]),
+    or None when they do not fit that order."""
+    order = ["bn", "add_pre", "act", "scale", "add_post"]
+    pos = 0
+    ep: dict[str, Any] = {"bias": bias}
+    for name in names:
+        nd = block.node(name)
+        key = nd.op if nd.op != "add" else ("add_pre" if pos <= order.index("add_pre") else "add_post")
+        if key not in order[pos:]:
+            return None
+        pos = order.index(key) + 1
+        if nd.op == "bn":
+            ep["affine"] = True
+        elif nd.op == "act":
+            ep["activation"] = nd["fn"]
+        elif nd.op == "scale":
+            ep["layer_scale"] = True
+        elif nd.op == "add":
+            ep["residual"] = "pre" if key == "add_pre" else "post"
+        else:
+            return None
+    return Epilogue(**ep)
+
+
+def _is_depthwise(block: Block, nd: Node) -> bool:
+    if nd.op != "conv":
+        return False
+    spec = block.conv_spec(nd)
+    return spec.kind == "depthwise" and spec.k == spec.c
+
+
+def _is_pointwise(block: Block, nd: Node) -> bool:
+    if nd.op != "conv":
+        return False
+    spec = block.conv_spec(nd)
+    return spec.taps == 1 and spec.groups == 1 and not spec.has_padding and all(v == 1 for v in spec.stride)
+
+
+def _mlp_fits(block: Block, ln: Node, pw2: Node) -> bool:
+    return next_pow2(block.shapes[ln.name].c) <= MAX_ONCHIP and next_pow2(block.shapes[pw2.name].c) <= MAX_ONCHIP
+
+
+def matches(block: Block, step: Step) -> bool:
+    """Whether step's nodes are a legal instance of its kind."""
+    names = list(step.nodes)
+    if not names or any(n not in block.shapes or n == INPUT for n in names):
+        return False
+    if step.kind == "inception":
+        return inception_branches(block, names) is not None
+    if not _chain_ok(block, names):
+        return False
+    nds = [block.node(n) for n in names]
+    first = nds[0]
+    if step.kind == "op":
+        return len(nds) == 1 and first.op != "conv"
+    if step.kind == "conv":
+        return first.op == "conv" and tail_epilogue(block, names[1:], first["bias"]) is not None
+    if step.kind == "separable":
+        if not _is_depthwise(block, first):
+            return False
+        i = 1
+        while i < len(nds) and nds[i].op in ("bn", "act") and (nds[i].op != "bn" or i == 1):
+            i += 1
+        if i >= len(nds) or not _is_pointwise(block, nds[i]):
+            return False
+        head = dw_epilogue(block, names[:i])
+        return head is not None and tail_epilogue(block, names[i + 1 :], nds[i]["bias"]) is not None
+    if step.kind in ("mlp", "convnext"):
+        if step.kind == "convnext":
+            if not _is_depthwise(block, first):
+                return False
+            nds, names = nds[1:], names[1:]
+        if len(nds) < 4 or nds[0].op != "ln" or not _is_pointwise(block, nds[1]) or nds[2].op != "act":
+            return False
+        if not _is_pointwise(block, nds[3]) or not _mlp_fits(block, nds[0], nds[3]):
+            return False
+        return tail_epilogue(block, names[4:], nds[3]["bias"]) is not None
+    return False
+
+
+def dw_epilogue(block: Block, names: list[str]) -> Epilogue | None:
+    """The depthwise part of a separable step: dw conv [bn] [act]."""
+    ep = tail_epilogue(block, names[1:], block.node(names[0])["bias"])
+    if ep is None or ep.residual or ep.layer_scale:
+        return None
+    return ep
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch of an inception step: input channels [start, start + size) of the shared source, an optional
+    depthwise conv node with its [bn] [act] tail, written to channels [out_start, out_start + size) of the concat."""
+
+    split: str
+    conv: str | None
+    tail: tuple[str, ...]
+    start: int
+    size: int
+    out_start: int
+
+
+def _same_size_depthwise(block: Block, nd: Node) -> bool:
+    """groups == in == out channels (multiplier 1, any count), stride 1, output size == input size."""
+    if nd.op != "conv":
+        return False
+    spec = block.conv_spec(nd)
+    return (
+        spec.groups == spec.c == spec.k
+        and all(v == 1 for v in spec.stride)
+        and tuple(spec.out_size) == tuple(spec.in_size)
+    )
+
+
+def inception_branches(block: Block, names: list[str]) -> list[Branch] | None:
+    """The branches of an inception step (in concat order), or None unless names are: splits of one source,
+    each followed by nothing (identity) or a same-size depthwise conv [bn] [act] chain, then one concat of
+    every branch's last node; nothing inside feeds anything outside but the concat."""
+    if len(names) < 3 or block.node(names[-1]).op != "concat":
+        return None
+    inside = set(names)
+    chains: list[list[str]] = []
+    for name in names[:-1]:
+        nd = block.node(name)
+        if nd.op == "split":
+            chains.append([name])
+        elif not chains or nd.inputs[0] != chains[-1][-1]:
+            return None
+        else:
+            chains[-1].append(name)
+        if not set(block.consumers(name)) <= inside:
+            return None
+    if len({block.node(c[0]).inputs[0] for c in chains}) != 1:
+        return None
+    cat = block.node(names[-1])
+    tails = {c[-1]: c for c in chains}
+    if len(cat.inputs) != len(chains) or set(cat.inputs) != set(tails):
+        return None
+    out: list[Branch] = []
+    offset = 0
+    for t in cat.inputs:
+        chain = tails[t]
+        for a, b in itertools.pairwise(chain):
+            if block.consumers(a) != [b]:
+                return None
+        split = block.node(chain[0])
+        conv = None
+        if len(chain) > 1:
+            nd = block.node(chain[1])
+            if not _same_size_depthwise(block, nd) or dw_epilogue(block, chain[1:]) is None:
+                return None
+            conv = nd.name
+        out.append(
+            Branch(
+                split=split.name,
+                conv=conv,
+                tail=tuple(chain[2:]),
+                start=split["start"],
+                size=split["size"],
+                out_start=offset,
+            )
+        )
+        offset += split["size"]
+    return out
+
+
+def check(block: Block, plan: Plan) -> None:
+    """SpecError unless plan covers block's nodes once each, in order, with legal steps."""
+    flat = [n for s in plan.steps for n in s.nodes]
+    if flat != [nd.name for nd in block.nodes]:
+        raise SpecError(f"plan steps must cover the block's nodes once each in order: got {flat}")
+    for s in plan.steps:
+        if s.kind not in STEP_KINDS:
+            raise SpecError(f"unknown step kind {s.kind!r}; expected one of {STEP_KINDS}")
+        if not matches(block, s):
+            raise SpecError(f"step {s.kind}[{'+'.join(s.nodes)}] is not a legal {s.kind} kernel for this block")
+
+
+# ---- enumeration ---------------------------------------------------------------------------
+def _steps_at(block: Block, i: int) -> Iterator[Step]:
+    names = [nd.name for nd in block.nodes]
+    for kind in STEP_KINDS:
+        for j in range(i + 1, len(names) + 1):
+            step = Step(kind, tuple(names[i:j]))
+            if matches(block, step):
+                yield step
+
+
+def plans(block: Block) -> list[Plan]:
+    """Every legal plan of block (memoised partitions of the node sequence into matching steps)."""
+    n = len(block.nodes)
+    memo: dict[int, list[tuple[Step, ...]]] = {n: [()]}
+    for i in range(n - 1, -1, -1):
+        out = []
+        for step in _steps_at(block, i):
+            for rest in memo[i + len(step.nodes)]:
+                out.append((step,) + rest)
+        memo[i] = out
+    if not memo[0]:
+        raise SpecError(f"no legal plan for {block.describe()}")
+    return [Plan(steps=p) for p in memo[0]]
+
+
+def unfused(block: Block) -> Plan:
+    """Each node its own launch (a conv with only its bias): the eager baseline."""
+    return Plan(steps=tuple(Step("conv" if nd.op == "conv" else "op", (nd.name,)) for nd in block.nodes))
+
+
+# ---- cost model ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rates:
+    """Device rates the plan cost model needs (H100 SXM defaults; schedules.blocks passes DeviceLimits')."""
+
+    dram_bw: float = 3.35e12
+    mma_flops: float = 989e12  # fp16/bf16 tensor cores
+    fp32_mma_flops: float = 67e12  # fp32 'ieee' dots run on CUDA cores
+    fp32_flops: float = 67e12
+    launch_s: float = 4e-6
+
+
+@dataclass(frozen=True)
+class StepCost:
+    step: Step
+    bytes: int  # HBM traffic: external inputs + parameters read, output written
+    mma_flops: float  # GEMM work (tensor cores for 16-bit inputs)
+    flops: float  # CUDA-core work: direct depthwise taps, norms, activations, SE
+    seconds: float
+    launch: bool = True  # False for a split: a view, no kernel
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    plan: Plan
+    steps: tuple[StepCost, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.steps)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+    @property
+    def launches(self) -> int:
+        """Kernel launches (split steps are views and launch nothing)."""
+        return sum(s.launch for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.describe(), "launches": self.launches, "bytes": self.bytes, "seconds": self.seconds}
+
+
+_ELEM_FLOPS = {"bn": 2, "act": 8, "scale": 1, "add": 1, "ln": 8, "split": 0, "concat": 0}
+
+
+def _elems(block: Block, name: str) -> int:
+    s = block.shapes[name]
+    return block.n * s.c * s.size[0] * s.size[1]
+
+
+def step_cost(block: Block, step: Step, rates: Rates = Rates()) -> StepCost:
+    """Modelled HBM bytes and issue time of one launch of step."""
+    if step.kind == "op" and block.node(step.nodes[0]).op == "split":
+        return StepCost(step=step, bytes=0, mma_flops=0.0, flops=0.0, seconds=0.0, launch=False)
+    item = block.itemsize
+    inside = set(step.nodes)
+    external: set[str] = set()
+    params = 0
+    mma = flops = 0.0
+    recompute = 1
+    for name in step.nodes:
+        nd = block.node(name)
+        external.update(i for i in nd.inputs if i not in inside)
+        if nd.op == "conv":
+            spec = block.conv_spec(nd)
+            params += spec.k * spec.cg * spec.taps * item + (spec.k * 4 if nd["bias"] else 0)
+            if spec.kind == "depthwise":
+                flops += spec.flops
+            else:
+                mma += spec.flops
+        else:
+            params += sum(_prod(shape) for key, shape in block.param_shapes().items() if key.startswith(name + ".")) * 4
+            e = _elems(block, name)
+            flops += _ELEM_FLOPS.get(nd.op, 0) * e
+            if nd.op == "se":
+                flops += 3 * e + 4 * block.n * nd["hidden"] * block.shapes[name].c
+    if step.kind == "separable":  # each output-channel tile recomputes the depthwise tile
+        pw = next(block.node(n) for n in step.nodes[1:] if block.node(n).op == "conv")
+        recompute = -(-block.shapes[pw.name].c // 128)
+        dw = block.conv_spec(block.node(step.nodes[0]))
+        flops += (recompute - 1) * dw.flops
+    read = sum(_read_elems(block, n, inside) for n in external)
+    if step.kind == "op" and block.node(step.nodes[0]).op == "se":
+        read *= 2  # pool, then scale: two passes over the input
+    if step.kind == "separable":
+        read += (recompute - 1) * _elems(block, step.nodes[0])  # input re-read per output tile (halo ignored)
+    out = _elems(block, step.nodes[-1])
+    nbytes = (read + out) * item + params
+    mma_rate = rates.fp32_mma_flops if block.dtype == "float32" else rates.mma_flops
+    t = max(nbytes / rates.dram_bw, mma / mma_rate + flops / rates.fp32_flops) + rates.launch_s
+    return StepCost(step=step, bytes=int(nbytes), mma_flops=mma, flops=flops, seconds=t)
+
+
+def _read_elems(block: Block, name: str, inside: set[str]) -> int:
+    """Elements a step reads of an external tensor: only the channel slices when every reader inside is a split."""
+    users = [block.node(u) for u in block.consumers(name) if u in inside]
+    if users and all(u.op == "split" for u in users):
+        return sum(_elems(block, u.name) for u in users)
+    return _elems(block, name)
+
+
+def _prod(xs: tuple[int, ...]) -> int:
+    out = 1
+    for v in xs:
+        out *= v
+    return out
+
+
+def cost(block: Block, plan: Plan, rates: Rates = Rates()) -> PlanCost:
+    return PlanCost(plan=plan, steps=tuple(step_cost(block, s, rates) for s in plan.steps))
+
+
+def rank(block: Block, rates: Rates = Rates(), candidates: list[Plan] | None = None) -> list[PlanCost]:
+    """Legal plans (or candidates), cheapest modelled time first; ties go to fewer bytes, then fewer launches."""
+    cands = candidates if candidates is not None else plans(block)
+    costs = [cost(block, p, rates) for p in cands]
+    return sorted(costs, key=lambda c: (c.seconds, c.bytes, c.launches, c.plan.describe()))
+
+
+def best(block: Block, rates: Rates = Rates()) -> Plan:
+    return rank(block, rates)[0].plan

@@ -1,0 +1,435 @@
+"""Block tuning: search fusion plan x tile schedule jointly and keep the fastest correct plan.
+
+tune_block() ranks the block's legal plans with the plan cost model (kernels.plan), takes the
+`max_plans` cheapest plus the unfused plan (the baseline), and for each plan searches the tile
+schedules of its first fused step with a registered strategy (schedules.strategies) under its
+share of the budget; conv steps run their default (or looked-up) schedules, 'op' steps are torch.
+
+Every candidate runs in the harness's isolated worker process (schedules.harness.Worker: timeouts,
+crashes and memory limits replace the worker, never the tuner) through the worker's 'block'
+request, answered by handle() here: the worker re-renders the plan's kernels itself, then the same
+gate as single convs (fresh seeded inputs, every kernel output NaN-poisoned, float64 torch reference
+of the whole block at kernels.reference.tolerance) and timing (worker.time_launches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tunerd.kernels import block_reference, fused, reference
+from tunerd.kernels.block import Block
+from tunerd.kernels.conv import SPEC_DTYPES
+from tunerd.kernels.plan import FUSED, Plan, PlanCost, Rates, rank, unfused
+from tunerd.kernels.schedule import Schedule, ScheduleError
+
+from .device import INTERPRETER_NAME, DeviceLimits
+from .strategies import Budget, make
+from .trial import COMPILE_ERROR, OK, WRONG, Trial, best_of
+
+
+def rates(limits: DeviceLimits) -> Rates:
+    """The plan cost model's rates for a device."""
+    return Rates(
+        dram_bw=limits.dram_bw,
+        mma_flops=limits.fp16_flops,
+        fp32_mma_flops=limits.fp32_flops,
+        fp32_flops=limits.fp32_flops,
+        launch_s=limits.launch_s,
+    )
+
+
+# ---- the space of one fused step ---------------------------------------------------------------
+def space(fs: fused.FusedSpec, max_candidates: int | None = 32) -> list[Schedule]:
+    """Legal schedules of a fused step, the default first, then by tile size (largest first)."""
+    m = fs.pixels
+    top_m = max(16, min(128, fused.next_pow2(m)))
+    ms = [v for v in (16, 32, 64, 128) if v <= top_m]
+    if fs.step.kind == "inception":  # pixel tile x channel tile (per branch, capped at its slice)
+        ns = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(max(b.size for b in fs.branches)))]
+        ks = [16]
+    elif fs.step.kind == "separable":
+        out = fs.out_spec
+        ns = [v for v in (16, 32, 64, 128) if v <= max(16, fused.next_pow2(out.k))]
+        ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(out.c))]
+    else:
+        ns = [16]
+        ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(fs.block.shapes[fs.step.nodes[-1]].c * 4))]
+    cands = [fused.default_schedule(fs)]
+    for bm, bn, bk, w in itertools.product(reversed(ms), reversed(ns), reversed(ks), (4, 8)):
+        s = Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=1, num_warps=w, num_stages=2)
+        try:
+            cands.append(fused.resolve(fs, s))
+        except ScheduleError:
+            continue
+    cands = list(dict.fromkeys(fused.resolve(fs, s) for s in cands))
+    return cands[:max_candidates] if max_candidates else cands
+
+
+def predict(fs: fused.FusedSpec, s: Schedule, limits: DeviceLimits) -> float:
+    """Modelled seconds of one fused launch under s: the strategies' prior. Tiles are padded to whole
+    blocks (tile quantization), programs run in waves over the SMs, and a separable step re-reads its
+    input and recomputes its depthwise tile once per output-channel tile."""
+    m, item = fs.pixels, fs.block.itemsize
+    progs_m = fused._cdiv(m, s.block_m)
+    mma_rate = limits.fp32_flops if fs.dtype == "float32" else limits.fp16_flops
+    if fs.step.kind == "inception":  # padded channel tiles, taps on CUDA cores, each slice read once
+        bcs = [min(s.block_n, fused.next_pow2(b.size)) for b in fs.branches]
+        tiles = [
+            (fused._cdiv(b.size, bc) * bc, fs.block.conv_spec(fs.block.node(b.conv)).taps if b.conv else 0)
+            for b, bc in zip(fs.branches, bcs)
+        ]
+        progs = progs_m * fused.grid(fs, s)[1]
+        work = progs_m * s.block_m * sum(2 * cpad * taps for cpad, taps in tiles) / limits.fp32_flops
+        nbytes = 2 * m * sum(cpad for cpad, _ in tiles) * item
+        waves = fused._cdiv(progs, limits.sm_count)
+        return (
+            limits.launch_s
+            + max(nbytes / limits.dram_bw, waves * (work / progs) * limits.sm_count)
+            + waves * limits.wave_s
+        )
+    out = fs.out_spec
+    if fs.step.kind == "separable":
+        tiles_n = fused._cdiv(out.k, s.block_n)
+        progs = progs_m * tiles_n
+        cpad = fused._cdiv(out.c, s.block_k) * s.block_k
+        dw_taps = fs.dw_spec.taps
+        work = progs * s.block_m * cpad * (2 * s.block_n / mma_rate + 2 * dw_taps / limits.fp32_flops)
+        nbytes = (tiles_n * fs.dw_spec.n * fs.dw_spec.c * math.prod(fs.dw_spec.in_size) + m * out.k) * item
+    else:
+        p = fs.parts()
+        hid = fs.block.shapes[p["pw1"].name].c
+        cp, kp = fused.next_pow2(fs.block.shapes[p["ln"].name].c), fused.next_pow2(out.k)
+        hpad = fused._cdiv(hid, s.block_k) * s.block_k
+        progs = progs_m
+        work = (
+            progs
+            * s.block_m
+            * (2 * hpad * (cp + kp) / mma_rate + (2 * fs.dw_spec.taps * cp / limits.fp32_flops if fs.dw_spec else 0.0))
+        )
+        nbytes = (m * (out.c + out.k) + hid * (out.c + out.k)) * item
+    # work is in seconds at the whole chip's rate; one program at a time per SM runs at 1/sm_count of it
+    t_math = fused._cdiv(progs, limits.sm_count) * (work / progs) * limits.sm_count
+    return limits.launch_s + max(nbytes / limits.dram_bw, t_math) + fused._cdiv(progs, limits.sm_count) * limits.wave_s
+
+
+def searched_step(plan: Plan) -> int | None:
+    """The step whose schedule a plan's search varies: its first fused step (None: nothing to vary)."""
+    return next((i for i, s in enumerate(plan.steps) if s.kind in FUSED), None)
+
+
+# ---- measuring one (plan, schedules) in the worker ---------------------------------------------
+def handle(msg: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The worker's answer to {"kind": "block", block, plan, schedules, reps, warmup, flush_l2, seed}."""
+    from . import worker as _worker
+
+    t0 = time.perf_counter()
+    try:
+        block = Block.from_dict(msg["block"])
+        plan = Plan.from_dict(block, msg["plan"])
+        schedules = {int(i): Schedule.from_dict(s) for i, s in msg["schedules"].items()}
+        fused.variants(block, plan, schedules)  # render (and so check) every kernel before any input exists
+    except (ValueError, KeyError) as e:
+        return {"status": COMPILE_ERROR, "error": _worker.describe(e), "seconds": time.perf_counter() - t0}
+    tol = reference.tolerance(block.dtype)
+    try:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(msg["seed"]))
+        params = fused.random_params(block, device, gen)
+        x = torch.randn((block.n, block.c, *block.in_size), generator=gen, device=device)
+        x = x.to(SPEC_DTYPES[block.dtype])
+        ref = block_reference.block(block, params, x)
+    except Exception as e:  # not the candidate's doing
+        return {"status": "crash", "error": f"setting up inputs failed: {_worker.describe(e)}"}
+    try:
+        got = fused.run_plan(block, params, x, plan, schedules, poison=True)
+        _sync(device)
+        rel, mx = reference.rel_error(got, ref), _worker.max_abs_error(got, ref)
+        if not rel < tol:
+            return {
+                "status": WRONG,
+                "rel_error": rel,
+                "max_error": mx,
+                "error": f"relative error {rel:.3g} exceeds the {block.dtype} tolerance {tol:g}",
+            }
+        box: dict[str, torch.Tensor] = {}
+
+        def launch() -> None:
+            box["y"] = fused.run_plan(block, params, x, plan, schedules)
+
+        times = _worker.time_launches(launch, device, int(msg["reps"]), int(msg["warmup"]), bool(msg["flush_l2"]))
+        rel2 = reference.rel_error(box["y"], ref)
+        if not rel2 < tol:
+            return {
+                "status": WRONG,
+                "rel_error": rel2,
+                "max_error": _worker.max_abs_error(box["y"], ref),
+                "error": f"output changed across repetitions: relative error {rel2:.3g} after timing",
+            }
+    except Exception as e:
+        return _worker.failure(e, device)
+    t = sorted(times)
+
+    def pick(q: float) -> float:
+        return t[min(len(t) - 1, int(q * (len(t) - 1) + 0.5))]
+
+    return {
+        "status": OK,
+        "median_ms": pick(0.5),
+        "p10_ms": pick(0.1),
+        "p90_ms": pick(0.9),
+        "reps": len(t),
+        "rel_error": max(rel, rel2),
+        "max_error": mx,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class BlockTrial:
+    """One measured (plan, schedules) of a block; `trial` carries status, timings and numerics
+    (its variant_id hashes the plan and every kernel's source, its source holds them all)."""
+
+    plan: Plan
+    schedules: dict[int, Schedule]
+    trial: Trial
+    modelled: PlanCost
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan.to_dict(),
+            "plan_description": self.plan.describe(),
+            "schedules": {str(i): s.to_dict() for i, s in self.schedules.items()},
+            "modelled_bytes": self.modelled.bytes,
+            "modelled_seconds": self.modelled.seconds,
+            **{k: v for k, v in self.trial.to_dict().items() if k not in ("schedule", "source")},
+        }
+
+
+class BlockHarness:
+    """Measures (block, plan, schedules) in one isolated worker process (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        device: str | None = None,
+        reps: int | None = None,
+        warmup: int | None = None,
+        timeout_s: float = 300.0,
+        startup_timeout_s: float = 300.0,
+        flush_l2: bool = True,
+        seed: int = 0,
+        threads: int = 1,
+    ) -> None:
+        from . import harness as _harness
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() and not fused.runtime.interpreting() else "cpu"
+        gpu = torch.device(device).type == "cuda"
+        self.device = device
+        self.device_name = torch.cuda.get_device_name(device) if gpu else INTERPRETER_NAME
+        self.reps = reps if reps is not None else (50 if gpu else 3)
+        self.warmup = warmup if warmup is not None else (5 if gpu else 0)
+        self.timeout_s = timeout_s
+        self.flush_l2 = flush_l2
+        self.seed = seed
+        self._harness = _harness
+        self._worker = _harness.Worker(device, threads, startup_timeout_s)
+
+    def measure(self, block: Block, plan: Plan, schedules: dict[int, Schedule], reps: int | None = None) -> Trial:
+        t0 = time.monotonic()
+        try:
+            variants = fused.variants(block, plan, schedules)
+        except ValueError as e:  # ScheduleError / SpecError
+            return Trial(
+                schedule=Schedule(),
+                variant_id="",
+                source="",
+                status=COMPILE_ERROR,
+                error=str(e),
+                device=self.device_name,
+                seconds=time.monotonic() - t0,
+            )
+        vid = plan_variant_id(plan, variants)
+        seed = int(hashlib.sha256(f"{self.seed}:{block.digest}".encode()).hexdigest()[:8], 16)
+        msg = {
+            "kind": "block",
+            "block": block.to_dict(),
+            "plan": plan.to_dict(),
+            "schedules": {str(i): s.to_dict() for i, s in schedules.items()},
+            "reps": reps or self.reps,
+            "warmup": self.warmup,
+            "flush_l2": self.flush_l2,
+            "seed": seed,
+        }
+        reply = self._harness.isolated_request(self._worker, msg, self.timeout_s)
+        ok = reply["status"] == OK
+        i = searched_step(plan)
+        return Trial(
+            schedule=schedules.get(i, Schedule()) if i is not None else Schedule(),
+            variant_id=vid,
+            source="".join(f"# ---- kernel {n}: {v.kernel_name}\n{v.source}" for n, v in enumerate(variants)),
+            status=reply["status"],
+            median_ms=reply.get("median_ms"),
+            p10_ms=reply.get("p10_ms"),
+            p90_ms=reply.get("p90_ms"),
+            reps=reply.get("reps", 0) if ok else 0,
+            rel_error=reply.get("rel_error"),
+            max_error=reply.get("max_error"),
+            error=reply.get("error"),
+            device=self.device_name,
+            seconds=time.monotonic() - t0,
+        )
+
+    def close(self) -> None:
+        self._worker.stop()
+
+    def __enter__(self) -> BlockHarness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plan_variant_id(plan: Plan, variants: list[Any]) -> str:
+    """Content hash of a plan and the exact sources of its kernels."""
+    h = hashlib.sha256(plan.to_json().encode())
+    for v in variants:
+        h.update(v.id.encode())
+    return h.hexdigest()[:24]
+
+
+# ---- the search ------------------------------------------------------------------------------
+@dataclass
+class BlockTuneResult:
+    block: Block
+    best: BlockTrial | None
+    trials: list[BlockTrial]
+    default: BlockTrial  # the planner's first choice under default schedules
+    baseline: BlockTrial  # the unfused plan
+    ranked: list[PlanCost]
+    device: str = ""
+    strategy: str = ""
+    seconds: float = 0.0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def speedup_vs_unfused(self) -> float | None:
+        if self.best is None or not self.baseline.trial.ok:
+            return None
+        return self.baseline.trial.cost / self.best.trial.cost
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "block": self.block.to_dict(),
+            "best": self.best.to_dict() if self.best else None,
+            "plan": self.best.plan.describe() if self.best else None,
+            "trials": [t.to_dict() for t in self.trials],
+            "default": self.default.to_dict(),
+            "baseline": self.baseline.to_dict(),
+            "ranked": [c.to_dict() for c in self.ranked],
+            "speedup_vs_unfused": self.speedup_vs_unfused,
+            "device": self.device,
+            "strategy": self.strategy,
+            "seconds": self.seconds,
+            "statuses": self.statuses,
+        }
+
+
+def tune_block(
+    block: Block,
+    *,
+    strategy: str = "exhaustive",
+    budget_trials: int | None = None,
+    budget_seconds: float | None = None,
+    max_plans: int = 3,
+    seed: int = 0,
+    harness: BlockHarness | None = None,
+    limits: DeviceLimits | None = None,
+    reps: int | None = None,
+    max_candidates: int | None = 32,
+    on_trial: Callable[[BlockTrial], None] | None = None,
+) -> BlockTuneResult:
+    """Tune block over plan x schedule; see the module doc. budget_trials is shared out evenly over the plans
+    searched (the unfused baseline and each plan's default schedule are always measured)."""
+    t0 = time.monotonic()
+    limits = limits or DeviceLimits.detect()
+    r = rates(limits)
+    ranked = rank(block, r)
+    base = unfused(block)
+    chosen = [c.plan for c in ranked[: max(1, max_plans)]]
+    if base not in chosen:
+        chosen.append(base)
+    cost_of = {c.plan: c for c in ranked}
+    own = harness is None
+    harness = harness or BlockHarness(seed=seed)
+    full = reps or harness.reps
+    trials: list[BlockTrial] = []
+
+    def measure_with(plan: Plan, i: int | None) -> Callable[[Schedule, int], Trial]:
+        def measure(s: Schedule, n: int) -> Trial:
+            scheds = {} if i is None else {i: s}
+            t = harness.measure(block, plan, scheds, n)
+            bt = BlockTrial(plan=plan, schedules=scheds, trial=t, modelled=cost_of[plan])
+            trials.append(bt)
+            if on_trial is not None:
+                on_trial(bt)
+            return t
+
+        return measure
+
+    try:
+        per_plan = None if budget_trials is None else max(1, budget_trials // len(chosen))
+        for plan in chosen:
+            i = searched_step(plan)
+            measure = measure_with(plan, i)
+            default = fused.default_schedule(fused.FusedSpec(block, plan.steps[i])) if i is not None else Schedule()
+            measure(default, full)  # every plan's default schedule, so plans compare on equal terms
+            if i is None or per_plan == 1:
+                continue
+            left = None if budget_seconds is None else max(1e-3, budget_seconds - (time.monotonic() - t0))
+            cands = [s for s in space(fused.FusedSpec(block, plan.steps[i]), max_candidates) if s != default]
+            fs = fused.FusedSpec(block, plan.steps[i])
+            strat = make(strategy, seed=seed, reps=full, prior=lambda sch, fs=fs: predict(fs, sch, limits))
+            strat.search(cands, measure, Budget(trials=None if per_plan is None else per_plan - 1, seconds=left))
+            if budget_seconds is not None and time.monotonic() - t0 > budget_seconds:
+                break
+        ok = [t for t in trials if t.trial.ok]
+        best_trial = best_of([t.trial for t in ok])
+        best = next((t for t in ok if t.trial is best_trial), None)
+        if best is not None and best.trial.reps < full:  # a short-run winner is confirmed at full length
+            measure_with(best.plan, searched_step(best.plan))(best.trial.schedule, full)
+            best_trial = best_of([t.trial for t in trials if t.trial.ok])
+            best = next((t for t in trials if t.trial is best_trial), None)
+    finally:
+        if own:
+            harness.close()
+    statuses: dict[str, int] = {}
+    for t in trials:
+        statuses[t.trial.status] = statuses.get(t.trial.status, 0) + 1
+    first = next(t for t in trials if t.plan == chosen[0])
+    baseline = next(t for t in trials if t.plan == base)
+    return BlockTuneResult(
+        block=block,
+        best=best,
+        trials=trials,
+        default=first,
+        baseline=baseline,
+        ranked=ranked,
+        device=harness.device_name,
+        strategy=strategy,
+        seconds=time.monotonic() - t0,
+        statuses=statuses,
+    )
