@@ -275,20 +275,12 @@ class BlockHarness:
             "seed": seed,
         }
         reply = self._harness.isolated_request(self._worker, msg, self.timeout_s)
-        ok = reply["status"] == OK
         i = searched_step(plan)
-        return Trial(
+        return Trial.from_reply(
+            reply,
             schedule=schedules.get(i, Schedule()) if i is not None else Schedule(),
             variant_id=vid,
             source="".join(f"# ---- kernel {n}: {v.kernel_name}\n{v.source}" for n, v in enumerate(variants)),
-            status=reply["status"],
-            median_ms=reply.get("median_ms"),
-            p10_ms=reply.get("p10_ms"),
-            p90_ms=reply.get("p90_ms"),
-            reps=reply.get("reps", 0) if ok else 0,
-            rel_error=reply.get("rel_error"),
-            max_error=reply.get("max_error"),
-            error=reply.get("error"),
             device=self.device_name,
             seconds=time.monotonic() - t0,
         )

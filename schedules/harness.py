@@ -52,7 +52,7 @@ from tunerd.kernels.spec import BlockSpec, SpecError
 from . import ops
 from . import worker as _worker
 from .device import INTERPRETER_NAME
-from .trial import COMPILE_ERROR, CRASH, OK, TIMEOUT, Trial
+from .trial import COMPILE_ERROR, CRASH, TIMEOUT, Trial
 
 SourceHook = Callable[[Variant], "str | None"]
 _spawn_lock = threading.Lock()
@@ -493,19 +493,11 @@ class Harness:
         return self._trial(v, reply, t0)
 
     def _trial(self, v: Variant, reply: dict[str, Any], t0: float) -> Trial:
-        ok = reply["status"] == OK
-        return Trial(
+        return Trial.from_reply(
+            reply,
             schedule=v.schedule,
             variant_id=v.id,
             source=v.source,
-            status=reply["status"],
-            median_ms=reply.get("median_ms"),
-            p10_ms=reply.get("p10_ms"),
-            p90_ms=reply.get("p90_ms"),
-            reps=reply.get("reps", 0) if ok else 0,
-            rel_error=reply.get("rel_error"),
-            max_error=reply.get("max_error"),
-            error=reply.get("error"),
             device=self.device_name,
             seconds=time.monotonic() - t0,
         )

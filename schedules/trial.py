@@ -43,6 +43,27 @@ class Trial:
         if self.status == OK and self.median_ms is None:
             raise ValueError("an ok trial needs median_ms")
 
+    @classmethod
+    def from_reply(
+        cls, reply: dict[str, Any], *, schedule: Schedule, variant_id: str, source: str, device: str, seconds: float
+    ) -> Trial:
+        """The trial a measurement worker's reply describes (repetitions count only for an ok reply)."""
+        return cls(
+            schedule=schedule,
+            variant_id=variant_id,
+            source=source,
+            status=reply["status"],
+            median_ms=reply.get("median_ms"),
+            p10_ms=reply.get("p10_ms"),
+            p90_ms=reply.get("p90_ms"),
+            reps=reply.get("reps", 0) if reply["status"] == OK else 0,
+            rel_error=reply.get("rel_error"),
+            max_error=reply.get("max_error"),
+            error=reply.get("error"),
+            device=device,
+            seconds=seconds,
+        )
+
     @property
     def ok(self) -> bool:
         return self.status == OK
