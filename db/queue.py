@@ -38,7 +38,7 @@ class JobQueue:
         *,
         specs: list[BlockSpec] | None = None,
         suite: str | None = None,
-        strategy: str = "halving",
+        strategy: str = "model",  # schedules.strategies.DEFAULT (db does not import schedules)
         budget_trials: int | None = None,
         budget_seconds: float | None = None,
         device_key: str | None = None,

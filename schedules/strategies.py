@@ -368,6 +368,10 @@ class Evolution(Strategy):
         return nearest(child, pending)
 
 
+# The strategy every entry point uses when none is named: ranked best by the replay benchmark
+# (python -m tunerd.schedules.replay) and needs no optuna, so it runs on a bare GPU box.
+DEFAULT = "model"
+
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Exhaustive, RandomSearch, SuccessiveHalving, ModelRanked, TPE, Evolution)
 }

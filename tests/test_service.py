@@ -697,3 +697,20 @@ def _up(http: httpx.Client) -> bool:
         return http.get("/healthz").status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_every_entry_point_defaults_to_the_one_strategy():
+    import inspect
+
+    from tunerd import tuning
+    from tunerd.api.schemas import JobRequest
+    from tunerd.client import Client
+    from tunerd.schedules.strategies import DEFAULT, STRATEGIES
+
+    assert DEFAULT in STRATEGIES
+    assert Settings().miss_strategy == DEFAULT
+    assert JobRequest.model_fields["strategy"].default == DEFAULT
+    assert tuning.DEFAULT_STRATEGY == DEFAULT
+    assert inspect.signature(Client.submit_job).parameters["strategy"].default == DEFAULT
+    assert inspect.signature(Worker).parameters["miss_strategy"].default == DEFAULT
+    assert inspect.signature(Store.enqueue_job).parameters["strategy"].default == DEFAULT

@@ -35,6 +35,7 @@ from tunerd.kernels.runtime import atomic_write_text
 from tunerd.kernels.runtime import cache_dir as kernel_cache_dir
 from tunerd.kernels.schedule import Schedule, ScheduleError
 from tunerd.kernels.spec import BlockSpec, SpecError
+from tunerd.schedules.strategies import DEFAULT as DEFAULT_STRATEGY
 
 log = logging.getLogger("tunerd.client")
 
@@ -477,7 +478,7 @@ class Client:
         specs: Sequence[BlockSpec] | None = None,
         suite: str | None = None,
         *,
-        strategy: str = "halving",
+        strategy: str = DEFAULT_STRATEGY,
         budget_trials: int | None = None,
         budget_seconds: float | None = None,
         device: DeviceArg = None,

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tunerd.schedules.strategies import DEFAULT as DEFAULT_STRATEGY
+
 if TYPE_CHECKING:
     from tunerd.kernels.limits import Limits
 
@@ -84,7 +86,7 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(60.0, gt=0)
     max_attempts: int = Field(3, ge=1, description="claims before a job whose workers keep dying is failed")
     tune_misses: bool = True
-    miss_strategy: str = "halving"
+    miss_strategy: str = DEFAULT_STRATEGY
     miss_budget_trials: int = Field(16, ge=1)
     miss_budget_seconds: float | None = Field(600.0, gt=0)
     miss_min_count: int = Field(1, ge=1, description="lookups a miss needs before the idle worker tunes it")

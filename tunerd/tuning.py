@@ -17,11 +17,11 @@ from tunerd.db.store import Store
 from tunerd.kernels import trust
 from tunerd.kernels.conv import set_schedule_lookup
 from tunerd.kernels.spec import BlockSpec, SpecError
-from tunerd.schedules import suites
+from tunerd.schedules import strategies, suites
 from tunerd.schedules.trial import Trial
 from tunerd.schedules.tuner import Progress, TuneResult, tune
 
-DEFAULT_STRATEGY = "model"  # ranked best by the replay benchmark (python -m tunerd.schedules.replay), needs no optuna
+DEFAULT_STRATEGY = strategies.DEFAULT
 VERIFY = "verify"  # the strategy of a job that re-measures imported claims (see run_job)
 log = logging.getLogger("tunerd.tuning")
 

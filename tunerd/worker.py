@@ -26,6 +26,7 @@ from typing import Any
 from tunerd.db.errors import JobNotOwned, StoreError, StoreUnavailable
 from tunerd.db.fingerprint import DeviceFingerprint
 from tunerd.db.fingerprint import current as current_device
+from tunerd.schedules.strategies import DEFAULT as DEFAULT_STRATEGY
 
 log = logging.getLogger("tunerd.worker")
 
@@ -66,7 +67,7 @@ class Worker:
         stale_after_s: float = 60.0,
         max_attempts: int | None = 3,
         tune_misses: bool = True,
-        miss_strategy: str = "halving",
+        miss_strategy: str = DEFAULT_STRATEGY,
         miss_budget_trials: int | None = 16,
         miss_budget_seconds: float | None = 600.0,
         miss_min_count: int = 1,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from tunerd.kernels import limits
 from tunerd.kernels.spec import ACTIVATIONS, DTYPES, KINDS, OPS, PRECISIONS
+from tunerd.schedules.strategies import DEFAULT as DEFAULT_STRATEGY
 
 DeviceRef = str | dict[str, Any]
 DEVICE_DOC = (
@@ -91,7 +92,7 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     specs: list[SpecBody] | None = Field(None, min_length=1, description="BlockSpecs to tune. " + SPEC_DOC)
     suite: str | None = Field(None, min_length=1, max_length=100, description="a named shape suite to tune")
-    strategy: str = Field("halving", min_length=1, max_length=64)
+    strategy: str = Field(DEFAULT_STRATEGY, min_length=1, max_length=64)
     budget_trials: int | None = Field(None, ge=1, le=1_000_000)
     budget_seconds: float | None = Field(
         None, gt=0, le=30 * 86400, description="wall time per spec; the trial running when it ends is stopped"
