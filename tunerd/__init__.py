@@ -9,6 +9,7 @@ chooses Triton's interpreter on a CPU-only machine (it must happen before triton
 from __future__ import annotations
 
 from pathlib import Path as _Path
+from typing import TYPE_CHECKING
 
 # A source checkout used without `pip install` (PYTHONPATH=. on a bare GPU box): map the
 # top-level folders in as the installed wheel does. An installed tunerd has them inside already.
@@ -66,5 +67,5 @@ def __getattr__(name: str):
     return module if _LAZY[name] is None else getattr(module, name)
 
 
-if False:  # pragma: no cover  (names for type checkers)
+if TYPE_CHECKING:
     from .patching import PatchReport
