@@ -19,12 +19,11 @@ The last node is the block's output.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .spec import ACTIVATIONS, DTYPES, BlockSpec, Epilogue, SpecError, _ints, conv_spec
+from .spec import ACTIVATIONS, DTYPES, BlockSpec, Canonical, Epilogue, SpecError, _ints, conv_spec
 
 INPUT = "x"
 
@@ -164,7 +163,7 @@ class Shape:
 
 
 @dataclass(frozen=True)
-class Block:
+class Block(Canonical):
     """A block instance: input [n, c, *in_size] of dtype, then `nodes` in topological order."""
 
     n: int
@@ -303,18 +302,6 @@ class Block:
             "dtype": self.dtype,
             "nodes": [nd.to_dict() for nd in self.nodes],
         }
-
-    def to_json(self) -> str:
-        """Canonical JSON: sorted keys, no spaces. Equal blocks give equal strings."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @property
-    def key(self) -> str:
-        return self.to_json()
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: Any) -> Block:

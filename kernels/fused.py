@@ -44,7 +44,7 @@ from .plan import (
     tail_epilogue,
 )
 from .schedule import UNROLL_TAPS, Schedule, ScheduleError, is_pow2
-from .spec import BlockSpec, Epilogue, SpecError
+from .spec import BlockSpec, Epilogue, SpecError, canonical_json
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class FusedSpec:
         return {"block": self.block.to_dict(), "step": self.step.to_dict()}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return canonical_json(self.to_dict())
 
     def describe(self) -> str:
         return f"{self.step.kind}[{'+'.join(self.step.nodes)}] of {self.block.describe()}"

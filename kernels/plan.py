@@ -23,13 +23,12 @@ HBM and instruction issue on tensor/CUDA cores, plus a launch overhead per step)
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .block import INPUT, Block, Node
-from .spec import Epilogue, SpecError
+from .spec import Epilogue, SpecError, canonical_json
 
 STEP_KINDS = ("conv", "op", "separable", "mlp", "convnext", "inception")
 FUSED = ("separable", "mlp", "convnext", "inception")
@@ -72,7 +71,7 @@ class Plan:
         return {"steps": [s.to_dict() for s in self.steps]}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return canonical_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, block: Block, d: Any) -> Plan:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .spec import BlockSpec
+from .spec import BlockSpec, canonical_json
 
 # Direct (depthwise) kernels unroll their innermost tap loop up to this many taps.
 UNROLL_TAPS = 16
@@ -43,7 +43,7 @@ class Schedule:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return canonical_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: Any) -> Schedule:

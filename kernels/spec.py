@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -13,6 +14,28 @@ KINDS = ("conv", "depthwise")  # implicit GEMM | direct per-channel kernel
 OPS = ("fwd", "dgrad", "wgrad")
 RESIDUAL = (None, "pre", "post")  # residual added before or after the activation
 PRECISIONS = ("ieee", "tf32")  # fp32 tl.dot math; ignored for fp16/bf16
+
+
+def canonical_json(value: Any) -> str:
+    """Canonical JSON: sorted keys, no spaces. Equal values give equal strings (what the store keys by)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class Canonical:
+    """to_json / key / digest for a frozen description that defines to_dict()."""
+
+    to_dict: Callable[[], dict[str, Any]]
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    @property
+    def key(self) -> str:
+        return self.to_json()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 class SpecError(ValueError):
@@ -80,7 +103,7 @@ def _ints(name: str, value: Any, ndim: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class BlockSpec:
+class BlockSpec(Canonical):
     """One convolution instance (any of conv1d/2d/3d), its pass and its fused epilogue.
 
     Shapes follow torch: input [n, c, *in_size], weight [k, c // groups, *kernel].
@@ -225,18 +248,6 @@ class BlockSpec:
                 v = [list(p) if isinstance(p, tuple) else p for p in v]
             d[f.name] = v
         return d
-
-    def to_json(self) -> str:
-        """Canonical JSON: sorted keys, no spaces. Equal specs give equal strings."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @property
-    def key(self) -> str:
-        return self.to_json()
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: Any) -> BlockSpec:
