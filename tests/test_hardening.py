@@ -13,7 +13,6 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,40 +21,24 @@ import pytest
 for _extra in ("fastapi", "sqlalchemy", "httpx"):
     pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
 import httpx  # noqa: E402
+from daemon import TOKEN, live, seed, spec_of, wait_for  # noqa: E402
 
-from tunerd.api import InsecureExposure, ServerThread, create_app  # noqa: E402
+from tunerd.api import InsecureExposure, ServerThread  # noqa: E402
 from tunerd.api.middleware import RECEIVED, Admission  # noqa: E402
 from tunerd.api.server import check_exposure  # noqa: E402
 from tunerd.db.fingerprint import current  # noqa: E402
 from tunerd.db.store import Store  # noqa: E402
-from tunerd.kernels import conv_spec, render  # noqa: E402
+from tunerd.kernels import conv_spec  # noqa: E402
 from tunerd.settings import Settings  # noqa: E402
 from tunerd.worker import Worker  # noqa: E402
 
-ADMIN, READER = "admin-t0ken", "read-t0ken"
+ADMIN, READER = TOKEN, "read-t0ken"
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 AS_READER = {"Authorization": f"Bearer {READER}"}
 BUNDLE = {**AS_ADMIN, "Content-Type": "application/octet-stream"}
 
 
-def spec_of(n: int = 1, size: int = 8):
-    return conv_spec(n=n, c=16, k=16, in_size=(size, size), kernel=3, padding=1)
-
-
-def seed(store: Store, spec, median_ms: float = 1.0) -> None:
-    v = render(spec)
-    store.record_trial(
-        current(),
-        spec,
-        v.schedule,
-        v.source,
-        status="ok",
-        median_ms=median_ms,
-        spread_ms=0.01,
-        reps=5,
-        max_error=1e-6,
-        strategy="test",
-    )
+# ---- bounded cost per request --------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -65,22 +48,6 @@ def store(tmp_path) -> Iterator[Store]:
     s.close()
 
 
-@contextmanager
-def live(store: Any, worker: Worker | None = None, **settings: Any) -> Iterator[tuple[ServerThread, httpx.Client]]:
-    app = create_app(Settings(**{"token": ADMIN, **settings}), store=store, worker=worker)
-    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
-        yield srv, http
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-# ---- bounded cost per request --------------------------------------------------------------------------------
 def test_huge_and_slow_specs_are_422_before_anything_is_recorded(store):
     dgrad = conv_spec(n=1, c=1, k=1, in_size=(10**6,), kernel=1, stride=10**6).with_(op="dgrad")
     huge_n = conv_spec(n=10**9, c=16, k=16, in_size=(8, 8), kernel=3, padding=1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
     pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
 import httpx  # noqa: E402
+from daemon import TOKEN, live, seed, spec_of, wait_for
 
 from tunerd.api import ServerThread, create_app
 from tunerd.db.errors import StoreUnavailable
@@ -24,7 +24,6 @@ from tunerd.kernels.schedule import Schedule
 from tunerd.settings import Settings
 from tunerd.worker import Worker
 
-TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BUNDLE = {**AUTH, "Content-Type": "application/octet-stream"}
 GPU = DeviceFingerprint(
@@ -41,27 +40,11 @@ GPU = DeviceFingerprint(
 )
 
 
-def spec_of(n: int = 1, c: int = 16, k: int = 16, size: int = 8, kernel: int = 3):
-    return conv_spec(n=n, c=c, k=k, in_size=(size, size), kernel=kernel, padding=kernel // 2)
-
-
-def seed(store: Store, spec, median_ms: float, schedule: Schedule | None = None, device=None, **kw: Any) -> str:
-    """Record one ok trial of spec (rendered under schedule) and return its variant id."""
-    v = render(spec, schedule)
-    store.record_trial(
-        device or current(),
-        spec,
-        v.schedule,
-        v.source,
-        status="ok",
-        median_ms=median_ms,
-        spread_ms=0.01,
-        reps=5,
-        max_error=1e-6,
-        strategy="test",
-        **kw,
-    )
-    return v.id
+@pytest.fixture
+def store(tmp_path) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path}/tunerd.sqlite")
+    yield s
+    s.close()
 
 
 def fake_tuner(log: list | None = None, fail: bool = False, delay_s: float = 0.0):
@@ -94,32 +77,10 @@ def fake_tuner(log: list | None = None, fail: bool = False, delay_s: float = 0.0
     return run
 
 
-@pytest.fixture
-def store(tmp_path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path}/tunerd.sqlite")
-    yield s
-    s.close()
-
-
-@contextmanager
-def live(store: Any, worker: Worker | None = None, **settings: Any) -> Iterator[tuple[ServerThread, httpx.Client]]:
-    app = create_app(Settings(**{"token": TOKEN, **settings}), store=store, worker=worker)
-    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
-        yield srv, http
-
-
 def worker_for(store: Store, run_job, **kw: Any) -> Worker:
     opts = dict(run_job=run_job, poll_s=0.05, heartbeat_s=0.1, stale_after_s=2.0, tune_misses=False)
     opts.update(kw)
     return Worker(store, current(), **opts)
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # ---- lookup -------------------------------------------------------------------------------------------
