@@ -41,7 +41,7 @@ from tunerd.schedules.harness import Harness
 from tunerd.schedules.strategies import STRATEGIES
 from tunerd.schedules.tuner import tune
 
-from . import models, report
+from . import networks, report
 from .timing import Failure, Timing, TimingConfig, compare, describe_error, device_peaks, synchronize
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -231,8 +231,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if any(n not in suites.SUITES for n in names):
         p.error(f"unknown suite in {names}; available: {list(suites.SUITES)}")
     e2e_models = _csv(a.e2e_models) or list(E2E_MODELS)
-    if any(m not in models.MODELS for m in e2e_models):
-        p.error(f"e2e models must be among {list(models.MODELS)}")
+    if any(m not in networks.MODELS for m in e2e_models):
+        p.error(f"e2e models must be among {list(networks.MODELS)}")
     if a.strategy not in STRATEGIES:
         p.error(f"unknown strategy {a.strategy!r}; choose one of {sorted(STRATEGIES)}")
     layers = [int(v) for v in _csv(a.layers)] if a.layers else ([1, 3] if small and names == ["quick"] else None)
@@ -714,7 +714,7 @@ def e2e_model(name: str, cfg: Config, device: torch.device) -> dict[str, Any]:
     def contender(kind: str) -> Run:
         torch.manual_seed(cfg.seed)
         model = (
-            models.build(
+            networks.build(
                 name,
                 width=cfg.e2e_width,
                 num_classes=n_classes,

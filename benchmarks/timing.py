@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tunerd.schedules.worker import L2_FLUSH_BYTES
+from tunerd.schedules.sandbox import L2_FLUSH_BYTES
 
 Contender = Callable[[int], Any]  # called with the index of the input set to use
 

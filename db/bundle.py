@@ -31,9 +31,9 @@ from tunerd.kernels import GENERATOR_VERSION
 from tunerd.kernels.runtime import atomic_write_bytes
 
 from .errors import BundleError, InvalidRecord
-from .models import utcnow
 from .rows import WinnerRow, jsonable
 from .store import DeviceLike, Store
+from .tables import utcnow
 
 FORMAT = "tunerd-bundle"
 VERSION = 1

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 from tunerd.kernels.spec import BlockSpec
 
 from .errors import InvalidRecord, JobNotOwned, UnknownJob
-from .models import JOB_STATUSES, Job, utcnow
 from .rows import JobRow, json_object, label, number, row_limit, spec_of
+from .tables import JOB_STATUSES, JobTable, utcnow
 
 
 class JobQueue:
@@ -56,7 +56,7 @@ class JobQueue:
             if not isinstance(budget_trials, Integral) or isinstance(budget_trials, bool) or budget_trials < 1:
                 raise InvalidRecord(f"budget_trials must be a positive int or None, got {budget_trials!r}")
             budget_trials = int(budget_trials)
-        job = Job(
+        job = JobTable(
             specs=None if specs is None else json.dumps([sp.to_dict() for sp in specs], sort_keys=True),
             suite=label("suite", suite, 100),
             strategy=label("strategy", strategy, 64, optional=False),
@@ -79,10 +79,10 @@ class JobQueue:
         two workers never get the same job."""
         worker_id = label("worker_id", worker_id, 200, optional=False)
         with self._write() as s:
-            q = select(Job).where(Job.status == "queued")
+            q = select(JobTable).where(JobTable.status == "queued")
             if device_key is not None:
-                q = q.where(or_(Job.device_key.is_(None), Job.device_key == device_key))
-            job = s.scalars(q.order_by(Job.id).limit(1).with_for_update(skip_locked=True)).first()
+                q = q.where(or_(JobTable.device_key.is_(None), JobTable.device_key == device_key))
+            job = s.scalars(q.order_by(JobTable.id).limit(1).with_for_update(skip_locked=True)).first()
             if job is None:
                 return None
             now = utcnow()
@@ -113,14 +113,14 @@ class JobQueue:
     def _owned_update(self, job_id: int, worker_id: str, **values: Any) -> None:
         with self._write() as s:
             n = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+                update(JobTable)
+                .where(JobTable.id == job_id, JobTable.worker_id == worker_id, JobTable.status == "running")
                 .values(**values)
                 .execution_options(synchronize_session=False)
             ).rowcount
             if n == 1:
                 return
-            job = s.get(Job, job_id)
+            job = s.get(JobTable, job_id)
             if job is None:
                 raise UnknownJob(f"no job {job_id}")
             raise JobNotOwned(
@@ -135,13 +135,14 @@ class JobQueue:
         timeout = number("timeout_s", timeout_s, optional=False)
         now = utcnow()
         stale = and_(
-            Job.status == "running", func.coalesce(Job.heartbeat_at, Job.claimed_at) < now - timedelta(seconds=timeout)
+            JobTable.status == "running",
+            func.coalesce(JobTable.heartbeat_at, JobTable.claimed_at) < now - timedelta(seconds=timeout),
         )
         with self._write() as s:
             if max_attempts is not None:
                 s.execute(
-                    update(Job)
-                    .where(stale, Job.attempts >= max_attempts)
+                    update(JobTable)
+                    .where(stale, JobTable.attempts >= max_attempts)
                     .values(
                         status="failed",
                         finished_at=now,
@@ -151,7 +152,7 @@ class JobQueue:
                     .execution_options(synchronize_session=False)
                 )
             return s.execute(
-                update(Job)
+                update(JobTable)
                 .where(stale)
                 .values(status="queued", worker_id=None)
                 .execution_options(synchronize_session=False)
@@ -161,7 +162,7 @@ class JobQueue:
         """Fail a queued or running job with error 'cancelled' (its worker's next heartbeat raises
         JobNotOwned); False when it had already finished."""
         with self._write() as s:
-            job = s.get(Job, job_id, with_for_update=True)
+            job = s.get(JobTable, job_id, with_for_update=True)
             if job is None:
                 raise UnknownJob(f"no job {job_id}")
             if job.status in ("done", "failed"):
@@ -171,7 +172,7 @@ class JobQueue:
 
     def job(self, job_id: int) -> JobRow | None:
         with self._read() as s:
-            job = s.get(Job, job_id)
+            job = s.get(JobTable, job_id)
             return None if job is None else job_row(job)
 
     def jobs(self, limit: int = 100, *, status: str | None = None) -> list[JobRow]:
@@ -179,15 +180,15 @@ class JobQueue:
         if status is not None and status not in JOB_STATUSES:
             raise InvalidRecord(f"job status must be one of {JOB_STATUSES}, got {status!r}")
         with self._read() as s:
-            q = select(Job) if status is None else select(Job).where(Job.status == status)
-            return [job_row(j) for j in s.scalars(q.order_by(Job.id.desc()).limit(row_limit(limit)))]
+            q = select(JobTable) if status is None else select(JobTable).where(JobTable.status == status)
+            return [job_row(j) for j in s.scalars(q.order_by(JobTable.id.desc()).limit(row_limit(limit)))]
 
     def queue_depth(self) -> int:
         with self._read() as s:
-            return s.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
+            return s.scalar(select(func.count()).select_from(JobTable).where(JobTable.status == "queued"))
 
 
-def job_row(j: Job) -> JobRow:
+def job_row(j: JobTable) -> JobRow:
     specs = (
         None
         if j.specs is None

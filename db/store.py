@@ -29,7 +29,6 @@ from tunerd.kernels.spec import BlockSpec
 from . import engine as _engine
 from .errors import InvalidRecord, SnapshotExists, StoreError, UnknownJob, UnknownSnapshot, UnknownWinner
 from .fingerprint import DeviceFingerprint
-from .models import TRIAL_STATUSES, Device, Job, Miss, Snapshot, SnapshotWinner, Spec, Trial, Variant, Winner, utcnow
 from .queue import JobQueue
 from .rows import (
     DeviceRow,
@@ -45,6 +44,19 @@ from .rows import (
 )
 from .rows import label as _label
 from .rows import row_limit as _limit
+from .tables import (
+    TRIAL_STATUSES,
+    DeviceTable,
+    JobTable,
+    MissTable,
+    SnapshotTable,
+    SnapshotWinnerTable,
+    SpecTable,
+    TrialTable,
+    VariantTable,
+    WinnerTable,
+    utcnow,
+)
 
 DeviceLike = DeviceFingerprint | str  # a fingerprint or its exact key
 _SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -188,13 +200,13 @@ class Store(JobQueue):
 
     def _ensure_device(self, s: Session, fp: DeviceFingerprint) -> int:
         _require("device", fp, DeviceFingerprint)
-        return self._ensure(s, Device, fp.key, digest=fp.digest, name=fp.name[:200], interpreter=fp.interpreter)
+        return self._ensure(s, DeviceTable, fp.key, digest=fp.digest, name=fp.name[:200], interpreter=fp.interpreter)
 
     def _ensure_spec(self, s: Session, spec: BlockSpec) -> int:
         _require("spec", spec, BlockSpec)
         return self._ensure(
             s,
-            Spec,
+            SpecTable,
             spec.to_json(),
             digest=spec.digest,
             kind=spec.kind,
@@ -205,10 +217,10 @@ class Store(JobQueue):
 
     def _ensure_variant(self, s: Session, spec_id: int, v: generator.Variant) -> str:
         """The row of a variant rendered in this process (see _rendered)."""
-        row = s.execute(select(Variant.spec_id, Variant.source).where(Variant.id == v.id)).first()
+        row = s.execute(select(VariantTable.spec_id, VariantTable.source).where(VariantTable.id == v.id)).first()
         if row is None:
             s.execute(
-                self._upsert(Variant)
+                self._upsert(VariantTable)
                 .values(
                     id=v.id,
                     spec_id=spec_id,
@@ -219,7 +231,7 @@ class Store(JobQueue):
                 )
                 .on_conflict_do_nothing(index_elements=["id"])
             )
-            row = s.execute(select(Variant.spec_id, Variant.source).where(Variant.id == v.id)).first()
+            row = s.execute(select(VariantTable.spec_id, VariantTable.source).where(VariantTable.id == v.id)).first()
         if row.spec_id != spec_id:
             raise InvalidRecord(
                 f"variant {v.id} was recorded for another spec; this source does not belong to {v.spec.describe()}"
@@ -257,7 +269,7 @@ class Store(JobQueue):
         if job_id is not None and (not isinstance(job_id, int) or isinstance(job_id, bool)):
             raise InvalidRecord(f"job_id must be an int or None, got {job_id!r}")
         with self._write() as s:
-            if job_id is not None and s.get(Job, job_id) is None:
+            if job_id is not None and s.get(JobTable, job_id) is None:
                 raise UnknownJob(f"no job {job_id}: record the trial without job_id or enqueue the job first")
             return self._insert_trial(
                 s,
@@ -295,7 +307,7 @@ class Store(JobQueue):
         dev_id = self._ensure_device(s, device)
         spec_id = self._ensure_spec(s, spec)
         vid = self._ensure_variant(s, spec_id, v)
-        trial = Trial(
+        trial = TrialTable(
             device_id=dev_id, spec_id=spec_id, variant_id=vid, job_id=job_id, origin=origin, created_at=created_at, **m
         )
         s.add(trial)
@@ -303,7 +315,7 @@ class Store(JobQueue):
         if trial.status == "ok":
             self._offer_winner(s, trial, stats)
         else:
-            current = s.get(Winner, (dev_id, spec_id), with_for_update=True, populate_existing=True)
+            current = s.get(WinnerTable, (dev_id, spec_id), with_for_update=True, populate_existing=True)
             # A wrong result disqualifies a variant; a local failure of a claimed winner ends the claim.
             if (
                 current is not None
@@ -315,26 +327,28 @@ class Store(JobQueue):
 
     def _disqualified(self, device_id: int):
         """Variants that produced a wrong result on this device at least once."""
-        return select(Trial.variant_id).where(Trial.device_id == device_id, Trial.status == "wrong-result")
+        return select(TrialTable.variant_id).where(
+            TrialTable.device_id == device_id, TrialTable.status == "wrong-result"
+        )
 
     def _measured_here(self, device_id: int):
         """Variants with a local trial (any status) on this device: their claims no longer count."""
-        return select(Trial.variant_id).where(Trial.device_id == device_id, Trial.origin.is_(None))
+        return select(TrialTable.variant_id).where(TrialTable.device_id == device_id, TrialTable.origin.is_(None))
 
-    def _offer_winner(self, s: Session, trial: Trial, stats: tuple[float | None, float | None]) -> None:
+    def _offer_winner(self, s: Session, trial: TrialTable, stats: tuple[float | None, float | None]) -> None:
         """Atomic upsert. A local measurement wins over a claim (an imported timing) whatever the claimed
         time; otherwise the trial wins if there is no winner or it is strictly faster. A claim for a variant
         measured here never wins. The old winner's ratios are rescaled to the new time (both are
         reference_time / winner_time)."""
-        if s.scalar(self._disqualified(trial.device_id).where(Trial.variant_id == trial.variant_id).limit(1)):
+        if s.scalar(self._disqualified(trial.device_id).where(TrialTable.variant_id == trial.variant_id).limit(1)):
             return
         claim = trial.origin is not None
         if claim and s.scalar(
-            self._measured_here(trial.device_id).where(Trial.variant_id == trial.variant_id).limit(1)
+            self._measured_here(trial.device_id).where(TrialTable.variant_id == trial.variant_id).limit(1)
         ):
             return
-        w = Winner.__table__.c
-        ins = self._upsert(Winner).values(
+        w = WinnerTable.__table__.c
+        ins = self._upsert(WinnerTable).values(
             device_id=trial.device_id,
             spec_id=trial.spec_id,
             trial_id=trial.id,
@@ -364,19 +378,19 @@ class Store(JobQueue):
             )
         )
 
-    def _recompute_winner(self, s: Session, current: Winner) -> None:
+    def _recompute_winner(self, s: Session, current: WinnerTable) -> None:
         """The best remaining trial: local measurements first, then claims of variants not measured here."""
         d = current.device_id
         best = s.scalars(
-            select(Trial)
+            select(TrialTable)
             .where(
-                Trial.device_id == d,
-                Trial.spec_id == current.spec_id,
-                Trial.status == "ok",
-                Trial.variant_id.not_in(self._disqualified(d)),
-                or_(Trial.origin.is_(None), Trial.variant_id.not_in(self._measured_here(d))),
+                TrialTable.device_id == d,
+                TrialTable.spec_id == current.spec_id,
+                TrialTable.status == "ok",
+                TrialTable.variant_id.not_in(self._disqualified(d)),
+                or_(TrialTable.origin.is_(None), TrialTable.variant_id.not_in(self._measured_here(d))),
             )
-            .order_by(Trial.origin.is_not(None), Trial.median_ms, Trial.id)
+            .order_by(TrialTable.origin.is_not(None), TrialTable.median_ms, TrialTable.id)
             .limit(1)
         ).first()
         if best is None:
@@ -400,12 +414,14 @@ class Store(JobQueue):
         _require("spec", spec, BlockSpec)
         with self._read() as s:
             q = (
-                select(Trial, Variant.schedule, Device.key)
-                .join(Variant, Variant.id == Trial.variant_id)
-                .join(Device, Device.id == Trial.device_id)
-                .join(Spec, Spec.id == Trial.spec_id)
-                .where(Device.key == _device_key(device), Spec.key == spec.to_json(), Trial.origin.is_(None))
-                .order_by(Trial.id)
+                select(TrialTable, VariantTable.schedule, DeviceTable.key)
+                .join(VariantTable, VariantTable.id == TrialTable.variant_id)
+                .join(DeviceTable, DeviceTable.id == TrialTable.device_id)
+                .join(SpecTable, SpecTable.id == TrialTable.spec_id)
+                .where(
+                    DeviceTable.key == _device_key(device), SpecTable.key == spec.to_json(), TrialTable.origin.is_(None)
+                )
+                .order_by(TrialTable.id)
             )
             out: dict[str, TrialRow] = {}
             for t, sched, dkey in s.execute(q):
@@ -419,23 +435,23 @@ class Store(JobQueue):
         oldest first: what a verify job re-measures (until then such a winner answers with claimed=True)."""
         limit = _limit(limit)
         with self._read() as s:
-            dev_id = select(Device.id).where(Device.key == _device_key(device)).scalar_subquery()
+            dev_id = select(DeviceTable.id).where(DeviceTable.key == _device_key(device)).scalar_subquery()
             q = (
-                select(Trial, Variant.schedule, Spec.key)
-                .join(Variant, Variant.id == Trial.variant_id)
-                .join(Spec, Spec.id == Trial.spec_id)
+                select(TrialTable, VariantTable.schedule, SpecTable.key)
+                .join(VariantTable, VariantTable.id == TrialTable.variant_id)
+                .join(SpecTable, SpecTable.id == TrialTable.spec_id)
                 .where(
-                    Trial.device_id == dev_id,
-                    Trial.status == "ok",
-                    Trial.origin.is_not(None),
-                    Trial.variant_id.not_in(self._measured_here(dev_id)),
+                    TrialTable.device_id == dev_id,
+                    TrialTable.status == "ok",
+                    TrialTable.origin.is_not(None),
+                    TrialTable.variant_id.not_in(self._measured_here(dev_id)),
                 )
-                .order_by(Trial.id)
+                .order_by(TrialTable.id)
                 .limit(limit)
             )
             if spec is not None:
                 _require("spec", spec, BlockSpec)
-                q = q.where(Spec.key == spec.to_json())
+                q = q.where(SpecTable.key == spec.to_json())
             out: dict[str, TrialRow] = {}
             for t, sched, skey in s.execute(q):
                 out.setdefault(t.variant_id, _trial_row(t, spec_of(skey), sched, _device_key(device)))
@@ -453,23 +469,23 @@ class Store(JobQueue):
         )
 
     def _winner_rows(self, *, device_key: str | None, spec_key: str | None, snapshot: str | None) -> list[WinnerRow]:
-        W = Winner if snapshot is None else SnapshotWinner
+        W = WinnerTable if snapshot is None else SnapshotWinnerTable
         with self._read() as s:
             q = (
-                select(W, Trial, Variant.source, Variant.schedule, Spec.key, Device.key)
-                .join(Trial, Trial.id == W.trial_id)
-                .join(Variant, Variant.id == W.variant_id)
-                .join(Spec, Spec.id == W.spec_id)
-                .join(Device, Device.id == W.device_id)
+                select(W, TrialTable, VariantTable.source, VariantTable.schedule, SpecTable.key, DeviceTable.key)
+                .join(TrialTable, TrialTable.id == W.trial_id)
+                .join(VariantTable, VariantTable.id == W.variant_id)
+                .join(SpecTable, SpecTable.id == W.spec_id)
+                .join(DeviceTable, DeviceTable.id == W.device_id)
             )
             if snapshot is not None:
-                if s.get(Snapshot, snapshot) is None:
+                if s.get(SnapshotTable, snapshot) is None:
                     raise UnknownSnapshot(f"no snapshot named {snapshot!r}")
-                q = q.where(SnapshotWinner.snapshot == snapshot)
+                q = q.where(SnapshotWinnerTable.snapshot == snapshot)
             if device_key is not None:
-                q = q.where(Device.key == device_key)
+                q = q.where(DeviceTable.key == device_key)
             if spec_key is not None:
-                q = q.where(Spec.key == spec_key)
+                q = q.where(SpecTable.key == spec_key)
             return [
                 WinnerRow(
                     device=device_of(dkey),
@@ -491,7 +507,7 @@ class Store(JobQueue):
                     claimed=w.claimed,
                     snapshot=snapshot,
                 )
-                for w, t, src, sched, skey, dkey in s.execute(q.order_by(Device.id, Spec.id))
+                for w, t, src, sched, skey, dkey in s.execute(q.order_by(DeviceTable.id, SpecTable.id))
             ]
 
     def set_winner_stats(
@@ -514,20 +530,22 @@ class Store(JobQueue):
         }
         with self._write() as s:
             ids = self._ids(s, device, spec)
-            w = s.get(Winner, ids) if ids else None
+            w = s.get(WinnerTable, ids) if ids else None
             if w is None:
                 raise UnknownWinner(f"no winner for {spec.describe()} on this device")
             for k, v in values.items():
                 setattr(w, k, v)
 
     def _ids(self, s: Session, device: DeviceLike, spec: BlockSpec) -> tuple[int, int] | None:
-        d, sp = self._find(s, Device, _device_key(device)), self._find(s, Spec, spec.to_json())
+        d, sp = self._find(s, DeviceTable, _device_key(device)), self._find(s, SpecTable, spec.to_json())
         return None if d is None or sp is None else (d, sp)
 
     def variant(self, vid: str) -> VariantRow | None:
         with self._read() as s:
             row = s.execute(
-                select(Variant, Spec.key).join(Spec, Spec.id == Variant.spec_id).where(Variant.id == vid)
+                select(VariantTable, SpecTable.key)
+                .join(SpecTable, SpecTable.id == VariantTable.spec_id)
+                .where(VariantTable.id == vid)
             ).first()
             if row is None:
                 return None
@@ -546,13 +564,17 @@ class Store(JobQueue):
             return select(col.label("d"), func.count().label("n")).group_by(col).subquery()
 
         with self._read() as s:
-            t, w, m = per_device(Trial.device_id), per_device(Winner.device_id), per_device(Miss.device_id)
+            t, w, m = (
+                per_device(TrialTable.device_id),
+                per_device(WinnerTable.device_id),
+                per_device(MissTable.device_id),
+            )
             q = (
-                select(Device.key, Device.created_at, t.c.n, w.c.n, m.c.n)
-                .outerjoin(t, t.c.d == Device.id)
-                .outerjoin(w, w.c.d == Device.id)
-                .outerjoin(m, m.c.d == Device.id)
-                .order_by(Device.id)
+                select(DeviceTable.key, DeviceTable.created_at, t.c.n, w.c.n, m.c.n)
+                .outerjoin(t, t.c.d == DeviceTable.id)
+                .outerjoin(w, w.c.d == DeviceTable.id)
+                .outerjoin(m, m.c.d == DeviceTable.id)
+                .order_by(DeviceTable.id)
             )
             return [
                 DeviceRow(fingerprint=device_of(k), trials=nt or 0, winners=nw or 0, misses=nm or 0, created_at=created)
@@ -562,7 +584,7 @@ class Store(JobQueue):
     def trial_counts(self) -> dict[str, int]:
         """Trials per status (every status present, zeros included)."""
         with self._read() as s:
-            got = dict(s.execute(select(Trial.status, func.count()).group_by(Trial.status)).all())
+            got = dict(s.execute(select(TrialTable.status, func.count()).group_by(TrialTable.status)).all())
         return {st: int(got.get(st, 0)) for st in TRIAL_STATUSES}
 
     def ingest(self, rows: Sequence[WinnerRow], *, origin: str) -> list[str]:
@@ -595,20 +617,20 @@ class Store(JobQueue):
         if (
             ids is not None
             and s.scalar(
-                select(Trial.id)
+                select(TrialTable.id)
                 .where(
-                    Trial.device_id == ids[0],
-                    Trial.variant_id == r.variant_id,
-                    Trial.status == "ok",
-                    Trial.median_ms == r.median_ms,
-                    Trial.created_at == r.created_at,
+                    TrialTable.device_id == ids[0],
+                    TrialTable.variant_id == r.variant_id,
+                    TrialTable.status == "ok",
+                    TrialTable.median_ms == r.median_ms,
+                    TrialTable.created_at == r.created_at,
                 )
                 .limit(1)
             )
             is not None
         ):
             return "unchanged"
-        before = s.get(Winner, ids) if ids else None
+        before = s.get(WinnerTable, ids) if ids else None
         tid = self._insert_trial(
             s,
             r.device,
@@ -622,7 +644,7 @@ class Store(JobQueue):
             stats=(r.speedup_vs_default, r.fraction_of_roofline),
             claimed_id=r.variant_id,
         )
-        won = s.scalar(select(Winner.trial_id).where(Winner.trial_id == tid)) is not None
+        won = s.scalar(select(WinnerTable.trial_id).where(WinnerTable.trial_id == tid)) is not None
         if not won:
             return "kept"
         return "replaced" if before is not None else "added"
@@ -637,12 +659,12 @@ class Store(JobQueue):
                 f"snapshot name must be 1-64 of [A-Za-z0-9._-] starting with a letter or digit, got {name!r}"
             )
         with self._write() as s:
-            if s.get(Snapshot, name) is not None:
+            if s.get(SnapshotTable, name) is not None:
                 raise SnapshotExists(f"snapshot {name!r} already exists (snapshots are immutable; pick a new name)")
-            snap = Snapshot(name=name, created_at=utcnow(), winner_count=0)
+            snap = SnapshotTable(name=name, created_at=utcnow(), winner_count=0)
             s.add(snap)
             s.flush()
-            w = Winner.__table__.c
+            w = WinnerTable.__table__.c
             cols = [
                 "device_id",
                 "spec_id",
@@ -655,7 +677,7 @@ class Store(JobQueue):
                 "updated_at",
             ]
             res = s.execute(
-                insert(SnapshotWinner).from_select(
+                insert(SnapshotWinnerTable).from_select(
                     ["snapshot", *cols], select(cast(literal(name), String(64)), *[w[c] for c in cols])
                 )
             )
@@ -666,7 +688,7 @@ class Store(JobQueue):
         with self._read() as s:
             return [
                 SnapshotRow(name=x.name, created_at=x.created_at, winners=x.winner_count)
-                for x in s.scalars(select(Snapshot).order_by(Snapshot.created_at, Snapshot.name))
+                for x in s.scalars(select(SnapshotTable).order_by(SnapshotTable.created_at, SnapshotTable.name))
             ]
 
     # ---- misses ------------------------------------------------------------------------------------
@@ -675,27 +697,29 @@ class Store(JobQueue):
         with self._write() as s:
             dev_id, spec_id = self._ensure_device(s, device), self._ensure_spec(s, spec)
             now = utcnow()
-            ins = self._upsert(Miss).values(device_id=dev_id, spec_id=spec_id, count=1, first_seen=now, last_seen=now)
+            ins = self._upsert(MissTable).values(
+                device_id=dev_id, spec_id=spec_id, count=1, first_seen=now, last_seen=now
+            )
             s.execute(
                 ins.on_conflict_do_update(
                     index_elements=["device_id", "spec_id"],
-                    set_={"count": Miss.__table__.c.count + 1, "last_seen": ins.excluded.last_seen},
+                    set_={"count": MissTable.__table__.c.count + 1, "last_seen": ins.excluded.last_seen},
                 )
             )
-            return s.scalar(select(Miss.count).where(Miss.device_id == dev_id, Miss.spec_id == spec_id))
+            return s.scalar(select(MissTable.count).where(MissTable.device_id == dev_id, MissTable.spec_id == spec_id))
 
     def top_misses(self, limit: int = 20, *, device: DeviceLike | None = None) -> list[MissRow]:
         """The most requested untuned (device, spec) pairs, most frequent first."""
         limit = _limit(limit)
         with self._read() as s:
             q = (
-                select(Device.key, Spec.key, Miss.count, Miss.last_seen)
-                .join(Device, Device.id == Miss.device_id)
-                .join(Spec, Spec.id == Miss.spec_id)
+                select(DeviceTable.key, SpecTable.key, MissTable.count, MissTable.last_seen)
+                .join(DeviceTable, DeviceTable.id == MissTable.device_id)
+                .join(SpecTable, SpecTable.id == MissTable.spec_id)
             )
             if device is not None:
-                q = q.where(Device.key == _device_key(device))
-            q = q.order_by(Miss.count.desc(), Miss.last_seen.desc()).limit(limit)
+                q = q.where(DeviceTable.key == _device_key(device))
+            q = q.order_by(MissTable.count.desc(), MissTable.last_seen.desc()).limit(limit)
             return [MissRow(device_key=d, spec=spec_of(sk), count=c, last_seen=t) for d, sk, c, t in s.execute(q)]
 
     def record_misses(self, counts: Sequence[tuple[DeviceFingerprint, BlockSpec, int]]) -> None:
@@ -704,14 +728,14 @@ class Store(JobQueue):
             for device, spec, n in counts:
                 dev_id, spec_id = self._ensure_device(s, device), self._ensure_spec(s, spec)
                 now = utcnow()
-                ins = self._upsert(Miss).values(
+                ins = self._upsert(MissTable).values(
                     device_id=dev_id, spec_id=spec_id, count=n, first_seen=now, last_seen=now
                 )
                 s.execute(
                     ins.on_conflict_do_update(
                         index_elements=["device_id", "spec_id"],
                         set_={
-                            "count": Miss.__table__.c.count + ins.excluded.count,
+                            "count": MissTable.__table__.c.count + ins.excluded.count,
                             "last_seen": ins.excluded.last_seen,
                         },
                     )
@@ -722,10 +746,10 @@ class Store(JobQueue):
         keys = [sp.to_json() for sp in specs]
         with self._read() as s:
             q = (
-                select(Spec.key, Miss.count)
-                .join(Miss, Miss.spec_id == Spec.id)
-                .join(Device, Device.id == Miss.device_id)
-                .where(Device.key == _device_key(device), Spec.key.in_(keys))
+                select(SpecTable.key, MissTable.count)
+                .join(MissTable, MissTable.spec_id == SpecTable.id)
+                .join(DeviceTable, DeviceTable.id == MissTable.device_id)
+                .where(DeviceTable.key == _device_key(device), SpecTable.key.in_(keys))
             )
             return {k: c for k, c in s.execute(q)}
 
@@ -734,12 +758,12 @@ class Store(JobQueue):
         how many misses were dropped (bounds the table under a flood of distinct lookups)."""
         keep = _limit(keep)
         with self._write() as s:
-            cutoff = s.scalar(select(Miss.last_seen).order_by(Miss.last_seen.desc()).offset(keep).limit(1))
+            cutoff = s.scalar(select(MissTable.last_seen).order_by(MissTable.last_seen.desc()).offset(keep).limit(1))
             if cutoff is None:
                 return 0
-            gone = s.execute(Miss.__table__.delete().where(Miss.last_seen <= cutoff)).rowcount
-            used = [select(m.spec_id) for m in (Miss, Variant, Trial, Winner, SnapshotWinner)]
-            s.execute(Spec.__table__.delete().where(*[Spec.id.not_in(q) for q in used]))
+            gone = s.execute(MissTable.__table__.delete().where(MissTable.last_seen <= cutoff)).rowcount
+            used = [select(m.spec_id) for m in (MissTable, VariantTable, TrialTable, WinnerTable, SnapshotWinnerTable)]
+            s.execute(SpecTable.__table__.delete().where(*[SpecTable.id.not_in(q) for q in used]))
             return gone
 
     def clear_miss(self, device: DeviceLike, spec: BlockSpec) -> bool:
@@ -747,13 +771,13 @@ class Store(JobQueue):
         _require("spec", spec, BlockSpec)
         with self._write() as s:
             ids = self._ids(s, device, spec)
-            miss = s.get(Miss, ids) if ids else None
+            miss = s.get(MissTable, ids) if ids else None
             if miss is not None:
                 s.delete(miss)
             return miss is not None
 
 
-def _supersedes(t: Trial, prev: TrialRow) -> bool:
+def _supersedes(t: TrialTable, prev: TrialRow) -> bool:
     """measured()'s choice per variant (trials arrive oldest first)."""
     if t.status == "wrong-result" or prev.status == "wrong-result":
         return t.status == "wrong-result"
@@ -762,7 +786,7 @@ def _supersedes(t: Trial, prev: TrialRow) -> bool:
     return True
 
 
-def _trial_row(t: Trial, spec: BlockSpec, sched: str, dkey: str) -> TrialRow:
+def _trial_row(t: TrialTable, spec: BlockSpec, sched: str, dkey: str) -> TrialRow:
     return TrialRow(
         id=t.id,
         device_key=dkey,

@@ -1,5 +1,5 @@
 """The autotuner: schedule spaces with constraint pruning (space), a cost model (cost), search
-strategies (strategies), isolated measurement (harness, worker, ops), tune() (tuner), shape suites
+strategies (strategies), isolated measurement (harness, sandbox, ops), tune() (tuner), shape suites
 (suites) and the offline strategy benchmark (replay).
 
 Imports only kernels, torch, triton, numpy and the standard library (optuna lazily, for 'tpe').

@@ -5,7 +5,7 @@ tune_block() ranks the block's legal plans with the plan cost model (kernels.pla
 schedules of its first fused step with a registered strategy (schedules.strategies) under its
 share of the budget; conv steps run their default (or looked-up) schedules, 'op' steps are torch.
 
-Every candidate runs in the harness's isolated worker process (schedules.harness.Worker: timeouts,
+Every candidate runs in the harness's isolated worker process (schedules.harness.Sandbox: timeouts,
 crashes and memory limits replace the worker, never the tuner) through the worker's 'block'
 request, answered by handle() here: the worker re-renders the plan's kernels itself, then the same
 gate as single convs (fresh seeded inputs, every kernel output NaN-poisoned, float64 torch reference
@@ -128,7 +128,7 @@ def searched_step(plan: Plan) -> int | None:
 # ---- measuring one (plan, schedules) in the worker ---------------------------------------------
 def handle(msg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The worker's answer to {"kind": "block", block, plan, schedules, reps, warmup, flush_l2, seed}."""
-    from . import worker as _worker
+    from . import sandbox as _sandbox
 
     t0 = time.perf_counter()
     try:
@@ -137,7 +137,7 @@ def handle(msg: dict[str, Any], device: torch.device) -> dict[str, Any]:
         schedules = {int(i): Schedule.from_dict(s) for i, s in msg["schedules"].items()}
         fused.variants(block, plan, schedules)  # render (and so check) every kernel before any input exists
     except (ValueError, KeyError) as e:
-        return {"status": COMPILE_ERROR, "error": _worker.describe(e), "seconds": time.perf_counter() - t0}
+        return {"status": COMPILE_ERROR, "error": _sandbox.describe(e), "seconds": time.perf_counter() - t0}
     tol = reference.tolerance(block.dtype)
     try:
         gen = torch.Generator(device=device)
@@ -147,11 +147,11 @@ def handle(msg: dict[str, Any], device: torch.device) -> dict[str, Any]:
         x = x.to(SPEC_DTYPES[block.dtype])
         ref = block_reference.block(block, params, x)
     except Exception as e:  # not the candidate's doing
-        return {"status": "crash", "error": f"setting up inputs failed: {_worker.describe(e)}"}
+        return {"status": "crash", "error": f"setting up inputs failed: {_sandbox.describe(e)}"}
     try:
         got = fused.run_plan(block, params, x, plan, schedules, poison=True)
         _sync(device)
-        rel, mx = reference.rel_error(got, ref), _worker.max_abs_error(got, ref)
+        rel, mx = reference.rel_error(got, ref), _sandbox.max_abs_error(got, ref)
         if not rel < tol:
             return {
                 "status": WRONG,
@@ -164,17 +164,17 @@ def handle(msg: dict[str, Any], device: torch.device) -> dict[str, Any]:
         def launch() -> None:
             box["y"] = fused.run_plan(block, params, x, plan, schedules)
 
-        times = _worker.time_launches(launch, device, int(msg["reps"]), int(msg["warmup"]), bool(msg["flush_l2"]))
+        times = _sandbox.time_launches(launch, device, int(msg["reps"]), int(msg["warmup"]), bool(msg["flush_l2"]))
         rel2 = reference.rel_error(box["y"], ref)
         if not rel2 < tol:
             return {
                 "status": WRONG,
                 "rel_error": rel2,
-                "max_error": _worker.max_abs_error(box["y"], ref),
+                "max_error": _sandbox.max_abs_error(box["y"], ref),
                 "error": f"output changed across repetitions: relative error {rel2:.3g} after timing",
             }
     except Exception as e:
-        return _worker.failure(e, device)
+        return _sandbox.failure(e, device)
     t = sorted(times)
 
     def pick(q: float) -> float:
@@ -246,7 +246,7 @@ class BlockHarness:
         self.flush_l2 = flush_l2
         self.seed = seed
         self._harness = _harness
-        self._worker = _harness.Worker(device, threads, startup_timeout_s)
+        self._sandbox = _harness.Sandbox(device, threads, startup_timeout_s)
 
     def measure(self, block: Block, plan: Plan, schedules: dict[int, Schedule], reps: int | None = None) -> Trial:
         t0 = time.monotonic()
@@ -274,7 +274,7 @@ class BlockHarness:
             "flush_l2": self.flush_l2,
             "seed": seed,
         }
-        reply = self._harness.isolated_request(self._worker, msg, self.timeout_s)
+        reply = self._harness.isolated_request(self._sandbox, msg, self.timeout_s)
         i = searched_step(plan)
         return Trial.from_reply(
             reply,
@@ -286,7 +286,7 @@ class BlockHarness:
         )
 
     def close(self) -> None:
-        self._worker.stop()
+        self._sandbox.stop()
 
     def __enter__(self) -> BlockHarness:
         return self

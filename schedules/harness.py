@@ -50,7 +50,7 @@ from tunerd.kernels.schedule import Schedule, ScheduleError
 from tunerd.kernels.spec import BlockSpec, SpecError
 
 from . import ops
-from . import worker as _worker
+from . import sandbox as _sandbox
 from .device import INTERPRETER_NAME
 from .trial import COMPILE_ERROR, CRASH, TIMEOUT, Trial
 
@@ -62,15 +62,15 @@ class HarnessError(RuntimeError):
     """The harness itself cannot work (a worker process does not start): not a candidate's fault."""
 
 
-class WorkerDied(Exception):
+class SandboxDied(Exception):
     pass
 
 
-class WorkerTimeout(Exception):
+class SandboxTimeout(Exception):
     pass
 
 
-class WorkerOverMemory(Exception):
+class SandboxOverMemory(Exception):
     pass
 
 
@@ -148,7 +148,7 @@ def exit_reason(code: int | None) -> str:
     return f"exit code {code}"
 
 
-class Worker:
+class Sandbox:
     """One spawned worker process and its pipe."""
 
     def __init__(self, device: str, threads: int, startup_timeout_s: float, memory_bytes: int | None = None) -> None:
@@ -167,7 +167,7 @@ class Worker:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self.process = ctx.Process(
-            target=_worker.serve,
+            target=_sandbox.serve,
             args=(child, self.device, self.threads, self.memory_bytes),
             daemon=True,
             name="tunerd-measure",
@@ -217,8 +217,8 @@ class Worker:
             raise HarnessError(f"measurement worker refused to start: {hello.get('error')}")
 
     def request(self, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Send one request; WorkerTimeout if no reply in time, WorkerDied if the process ended,
-        WorkerOverMemory past memory_bytes resident, Interrupted when the context's guard says stop."""
+        """Send one request; SandboxTimeout if no reply in time, SandboxDied if the process ended,
+        SandboxOverMemory past memory_bytes resident, Interrupted when the context's guard says stop."""
         g = _guard.get()
         g.check()
         if not self.alive:
@@ -231,7 +231,7 @@ class Worker:
             self.process.join(5)
             code = self.process.exitcode
             self.kill()
-            raise WorkerDied(exit_reason(code)) from None
+            raise SandboxDied(exit_reason(code)) from None
 
     def _wait(self, timeout_s: float, g: Guard, tick_s: float = 0.1) -> None:
         """Wait for the reply in ticks, checking the guard, the timeout and the worker's memory."""
@@ -239,10 +239,10 @@ class Worker:
         while not self.conn.poll(max(0.0, min(tick_s, end - time.monotonic()))):
             g.check()
             if time.monotonic() >= end:
-                raise WorkerTimeout()
+                raise SandboxTimeout()
             rss = resident_bytes(self.process.pid) if self.memory_bytes else None
             if rss is not None and rss > self.memory_bytes:
-                raise WorkerOverMemory(
+                raise SandboxOverMemory(
                     f"resident memory {rss / 2**20:,.0f} MiB passed the limit of {self.memory_bytes / 2**20:,.0f} MiB"
                 )
 
@@ -266,20 +266,20 @@ class Worker:
         self.kill()
 
 
-def isolated_request(w: Worker, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def isolated_request(w: Sandbox, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """A worker's reply, or a timeout/crash reply after which the worker is replaced next time."""
     try:
         reply = w.request(msg, timeout_s)
     except Interrupted:
         w.kill()
         raise
-    except WorkerTimeout:
+    except SandboxTimeout:
         w.kill()
         return {"status": TIMEOUT, "error": f"no result within {timeout_s:g}s: worker killed and replaced"}
-    except WorkerOverMemory as m:
+    except SandboxOverMemory as m:
         w.kill()
         return {"status": CRASH, "error": f"worker killed: {m}"}
-    except WorkerDied as d:
+    except SandboxDied as d:
         return {"status": CRASH, "error": f"worker process died ({d}) running this candidate; replaced"}
     if reply.get("fatal"):
         w.kill()
@@ -310,7 +310,7 @@ class CompilePool:
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self._timeout_s = timeout_s
-        self._workers = [Worker(device, threads, startup_timeout_s, memory_bytes) for _ in range(n)]
+        self._workers = [Sandbox(device, threads, startup_timeout_s, memory_bytes) for _ in range(n)]
         self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in self._workers]
         for t in self._threads:
             t.start()
@@ -330,7 +330,7 @@ class CompilePool:
             g.check()
         return self._results[vid]
 
-    def _run(self, w: Worker) -> None:
+    def _run(self, w: Sandbox) -> None:
         while True:
             _, _, vid, msg = self._queue.get()
             if vid is None:
@@ -416,7 +416,7 @@ class Harness:
             if compile_workers > 0
             else None
         )
-        self._timing = Worker(self.device, threads, startup_timeout_s, self.memory_bytes)
+        self._timing = Sandbox(self.device, threads, startup_timeout_s, self.memory_bytes)
 
     # ---- variants ---------------------------------------------------------------------
     def variant(self, spec: BlockSpec, schedule: Schedule) -> Variant:

@@ -18,7 +18,7 @@ from tunerd.db.store import Store
 from tunerd.kernels import conv_spec, render
 from tunerd.kernels.schedule import Schedule
 from tunerd.settings import Settings
-from tunerd.worker import Worker
+from tunerd.worker import JobWorker
 
 TOKEN = "t0ken-for-tests"  # the admin token of every daemon `live` starts
 
@@ -47,7 +47,7 @@ def seed(store: Store, spec, median_ms: float = 1.0, schedule: Schedule | None =
 
 
 @contextmanager
-def live(store: Any, worker: Worker | None = None, **settings: Any) -> Iterator[tuple[ServerThread, httpx.Client]]:
+def live(store: Any, worker: JobWorker | None = None, **settings: Any) -> Iterator[tuple[ServerThread, httpx.Client]]:
     app = create_app(Settings(**{"token": TOKEN, **settings}), store=store, worker=worker)
     with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         yield srv, http

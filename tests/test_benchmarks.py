@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import models, report, run, timing
+from benchmarks import networks, report, run, timing
 from tunerd.kernels import reference
 from tunerd.kernels import schedule as _sched
 from tunerd.kernels.spec import Epilogue, SpecError, conv_spec
@@ -104,16 +104,16 @@ def test_roofline_math_on_known_numbers():
     [("resnet50", 25_557_032, 53, 1), ("mobilenetv2", 3_504_872, 52, 1), ("convnext_t", 28_589_128, 22, 37)],
 )
 def test_model_builders_match_the_reference_architectures(name, params, convs, linears):
-    m = models.build(name, device="meta")
-    assert models.param_count(m) == params
-    assert models.conv_count(m) == convs
+    m = networks.build(name, device="meta")
+    assert networks.param_count(m) == params
+    assert networks.conv_count(m) == convs
     assert sum(isinstance(x, torch.nn.Linear) for x in m.modules()) == linears
     y = m(torch.empty(2, 3, 224, 224, device="meta"))
     assert tuple(y.shape) == (2, 1000)
 
 
 def test_model_builder_layer_structure():
-    r = models.build("resnet50", device="meta")
+    r = networks.build("resnet50", device="meta")
     assert [sum(1 for _ in stage) for stage in [r.layers[:3], r.layers[3:7], r.layers[7:13], r.layers[13:]]] == [
         3,
         4,
@@ -121,14 +121,14 @@ def test_model_builder_layer_structure():
         3,
     ] and len(r.layers) == 16
     assert r.layers[3].conv2.stride == (2, 2) and r.layers[3].conv1.stride == (1, 1)  # v1.5
-    mb = models.build("mobilenetv2", device="meta")
-    blocks = [b for b in mb.features if isinstance(b, models.InvertedResidual)]
-    assert len(blocks) == sum(n for _, _, n, _ in models.MOBILENETV2_SETTINGS) == 17
+    mb = networks.build("mobilenetv2", device="meta")
+    blocks = [b for b in mb.features if isinstance(b, networks.InvertedResidual)]
+    assert len(blocks) == sum(n for _, _, n, _ in networks.MOBILENETV2_SETTINGS) == 17
     assert sum(b.use_res for b in blocks) == 10
-    cx = models.build("convnext_t", device="meta")
+    cx = networks.build("convnext_t", device="meta")
     assert [len(s) for s in cx.stages] == [3, 3, 9, 3]
     assert cx.stages[2][0].dwconv.kernel_size == (7, 7) and cx.stages[2][0].pwconv1.out_features == 4 * 384
-    tiny = models.build("convnext_t", width=0.125, num_classes=10, blocks_per_stage=1)
+    tiny = networks.build("convnext_t", width=0.125, num_classes=10, blocks_per_stage=1)
     assert [len(s) for s in tiny.stages] == [1, 1, 1, 1]
     assert tiny(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 

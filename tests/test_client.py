@@ -272,7 +272,7 @@ def test_install_launches_exactly_the_servers_source(store, tmp_path):
 
 
 def test_patch_remote_prefetches_a_whole_training_step_in_one_request(store, tmp_path):
-    from models import InvertedResidual
+    from toy_blocks import InvertedResidual
 
     from tunerd.patching import patch
 

@@ -30,7 +30,7 @@ def run_daemon(db_url: str, url_file: str, worker_id: str, delay_s: float) -> No
     from tunerd.db.store import Store
     from tunerd.kernels import render
     from tunerd.settings import Settings
-    from tunerd.worker import Worker
+    from tunerd.worker import JobWorker
 
     def tuner(store, job, device, on_progress) -> dict:
         for i, spec in enumerate(job.specs):
@@ -53,7 +53,7 @@ def run_daemon(db_url: str, url_file: str, worker_id: str, delay_s: float) -> No
         return {"tuned": len(job.specs), "by": worker_id}
 
     store = Store(db_url)
-    worker = Worker(
+    worker = JobWorker(
         store,
         worker_id=worker_id,
         run_job=tuner,

@@ -30,7 +30,7 @@ from tunerd.db.fingerprint import current  # noqa: E402
 from tunerd.db.store import Store  # noqa: E402
 from tunerd.kernels import conv_spec  # noqa: E402
 from tunerd.settings import Settings  # noqa: E402
-from tunerd.worker import Worker  # noqa: E402
+from tunerd.worker import JobWorker  # noqa: E402
 
 ADMIN, READER = TOKEN, "read-t0ken"
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
@@ -395,7 +395,7 @@ def test_cancel_kills_the_running_trial_and_frees_the_worker(store):
             slow["harness"] = h
             return run_job(store_, job, device, on_progress, harness=h)
 
-    worker = Worker(
+    worker = JobWorker(
         store, current(), run_job=tuner, poll_s=0.05, heartbeat_s=5.0, stale_after_s=60.0, tune_misses=False
     )
     with live(store, worker=worker) as (_, http):

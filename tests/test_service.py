@@ -22,7 +22,7 @@ from tunerd.db.store import Store
 from tunerd.kernels import GENERATOR_VERSION, conv_spec, render
 from tunerd.kernels.schedule import Schedule
 from tunerd.settings import Settings
-from tunerd.worker import Worker
+from tunerd.worker import JobWorker
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BUNDLE = {**AUTH, "Content-Type": "application/octet-stream"}
@@ -77,10 +77,10 @@ def fake_tuner(log: list | None = None, fail: bool = False, delay_s: float = 0.0
     return run
 
 
-def worker_for(store: Store, run_job, **kw: Any) -> Worker:
+def worker_for(store: Store, run_job, **kw: Any) -> JobWorker:
     opts = dict(run_job=run_job, poll_s=0.05, heartbeat_s=0.1, stale_after_s=2.0, tune_misses=False)
     opts.update(kw)
-    return Worker(store, current(), **opts)
+    return JobWorker(store, current(), **opts)
 
 
 # ---- lookup -------------------------------------------------------------------------------------------
@@ -673,5 +673,5 @@ def test_every_entry_point_defaults_to_the_one_strategy():
     assert JobRequest.model_fields["strategy"].default == DEFAULT
     assert tuning.DEFAULT_STRATEGY == DEFAULT
     assert inspect.signature(Client.submit_job).parameters["strategy"].default == DEFAULT
-    assert inspect.signature(Worker).parameters["miss_strategy"].default == DEFAULT
+    assert inspect.signature(JobWorker).parameters["miss_strategy"].default == DEFAULT
     assert inspect.signature(Store.enqueue_job).parameters["strategy"].default == DEFAULT

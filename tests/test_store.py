@@ -40,8 +40,8 @@ from tunerd.db import (  # noqa: E402
     variant_id,
 )
 from tunerd.db import engine as db_engine  # noqa: E402
-from tunerd.db.models import Base  # noqa: E402
 from tunerd.db.rows import WinnerRow  # noqa: E402
+from tunerd.db.tables import Base  # noqa: E402
 from tunerd.kernels import GENERATOR_VERSION, Schedule, Variant, conv_spec, render  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent

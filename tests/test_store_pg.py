@@ -15,7 +15,7 @@ from test_store import DEV, DW, GPU, SPEC, parse_writes, record, spawn, start_to
 from tunerd.db import BundleError, JobNotOwned, SchemaError, Store, StoreUnavailable  # noqa: E402
 from tunerd.db import engine as db_engine  # noqa: E402
 from tunerd.db.bundle import bundle_bytes, import_bundle_bytes  # noqa: E402
-from tunerd.db.models import Base  # noqa: E402
+from tunerd.db.tables import Base  # noqa: E402
 
 
 def test_pg_schema_and_api(pg_url):

@@ -355,7 +355,7 @@ def test_crafted_bundle_by_http_is_refused_and_a_claimed_time_never_wins(tmp_pat
 def test_the_verify_job_measures_a_claimed_winner_and_demotes_its_claim(tmp_path, marker):
     """A 1e-6 ms claim wins an empty store; the daemon's worker re-measures it here with the real
     harness (and the default schedule), and the measured time replaces the claim."""
-    from tunerd.worker import Worker
+    from tunerd.worker import JobWorker
 
     with Store(f"sqlite:///{tmp_path}/d.sqlite") as store:
         from tunerd.db.bundle import import_bundle_bytes
@@ -364,7 +364,7 @@ def test_the_verify_job_measures_a_claimed_winner_and_demotes_its_claim(tmp_path
         assert report.added == 1
         w = store.winner(current(), SPEC)
         assert (w.median_ms, w.claimed, w.origin) == (1e-6, True, f"bundle:{report.sha256}")
-        worker = Worker(store, current(), tune_misses=False, poll_s=0.05, heartbeat_s=1.0, stale_after_s=120.0)
+        worker = JobWorker(store, current(), tune_misses=False, poll_s=0.05, heartbeat_s=1.0, stale_after_s=120.0)
         job_id = worker.run_once()
         job = store.job(job_id)
         assert (job.status, job.strategy) == ("done", "verify"), job.error

@@ -159,7 +159,7 @@ def _load_model(ref: str, dtype: str | None):
 
     mod_name, _, attr = ref.partition(":")
     if not attr:
-        raise typer.BadParameter("--model takes module:callable, e.g. benchmarks.models:resnet50")
+        raise typer.BadParameter("--model takes module:callable, e.g. benchmarks.networks:resnet50")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:  # as `python -m` would: the current directory first
         sys.path.insert(0, str(Path.cwd()))
     try:

@@ -52,7 +52,7 @@ def _default_runner() -> JobRunner:
     return run_job
 
 
-class Worker:
+class JobWorker:
     """Claims and runs tuning jobs in a background thread; `run_once` does one step synchronously."""
 
     def __init__(
@@ -108,7 +108,7 @@ class Worker:
         self.last_error: str | None = None
 
     @classmethod
-    def from_settings(cls, store: Any, settings: Any, **overrides: Any) -> Worker:
+    def from_settings(cls, store: Any, settings: Any, **overrides: Any) -> JobWorker:
         kw = dict(
             worker_id=settings.worker_id,
             poll_s=settings.poll_s,

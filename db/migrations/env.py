@@ -5,7 +5,7 @@ $TUNERD_DB or the default SQLite file."""
 from alembic import context
 
 from tunerd.db import engine as _engine
-from tunerd.db.models import Base
+from tunerd.db.tables import Base
 
 config = context.config
 

@@ -129,7 +129,7 @@ def serve(
 
     from tunerd.db.errors import StoreUnavailable
 
-    from ..worker import Worker
+    from ..worker import JobWorker
     from .app import create_app
 
     overrides = {
@@ -149,7 +149,7 @@ def serve(
         store.get()
     except StoreUnavailable as e:  # start anyway: routes answer 503 until the database is back
         log.warning("database unavailable at start (%s); serving 503s until it answers", e)
-    tuner = Worker.from_settings(store, settings) if settings.worker else None
+    tuner = JobWorker.from_settings(store, settings) if settings.worker else None
     app = create_app(settings, store, tuner)
     # torch, triton and friends leave ~250k long-lived objects; a full collection over them stalls every
     # request for 100+ ms. Frozen, the collector only walks what the daemon allocates from here on.

@@ -1,4 +1,4 @@
-"""Worker: the isolated process that compiles, checks and times one variant at a time.
+"""Sandbox: the isolated process that compiles, checks and times one variant at a time.
 
 Started by schedules.harness through a multiprocessing spawn context; it talks over a Pipe:
 it sends {"ready": ...} once, then answers each request dict with one reply dict. Whatever a
@@ -33,7 +33,7 @@ _flush_buffer: torch.Tensor | None = None
 
 def serve(conn: Connection, device: str, threads: int, memory_bytes: int | None = None) -> None:
     """Process entry point: answer requests until the parent sends None or goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (harness.Worker.start)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (harness.Sandbox.start)
     torch.set_num_threads(max(1, threads))
     dev = torch.device(device)
     if dev.type == "cpu" and not runtime.interpreting():

@@ -1,5 +1,8 @@
 """SQLAlchemy 2 models of the store. The Alembic migrations in db/migrations create exactly this schema.
 
+ORM classes are named <Thing>Table and stay inside db/; the store hands out the frozen <Thing>Row
+dataclasses of db/rows.py instead.
+
 JSON values (spec keys, schedules, fingerprints, job payloads) are stored as canonical JSON text so
 SQLite and PostgreSQL hold byte-identical keys. Timestamps are naive UTC in the database and
 timezone-aware UTC in Python.
@@ -64,7 +67,7 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-class Device(Base):
+class DeviceTable(Base):
     __tablename__ = "devices"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(Text, unique=True)  # DeviceFingerprint.key
@@ -74,7 +77,7 @@ class Device(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class Spec(Base):
+class SpecTable(Base):
     __tablename__ = "specs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(Text, unique=True)  # BlockSpec.to_json()
@@ -86,7 +89,7 @@ class Spec(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class Variant(Base):
+class VariantTable(Base):
     """One generated kernel, keyed by the hash of its exact source text."""
 
     __tablename__ = "variants"
@@ -98,7 +101,7 @@ class Variant(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class Job(Base):
+class JobTable(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint(_in("status", JOB_STATUSES), name="status"),
@@ -123,7 +126,7 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
-class Trial(Base):
+class TrialTable(Base):
     """One measurement of one variant on one device. Never updated after it is written."""
 
     __tablename__ = "trials"
@@ -162,7 +165,7 @@ class _WinnerColumns:
     fraction_of_roofline: Mapped[float | None] = mapped_column(Float)
 
 
-class Winner(_WinnerColumns, Base):
+class WinnerTable(_WinnerColumns, Base):
     """The best trial per (device, spec): local measurements first (fastest correct one), else the fastest
     claim. Ratios are rescaled when the winner changes."""
 
@@ -170,14 +173,14 @@ class Winner(_WinnerColumns, Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class Snapshot(Base):
+class SnapshotTable(Base):
     __tablename__ = "snapshots"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     winner_count: Mapped[int] = mapped_column(Integer)
 
 
-class SnapshotWinner(_WinnerColumns, Base):
+class SnapshotWinnerTable(_WinnerColumns, Base):
     """A frozen copy of one winner row; trials and variants are immutable, so answers never change."""
 
     __tablename__ = "snapshot_winners"
@@ -185,7 +188,7 @@ class SnapshotWinner(_WinnerColumns, Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-class Miss(Base):
+class MissTable(Base):
     """A lookup that found no winner: what clients want that nobody has tuned yet."""
 
     __tablename__ = "misses"
