@@ -37,6 +37,7 @@ from tunerd.schedules import cost, space, suites
 from tunerd.schedules.device import DeviceLimits
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+SASS_KEYS = ("sass", "tma", "loop_sass", "loop_mma", "loop_fma", "loop_mma_share", "loop_fma_share", "loop_idiv")
 
 
 def variants(
@@ -98,6 +99,7 @@ def row(
     }
     d.update(
         {k: r[k] for k in ("regs", "spill_bytes", "shared", "cp_async", "max_load_bytes", "max_store_bytes")},
+        {k: r.get(k) for k in SASS_KEYS},
         mma=mma_kind(spec, r),
         vector_rows=vector_rows(spec),
         occupancy=cost.blocks_per_sm(r["regs"], r["shared"], s.num_warps, limits) if r["regs"] else None,
@@ -105,6 +107,11 @@ def row(
         flags=flags(spec, r),
     )
     return d
+
+
+def _median(values: list[Any]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,6 +136,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "cp_async": sum(bool(r["cp_async"]) for r in ok),
             "scalar_loads": sum(r["max_load_bytes"] < 16 and not r["cp_async"] for r in ok),
             "median_regs": statistics.median([r["regs"] for r in ok]) if ok else None,
+            "median_loop_sass": _median([r.get("loop_sass") for r in ok]),
+            "median_loop_fma_share": _median([r.get("loop_fma_share") for r in ok]),
+            "loop_idiv": sum(bool(r.get("loop_idiv")) for r in ok),
+            "tma": sum(bool(r.get("tma")) for r in ok),
             "flagged": sum(bool(r["flags"]) for r in ok),
         }
     measured = [r for r in rows if r["ok"] and r["regs"]]
@@ -153,15 +164,20 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Triton {doc['triton']}, {len(doc['rows'])} variants, {doc['elapsed_s']:.0f} s. "
         "Registers, spills and shared memory come from the cubin (cuobjdump), the rest from the PTX.",
         "",
+        "Main loop: the innermost loop with the most MMA/FMA instructions in the SASS (kernels.sass); "
+        "loop SASS is its instruction count per iteration, FMA share the FFMA/HFMA2 part of it, "
+        "idiv the variants with a runtime integer division in it, TMA the variants with TMA loads.",
+        "",
         "| suite pass | variants | errors | spilling | wgmma | mma.sync | fma dot | direct | cp.async | "
-        "scalar loads | median regs | flagged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "scalar loads | median regs | median loop SASS | median loop FMA share | idiv | TMA | flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, g in sorted(s["groups"].items(), key=lambda kv: (kv[0].startswith("all"), kv[0])):
         lines.append(
             f"| {key} | {g['variants']} | {g['compile_errors']} | {g['spilling']} | {g['wgmma']} | "
             f"{g['mma_sync']} | {g['fma']} | {g['direct']} | {g['cp_async']} | {g['scalar_loads']} | "
-            f"{g['median_regs']} | {g['flagged']} |"
+            f"{g['median_regs']} | {g.get('median_loop_sass')} | {g.get('median_loop_fma_share')} | "
+            f"{g.get('loop_idiv')} | {g.get('tma')} | {g['flagged']} |"
         )
     m = s["model"]
     lines += ["", "## Cost model vs compiler", ""]

@@ -118,7 +118,7 @@ def _sqlite(u: URL, busy_timeout_s: float) -> Engine:
     the latter is for tests and single-threaded tools, not for a daemon serving threads."""
     memory = u.database in (None, "", ":memory:")
     kw: dict[str, Any] = dict(poolclass=StaticPool) if memory else {}
-    if not memory:
+    if u.database is not None and not memory:
         path = Path(u.database).expanduser().absolute()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,10 @@ def _alembic_config(conn: Connection) -> Config:
 
 
 def head_revision() -> str:
-    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no Alembic head revision in {MIGRATIONS}")
+    return head
 
 
 def current_revision(conn: Connection) -> str | None:

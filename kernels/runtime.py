@@ -78,6 +78,8 @@ def load(variant: Variant) -> Any:
             atomic_write_text(path, variant.source)
         mod_name = f"tunerd_generated_{variant.id}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load the generated kernel module {path}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module  # triton resolves globals through the module
         spec.loader.exec_module(module)

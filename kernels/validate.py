@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import sass
 from .generator import Variant, render
 from .schedule import Schedule
 from .spec import BlockSpec
@@ -44,7 +45,7 @@ def example_args(spec: BlockSpec) -> dict[str, Any]:
         scale=t(torch.float32) if e.affine else None,
         shift=t(torch.float32) if e.affine else None,
         residual=t(rank=spec.ndim + 2) if e.residual else None,
-        gamma=t(torch.float32) if e.layer_scale else None,
+        layer_scale=t(torch.float32) if e.layer_scale else None,
         activation=e.activation,
         residual_mode=e.residual or "post",
     )
@@ -79,7 +80,7 @@ def resources(kernel: Any) -> dict[str, Any]:
     """What the compiled kernel costs and uses, read from its cubin (cuobjdump) and PTX: registers per
     thread, spill bytes (stack + local), the MMA its dots became (see mma_kind), cp.async copies
     (software pipelining) and the widest of them, and the widest plain global load/store in bytes
-    (vectorization; 0 when every read is a cp.async copy)."""
+    (vectorization; 0 when every read is a cp.async copy), and the main loop's SASS mix (kernels.sass.mix)."""
     import triton
 
     out: dict[str, Any] = {"regs": None, "spill_bytes": None}
@@ -93,6 +94,7 @@ def resources(kernel: Any) -> dict[str, Any]:
         m = _RESOURCES.search(usage.stdout)
         if m:
             out.update(regs=int(m.group(1)), spill_bytes=int(m.group(2)) + int(m.group(3)))
+    out.update(sass.mix(sass.disassemble(cubin)) if cubin else {"loop_sass": None})
     ptx = kernel.asm.get("ptx", "")
     widest = {"ld": 0, "st": 0}
     for op, vec, bits in _GLOBAL_ACCESS.findall(ptx):

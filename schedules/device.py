@@ -88,7 +88,11 @@ class DeviceLimits:
             max_threads_per_sm=int(getattr(p, "max_threads_per_multi_processor", 0) or 2048),
             l2_bytes=int(getattr(p, "L2_cache_size", 0) or base.l2_bytes),
             capability=(p.major, p.minor),
-            **rates,
+            dram_bw=rates["dram_bw"],
+            l2_bw=rates["l2_bw"],
+            fp16_flops=rates["fp16_flops"],
+            tf32_flops=rates["tf32_flops"],
+            fp32_flops=rates["fp32_flops"],
         )
 
     @classmethod

@@ -240,10 +240,11 @@ class Sandbox:
             g.check()
             if time.monotonic() >= end:
                 raise SandboxTimeout()
-            rss = resident_bytes(self.process.pid) if self.memory_bytes else None
-            if rss is not None and rss > self.memory_bytes:
+            limit = self.memory_bytes
+            rss = resident_bytes(self.process.pid) if limit else None
+            if limit is not None and rss is not None and rss > limit:
                 raise SandboxOverMemory(
-                    f"resident memory {rss / 2**20:,.0f} MiB passed the limit of {self.memory_bytes / 2**20:,.0f} MiB"
+                    f"resident memory {rss / 2**20:,.0f} MiB passed the limit of {limit / 2**20:,.0f} MiB"
                 )
 
     def kill(self) -> None:

@@ -164,7 +164,7 @@ def record(
     order = random.Random(f"{seed}:{spec.key}").sample(candidates, min(sample or len(candidates), len(candidates)))
     ahead = 16  # GPU: compiles run in parallel this far ahead of the timing (a deadline wastes little)
     harness.prefetch(spec, order[:ahead])
-    trials = {}
+    trials: dict[Schedule, Trial] = {}
     for i, s in enumerate(order):
         if deadline is not None and trials and time.monotonic() > deadline:
             break
@@ -198,7 +198,7 @@ class ReplayMeasure:
             raise KeyError(f"schedule {schedule.describe()} is not in the table of {self.table.spec.describe()}")
         if not t.ok:
             return t
-        median = t.median_ms
+        median = t.cost  # an ok trial's median
         if self.noise:  # the median of `reps` repetitions: ~1.25 sigma / sqrt(reps) for normal noise
             median *= math.exp(self.rng.gauss(0.0, 1.2533 * self._sigma(t) / math.sqrt(max(1, reps))))
         return t.with_(median_ms=median, reps=reps)
@@ -223,8 +223,8 @@ def run_strategy(table: Table, name: str, seed: int, trials: int, noise: bool = 
     measure = ReplayMeasure(table, seed=seed, noise=noise)
     found = strat.search(list(table.trials), measure, Budget(trials=trials))
     pick = best_of(found)
-    true_ms = table.trials[pick.schedule].median_ms if pick is not None else math.inf
-    return {"trials": len(found), "picked_ms": true_ms, "quality": table.best.median_ms / true_ms}
+    true_ms = table.trials[pick.schedule].cost if pick is not None else math.inf
+    return {"trials": len(found), "picked_ms": true_ms, "quality": table.best.cost / true_ms}
 
 
 def replay(

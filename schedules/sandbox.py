@@ -189,12 +189,13 @@ def time_launches(
     global _flush_buffer
     if flush_l2 and _flush_buffer is None:
         _flush_buffer = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    flush = _flush_buffer
     torch.cuda.synchronize(device)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
-        if flush_l2:
-            _flush_buffer.zero_()
+        if flush is not None and flush_l2:
+            flush.zero_()
         starts[i].record()
         launch()
         ends[i].record()

@@ -265,7 +265,9 @@ class TPE(Strategy):
             ) from None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         values = knob_values(cands)
-        dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in values.items()}
+        dists: dict[str, optuna.distributions.BaseDistribution] = {
+            k: optuna.distributions.CategoricalDistribution(v) for k, v in values.items()
+        }
         startup = self.startup or max(3, min(10, len(cands) // 10))
         sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=startup)
         study = optuna.create_study(direction="minimize", sampler=sampler)

@@ -283,7 +283,7 @@ def model_specs(model: nn.Module, example_input: Any, strict: bool = True) -> li
     found: list[BlockSpec] = []
     errors: list[str] = []
 
-    def hook(mod: nn.Module, args: tuple, _out: Any) -> None:
+    def hook(mod: Any, args: tuple, _out: Any) -> None:  # mod: a Conv1d/2d/3d
         x = args[0]
         name = names.get(mod, type(mod).__name__)
         try:

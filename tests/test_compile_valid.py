@@ -76,6 +76,9 @@ def test_real_compiler_accepts_generated_kernels():
     bad = [(v.spec.describe(), v.schedule.describe(), r["error"]) for v, r in zip(picked, results) if not r["ok"]]
     assert not bad, bad
     assert all(r["shared"] is not None for r in results)
+    # the SASS reader finds every kernel's main loop; tensor-core dots issue their MMAs inside it
+    assert all(r["loop_sass"] for r in results), [r["loop_sass"] for r in results]
+    assert all(r["loop_mma"] for r in results if r["mma"] in ("wgmma", "mma.sync"))
 
 
 @pytest.mark.slow

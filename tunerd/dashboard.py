@@ -89,10 +89,13 @@ def _progress_fraction(job: Any) -> float | None:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
     within = None
-    if num("trials_done") is not None and num("trials_total"):
-        within = min(1.0, num("trials_done") / num("trials_total"))
-    if num("spec_index") is not None and num("specs"):
-        return max(0.0, min(1.0, (num("spec_index") + (within or 0.0)) / num("specs")))
-    if num("specs_done") is not None and num("specs_total"):
-        return max(0.0, min(1.0, num("specs_done") / num("specs_total")))
+    trials_done, trials_total = num("trials_done"), num("trials_total")
+    if trials_done is not None and trials_total:
+        within = min(1.0, trials_done / trials_total)
+    spec_index, specs = num("spec_index"), num("specs")
+    if spec_index is not None and specs:
+        return max(0.0, min(1.0, (spec_index + (within or 0.0)) / specs))
+    specs_done, specs_total = num("specs_done"), num("specs_total")
+    if specs_done is not None and specs_total:
+        return max(0.0, min(1.0, specs_done / specs_total))
     return within
