@@ -28,12 +28,13 @@ from typing import Any
 import triton
 
 import tunerd  # noqa: F401  (first: tunerd selects Triton's interpreter on CPU-only machines before triton loads)
-from tunerd.kernels import generator
+from tunerd.kernels import fused, generator, plan
 from tunerd.kernels.runtime import atomic_write_text
 from tunerd.kernels.schedule import Schedule, uses_dot, vector_rows
 from tunerd.kernels.spec import BlockSpec
 from tunerd.kernels.validate import compile_check
 from tunerd.schedules import cost, space, suites
+from tunerd.schedules.block_suites import BLOCK_SUITES, block_suite
 from tunerd.schedules.device import DeviceLimits
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -98,8 +99,8 @@ def row(
         "occupancy": cost.occupancy(spec, s, limits),
     }
     d.update(
-        {k: r[k] for k in ("regs", "spill_bytes", "shared", "cp_async", "max_load_bytes", "max_store_bytes")},
-        {k: r.get(k) for k in SASS_KEYS},
+        {k: r[k] for k in ("regs", "spill_bytes", "shared", "cp_async", "max_load_bytes", "max_store_bytes")}
+        | {k: r.get(k) for k in SASS_KEYS},
         mma=mma_kind(spec, r),
         vector_rows=vector_rows(spec),
         occupancy=cost.blocks_per_sm(r["regs"], r["shared"], s.num_warps, limits) if r["regs"] else None,
@@ -192,6 +193,22 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- occupancy (blocks per SM): estimate exact for {m['occupancy_exact']}, too high for {m['occupancy_over']}",
         "",
     ]
+    if doc.get("blocks"):
+        lines += [
+            "## Fused block steps (planner's plan, default schedule)",
+            "",
+            "| suite#block | dtype | step | regs | spills | shared | mma | loop SASS | loop FMA share |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in doc["blocks"]:
+            if not r["ok"]:
+                lines.append(f"| {r['where']} | {r['dtype']} | {r['step']} | compile error: {r['error'][:100]} |")
+                continue
+            lines.append(
+                f"| {r['where']} | {r['dtype']} | {r['step']} | {r['regs']} | {r['spill_bytes']} | {r['shared']} | "
+                f"{r['mma']} | {r.get('loop_sass')} | {r.get('loop_fma_share')} |"
+            )
+        lines.append("")
     flagged = [r for r in doc["rows"] if not r["ok"] or r["flags"]]
     lines += ["## Flagged variants", ""]
     if not flagged:
@@ -208,6 +225,38 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def block_rows(names: list[str], dtypes: list[str], arch: int) -> list[dict[str, Any]]:
+    """Every fused step of the planner's plan for each distinct block of the block suites, compiled with its
+    default schedule (kernels.fused.compile_check); conv steps are single-conv variants audited above."""
+    todo: list[tuple[str, Any, Any, int]] = []
+    seen: set[tuple[str, int]] = set()
+    for name in names:
+        for dt in dtypes:
+            for e in block_suite(name, batch=32, dtype=dt):
+                p = plan.best(e.block)
+                for i, step in enumerate(p.steps):
+                    if step.kind in plan.FUSED and (e.block.key, i) not in seen:
+                        seen.add((e.block.key, i))
+                        todo.append((f"{name}#{e.name}", e.block, p, i))
+    if not todo:
+        return []
+    print(f"compiling {len(todo)} fused block steps for sm_{arch} ...", flush=True)
+    results = fused.compile_check([(b, p, i, None) for _, b, p, i in todo], arch=arch)
+    out = []
+    for (where, b, p, i), r in zip(todo, results):
+        step = p.steps[i]
+        d = {
+            "where": where,
+            "block": b.describe(),
+            "dtype": b.dtype,
+            "step": f"{step.kind}[{'+'.join(step.nodes)}]",
+            **r,
+        }
+        d["flags"] = [f"spills {r['spill_bytes']} B"] if r.get("spill_bytes") else []
+        out.append(d)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__.split("\n\n")[0])
     p.add_argument("--suites", help=f"comma list of {', '.join(suites.SUITES)} (default: all but quick)")
@@ -215,8 +264,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dtypes", default="bf16", help="comma list of bf16,fp16,fp32")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--top", type=int, default=0, help="also the cost model's K best candidates per spec")
+    p.add_argument(
+        "--blocks",
+        default=",".join(BLOCK_SUITES),
+        help=f"block suites whose fused steps (planner's plan, default schedule) are audited too: comma list of "
+        f"{', '.join(BLOCK_SUITES)}; '' for none",
+    )
     p.add_argument("--out", help="output directory")
     a = p.parse_args(argv)
+    block_names = [n for n in a.blocks.split(",") if n]
+    if unknown := [n for n in block_names if n not in BLOCK_SUITES]:
+        p.error(f"unknown block suites {unknown}; available: {list(BLOCK_SUITES)}")
     names = [n for n in (a.suites or "").split(",") if n] or [n for n in suites.SUITES if n != "quick"]
     if unknown := [n for n in names if n not in suites.SUITES]:
         p.error(f"unknown suites {unknown}; available: {list(suites.SUITES)}")
@@ -232,14 +290,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"compiling {len(todo)} variants for sm_{a.arch} (Triton {triton.__version__}) ...", flush=True)
     results = compile_check([v for *_, v in todo], arch=a.arch, timeout=max(900.0, 5.0 * len(todo)))
     rows = [row(s, li, which, v, r, limits) for (s, li, which, v), r in zip(todo, results)]
+    fused_rows = block_rows(block_names, dtypes, a.arch)
     doc = {
         "arch": a.arch,
         "triton": triton.__version__,
         "limits": limits.name,
         "date": f"{_dt.date.today()}",
-        "config": {"suites": names, "passes": passes, "dtypes": dtypes, "top": a.top},
+        "config": {"suites": names, "passes": passes, "dtypes": dtypes, "top": a.top, "blocks": block_names},
         "elapsed_s": time.perf_counter() - t0,
         "rows": rows,
+        "blocks": fused_rows,
     }
     doc["summary"] = summarize(rows)
     out = (

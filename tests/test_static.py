@@ -19,7 +19,9 @@ from tunerd.schedules.suites import suite
 
 @pytest.mark.slow
 def test_audit_writes_rows_summary_and_report(tmp_path):
-    doc = static.main(["--suites", "quick", "--passes", "fwd,wgrad", "--top", "1", "--out", str(tmp_path)])
+    doc = static.main(
+        ["--suites", "quick", "--passes", "fwd,wgrad", "--top", "1", "--blocks", "", "--out", str(tmp_path)]
+    )
     data = json.loads((tmp_path / "static.json").read_text())
     assert data["rows"] == doc["rows"] and data["arch"] == 90
     n_specs = len(suite("quick"))
@@ -32,6 +34,20 @@ def test_audit_writes_rows_summary_and_report(tmp_path):
     assert {r["which"] for r in data["rows"]} >= {"default", "model#1"}
     md = (tmp_path / "static.md").read_text()
     assert "compile only, no GPU timings" in md and "| all fwd |" in md
+
+
+@pytest.mark.slow
+def test_audit_compiles_the_fused_block_steps_of_the_planners_plans():
+    rows = static.block_rows(["convnext_t"], ["bfloat16"], 90)
+    assert [r["where"] for r in rows] == ["convnext_t#stage1", "convnext_t#stage2"]  # 384+ channels: unfused
+    for r in rows:
+        assert r["ok"], r["error"]
+        assert r["step"].startswith("convnext[") and r["spill_bytes"] == 0 and r["mma"] in ("wgmma", "mma.sync")
+        assert r["loop_sass"] and r["loop_mma"]
+    md = static.markdown({"arch": 90, "triton": "x", "rows": [], "elapsed_s": 0, "blocks": rows, "summary": {
+        "groups": {}, "model": {"regs_estimate_over_actual": None, "shared_upper_bound_holds": 0, "variants": 0,
+        "occupancy_exact": 0, "occupancy_over": 0}}})  # fmt: skip
+    assert "| convnext_t#stage1 | bfloat16 | convnext[" in md
 
 
 def test_flags_name_what_costs_speed():
