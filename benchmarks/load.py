@@ -2,6 +2,7 @@
 
     python -m benchmarks.load --rate 500 --duration 20 --out load.json
     python -m benchmarks.load --shed --out shed.json     # saturation, then 3x it: fast 503s, bounded p99
+    python -m benchmarks.load --import-records 500       # a bundle import beside another writer (SQLite lock)
 
 Starts a daemon (worker off) in a subprocess on a fresh SQLite store seeded with one winner, then
 sends single-spec lookups (hits) at exactly --rate requests/s, each at its scheduled time whether
@@ -252,6 +253,90 @@ async def shed_test(url: str, body: bytes, args: argparse.Namespace) -> dict[str
     }
 
 
+def import_contention(records: int, workdir: Path) -> dict[str, Any]:
+    """A bundle of `records` winners imported into a fresh SQLite store while another thread keeps writing
+    (record_miss, as the daemon's miss flush does): how long the import held the write lock at most, and how
+    long the concurrent writer waited at worst. Renders are cold, as in a daemon that never saw the bundle."""
+    import threading
+
+    from sqlalchemy import event
+
+    import tunerd  # noqa: F401
+    from tunerd.db import engine as db_engine
+    from tunerd.db.bundle import bundle_bytes, import_bundle_bytes
+    from tunerd.db.errors import StoreError
+    from tunerd.db.fingerprint import current
+    from tunerd.db.store import Store
+    from tunerd.kernels import conv_spec, generator, render
+
+    device = current()
+    source = Store(f"sqlite:///{workdir / 'source.sqlite'}")
+    for i in range(records):
+        spec = conv_spec(n=1 + i // 4, c=32 * (1 + i % 4), k=64, in_size=(14, 14), kernel=3, padding=1)
+        v = render(spec)
+        source.record_trial(
+            device, spec, v.schedule, v.source, status="ok", median_ms=1.0, spread_ms=0.01, reps=5, max_error=1e-6
+        )
+    data = bundle_bytes(source, provenance={"benchmark": "import_contention"})
+    source.close()
+    generator._render.cache_clear()  # the importing daemon renders every winner for the first time
+
+    target = Store(f"sqlite:///{workdir / 'target.sqlite'}")
+    holds: list[float] = []
+
+    @event.listens_for(target._engine, "begin")
+    def _began(conn: Any) -> None:
+        conn.info["tunerd.began"] = time.perf_counter()
+
+    def _ended(conn: Any) -> None:
+        began = conn.info.pop("tunerd.began", None)
+        if began is not None and conn.get_execution_options().get(db_engine.WRITE):
+            holds.append(time.perf_counter() - began)
+
+    event.listen(target._engine, "commit", _ended)
+    event.listen(target._engine, "rollback", _ended)
+    writer = Store(f"sqlite:///{workdir / 'target.sqlite'}")
+    other = conv_spec(n=1, c=8, k=8, in_size=(8, 8), kernel=1)
+    waits: list[float] = []
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def write_misses() -> None:  # about 20 writes/s: more than a daemon's miss flush, trials and heartbeats
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                writer.record_miss(device, other)
+            except StoreError as e:  # the busy timeout ran out: the write was lost
+                failed.append(str(e)[:200])
+            waits.append(time.perf_counter() - t)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=write_misses, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    t = time.perf_counter()
+    report = import_bundle_bytes(target, data)
+    elapsed = time.perf_counter() - t
+    time.sleep(0.2)
+    stop.set()
+    thread.join()
+    target.close()
+    writer.close()
+    return {
+        "records": records,
+        "bundle_bytes": len(data),
+        "import_s": round(elapsed, 3),
+        "added": report.added,
+        "write_transactions": len(holds),
+        "longest_write_hold_ms": round(max(holds) * 1000, 3),
+        "concurrent_writes": len(waits),
+        "concurrent_writes_failed": len(failed),
+        "first_failure": failed[0] if failed else None,
+        "load_average_after": os.getloadavg(),
+        "concurrent_write_ms": _percentiles(waits),
+    }
+
+
 def _percentiles(xs: list[float]) -> dict[str, float]:
     if not xs:
         return {}
@@ -280,6 +365,16 @@ def _run(coro: Any) -> Any:
         return asyncio.run(coro)
 
 
+def _cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process pid has used (Linux /proc; None elsewhere): what a request costs
+    the server, whatever else shares the machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _server_stack() -> dict[str, Any]:
     """What uvicorn runs on: httptools and uvloop when installed ('auto'), else h11 and asyncio."""
     import importlib.util
@@ -305,9 +400,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--probe-connections", type=int, default=4, help="--shed: closed-loop clients that find the saturation rate"
     )
+    ap.add_argument(
+        "--import-records",
+        type=int,
+        help="instead: import a bundle of this many winners while another writer runs (write-lock contention)",
+    )
     ap.add_argument("--out", type=Path, default=Path("load.json"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    if args.import_records:
+        with tempfile.TemporaryDirectory(prefix="tunerd-import-") as tmp:
+            result = {"benchmark": "bundle import beside a concurrent writer (SQLite)"}
+            result.update(import_contention(args.import_records, Path(tmp)))
+        result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return result
     with tempfile.TemporaryDirectory(prefix="tunerd-load-") as tmp:
         workdir = Path(tmp)
         db_url = f"sqlite:///{workdir / 'bench.sqlite'}"
@@ -317,10 +425,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             body = json.dumps({"specs": specs}).encode()
             gc.collect()
             gc.freeze()  # seeding imported torch: keep full collections of that heap out of the timings
+            cpu0 = None if proc is None else _cpu_s(proc.pid)
             if args.shed:
                 result = _run(shed_test(url, body, args))
             else:
                 result = _run(open_loop(url, body, args.rate, args.duration, args.connections, args.client))
+            if cpu0 is not None and proc is not None and (cpu1 := _cpu_s(proc.pid)) is not None:
+                result["server_cpu_s"] = round(cpu1 - cpu0, 2)
+                result["load_average_after"] = os.getloadavg()
         finally:
             if proc is not None:
                 proc.terminate()

@@ -548,13 +548,11 @@ def torch_contenders(
         out["torch_compile"] = Skip(COMPILE_BACKWARD_SKIP if cfg.compile else compile_off(cfg))
         return out
     forward = torch_forward(spec)
-    names = ("x", "w", "bias", "scale", "shift", "residual", "gamma")
+    names = ("x", "w", "bias", "scale", "shift", "residual", "layer_scale")
+    vectors = ("scale", "shift", "layer_scale")
     # per-channel vectors in the activation dtype up front, as a model's parameters would be
     targs = [
-        [
-            _torch_layout(s[k].to(s["x"].dtype) if k in ("scale", "shift", "gamma") and k in s else s.get(k), spec)
-            for k in names
-        ]
+        [_torch_layout(s[k].to(s["x"].dtype) if k in vectors and k in s else s.get(k), spec) for k in names]
         for s in sets
     ]
     out["torch_unfused" if not spec.epilogue.is_identity else "torch"] = lambda i: forward(*targs[i])

@@ -71,7 +71,8 @@ def flags(spec: BlockSpec, r: dict[str, Any]) -> list[str]:
         out.append(f"spills {r['spill_bytes']} B")
     if uses_dot(spec) and r["mma"] == "fma":
         out.append("dot on CUDA cores")
-    if r["max_load_bytes"] < 16 and not r["cp_async"] and vector_rows(spec):
+    # direct (depthwise) kernels: 8-byte vectors, 4 channels per thread and output column, coalesce fully
+    if r["max_load_bytes"] < (16 if uses_dot(spec) else 8) and not r["cp_async"] and vector_rows(spec):
         out.append("scalar loads on aligned rows")
     return out
 

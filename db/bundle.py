@@ -4,10 +4,11 @@ File = gzip of canonical JSON {"format": "tunerd-bundle", "version": 1, "sha256"
 where sha256 is taken over the canonical JSON of payload = {generator_version, exported_at, snapshot,
 provenance, winners: [WinnerRow.portable(), ...]}, plus an optional "signature" {"alg": "ed25519",
 "key": <base64 raw public key>, "sig": <base64>} over SIGNED_CONTEXT + the payload's sha256 digest.
-Import verifies everything before touching the store, then merges in one transaction: any failure
-leaves the store exactly as it was. A bundle is a set of claims: each winner's source must be this
-tunerd's own rendering of its (spec, schedule), and its timing stays a claim until measured here
-(db.store.Store.ingest). With trusted keys pinned, only bundles signed by one of them are read.
+Import verifies everything before touching the store, then merges in short transactions and takes
+back what it wrote if one fails (Store.ingest): any failure leaves the store as it was. A bundle is a
+set of claims: each winner's source must be this tunerd's own rendering of its (spec, schedule), and
+its timing stays a claim until measured here. With trusted keys pinned, only bundles signed by one of
+them are read: keys given to the importer or the client, else $TUNERD_TRUSTED_KEYS (pinned_keys).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ MAX_BYTES = 1 << 30  # decompressed size limit: refuse gzip bombs
 SIGNED_CONTEXT = b"tunerd-bundle-v1\x00"  # what a signature covers: this, then the 32-byte payload digest
 _GZIP_MAGIC = b"\x1f\x8b"
 _ENVELOPE = {"format", "version", "sha256", "payload"}
+TRUSTED_KEYS_ENV = "TUNERD_TRUSTED_KEYS"  # a JSON list of public key files, as the daemon's setting reads it
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,25 @@ def load_trusted_key(path: str | os.PathLike) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise BundleError(f"{path} holds a {type(key).__name__}; bundles are signed with ed25519 keys")
     return key
+
+
+def pinned_keys(
+    keys: Sequence[str | os.PathLike | Ed25519PublicKey] | None = None,
+) -> list[Ed25519PublicKey]:
+    """The keys a bundle must be signed by: keys (key files or loaded keys) when given, else those named by
+    $TUNERD_TRUSTED_KEYS (a JSON list of files, '["/etc/tunerd/ci.pub"]', or one path); [] pins nothing.
+    BundleError when a pinned key cannot be read: a pin never silently becomes no pin."""
+    if keys is None:
+        raw = os.environ.get(TRUSTED_KEYS_ENV, "").strip()
+        if not raw:
+            return []
+        try:
+            keys = json.loads(raw) if raw.startswith("[") else [raw]
+        except ValueError as e:
+            raise BundleError(f"${TRUSTED_KEYS_ENV} is not a JSON list of public key files: {e}") from None
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise BundleError(f"${TRUSTED_KEYS_ENV} must be a JSON list of public key files, got {raw[:200]!r}")
+    return [k if isinstance(k, Ed25519PublicKey) else load_trusted_key(k) for k in keys]
 
 
 def _raw(key: Ed25519PublicKey) -> bytes:
@@ -305,13 +326,11 @@ def read_bundle(
     return {**env, "signed_by": signed_by}
 
 
-def import_bundle_bytes(store: Store, data: bytes, *, trusted_keys: Sequence[Ed25519PublicKey] = ()) -> ImportReport:
-    """Verify then merge a bundle; on any problem raise BundleError and change nothing. Its winners are
-    stored as claims whose origin names the bundle ("bundle:<sha256>"), checked by a verify job."""
-    env = read_bundle(data, trusted_keys=trusted_keys)
-    payload = env["payload"]
+def bundle_winners(env: dict[str, Any]) -> list[WinnerRow]:
+    """The winners of an envelope read_bundle accepted, as rows (BundleError for a malformed one). Their
+    sources are still claims: re-render (kernels.trust) before using one."""
     rows = []
-    for i, d in enumerate(payload["winners"]):
+    for i, d in enumerate(env["payload"]["winners"]):
         try:
             row = WinnerRow.from_portable(d)
         except InvalidRecord as e:
@@ -322,6 +341,16 @@ def import_bundle_bytes(store: Store, data: bytes, *, trusted_keys: Sequence[Ed2
                 f"{row.device.generator_version!r}, this tunerd's is {GENERATOR_VERSION!r}"
             )
         rows.append(row)
+    return rows
+
+
+def import_bundle_bytes(store: Store, data: bytes, *, trusted_keys: Sequence[Ed25519PublicKey] = ()) -> ImportReport:
+    """Verify then merge a bundle; on any problem raise BundleError and change nothing (Store.ingest: all or
+    nothing, in short write transactions). Its winners are stored as claims whose origin names the bundle
+    ("bundle:<sha256>"), checked by a verify job."""
+    env = read_bundle(data, trusted_keys=trusted_keys)
+    payload = env["payload"]
+    rows = bundle_winners(env)
     try:
         outcomes = store.ingest(rows, origin=f"bundle:{env['sha256']}")
     except InvalidRecord as e:

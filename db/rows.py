@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from numbers import Real
-from typing import Any
+from typing import Any, Literal, overload
 
 from tunerd.kernels.schedule import Schedule, ScheduleError
 from tunerd.kernels.spec import BlockSpec, SpecError
@@ -32,6 +32,7 @@ def jsonable(value: Any) -> Any:
 
 class _Row:
     def to_dict(self) -> dict[str, Any]:
+        assert is_dataclass(self)
         return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
 
 
@@ -73,6 +74,10 @@ def parse_time(value: Any, name: str) -> datetime:
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
+@overload
+def number(name: str, value: Any, *, optional: Literal[False], positive: bool = False) -> float: ...
+@overload
+def number(name: str, value: Any, *, optional: bool = True, positive: bool = False) -> float | None: ...
 def number(name: str, value: Any, *, optional: bool = True, positive: bool = False) -> float | None:
     """A finite real >= 0 (> 0 when positive), or None when optional."""
     if value is None:
@@ -269,6 +274,26 @@ class JobRow(_Row):
     finished_at: datetime | None
     result: dict | None
     error: str | None
+
+
+@dataclass(frozen=True)
+class TaskRow(_Row):
+    """One spec of a fanned-out job; `job` is what a job runner gets: the job narrowed to this spec."""
+
+    id: int
+    job_id: int
+    position: int
+    spec: BlockSpec
+    status: str
+    worker_id: str | None
+    attempts: int
+    progress: dict | None
+    result: dict | None
+    error: str | None
+    claimed_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+    job: JobRow
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from numbers import Integral, Real
 from typing import Any
 
-from sqlalchemy import Engine, String, and_, cast, func, insert, literal, or_, select, text
+from sqlalchemy import Engine, String, and_, cast, delete, func, insert, literal, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
@@ -120,6 +122,47 @@ def _rendered(
         return trust.verify(spec, schedule, source, variant_id=variant, generator_version=generator_version)
     except trust.UntrustedSource as e:
         raise InvalidRecord(str(e)) from None
+
+
+INGEST_BATCH_ROWS = 256  # an import writes at most this many rows per transaction ...
+INGEST_BATCH_S = 0.05  # ... and starts no new row once a transaction has run this long
+
+
+def _which(i: int, r: Any) -> str:
+    return f"winner {i} ({r.spec.describe() if isinstance(r, WinnerRow) else repr(r)[:200]})"
+
+
+@dataclass
+class _Ingested:
+    """What committed import batches wrote (Store.ingest), to take back if a later batch fails."""
+
+    outcomes: list[str] = field(default_factory=list)
+    trials: list[int] = field(default_factory=list)
+    winners: dict[tuple[int, int], dict[str, Any] | None] = field(default_factory=dict)  # before the import
+    devices: set[int] = field(default_factory=set)
+    specs: set[int] = field(default_factory=set)
+    variants: set[str] = field(default_factory=set)
+
+    def note(
+        self, t: TrialTable, before: WinnerTable | None, new_device: bool, new_spec: bool, new_variant: bool
+    ) -> None:
+        self.trials.append(t.id)
+        prior = None if before is None else {c.key: getattr(before, c.key) for c in WinnerTable.__table__.columns}
+        self.winners.setdefault((t.device_id, t.spec_id), prior)
+        if new_device:
+            self.devices.add(t.device_id)
+        if new_spec:
+            self.specs.add(t.spec_id)
+        if new_variant:
+            self.variants.add(t.variant_id)
+
+    def merge(self, later: _Ingested) -> None:
+        self.trials += later.trials
+        for key, prior in later.winners.items():
+            self.winners.setdefault(key, prior)
+        self.devices |= later.devices
+        self.specs |= later.specs
+        self.variants |= later.variants
 
 
 class Store(JobQueue):
@@ -298,12 +341,14 @@ class Store(JobQueue):
         created_at: datetime,
         stats: tuple[float | None, float | None],
         claimed_id: str | None = None,
+        rendered: generator.Variant | None = None,
     ) -> int:
-        """origin None: measured by this process; else a claim (an import) naming where it came from."""
+        """origin None: measured by this process; else a claim (an import) naming where it came from.
+        rendered: _rendered(spec, schedule, source, ...) when the caller checked it already."""
         _require("device", device, DeviceFingerprint)
         _require("spec", spec, BlockSpec)
         _require("schedule", schedule, Schedule)
-        v = _rendered(spec, schedule, source, claimed_id, device.generator_version)
+        v = rendered or _rendered(spec, schedule, source, claimed_id, device.generator_version)
         dev_id = self._ensure_device(s, device)
         spec_id = self._ensure_spec(s, spec)
         vid = self._ensure_variant(s, spec_id, v)
@@ -468,6 +513,79 @@ class Store(JobQueue):
             device_key=None if device is None else _device_key(device), spec_key=None, snapshot=snapshot
         )
 
+    # ---- upgrades: winners measured under an older software stack of the same hardware --------------------
+    def predecessors(self, device: DeviceFingerprint) -> list[DeviceFingerprint]:
+        """Devices the store knows with device's hardware under another driver, CUDA, Triton, torch or
+        generator version, newest first: what this device was before an upgrade."""
+        _require("device", device, DeviceFingerprint)
+        with self._read() as s:
+            keys = s.scalars(
+                select(DeviceTable.key)
+                .where(DeviceTable.name == device.name, DeviceTable.key != device.key)
+                .order_by(DeviceTable.id.desc())
+            ).all()
+        return [d for d in map(device_of, keys) if _hardware(d) == _hardware(device)]
+
+    def stale_winner(self, device: DeviceFingerprint, spec: BlockSpec) -> WinnerRow | None:
+        """spec's winner under the newest predecessor of device that has one (None if there is none): not
+        current until re-validated here."""
+        return next((w for old in self.predecessors(device) if (w := self.winner(old, spec)) is not None), None)
+
+    def stale_specs(self, device: DeviceFingerprint, limit: int = 16) -> list[BlockSpec]:
+        """Specs with a winner under a predecessor of device and none under device: what re-validation takes."""
+        olds = [d.key for d in self.predecessors(device)]
+        if not olds:
+            return []
+        with self._read() as s:
+            here = (
+                select(WinnerTable.spec_id)
+                .join(DeviceTable, DeviceTable.id == WinnerTable.device_id)
+                .where(DeviceTable.key == device.key)
+            )
+            keys = s.scalars(
+                select(SpecTable.key)
+                .join(WinnerTable, WinnerTable.spec_id == SpecTable.id)
+                .join(DeviceTable, DeviceTable.id == WinnerTable.device_id)
+                .where(DeviceTable.key.in_(olds), WinnerTable.spec_id.not_in(here))
+                .group_by(SpecTable.id, SpecTable.key)
+                .order_by(SpecTable.id)
+                .limit(_limit(limit))
+            ).all()
+        return [spec_of(k) for k in keys]
+
+    def stale_candidates(self, device: DeviceFingerprint, spec: BlockSpec, top: int = 4) -> list[Schedule]:
+        """What re-validating spec on device re-measures: the `top` fastest correct schedules measured under
+        its newest predecessor that measured spec."""
+        for old in self.predecessors(device):
+            ok = sorted((t for t in self.measured(old, spec).values() if t.status == "ok"), key=lambda t: t.median_ms)
+            if ok:
+                return list(dict.fromkeys(t.schedule for t in ok))[: _limit(top)]
+        return []
+
+    # ---- shapes near a tuned one ------------------------------------------------------------------------
+    def nearest_winners(self, device: DeviceLike, spec: BlockSpec, limit: int = 4) -> list[WinnerRow]:
+        """Winners on device for specs that differ from spec only in batch and spatial size (same family,
+        channels, kernel, stride, padding, dilation, groups, epilogue, dtype), nearest first: the closest
+        log-distance of n and every spatial size. What a miss may borrow a schedule from."""
+        _require("spec", spec, BlockSpec)
+        want = _shape_free(spec)
+        with self._read() as s:
+            keys = s.scalars(
+                select(SpecTable.key)
+                .join(WinnerTable, WinnerTable.spec_id == SpecTable.id)
+                .join(DeviceTable, DeviceTable.id == WinnerTable.device_id)
+                .where(
+                    DeviceTable.key == _device_key(device),
+                    SpecTable.kind == spec.kind,
+                    SpecTable.op == spec.op,
+                    SpecTable.dtype == spec.dtype,
+                    SpecTable.key != spec.to_json(),
+                )
+            ).all()
+        near = [o for o in map(spec_of, keys) if _shape_free(o) == want and len(o.in_size) == len(spec.in_size)]
+        near.sort(key=lambda o: (_shape_distance(o, spec), o.to_json()))
+        return [w for o in near[: _limit(limit)] if (w := self.winner(device, o)) is not None]
+
     def _winner_rows(self, *, device_key: str | None, spec_key: str | None, snapshot: str | None) -> list[WinnerRow]:
         W = WinnerTable if snapshot is None else SnapshotWinnerTable
         with self._read() as s:
@@ -587,32 +705,71 @@ class Store(JobQueue):
             got = dict(s.execute(select(TrialTable.status, func.count()).group_by(TrialTable.status)).all())
         return {st: int(got.get(st, 0)) for st in TRIAL_STATUSES}
 
-    def ingest(self, rows: Sequence[WinnerRow], *, origin: str) -> list[str]:
-        """Merge winners measured elsewhere, all in one transaction (any error: nothing written).
+    def ingest(
+        self,
+        rows: Sequence[WinnerRow],
+        *,
+        origin: str,
+        batch_rows: int = INGEST_BATCH_ROWS,
+        batch_s: float = INGEST_BATCH_S,
+    ) -> list[str]:
+        """Merge winners measured elsewhere, all or nothing, without holding the write lock for long.
 
         Each becomes an ok trial tagged with origin: a claim. Its source must be byte-identical to this
         process's rendering of its (spec, schedule) (else the whole merge is refused); only that rendering
         is stored. A claim never displaces a winner measured here (whatever time it claims), and competes by
         time with other claims. Returns per row: 'added' (no winner before), 'replaced' (a slower claim),
         'kept' (a local or faster winner stays, or the variant was measured or found wrong here) or
-        'unchanged' (this very measurement is already stored)."""
+        'unchanged' (this very measurement is already stored).
+
+        Every row is checked and rendered before anything is written; then rows are written in short
+        transactions (at most batch_rows rows or about batch_s seconds each; on SQLite each is followed by a
+        pause as long as it held the lock), so other writers (misses, trials, jobs) wait about one batch, not
+        the import. If a batch fails, the batches already committed are taken back (their trials, the rows
+        they created, the winners they changed) before the error is raised.
+        Readers may see an import half done while it runs; a process killed halfway leaves the batches it
+        committed (claims like the rest: re-importing the bundle completes it, verify jobs check them)."""
         origin = _label("origin", origin, 80, optional=False)
+        checked: list[tuple[WinnerRow, generator.Variant, dict[str, Any]]] = []
+        for i, r in enumerate(rows):
+            try:
+                _require("winner", r, WinnerRow)
+                limits.check(r.spec)  # rendering a claim must not cost more than this process agrees to
+                v = _rendered(r.spec, r.schedule, r.source, r.variant_id, r.device.generator_version)
+                m = _check_measurement("ok", r.median_ms, r.spread_ms, r.reps, r.max_error, None, r.strategy)
+            except (InvalidRecord, limits.LimitExceeded) as e:
+                raise InvalidRecord(f"{_which(i, r)}: {e}") from None
+            checked.append((r, v, m))
         outcomes: list[str] = []
-        with self._write() as s:
-            for i, r in enumerate(rows):
-                try:
-                    _require("winner", r, WinnerRow)
-                    limits.check(r.spec)  # rendering a claim must not cost more than this process agrees to
-                    _rendered(r.spec, r.schedule, r.source, r.variant_id, r.device.generator_version)
-                    m = _check_measurement("ok", r.median_ms, r.spread_ms, r.reps, r.max_error, None, r.strategy)
-                    outcomes.append(self._ingest_one(s, r, m, origin))
-                except (InvalidRecord, limits.LimitExceeded) as e:
-                    raise InvalidRecord(
-                        f"winner {i} ({r.spec.describe() if isinstance(r, WinnerRow) else r!r}): {e}"
-                    ) from None
+        done = _Ingested()
+        try:
+            while len(outcomes) < len(checked):
+                batch = _Ingested()
+                with self._write() as s:
+                    s.connection()  # BEGIN (IMMEDIATE on SQLite): the batch's time runs from holding the lock
+                    until = time.monotonic() + batch_s
+                    for _ in range(max(1, batch_rows)):
+                        i = len(outcomes) + len(batch.outcomes)
+                        if i == len(checked) or (batch.outcomes and time.monotonic() > until):
+                            break
+                        r, v, m = checked[i]
+                        try:
+                            batch.outcomes.append(self._ingest_one(s, r, m, origin, v, batch))
+                        except InvalidRecord as e:
+                            raise InvalidRecord(f"{_which(i, r)}: {e}") from None
+                done.merge(batch)  # committed
+                outcomes += batch.outcomes
+                if not self._pg and len(outcomes) < len(checked):  # let waiting writers in: SQLite's busy
+                    time.sleep(min(batch_s, time.monotonic() - until + batch_s))  # handler polls, no queue
+        except BaseException:
+            if done.trials:
+                self._take_back(done, batch_rows)
+            raise
         return outcomes
 
-    def _ingest_one(self, s: Session, r: WinnerRow, m: dict[str, Any], origin: str) -> str:
+    def _ingest_one(
+        self, s: Session, r: WinnerRow, m: dict[str, Any], origin: str, v: generator.Variant, ledger: _Ingested
+    ) -> str:
         ids = self._ids(s, r.device, r.spec)
         if (
             ids is not None
@@ -631,6 +788,9 @@ class Store(JobQueue):
         ):
             return "unchanged"
         before = s.get(WinnerTable, ids) if ids else None
+        new_device = self._find(s, DeviceTable, r.device.key) is None
+        new_spec = ids is None and self._find(s, SpecTable, r.spec.to_json()) is None
+        new_variant = s.get(VariantTable, v.id) is None
         tid = self._insert_trial(
             s,
             r.device,
@@ -643,11 +803,53 @@ class Store(JobQueue):
             created_at=r.created_at,
             stats=(r.speedup_vs_default, r.fraction_of_roofline),
             claimed_id=r.variant_id,
+            rendered=v,
         )
+        trial = s.get(TrialTable, tid)
+        ledger.note(trial, before, new_device, new_spec, new_variant)
         won = s.scalar(select(WinnerTable.trial_id).where(WinnerTable.trial_id == tid)) is not None
         if not won:
             return "kept"
         return "replaced" if before is not None else "added"
+
+    def _take_back(self, done: _Ingested, chunk: int) -> None:
+        """Undo the committed batches of a failed import, in short transactions: winners the import made are
+        set back to what they were (a winner something else set meanwhile stays), then its trials and the
+        devices, specs and variants it created go, unless something else refers to them now (a snapshot
+        taken during the import keeps what it pinned)."""
+        chunk = max(1, chunk)
+        mine = set(done.trials)
+        pairs = list(done.winners.items())
+        for k in range(0, len(pairs), chunk):
+            with self._write() as s:
+                for key, prior in pairs[k : k + chunk]:
+                    current = s.get(WinnerTable, key)
+                    if current is None or current.trial_id not in mine:
+                        continue
+                    if prior is None:
+                        s.delete(current)
+                    else:
+                        for name, value in prior.items():
+                            setattr(current, name, value)
+        refs = {
+            TrialTable.id: [select(t.trial_id) for t in (WinnerTable, SnapshotWinnerTable)],
+            VariantTable.id: [select(t.variant_id) for t in (TrialTable, WinnerTable, SnapshotWinnerTable)],
+            SpecTable.id: [
+                select(t.spec_id) for t in (TrialTable, VariantTable, WinnerTable, SnapshotWinnerTable, MissTable)
+            ],
+            DeviceTable.id: [select(t.device_id) for t in (TrialTable, WinnerTable, SnapshotWinnerTable, MissTable)],
+        }
+        for col, created in (
+            (TrialTable.id, done.trials),
+            (VariantTable.id, sorted(done.variants)),
+            (SpecTable.id, sorted(done.specs)),
+            (DeviceTable.id, sorted(done.devices)),
+        ):
+            for k in range(0, len(created), chunk):
+                with self._write() as s:
+                    s.execute(
+                        delete(col.class_).where(col.in_(created[k : k + chunk]), *[col.not_in(q) for q in refs[col]])
+                    )
 
     # ---- snapshots -------------------------------------------------------------------------------
     def create_snapshot(self, name: str | None = None) -> str:
@@ -775,6 +977,20 @@ class Store(JobQueue):
             if miss is not None:
                 s.delete(miss)
             return miss is not None
+
+
+def _shape_free(spec: BlockSpec) -> dict[str, Any]:
+    """spec without its batch and spatial size."""
+    return {k: v for k, v in spec.to_dict().items() if k not in ("n", "in_size")}
+
+
+def _shape_distance(a: BlockSpec, b: BlockSpec) -> float:
+    return sum(abs(math.log(x / y)) for x, y in zip((a.n, *a.in_size), (b.n, *b.in_size)))
+
+
+def _hardware(d: DeviceFingerprint) -> tuple[Any, ...]:
+    """What an upgrade leaves unchanged: the fingerprint without its software versions."""
+    return (d.name, d.compute_capability, d.sm_count, d.memory_bytes, d.interpreter)
 
 
 def _supersedes(t: TrialTable, prev: TrialRow) -> bool:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -119,6 +120,33 @@ class JobTable(Base):
     worker_id: Mapped[str | None] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    result: Mapped[str | None] = mapped_column(Text)  # JSON object
+    error: Mapped[str | None] = mapped_column(Text)
+    # how many tasks the job fanned out into; None while it is queued (or claimed whole, without tasks)
+    tasks_total: Mapped[int | None] = mapped_column(Integer)
+
+
+class TaskTable(Base):
+    """One spec of a fanned-out job: what a worker claims, heartbeats and finishes. The job is done when
+    every one of its tasks is."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        UniqueConstraint("job_id", "position"),
+        Index(None, "status", "job_id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    position: Mapped[int] = mapped_column(Integer)  # the spec's place in the job
+    spec: Mapped[str] = mapped_column(Text)  # BlockSpec.to_json()
+    status: Mapped[str] = mapped_column(String(16))
+    progress: Mapped[str | None] = mapped_column(Text)  # JSON object
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -29,8 +29,8 @@ def _epilogue_args(
     scale: Tensor | None,
     shift: Tensor | None,
     residual: Tensor | None,
-    gamma: Tensor | None,
-    star: Tensor | None,
+    layer_scale: Tensor | None,
+    starrelu: Tensor | None,
     activation: str | None,
     residual_mode: str,
 ) -> EpilogueArgs:
@@ -39,12 +39,12 @@ def _epilogue_args(
         scale=scale,
         shift=shift,
         residual=residual,
-        gamma=gamma,
+        layer_scale=layer_scale,
         activation=activation,
         residual_mode=residual_mode,
     )
-    if star is not None:
-        ep.star_s, ep.star_b = star[0], star[1]
+    if starrelu is not None:
+        ep.starrelu_scale, ep.starrelu_bias = starrelu[0], starrelu[1]
     return ep
 
 
@@ -79,8 +79,8 @@ def conv_op(
     scale: Tensor | None,
     shift: Tensor | None,
     residual: Tensor | None,
-    gamma: Tensor | None,
-    star: Tensor | None,
+    layer_scale: Tensor | None,
+    starrelu: Tensor | None,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
@@ -93,7 +93,7 @@ def conv_op(
     stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, z or empty, mean or empty, var or empty); padding is flattened (low, high) pairs."""
-    ep = _epilogue_args(bias, scale, shift, residual, gamma, star, activation, residual_mode)
+    ep = _epilogue_args(bias, scale, shift, residual, layer_scale, starrelu, activation, residual_mode)
     spec = _spec(x, weight, stride, padding, dilation, groups, ep, precision, stats, save_z)
     res = run_forward(spec, x, weight, ep, json.loads(schedule) if schedule else None)
     y = res.y
@@ -111,8 +111,8 @@ def _conv_fake(
     scale,
     shift,
     residual,
-    gamma,
-    star,
+    layer_scale,
+    starrelu,
     stride,
     padding,
     dilation,
@@ -141,7 +141,7 @@ def _conv_fake(
 
 
 # ---- backward op -----------------------------------------------------------------------------------
-_NEEDS = ("input", "weight", "bias", "scale", "shift", "residual", "gamma", "star")
+_NEEDS = ("input", "weight", "bias", "scale", "shift", "residual", "layer_scale", "starrelu")
 
 
 @torch.library.custom_op("tunerd::conv_backward", mutates_args=())
@@ -154,8 +154,8 @@ def conv_backward_op(
     scale: Tensor | None,
     shift: Tensor | None,
     residual: Tensor | None,
-    gamma: Tensor | None,
-    star: Tensor | None,
+    layer_scale: Tensor | None,
+    starrelu: Tensor | None,
     dmean: Tensor | None,
     dvar: Tensor | None,
     mean: Tensor | None,
@@ -169,8 +169,8 @@ def conv_backward_op(
     stats: bool,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (input, weight, bias, scale, shift, residual 'pre', gamma, star); empty where not needed."""
-    ep = _epilogue_args(bias, scale, shift, residual, gamma, star, activation, residual_mode)
+    """Gradients (input, weight, bias, scale, shift, residual 'pre', layer_scale, starrelu); empty where not needed."""
+    ep = _epilogue_args(bias, scale, shift, residual, layer_scale, starrelu, activation, residual_mode)
     spec = _spec(x, weight, stride, padding, dilation, groups, ep, precision, stats, False)
     g = conv_backward(dy, x, weight, spec, ep, z, Needs(*needs), dmean, dvar, mean)
     fakes = _backward_fake(
@@ -182,8 +182,8 @@ def conv_backward_op(
         scale,
         shift,
         residual,
-        gamma,
-        star,
+        layer_scale,
+        starrelu,
         dmean,
         dvar,
         mean,
@@ -219,8 +219,8 @@ def _backward_fake(
     scale,
     shift,
     residual,
-    gamma,
-    star,
+    layer_scale,
+    starrelu,
     dmean,
     dvar,
     mean,
@@ -244,15 +244,15 @@ def _backward_fake(
         scale,
         shift,
         cl_like(residual) if residual is not None and needs[5] else None,
-        gamma,
-        star,
+        layer_scale,
+        starrelu,
     )
     out = []
-    for need, t, ref in zip(needs, shapes, (x, weight, bias, scale, shift, residual, gamma, star)):
+    for need, t, ref in zip(needs, shapes, (x, weight, bias, scale, shift, residual, layer_scale, starrelu)):
         if not need or ref is None:
             out.append(_empty(x))
         elif t is ref:
-            out.append(ref.new_empty(ref.shape, dtype=_F32 if ref is star else ref.dtype))
+            out.append(ref.new_empty(ref.shape, dtype=_F32 if ref is starrelu else ref.dtype))
         else:
             out.append(t)
     return tuple(out)
@@ -266,8 +266,8 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         scale,
         shift,
         residual,
-        gamma,
-        star,
+        layer_scale,
+        starrelu,
         stride,
         padding,
         dilation,
@@ -288,18 +288,20 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         affine=scale is not None,
         activation=activation,
         residual=residual_mode if residual is not None else None,
-        layer_scale=gamma is not None,
+        layer_scale=layer_scale is not None,
         stats=stats,
     )
     # z is y itself when nothing follows the conv (BatchNorm-train convs): keep y instead of a copy
     saved_z = y if (not save_z and ep.is_identity and stats) else (z if save_z else None)
     ctx.z_is_y = saved_z is y
-    ctx.save_for_backward(x, weight, bias, scale, shift, residual, gamma, star, saved_z, mean if stats else None)
+    ctx.save_for_backward(
+        x, weight, bias, scale, shift, residual, layer_scale, starrelu, saved_z, mean if stats else None
+    )
     ctx.cfg = (stride, padding, dilation, groups, activation, residual_mode, precision, stats)
 
 
 def _backward(ctx: Any, dy: Tensor, dz: Tensor, dmean: Tensor, dvar: Tensor) -> tuple:
-    x, weight, bias, scale, shift, residual, gamma, star, z, mean = ctx.saved_tensors
+    x, weight, bias, scale, shift, residual, layer_scale, starrelu, z, mean = ctx.saved_tensors
     stride, padding, dilation, groups, activation, residual_mode, precision, stats = ctx.cfg
     ng = ctx.needs_input_grad
     needs = [bool(ng[i]) for i in range(8)]
@@ -321,8 +323,8 @@ def _backward(ctx: Any, dy: Tensor, dz: Tensor, dmean: Tensor, dvar: Tensor) -> 
             scale,
             shift,
             residual,
-            gamma,
-            star,
+            layer_scale,
+            starrelu,
             dmean,
             dvar,
             mean,
@@ -381,11 +383,11 @@ def conv(
         scale=scale,
         shift=shift,
         residual=residual,
-        gamma=layer_scale,
+        layer_scale=layer_scale,
         activation=activation,
         residual_mode=residual_mode,
-        star_s=starrelu_scale,
-        star_b=starrelu_bias,
+        starrelu_scale=starrelu_scale,
+        starrelu_bias=starrelu_bias,
     )
     args = convargs.normalize(ndim, input, weight, bias, stride, padding, dilation, groups)  # torch's rules
     input, groups, stride_t, dilation_t = args.input, args.groups, args.stride, args.dilation
@@ -394,18 +396,18 @@ def conv(
     if not torch.compiler.is_compiling():  # clear errors before the dispatcher (the fake checks under compile)
         make_spec(input, weight, ndim, stride_t, args.padding, dilation_t, groups, ep, precision, stats=stats)
     pads = [v for pair in args.padding for v in pair]
-    star = None
+    starrelu = None
     if activation == "starrelu":
         if isinstance(starrelu_scale, Tensor) or isinstance(starrelu_bias, Tensor):
-            star = torch.stack(
+            starrelu = torch.stack(
                 [torch.as_tensor(v, device=input.device).to(_F32).reshape(()) for v in (starrelu_scale, starrelu_bias)]
             )
         else:
-            star = torch.tensor([float(starrelu_scale), float(starrelu_bias)], dtype=_F32, device=input.device)
+            starrelu = torch.tensor([float(starrelu_scale), float(starrelu_bias)], dtype=_F32, device=input.device)
     if isinstance(schedule, Schedule):
         schedule = schedule.to_dict()
     sched = json.dumps(schedule, sort_keys=True) if schedule is not None else None
-    tensors = (input, weight, bias, scale, shift, residual, layer_scale, star)
+    tensors = (input, weight, bias, scale, shift, residual, layer_scale, starrelu)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     e = ep.spec(stats=stats)
     save_z = training and _ep.saves_z(e) and not (e.is_identity and stats)
@@ -417,7 +419,7 @@ def conv(
         shift,
         residual,
         layer_scale,
-        star,
+        starrelu,
         list(stride_t),
         pads,
         list(dilation_t),

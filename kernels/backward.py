@@ -8,7 +8,7 @@ Scheme (kernels.epilogue.GradPlan has the formulas):
   gradient on the fly, rebuilding u = (z + bias) * scale + shift (+ residual) per element.
 - wgrad is a split-K GEMM over N*P*Q writing fp32 partials [split, ...] that are summed in fixed
   order (deterministic, no atomics). Its programs that own a channel's first column tile also sum
-  the per-channel parameter gradients (dbias, dscale, dshift, dgamma, StarReLU's ds, db) into
+  the per-channel parameter gradients (dbias, dscale, dshift, dlayer_scale, StarReLU's ds, db) into
   [split, n, K] partials and write d residual for 'pre': no separate elementwise pass.
 - dgrad decomposes strided convs by stride phase (one launch, a grid axis over phases), so no
   multiply touches an inserted zero; dilation and asymmetric padding are part of the phase tables.
@@ -53,17 +53,17 @@ class Needs:
     scale: bool = False
     shift: bool = False
     residual: bool = False
-    gamma: bool = False
-    star: bool = False
+    layer_scale: bool = False
+    starrelu: bool = False
 
     @property
     def chain(self) -> bool:
-        return self.bias or self.scale or self.shift or self.gamma or self.star
+        return self.bias or self.scale or self.shift or self.layer_scale or self.starrelu
 
 
 @dataclass
 class Grads:
-    """Gradients of one conv call; None where not needed. star is [2] fp32: (d s, d b) of StarReLU."""
+    """Gradients of one conv call; None where not needed. starrelu is [2] fp32: (d s, d b) of StarReLU."""
 
     input: torch.Tensor | None = None
     weight: torch.Tensor | None = None
@@ -71,8 +71,8 @@ class Grads:
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     residual: torch.Tensor | None = None
-    gamma: torch.Tensor | None = None
-    star: torch.Tensor | None = None
+    layer_scale: torch.Tensor | None = None
+    starrelu: torch.Tensor | None = None
 
 
 def grad_spec(spec: BlockSpec, op: str) -> BlockSpec:
@@ -108,7 +108,7 @@ def dgrad_args(
     dstats: the forward chain's tensors, saved z and the [3, K] stats gradient (stats_grad), where the plan
     reads them.
     """
-    args = {"dy_ptr": dy, "w_ptr": pack_weight(gspec, weight.detach()), "dx_ptr": dx, "UPCAST": upcast(dy)}
+    args = {"dy_ptr": dy, "w_ptr": pack_weight(gspec, weight), "dx_ptr": dx, "UPCAST": upcast(dy)}
     args.update(_chain_args(gspec, ep or EpilogueArgs(), z, dstats, dy.device))
     return args
 
@@ -220,17 +220,17 @@ def _chain_grads_torch(
             return t
         return t.detach().float().requires_grad_(need)
 
-    star = ep.star_tensor(dy.device) if spec.epilogue.activation == "starrelu" else None
+    starrelu = ep.starrelu_tensor(dy.device) if spec.epilogue.activation == "starrelu" else None
     inp = dict(
         bias=leaf(ep.bias, needs.bias),
         scale=leaf(ep.scale, needs.scale),
         shift=leaf(ep.shift, needs.shift),
         residual=leaf(ep.residual, needs.residual),
-        gamma=leaf(ep.gamma, needs.gamma),
-        star=leaf(star, needs.star),
+        layer_scale=leaf(ep.layer_scale, needs.layer_scale),
+        starrelu=leaf(starrelu, needs.starrelu),
     )
     with torch.enable_grad():
-        st = inp["star"]
+        st = inp["starrelu"]
         y = _ep.apply_torch(
             spec.epilogue,
             zc,
@@ -238,13 +238,13 @@ def _chain_grads_torch(
             scale=inp["scale"],
             shift=inp["shift"],
             residual=inp["residual"],
-            gamma=inp["gamma"],
-            star_s=st[0] if st is not None else 1.0,
-            star_b=st[1] if st is not None else 0.0,
+            layer_scale=inp["layer_scale"],
+            starrelu_scale=st[0] if st is not None else 1.0,
+            starrelu_bias=st[1] if st is not None else 0.0,
         )
         names = [
             n
-            for n in ("bias", "scale", "shift", "residual", "gamma", "star")
+            for n in ("bias", "scale", "shift", "residual", "layer_scale", "starrelu")
             if getattr(needs, n) and isinstance(inp[n], torch.Tensor)
         ]
         got = torch.autograd.grad(y, [inp[n] for n in names], dy.float(), allow_unused=True)
@@ -317,9 +317,9 @@ def conv_backward(
             out.shift = sums["dshift"]
             out.bias = sums["dshift"] * ep.scale.float() if e.affine else sums["dshift"]
         out.scale = sums.get("dscale")
-        out.gamma = sums.get("dgamma")
-        if "dstar_s" in sums:
-            out.star = torch.stack([sums["dstar_s"].sum(), sums["dstar_b"].sum()])
+        out.layer_scale = sums.get("dlayer_scale")
+        if "dstarrelu_scale" in sums:
+            out.starrelu = torch.stack([sums["dstarrelu_scale"].sum(), sums["dstarrelu_bias"].sum()])
     elif needs.chain or res_pre:
         chain = _chain_grads_torch(
             spec,
@@ -333,22 +333,22 @@ def conv_backward(
                 scale=needs.scale,
                 shift=needs.shift,
                 residual=res_pre,
-                gamma=needs.gamma,
-                star=needs.star,
+                layer_scale=needs.layer_scale,
+                starrelu=needs.starrelu,
             ),
         )
-        for f in ("bias", "scale", "shift", "residual", "gamma", "star"):
+        for f in ("bias", "scale", "shift", "residual", "layer_scale", "starrelu"):
             setattr(out, f, getattr(chain, f))
     if needs.residual and e.residual == "post":
         out.residual = dy
     # only what was asked for, in the dtype of the tensor it belongs to
-    for f, src in (("bias", ep.bias), ("scale", ep.scale), ("shift", ep.shift), ("gamma", ep.gamma)):
+    for f, src in (("bias", ep.bias), ("scale", ep.scale), ("shift", ep.shift), ("layer_scale", ep.layer_scale)):
         g = getattr(out, f)
         setattr(out, f, g.to(src.dtype) if getattr(needs, f) and g is not None else None)
     if out.residual is not None and out.residual is not dy:
         out.residual = out.residual.to(ep.residual.dtype)
-    if not needs.star:
-        out.star = None
+    if not needs.starrelu:
+        out.starrelu = None
     return out
 
 
@@ -367,7 +367,7 @@ def example_args(spec: BlockSpec, fwd: dict[str, Any]) -> dict[str, Any]:
         scale=meta(k, dtype=f32) if e.affine else None,
         shift=meta(k, dtype=f32) if e.affine else None,
         residual=meta(n, k, *out) if e.residual else None,
-        gamma=meta(k, dtype=f32) if e.layer_scale else None,
+        layer_scale=meta(k, dtype=f32) if e.layer_scale else None,
         activation=e.activation,
         residual_mode=e.residual or "post",
     )

@@ -10,6 +10,10 @@ Node ops (every node has one output; `inputs` name earlier nodes or "x", the blo
   ln      LayerNorm over channels at each pixel, eps (params weight, bias)
   act     fn: one of spec.ACTIVATIONS
   se      squeeze-excite: x * sigmoid(W2 act(W1 mean_hw(x) + b1) + b2), hidden, act (params w1, b1, w2, b2)
+  eca     efficient channel attention: x * sigmoid(conv1d_k(mean_hw(x)) over channels), kernel k odd, zero
+          padding (k-1)/2, no bias (param weight [k])
+  gap     global average pool to 1 x 1
+  broadcast  a 1 x 1 map repeated to size [H, W] (bilinear upsampling of a 1 x 1 map, as DeepLab's ASPP pooling)
   scale   layer scale: x * gamma per channel (param gamma)
   add     residual: inputs[0] + inputs[1], same shape
   split   channel slice [start, start + size) of its input
@@ -20,6 +24,7 @@ The last node is the block's output.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +48,9 @@ ATTRS: dict[str, dict[str, Any]] = {
     "ln": {"eps": 1e-6},
     "act": {"fn": _REQUIRED},
     "se": {"hidden": _REQUIRED, "act": "relu"},
+    "eca": {"kernel": _REQUIRED},
+    "gap": {},
+    "broadcast": {"size": _REQUIRED},
     "scale": {},
     "add": {},
     "split": {"start": _REQUIRED, "size": _REQUIRED},
@@ -50,6 +58,7 @@ ATTRS: dict[str, dict[str, Any]] = {
 }
 ARITY = {"add": 2}  # exact input counts; concat takes >= 2, everything else 1
 PARAMS = {"bn": ("scale", "shift"), "ln": ("weight", "bias"), "se": ("w1", "b1", "w2", "b2"), "scale": ("gamma",)}
+GATES = ("se", "eca")  # channel attention: a global pool of the input, a small map to one gate per channel, a scale
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
@@ -149,6 +158,15 @@ def _check_attrs(node: str, op: str, a: dict[str, Any]) -> None:
         _pos_int(node, "hidden", a["hidden"])
         if a["act"] not in ("relu", "silu", "gelu", "hardswish"):
             raise SpecError(f"node {node!r}: se act must be relu, silu, gelu or hardswish, got {a['act']!r}")
+    elif op == "eca":
+        _pos_int(node, "kernel", a["kernel"])
+        if a["kernel"] % 2 == 0:
+            raise SpecError(f"node {node!r}: eca kernel must be odd (same-size conv1d), got {a['kernel']}")
+    elif op == "broadcast":
+        if not isinstance(a["size"], tuple) or len(a["size"]) != 2:
+            raise SpecError(f"node {node!r}: broadcast size must be [H, W], got {a['size']!r}")
+        for v in a["size"]:
+            _pos_int(node, "size", v)
     elif op == "split":
         _pos_int(node, "start", a["start"], 0)
         _pos_int(node, "size", a["size"])
@@ -210,8 +228,14 @@ class Block(Canonical):
             return Shape(spec.k, spec.out_size)
         if nd.op in ("bn", "ln", "act", "scale"):
             return s
-        if nd.op == "se":
+        if nd.op in GATES:
             return s
+        if nd.op == "gap":
+            return Shape(s.c, (1, 1))
+        if nd.op == "broadcast":
+            if s.size != (1, 1):
+                raise SpecError(f"node {nd.name!r}: broadcast needs a 1 x 1 input, got {s.size}")
+            return Shape(s.c, tuple(a["size"]))
         if nd.op == "add":
             if ins[0] != ins[1]:
                 raise SpecError(
@@ -287,6 +311,8 @@ class Block(Canonical):
                         f"{nd.name}.b2": (s.c,),
                     }
                 )
+            elif nd.op == "eca":
+                out[f"{nd.name}.weight"] = (nd["kernel"],)
             else:
                 for p in PARAMS.get(nd.op, ()):
                     out[f"{nd.name}.{p}"] = (s.c,)
@@ -413,10 +439,15 @@ def mbconv(
     se_ratio: float | None = 0.25,
     act: str = "silu",
     dtype: str = "float32",
+    attention: str | None = "se",
+    eca_kernel: int | None = None,
 ) -> Block:
     """MBConv (MobileNetV2 with se_ratio=None, act='relu6'; EfficientNet): [pw expand -> BN -> act] ->
-    dw (s) -> BN -> act [-> SE] -> pw project -> BN [+ x when stride 1 and c == k].
-    SE hidden = max(1, int(c * se_ratio)) of the block's input channels, as EfficientNet sizes it."""
+    dw (s) -> BN -> act [-> SE | ECA] -> pw project -> BN [+ x when stride 1 and c == k].
+    SE hidden = max(1, int(c * se_ratio)) of the block's input channels, as EfficientNet sizes it.
+    attention='eca' puts ECA there instead (kernel eca_kernel, or ECA-Net's adaptive size of the hidden)."""
+    if attention not in ("se", "eca", None):
+        raise SpecError(f"attention must be 'se', 'eca' or None, got {attention!r}")
     if not isinstance(expansion, int) or expansion < 1:
         raise SpecError(f"expansion must be an int >= 1, got {expansion!r}")
     hid = c * expansion
@@ -435,9 +466,12 @@ def mbconv(
         node("dw_act", "act", ["dw_bn"], fn=act),
     ]
     src = "dw_act"
-    if se_ratio:
+    if attention == "se" and se_ratio:
         nodes.append(node("se", "se", [src], hidden=max(1, int(c * se_ratio)), act=act if act != "relu6" else "relu"))
         src = "se"
+    elif attention == "eca":
+        nodes.append(node("eca", "eca", [src], kernel=eca_kernel or adaptive_eca_kernel(hid)))
+        src = "eca"
     nodes += [node("project", "conv", [src], out=k, kernel=1), node("project_bn", "bn", ["project"])]
     if stride == 1 and c == k:
         nodes.append(node("res", "add", ["project_bn", "x"]))
@@ -480,4 +514,56 @@ def inception_dw(
         ]
         cat.append(f"dwconv_{tag}")
     nodes.append(node("cat", "concat", cat))
+    return Block(n=n, c=c, in_size=tuple(in_size), nodes=tuple(nodes), dtype=dtype)
+
+
+def adaptive_eca_kernel(channels: int, gamma: int = 2, beta: int = 1) -> int:
+    """ECA-Net's kernel size for a channel count (timm EcaModule's formula): odd, >= 3."""
+    t = int(abs(math.log(channels, 2) + beta) / gamma)
+    return max(t if t % 2 else t + 1, 3)
+
+
+def aspp(
+    *,
+    n: int,
+    c: int,
+    in_size: tuple[int, int],
+    k: int = 256,
+    rates: tuple[int, ...] = (6, 12, 18),
+    pooling: bool = True,
+    project: bool = True,
+    act: str = "relu",
+    dtype: str = "float32",
+) -> Block:
+    """DeepLabV3 ASPP (torchvision ASPP): concat of a 1x1 conv, one dilated 3x3 conv per rate (padding = rate)
+    and image pooling (global mean -> 1x1 conv -> broadcast), each conv -> BN -> act, all to k channels; then
+    [1x1 project -> BN -> act]. The pooling chain comes first in node order so the branches that share the
+    input's reads are consecutive."""
+    if not rates or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rates):
+        raise SpecError(f"rates must be ints >= 1, got {rates!r}")
+    nodes: list[Node] = []
+    cat: list[str] = []
+
+    def branch(name: str, src: str, **conv: Any) -> str:
+        nodes.extend(
+            [
+                node(name, "conv", [src], out=k, **conv),
+                node(f"{name}_bn", "bn", [name]),
+                node(f"{name}_act", "act", [f"{name}_bn"], fn=act),
+            ]
+        )
+        return f"{name}_act"
+
+    if pooling:
+        nodes.append(node("pool", "gap", ["x"]))
+        pooled = branch("pool_conv", "pool", kernel=1)
+    cat.append(branch("b0", "x", kernel=1))
+    for i, r in enumerate(rates, 1):
+        cat.append(branch(f"b{i}", "x", kernel=3, padding=r, dilation=r))
+    if pooling:
+        nodes.append(node("pool_up", "broadcast", [pooled], size=tuple(in_size)))
+        cat.append("pool_up")
+    nodes.append(node("cat", "concat", cat))
+    if project:
+        branch("project", "cat", kernel=1)
     return Block(n=n, c=c, in_size=tuple(in_size), nodes=tuple(nodes), dtype=dtype)

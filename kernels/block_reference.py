@@ -1,7 +1,8 @@
 """Torch semantics of block nodes, and the float64 oracle of a whole block.
 
-apply_node() is the one definition of what each non-conv node computes; the oracle runs it in
-float64 and fused.py's 'op' steps run it in fp32. Tensors are [N, C, H, W] (any memory format).
+apply_node() is the one definition of what each non-conv node computes (gate() that of the se / eca
+gates, which fused steps apply to pooled sums their producers took); the oracle runs it in float64 and
+fused.py's 'op' steps run it in fp32. Tensors are [N, C, H, W] (any memory format).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .block import Block, Node
+from .block import GATES, Block, Node
 from .epilogue import activation_torch
 
 Params = dict[str, torch.Tensor]
@@ -31,11 +32,12 @@ def apply_node(nd: Node, ins: list[torch.Tensor], params: Params) -> torch.Tenso
         return y.permute(0, 3, 1, 2)
     if nd.op == "act":
         return activation_torch(nd["fn"], x)
-    if nd.op == "se":
-        s = x.mean(dim=(2, 3))
-        s = activation_torch(nd["act"], s @ p["w1"].t() + p["b1"])
-        s = torch.sigmoid(s @ p["w2"].t() + p["b2"])
-        return x * s[:, :, None, None]
+    if nd.op in GATES:
+        return x * gate(nd, x.mean(dim=(2, 3)), params)[:, :, None, None]
+    if nd.op == "gap":
+        return x.mean(dim=(2, 3), keepdim=True)
+    if nd.op == "broadcast":
+        return x.expand(-1, -1, *nd["size"])
     if nd.op == "scale":
         return x * _vec(p["gamma"], x)
     if nd.op == "add":
@@ -45,6 +47,18 @@ def apply_node(nd: Node, ins: list[torch.Tensor], params: Params) -> torch.Tenso
     if nd.op == "concat":
         return torch.cat(ins, dim=1)
     raise ValueError(f"apply_node does not run {nd.op!r} nodes")
+
+
+def gate(nd: Node, pooled: torch.Tensor, params: Params) -> torch.Tensor:
+    """An se / eca node's per-channel gate [N, C] from the pooled input [N, C] (the channel means), in its dtype."""
+    p = {k.split(".", 1)[1]: v.to(pooled.dtype) for k, v in params.items() if k.split(".", 1)[0] == nd.name}
+    if nd.op == "se":
+        s = activation_torch(nd["act"], pooled @ p["w1"].t() + p["b1"])
+        return torch.sigmoid(s @ p["w2"].t() + p["b2"])
+    if nd.op == "eca":
+        k = nd["kernel"]
+        return torch.sigmoid(F.conv1d(pooled[:, None, :], p["weight"].reshape(1, 1, k), padding=k // 2)[:, 0])
+    raise ValueError(f"{nd.op!r} nodes have no gate")
 
 
 def block(blk: Block, params: Params, x: torch.Tensor) -> torch.Tensor:

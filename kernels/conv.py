@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import convargs, generator, runtime
 from .schedule import Schedule
@@ -35,6 +36,11 @@ def set_schedule_lookup(fn: ScheduleLookup | None) -> None:
     """Install the function that returns a tuned schedule or variant for (spec, device), or None."""
     global _lookup
     _lookup = fn
+
+
+def schedule_lookup() -> ScheduleLookup | None:
+    """The installed lookup (None: every conv runs its default schedule)."""
+    return _lookup
 
 
 def choose_variant(spec: BlockSpec, device: torch.device, schedule: Schedule | dict | None) -> generator.Variant:
@@ -59,11 +65,11 @@ class EpilogueArgs:
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     residual: torch.Tensor | None = None
-    gamma: torch.Tensor | None = None
+    layer_scale: torch.Tensor | None = None
     activation: str | None = None
     residual_mode: str = "post"
-    star_s: float | torch.Tensor = 1.0  # StarReLU s and b: floats or 0-dim tensors (learnable)
-    star_b: float | torch.Tensor = 0.0
+    starrelu_scale: float | torch.Tensor = 1.0  # StarReLU s and b: floats or 0-dim tensors (learnable)
+    starrelu_bias: float | torch.Tensor = 0.0
 
     def spec(self, stats: bool = False, save_z: bool = False) -> Epilogue:
         if (self.scale is None) != (self.shift is None):
@@ -75,21 +81,21 @@ class EpilogueArgs:
             affine=self.scale is not None,
             activation=self.activation,
             residual=self.residual_mode if self.residual is not None else None,
-            layer_scale=self.gamma is not None,
+            layer_scale=self.layer_scale is not None,
             stats=stats,
             save_z=save_z,
         )
 
-    def star_tensor(self, device: torch.device) -> torch.Tensor:
-        """(s, b) as the [2] fp32 tensor the kernels read through star_ptr (no host sync for tensors)."""
-        if isinstance(self.star_s, torch.Tensor) or isinstance(self.star_b, torch.Tensor):
+    def starrelu_tensor(self, device: torch.device) -> torch.Tensor:
+        """(s, b) as the [2] fp32 tensor the kernels read through starrelu_ptr (no host sync for tensors)."""
+        if isinstance(self.starrelu_scale, torch.Tensor) or isinstance(self.starrelu_bias, torch.Tensor):
             return torch.stack(
                 [
                     torch.as_tensor(v, device=device).detach().to(torch.float32).reshape(())
-                    for v in (self.star_s, self.star_b)
+                    for v in (self.starrelu_scale, self.starrelu_bias)
                 ]
             )
-        return torch.tensor([float(self.star_s), float(self.star_b)], dtype=torch.float32, device=device)
+        return torch.tensor([float(self.starrelu_scale), float(self.starrelu_bias)], dtype=torch.float32, device=device)
 
 
 def _check_tensor(name: str, t: Any) -> torch.Tensor:
@@ -117,7 +123,7 @@ def make_spec(
     args = convargs.normalize(ndim, x, weight, ep.bias, stride, padding, dilation, groups, unbatched=False)
     stride, padding, dilation, groups = args.stride, args.padding, args.dilation, args.groups
     n, c, k = x.shape[0], x.shape[1], weight.shape[0]
-    for name in ("bias", "scale", "shift", "gamma"):
+    for name in ("bias", "scale", "shift", "layer_scale"):
         t = getattr(ep, name)
         if t is None:
             continue
@@ -131,18 +137,17 @@ def make_spec(
         if t.dtype not in TORCH_DTYPES:
             raise SpecError(f"{name} dtype {t.dtype} is not a supported float type")
     if ep.activation == "starrelu":
-        for name in ("star_s", "star_b"):
+        for name in ("starrelu_scale", "starrelu_bias"):
             v = getattr(ep, name)
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1 or not v.is_floating_point():
                     raise SpecError(
-                        f"starrelu {name} must be a float or a one-element float tensor, "
-                        f"got shape {tuple(v.shape)} {v.dtype}"
+                        f"{name} must be a float or a one-element float tensor, got shape {tuple(v.shape)} {v.dtype}"
                     )
                 if v.device != x.device:
-                    raise SpecError(f"starrelu {name} is on {v.device} but input is on {x.device}")
+                    raise SpecError(f"{name} is on {v.device} but input is on {x.device}")
             elif not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise SpecError(f"starrelu {name} must be a float or a tensor, got {type(v).__name__}")
+                raise SpecError(f"{name} must be a float or a tensor, got {type(v).__name__}")
     spec = conv_spec(
         n=n,
         c=c,
@@ -214,11 +219,35 @@ def in_format_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full.contiguous() if like.is_contiguous() else full
 
 
+# Packed weights per weight tensor object (weakly held: a freed weight drops its entries) and layout, valid
+# while the tensor still points at the same memory (`param.data = ...` moves it; the entry keeps the source
+# storage alive, so no other tensor can reuse that address) with an unchanged version counter (in-place
+# updates such as an optimizer step bump it). Eval and inference pack each weight once instead of
+# launching a permute copy before every conv.
+_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def pack_weight(spec: BlockSpec, weight: torch.Tensor) -> torch.Tensor:
-    """conv: [K, C/g, *ks] -> [K, taps, C/g]; depthwise: [K, 1, *ks] -> [taps, K]."""
+    """conv: [K, C/g, *ks] -> [K, taps, C/g]; depthwise: [K, 1, *ks] -> [taps, K]. Cached per weight tensor
+    and its version (pass the weight itself, not a fresh .detach(), for the cache to hit)."""
+    layout = (spec.kind, tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
+    by_layout = _packed.get(weight)
+    hit = by_layout.get(layout) if by_layout is not None else None
+    if hit is not None and hit[0] == weight._version and hit[1].data_ptr() == weight.data_ptr():
+        return hit[2]
+    w = weight.detach()
     if spec.kind == "depthwise":
-        return weight.reshape(spec.k, spec.taps).t().contiguous()
-    return weight.permute(0, *range(2, weight.dim()), 1).contiguous()
+        packed = w.reshape(spec.k, spec.taps).t().contiguous()
+    else:
+        packed = w.permute(0, *range(2, w.dim()), 1).contiguous()
+    if not torch.compiler.is_compiling():
+        _packed.setdefault(weight, {})[layout] = (weight._version, w, packed)
+    return packed
+
+
+def clear_packed_weights() -> None:
+    """Drop every cached packed weight (they are also dropped with their weights)."""
+    _packed.clear()
 
 
 def epilogue_kernel_args(
@@ -246,14 +275,15 @@ def epilogue_kernel_args(
         args["shift_ptr"] = vec(ep.shift)
     if e.residual and want("res_ptr"):
         args["res_ptr"] = to_channels_last(ep.residual.detach())
-    if e.layer_scale and want("gamma_ptr"):
-        args["gamma_ptr"] = vec(ep.gamma)
-    if e.activation == "starrelu" and want("star_ptr"):
+    if e.layer_scale and want("layer_scale_ptr"):
+        args["layer_scale_ptr"] = vec(ep.layer_scale)
+    if e.activation == "starrelu" and want("starrelu_ptr"):
         if device is None:
             device = next(
-                (t.device for t in (ep.bias, ep.scale, ep.residual, ep.gamma) if t is not None), torch.device("cpu")
+                (t.device for t in (ep.bias, ep.scale, ep.residual, ep.layer_scale) if t is not None),
+                torch.device("cpu"),
             )
-        args["star_ptr"] = ep.star_tensor(device)
+        args["starrelu_ptr"] = ep.starrelu_tensor(device)
     return args
 
 
@@ -274,7 +304,7 @@ def forward_args(
     """Kernel arguments of a forward variant; z_buf / stats_buf when its epilogue has save_z / stats."""
     args = {
         "x_ptr": to_channels_last(x.detach()),
-        "w_ptr": pack_weight(spec, weight.detach()),
+        "w_ptr": pack_weight(spec, weight),
         "out_ptr": out_buf,
         "UPCAST": upcast(x),
     }

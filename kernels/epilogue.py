@@ -9,7 +9,8 @@ import torch
 
 from .spec import Epilogue
 
-# Triton expression of each activation on an fp32 tile `v`; starrelu reads star_s, star_b (from star_ptr).
+# Triton expression of each activation on an fp32 tile `v`; starrelu reads starrelu_scale, starrelu_bias
+# (loaded from starrelu_ptr).
 # tanh is written through sigmoid: tl.math has no tanh on every Triton version we support.
 _TANH = "(2.0 * tl.sigmoid(2.0 * ({x})) - 1.0)"
 ACT_TRITON: dict[str, str] = {
@@ -22,7 +23,7 @@ ACT_TRITON: dict[str, str] = {
     + ")",
     "hardswish": "{v} * tl.minimum(tl.maximum({v} + 3.0, 0.0), 6.0) * 0.16666666666666666",
     "sigmoid": "tl.sigmoid({v})",
-    "starrelu": "star_s * tl.maximum({v}, 0.0) * tl.maximum({v}, 0.0) + star_b",
+    "starrelu": "starrelu_scale * tl.maximum({v}, 0.0) * tl.maximum({v}, 0.0) + starrelu_bias",
 }
 
 
@@ -44,7 +45,7 @@ ACT_GRAD_TRITON: dict[str, str] = {
     ),
     "hardswish": "tl.where({v} < -3.0, 0.0, tl.where({v} <= 3.0, {v} * 0.3333333333333333 + 0.5, 1.0))",
     "sigmoid": "tl.sigmoid({v}) * (1.0 - tl.sigmoid({v}))",
-    "starrelu": "2.0 * star_s * tl.maximum({v}, 0.0)",
+    "starrelu": "2.0 * starrelu_scale * tl.maximum({v}, 0.0)",
 }
 
 
@@ -56,7 +57,9 @@ def activation_grad_expr(name: str, var: str) -> str:
     return ACT_GRAD_TRITON[name].format(v=var)
 
 
-def activation_torch(name: str | None, v: torch.Tensor, star_s: float = 1.0, star_b: float = 0.0) -> torch.Tensor:
+def activation_torch(
+    name: str | None, v: torch.Tensor, starrelu_scale: float = 1.0, starrelu_bias: float = 0.0
+) -> torch.Tensor:
     """torch reference of one activation (any dtype; tests call it in float64)."""
     if name is None:
         return v
@@ -75,7 +78,7 @@ def activation_torch(name: str | None, v: torch.Tensor, star_s: float = 1.0, sta
     if name == "sigmoid":
         return torch.sigmoid(v)
     if name == "starrelu":
-        return star_s * torch.relu(v) ** 2 + star_b
+        return starrelu_scale * torch.relu(v) ** 2 + starrelu_bias
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -87,11 +90,13 @@ def apply_torch(
     scale=None,
     shift=None,
     residual=None,
-    gamma=None,
-    star_s: float = 1.0,
-    star_b: float = 0.0,
+    layer_scale=None,
+    starrelu_scale: float = 1.0,
+    starrelu_bias: float = 0.0,
 ) -> torch.Tensor:
-    """Apply the chain to a channels-first conv output y [N, K, *spatial] (reference semantics)."""
+    """Apply the chain to a channels-first conv output y [N, K, *spatial] (reference semantics).
+
+    The spec's `affine` flag is the pair scale, shift (folded BatchNorm: y * scale + shift)."""
 
     def per_channel(t: torch.Tensor) -> torch.Tensor:
         return t.to(y.dtype).reshape((1, -1) + (1,) * (y.dim() - 2))
@@ -102,9 +107,9 @@ def apply_torch(
         y = y * per_channel(scale) + per_channel(shift)
     if ep.residual == "pre":
         y = y + residual.to(y.dtype)
-    y = activation_torch(ep.activation, y, star_s, star_b)
+    y = activation_torch(ep.activation, y, starrelu_scale, starrelu_bias)
     if ep.layer_scale:
-        y = y * per_channel(gamma)
+        y = y * per_channel(layer_scale)
     if ep.residual == "post":
         y = y + residual.to(y.dtype)
     return y
@@ -120,9 +125,9 @@ def arg_names(ep: Epilogue) -> list[str]:
     if ep.residual:
         names.append("res_ptr")
     if ep.layer_scale:
-        names.append("gamma_ptr")
+        names.append("layer_scale_ptr")
     if ep.activation == "starrelu":
-        names.append("star_ptr")  # [2] fp32: (s, b), a pointer so learnable scalars need no host sync
+        names.append("starrelu_ptr")  # [2] fp32: (scale, bias), a pointer so learnable scalars need no host sync
     return names
 
 
@@ -132,11 +137,11 @@ class GradPlan:
     """What one dgrad/wgrad kernel reads to turn dy into dz, and what wgrad reduces per channel.
 
     dgrad and wgrad apply the chain's gradient to dy as they load it (never materialising dz):
-      da = dy * gamma;  du = da * act'(u);  dz = du * scale (+ d0 + d1 * (z - d2) with stats)
+      da = dy * layer_scale;  du = da * act'(u);  dz = du * scale (+ d0 + d1 * (z - d2) with stats)
     with u = (z + bias) * scale + shift (+ residual 'pre') rebuilt from the saved z.
     wgrad programs that own a channel's first column tile also sum, per channel:
       dshift = sum du (dbias = scale * dshift), dscale = sum du * (z + bias),
-      dgamma = sum dy * act(u), and starrelu's dstar_s = sum da relu(u)^2, dstar_b = sum da.
+      dlayer_scale = sum dy * act(u), and dstarrelu_scale = sum da relu(u)^2, dstarrelu_bias = sum da.
     """
 
     epilogue: Epilogue
@@ -197,9 +202,9 @@ def grad_plan(ep: Epilogue, op: str) -> GradPlan:
         if ep.affine:
             red.append("dscale")
         if ep.layer_scale:
-            red.append("dgamma")
+            red.append("dlayer_scale")
         if ep.activation == "starrelu":
-            red += ["dstar_s", "dstar_b"]
+            red += ["dstarrelu_scale", "dstarrelu_bias"]
         reductions = tuple(red)
     params = []
     if ep.bias and load_z:
@@ -209,9 +214,9 @@ def grad_plan(ep: Epilogue, op: str) -> GradPlan:
     if ep.residual == "pre" and need_u:
         params.append("res_ptr")
     if ep.layer_scale:
-        params.append("gamma_ptr")
+        params.append("layer_scale_ptr")
     if ep.activation == "starrelu":
-        params.append("star_ptr")
+        params.append("starrelu_ptr")
     if ep.stats:
         params.append("dstats_ptr")  # [3, K] fp32 (d0, d1, d2): the stats outputs' gradient dz += d0 + d1 (z - d2)
     return GradPlan(epilogue=ep, load_z=load_z, need_u=need_u, params=tuple(params), reductions=reductions)

@@ -28,17 +28,21 @@ import torch
 from . import conv as _conv
 from . import epilogue as _ep
 from . import generator, runtime
-from .block import INPUT, Block, Node
+from .block import GATES, INPUT, Block, Node, Shape
 from .block_reference import Params, apply_node
+from .block_reference import gate as _gate
 from .plan import (
     FUSED,
+    AsppBranch,
     Branch,
     Plan,
     Step,
+    aspp_branches,
     check,
     dw_epilogue,
     inception_branches,
     matches,
+    mbconv_parts,
     next_pow2,
     rank,
     tail_epilogue,
@@ -49,7 +53,8 @@ from .spec import BlockSpec, Epilogue, SpecError, canonical_json
 
 @dataclass(frozen=True)
 class FusedSpec:
-    """One fused launch: a step of kind separable / mlp / convnext / inception of block."""
+    """One fused launch: a step of kind separable / mlp / convnext / inception / expand_dw / mbconv / se_pw / aspp
+    of block (se_pw: the GEMM launch; the gate's map before it is torch)."""
 
     block: Block
     step: Step
@@ -70,11 +75,24 @@ class FusedSpec:
     def parts(self) -> dict[str, Any]:
         """The step's anatomy: dw (depthwise node, its Epilogue), ln, pw1, mid act, pw (last GEMM node) and
         the tail Epilogue after it."""
-        if self.step.kind == "inception":
-            raise SpecError("an inception step has branches (FusedSpec.branches), not GEMM parts")
+        if self.step.kind in ("inception", "aspp"):
+            raise SpecError(f"an {self.step.kind} step has branches, not GEMM parts")
         names = list(self.step.nodes)
         b = self.block
         out: dict[str, Any] = {"dw": None, "dw_ep": None, "ln": None, "pw1": None, "mid_act": None}
+        if self.step.kind in ("expand_dw", "mbconv"):  # + expand, expand_ep (pw None for expand_dw)
+            q = mbconv_parts(b, names, self.step.kind)
+            assert q is not None
+            out.update({k: q[k] for k in ("expand", "expand_ep", "dw", "dw_ep")})
+            if self.step.kind == "mbconv":
+                out.update(pw=q["pw"], tail=q["tail"], tail_nodes=q["tail_nodes"])
+            else:
+                out.update(pw=None, tail=q["dw_ep"], tail_nodes=q["dw_nodes"])
+            return out
+        if self.step.kind == "se_pw":  # + gate
+            out.update(gate=b.node(names[0]), pw=b.node(names[1]), tail_nodes=names[2:])
+            out["tail"] = tail_epilogue(b, names[2:], out["pw"]["bias"])
+            return out
         if self.step.kind == "separable":
             i = next(i for i, n in enumerate(names) if i > 0 and b.node(n).op == "conv")
             out.update(dw=b.node(names[0]), dw_ep=dw_epilogue(b, names[:i]), pw=b.node(names[i]))
@@ -98,10 +116,19 @@ class FusedSpec:
         return out
 
     @property
+    def aspp_branches(self) -> list[AsppBranch]:
+        """An aspp step's branches in concat order (plan.aspp_branches)."""
+        out = aspp_branches(self.block, list(self.step.nodes))
+        if out is None:
+            raise SpecError(f"{self.describe()} is not an aspp step")
+        return out
+
+    @property
     def out_spec(self) -> BlockSpec:
-        """The last GEMM as a single-conv spec carrying the step's tail epilogue (epilogue args come from it)."""
+        """The last GEMM (expand_dw: the depthwise) as a single-conv spec carrying the step's tail epilogue
+        (epilogue args come from it)."""
         p = self.parts()
-        return self.block.conv_spec(p["pw"], epilogue=p["tail"])
+        return self.block.conv_spec(p["pw"] or p["dw"], epilogue=p["tail"])
 
     @property
     def dw_spec(self) -> BlockSpec | None:
@@ -110,7 +137,7 @@ class FusedSpec:
 
     @property
     def pixels(self) -> int:
-        if self.step.kind == "inception":
+        if self.step.kind in ("inception", "aspp"):
             h, w = self.block.shapes[self.step.nodes[-1]].size
             return self.block.n * h * w
         return self.out_spec.out_pixels
@@ -148,7 +175,28 @@ def default_schedule(fs: FusedSpec) -> Schedule:
         return Schedule(
             block_m=bm, block_n=bc, block_k=16, group_m=1, num_warps=min(8, max(4, conv_tile // 256)), num_stages=1
         )
-    if fs.step.kind == "separable":
+    wide16 = 32 if fs.dtype == "float32" else 64  # operand tile width along a reduction: half in fp32
+    if fs.step.kind == "expand_dw":  # block_k hidden channels per program, block_n unused
+        hid, pq = fs.out_spec.k, fs.out_spec.out_pixels // fs.block.n
+        return Schedule(
+            block_m=_clamp_pow2(pq, 16, 64),
+            block_n=16,
+            block_k=_clamp_pow2(hid, 16, wide16),
+            group_m=1,
+            num_warps=4,
+            num_stages=1,
+        )
+    if fs.step.kind == "aspp":  # block_n output channels of one branch per program, block_k input channels per step
+        bn = _clamp_pow2(max(b.size for b in fs.aspp_branches), 16, 64)
+        bk = _clamp_pow2(fs.block.shapes[fs.block.node(fs.aspp_branches[0].head).inputs[0]].c, 16, wide16)
+        return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=1, num_warps=4, num_stages=2)
+    if fs.step.kind == "mbconv":  # block_k hidden channels per chunk
+        spec = fs.out_spec
+        bn = _clamp_pow2(spec.k, 16, 128)
+        bk = 16 if fs.dtype == "float32" else 32
+        warps = 8 if bm * bn >= 128 * 64 else 4
+        return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=1, num_warps=warps, num_stages=1)
+    if fs.step.kind in ("separable", "se_pw"):
         spec = fs.out_spec
         bn = _clamp_pow2(spec.k, 16, 128)
         bk = _clamp_pow2(spec.c, 16, 32 if spec.itemsize == 4 or spec.c > 256 else 64)
@@ -168,7 +216,7 @@ def canonical(fs: FusedSpec, s: Schedule) -> Schedule:
     s = replace(s, group_m=1, split_k=1, k_order="tap")
     if fs.step.kind == "inception":
         return replace(s, block_k=16)
-    return s if fs.step.kind == "separable" else replace(s, block_n=16)
+    return s if fs.step.kind in ("separable", "mbconv", "se_pw", "aspp") else replace(s, block_n=16)
 
 
 def check_schedule(fs: FusedSpec, s: Schedule) -> None:
@@ -183,7 +231,7 @@ def check_schedule(fs: FusedSpec, s: Schedule) -> None:
         raise ScheduleError("num_warps must be <= 16 and num_stages >= 1")
     if s.block_m * s.block_n > 256 * 256 or s.block_m * s.block_k > 256 * 128:
         raise ScheduleError("tile larger than 256x256 (outputs) or 256x128 (operand) elements")
-    if fs.step.kind not in ("separable", "inception"):
+    if fs.step.kind in ("mlp", "convnext"):
         cp = next_pow2(fs.block.shapes[fs.parts()["ln"].name].c)
         kp = next_pow2(fs.out_spec.k)
         if s.block_m * max(cp, kp) > 128 * 256:
@@ -206,6 +254,10 @@ def resolve(fs: FusedSpec, schedule: Schedule | dict | None) -> Schedule:
 
 # ---- rendering -----------------------------------------------------------------------------
 TEMPLATE_FILES = {
+    "expand_dw": "block_mbconv.py.j2",
+    "mbconv": "block_mbconv.py.j2",
+    "se_pw": "block_gated_pw.py.j2",
+    "aspp": "block_aspp.py.j2",
     "separable": "block_separable.py.j2",
     "mlp": "block_mlp.py.j2",
     "convnext": "block_mlp.py.j2",
@@ -266,9 +318,170 @@ def _inception_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
     }
 
 
+_EX_ARGS = (("bias", "ex_bias_ptr"), ("affine", "ex_scale_ptr"), ("affine", "ex_shift_ptr"))
+
+
+def _step_input(fs: FusedSpec) -> Shape:
+    return fs.block.shapes[fs.nodes[0].inputs[0]]
+
+
+def _dot_kw(fs: FusedSpec) -> str:
+    return ', input_precision="ieee"' if fs.dtype == "float32" else ""
+
+
+def _mbconv_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
+    """expand_dw / mbconv: the depthwise geometry with the step input's strides, the expand and depthwise
+    epilogues, and for mbconv the project GEMM's (through the shared epilogue macro)."""
+    p = fs.parts()
+    dw = fs.dw_spec
+    assert dw is not None
+    src = _step_input(fs)
+    ex_ep = p["expand_ep"] or Epilogue()
+    g = generator.geometry(dw, s)
+    out = fs.out_spec
+    g.update(
+        kind=fs.step.kind,
+        project=fs.step.kind == "mbconv",
+        expand=p["expand"] is not None,
+        CX=src.c,
+        CB=_clamp_pow2(src.c, 16, 32),
+        HID=dw.k,
+        SX=[src.size[1] * src.c, src.c],
+        SXN=src.c * src.size[0] * src.size[1],
+        # unrolled taps keep each tap's expand GEMM in flight: spills on sm_90, so only a plain depthwise unrolls
+        static=[False, dw.kernel[1] <= UNROLL_TAPS and p["expand"] is None],
+        ex_ep=ex_ep,
+        ex_args=["we_ptr", *(name for flag, name in _EX_ARGS if getattr(ex_ep, flag))]
+        if p["expand"] is not None
+        else [],
+        ex_act=lambda var: _ep.activation_expr(ex_ep.activation, var),
+        ex_desc="+".join(n for n in fs.step.nodes[: fs.step.nodes.index(p["dw"].name)][1:]) or "nothing",
+        dw_ep=p["dw_ep"],
+        dw_args=[name for flag, name in _DW_ARGS if getattr(p["dw_ep"], flag)],
+        dw_act=lambda var: _ep.activation_expr(p["dw_ep"].activation, var),
+        dot_kw=_dot_kw(fs),
+        i64=g["i64"] or src.c * fs.block.n * src.size[0] * src.size[1] > generator.INT32_LIMIT,
+    )
+    i = fs.step.nodes.index(p["dw"].name)
+    dw_nodes = [
+        n
+        for n in fs.step.nodes[i + 1 :]
+        if p["pw"] is None or fs.step.nodes.index(n) < fs.step.nodes.index(p["pw"].name)
+    ]
+    g["dw_desc"] = "+".join(dw_nodes) or "nothing"
+    if fs.step.kind == "expand_dw":
+        pq = dw.out_pixels // dw.n
+        g.update(
+            PQ=pq,
+            TPI=_cdiv(pq, s.block_m),
+            NPID_K=_cdiv(dw.k, s.block_k),
+            pool=pooled_output(fs),
+            ep=Epilogue(),
+            ep_args=[],
+        )
+        return g
+    g.update(
+        K=out.k,
+        ep=out.epilogue,
+        ep_args=_ep.arg_names(out.epilogue),
+        act=lambda var: _ep.activation_expr(out.epilogue.activation, var),
+        NPID_N=_cdiv(out.k, s.block_n),
+        pool=False,
+    )
+    return g
+
+
+def pooled_output(fs: FusedSpec) -> bool:
+    """Whether an expand_dw step also writes its output's per-image partial sums (it feeds an se / eca gate)."""
+    return fs.step.kind == "expand_dw" and any(
+        fs.block.node(c).op in GATES for c in fs.block.consumers(fs.step.nodes[-1])
+    )
+
+
+def _gated_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
+    p = fs.parts()
+    out = fs.out_spec
+    src = _step_input(fs)
+    return dict(
+        M=out.out_pixels,
+        PQ=out.out_pixels // out.n,
+        C=out.c,
+        K=out.k,
+        BM=s.block_m,
+        BN=s.block_n,
+        BK=s.block_k,
+        NPID_N=_cdiv(out.k, s.block_n),
+        gate=p["gate"].op.upper(),
+        BF16=fs.dtype == "bfloat16",
+        ep=out.epilogue,
+        ep_args=_ep.arg_names(out.epilogue),
+        act=lambda var: _ep.activation_expr(out.epilogue.activation, var),
+        dot_kw=_dot_kw(fs),
+        i64=max(out.out_pixels * out.k, fs.block.n * src.c * src.size[0] * src.size[1]) > generator.INT32_LIMIT,
+    )
+
+
+def _aspp_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
+    """Per-branch constants: output offset, channel tile, filter geometry and [bias] [bn] [act]."""
+    b = fs.block
+    h, w = b.shapes[fs.step.nodes[-1]].size
+    src = b.shapes[b.node(next(br.head for br in fs.aspp_branches if br.conv)).inputs[0]]
+    ct = b.shapes[fs.step.nodes[-1]].c
+    branches, args, t0 = [], [], 0
+    for i, br in enumerate(fs.aspp_branches):
+        bn = max(16, min(s.block_n, next_pow2(br.size)))
+        d: dict[str, Any] = dict(i=i, OUT0=br.out_start, SIZE=br.size, BN=bn, T0=t0, END=t0 + _cdiv(br.size, bn))
+        d["conv"] = br.conv
+        t0 = d["END"]
+        if br.conv:
+            spec = b.conv_spec(b.node(br.head))
+            ep = dw_epilogue(b, [br.head, *br.tail])
+            assert ep is not None
+            d.update(
+                KS=list(spec.kernel),
+                DIL=list(spec.dilation),
+                PAD=[q[0] for q in spec.padding],
+                padded=[q != (0, 0) for q in spec.padding],
+                TAPS=spec.taps,
+                ep=ep,
+                act=lambda var, a=ep.activation: _ep.activation_expr(a, var),
+                desc=f"{'+'.join((br.head, *br.tail))}: conv {'x'.join(map(str, spec.kernel))} dilation "
+                f"{spec.dilation[0]} -> channels [{br.out_start}, {br.out_start + br.size})",
+            )
+            args += [f"w{i}_ptr"] + [
+                f"{k}{i}_ptr" for k, on in (("b", ep.bias), ("s", ep.affine), ("t", ep.affine)) if on
+            ]
+        else:
+            d["desc"] = f"{br.head}: broadcast -> channels [{br.out_start}, {br.out_start + br.size})"
+            args.append(f"p{i}_ptr")
+        branches.append(d)
+    return {
+        "M": fs.pixels,
+        "H": h,
+        "W": w,
+        "C": src.c,
+        "CT": ct,
+        "BM": s.block_m,
+        "BK": s.block_k,
+        "TILES": t0,
+        "branches": branches,
+        "args": args,
+        "desc": " | ".join(br.head for br in fs.aspp_branches),
+        "BF16": fs.dtype == "bfloat16",
+        "dot_kw": _dot_kw(fs),
+        "i64": max(fs.pixels * ct, b.n * src.c * h * w) > generator.INT32_LIMIT,
+    }
+
+
 def _context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
     if fs.step.kind == "inception":
         return _inception_context(fs, s)
+    if fs.step.kind in ("expand_dw", "mbconv"):
+        return _mbconv_context(fs, s)
+    if fs.step.kind == "se_pw":
+        return _gated_context(fs, s)
+    if fs.step.kind == "aspp":
+        return _aspp_context(fs, s)
     p = fs.parts()
     out = fs.out_spec
     dot_kw = ', input_precision="ieee"' if fs.dtype == "float32" else ""
@@ -317,6 +530,13 @@ def kernel_name(fs: FusedSpec) -> str:
 
 def grid(fs: FusedSpec, s: Schedule) -> tuple[int, ...]:
     m = _cdiv(fs.pixels, s.block_m)
+    if fs.step.kind == "expand_dw":  # (image, pixel tile of the image, channel tile), flattened
+        pq = fs.pixels // fs.block.n
+        return (fs.block.n * _cdiv(pq, s.block_m) * _cdiv(fs.out_spec.k, s.block_k),)
+    if fs.step.kind == "aspp":
+        return (m * sum(_cdiv(b.size, max(16, min(s.block_n, next_pow2(b.size)))) for b in fs.aspp_branches),)
+    if fs.step.kind in ("mbconv", "se_pw"):
+        return (m * _cdiv(fs.out_spec.k, s.block_n),)
     if fs.step.kind == "inception":
         return (m, sum(_cdiv(b.size, min(s.block_n, next_pow2(b.size))) for b in fs.branches))
     return (m * _cdiv(fs.out_spec.k, s.block_n),) if fs.step.kind == "separable" else (m,)
@@ -349,17 +569,49 @@ def _gemm_weight(w: torch.Tensor) -> torch.Tensor:
     return w.detach().reshape(w.shape[0], w.shape[1]).t().contiguous()
 
 
-def fused_args(fs: FusedSpec, params: Params, vals: dict[str, torch.Tensor], out: torch.Tensor) -> dict[str, Any]:
-    """Kernel arguments of a fused step; vals holds the [N, C, H, W] tensors computed so far."""
+def _bn_vectors(block: Block, names: Iterable[str], params: Params) -> tuple[torch.Tensor, torch.Tensor] | None:
+    bn = next((n for n in names if block.node(n).op == "bn"), None)
+    return None if bn is None else (_vec(params[f"{bn}.scale"]), _vec(params[f"{bn}.shift"]))
+
+
+def gate_of(fs: FusedSpec, params: Params, x: torch.Tensor, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """An se_pw step's gate [N, C] (fp32, contiguous) of its input x: the gate's map (block_reference.gate) of
+    the per-channel means, from pool ([N, tiles, C] partial sums an expand_dw step wrote) or x itself."""
+    nd = fs.nodes[0]
+    pooled = pool.sum(dim=1) / (x.shape[2] * x.shape[3]) if pool is not None else x.float().mean(dim=(2, 3))
+    return _gate(nd, pooled.float(), params).float().contiguous()
+
+
+def pool_buffer(fs: FusedSpec, s: Schedule, device: torch.device) -> torch.Tensor:
+    """The [N, tiles per image, C] fp32 partial sums an expand_dw step under s writes beside its output."""
+    pq = fs.pixels // fs.block.n
+    return torch.empty((fs.block.n, _cdiv(pq, s.block_m), fs.out_spec.k), dtype=torch.float32, device=device)
+
+
+def fused_args(
+    fs: FusedSpec,
+    params: Params,
+    vals: dict[str, torch.Tensor],
+    out: torch.Tensor,
+    pool: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Kernel arguments of a fused step; vals holds the [N, C, H, W] tensors computed so far. pool: the partial
+    sums buffer an expand_dw step feeding a gate writes (pool_buffer); gate: an se_pw step's gate (gate_of,
+    computed from its input when None)."""
     if fs.step.kind == "inception":  # out: the [N, H, W, C] buffer; the kernel reads x's slices in place
         return inception_args(fs, params, vals[fs.nodes[0].inputs[0]], out.permute(0, 3, 1, 2))
+    if fs.step.kind == "aspp":
+        return aspp_args(fs, params, vals, out)
+    if fs.step.kind in ("expand_dw", "mbconv", "se_pw"):
+        return _mbconv_args(fs, params, vals, out, pool, gate)
     p = fs.parts()
     first = fs.nodes[0]
     x = vals[first.inputs[0]]
     args: dict[str, Any] = {"x_ptr": _conv.to_channels_last(x.detach()), "out_ptr": out, "UPCAST": _conv.upcast(x)}
     if p["dw"] is not None:
         dw = p["dw"].name
-        args["wd_ptr"] = _conv.pack_weight(fs.dw_spec, params[f"{dw}.weight"].detach())
+        args["wd_ptr"] = _conv.pack_weight(fs.dw_spec, params[f"{dw}.weight"])
         if p["dw_ep"].bias:
             args["dw_bias_ptr"] = _vec(params[f"{dw}.bias"])
         if p["dw_ep"].affine:
@@ -379,6 +631,75 @@ def fused_args(fs: FusedSpec, params: Params, vals: dict[str, torch.Tensor], out
             args["b1_ptr"] = _vec(params[f"{pw1}.bias"])
     ep = epilogue_args(fs.block, p["pw"], p["tail_nodes"], params, vals)
     args.update(_conv.epilogue_kernel_args(fs.out_spec, ep, x.device))
+    return args
+
+
+def _mbconv_args(
+    fs: FusedSpec,
+    params: Params,
+    vals: dict[str, torch.Tensor],
+    out: torch.Tensor,
+    pool: torch.Tensor | None,
+    gate: torch.Tensor | None,
+) -> dict[str, Any]:
+    """Arguments of expand_dw / mbconv / se_pw steps (see fused_args)."""
+    p = fs.parts()
+    b = fs.block
+    x = vals[fs.nodes[0].inputs[0]]
+    args: dict[str, Any] = {"x_ptr": _conv.to_channels_last(x.detach())}
+    if fs.step.kind == "se_pw":
+        args["gate_ptr"] = gate if gate is not None else gate_of(fs, params, x)
+    if p.get("expand") is not None:
+        ex = p["expand"].name
+        args["we_ptr"] = _gemm_weight(params[f"{ex}.weight"])
+        if p["expand_ep"].bias:
+            args["ex_bias_ptr"] = _vec(params[f"{ex}.bias"])
+        bn = _bn_vectors(b, fs.step.nodes[1 : fs.step.nodes.index(p["dw"].name)], params)
+        if bn is not None:
+            args["ex_scale_ptr"], args["ex_shift_ptr"] = bn
+    if p["dw"] is not None:
+        dw = p["dw"].name
+        args["wd_ptr"] = _conv.pack_weight(fs.dw_spec, params[f"{dw}.weight"])
+        if p["dw_ep"].bias:
+            args["dw_bias_ptr"] = _vec(params[f"{dw}.bias"])
+        end = fs.step.nodes.index(p["pw"].name) if p["pw"] is not None else len(fs.step.nodes)
+        bn = _bn_vectors(b, fs.step.nodes[fs.step.nodes.index(dw) + 1 : end], params)
+        if bn is not None:
+            args["dw_scale_ptr"], args["dw_shift_ptr"] = bn
+    if p["pw"] is not None:
+        args["w_ptr"] = _gemm_weight(params[f"{p['pw'].name}.weight"])
+    args["out_ptr"] = out
+    if fs.step.kind == "expand_dw":
+        if pooled_output(fs):
+            if pool is None:
+                raise SpecError(f"{fs.describe()} writes its gate's pool: pass pool=fused.pool_buffer(...)")
+            args["pool_ptr"] = pool
+    else:
+        ep = epilogue_args(b, p["pw"], p["tail_nodes"], params, vals)
+        args.update(_conv.epilogue_kernel_args(fs.out_spec, ep, x.device))
+    args["UPCAST"] = _conv.upcast(x)
+    return args
+
+
+def aspp_args(fs: FusedSpec, params: Params, vals: dict[str, torch.Tensor], out: torch.Tensor) -> dict[str, Any]:
+    """Arguments of an aspp step: the shared input, out the [N, H, W, C] concat buffer, per conv branch its packed
+    weight [K, taps, C] and [bias] [bn] vectors, per broadcast branch its [N, size] vector."""
+    b = fs.block
+    brs = fs.aspp_branches
+    x = vals[b.node(next(br.head for br in brs if br.conv)).inputs[0]]
+    args: dict[str, Any] = {"x_ptr": _conv.to_channels_last(x.detach()), "out_ptr": out}
+    for i, br in enumerate(brs):
+        nd = b.node(br.head)
+        if not br.conv:
+            args[f"p{i}_ptr"] = vals[nd.inputs[0]].detach().reshape(b.n, br.size).contiguous()
+            continue
+        args[f"w{i}_ptr"] = _conv.pack_weight(b.conv_spec(nd), params[f"{nd.name}.weight"])
+        if nd["bias"]:
+            args[f"b{i}_ptr"] = _vec(params[f"{nd.name}.bias"])
+        bn = _bn_vectors(b, br.tail, params)
+        if bn is not None:
+            args[f"s{i}_ptr"], args[f"t{i}_ptr"] = bn
+    args["UPCAST"] = _conv.upcast(x)
     return args
 
 
@@ -404,7 +725,7 @@ def inception_args(fs: FusedSpec, params: Params, x: torch.Tensor, out: torch.Te
         if br.conv is None:
             continue
         spec = b.conv_spec(b.node(br.conv))
-        args[f"w{i}_ptr"] = _conv.pack_weight(spec, params[f"{br.conv}.weight"].detach())
+        args[f"w{i}_ptr"] = _conv.pack_weight(spec, params[f"{br.conv}.weight"])
         if b.node(br.conv)["bias"]:
             args[f"b{i}_ptr"] = _vec(params[f"{br.conv}.bias"])
         bn = next((n for n in br.tail if b.node(n).op == "bn"), None)
@@ -452,7 +773,7 @@ def epilogue_args(
         if nd.op == "bn":
             args.scale, args.shift = params[f"{name}.scale"], params[f"{name}.shift"]
         elif nd.op == "scale":
-            args.gamma = params[f"{name}.gamma"]
+            args.layer_scale = params[f"{name}.gamma"]
         elif nd.op == "add":
             args.residual = vals[nd.inputs[1] if nd.inputs[0] == prev else nd.inputs[0]]
         prev = name
@@ -507,12 +828,14 @@ def run_plan(
     """The block's output [N, K, P, Q] (channels-last memory) under plan (the planner's best when None).
 
     schedules: step index -> Schedule for conv and fused steps (defaults otherwise). poison fills every
-    buffer a kernel writes with NaN first (the correctness gate)."""
+    buffer a kernel writes with NaN first (the correctness gate), the gate pools' partial sums included.
+    An expand_dw step feeding an se / eca gate leaves its partial sums for the se_pw step that applies it."""
     check_inputs(block, params, x)
     plan = plan or rank(block)[0].plan
     check(block, plan)
     schedules = schedules or {}
     vals: dict[str, torch.Tensor] = {INPUT: x if _is_cl_view(x) else _channels_last(x)}
+    pools: dict[str, torch.Tensor] = {}  # node -> the per-image partial sums its expand_dw step wrote
     for i, step in enumerate(plan.steps):
         first = block.node(step.nodes[0])
         out_shape = block.shapes[step.nodes[-1]]
@@ -545,7 +868,17 @@ def run_plan(
             else:
                 fs = FusedSpec(block, step)
                 v = render(fs, schedules.get(i))
-                runtime.launch(v, fused_args(fs, params, vals, buf), x.device)
+                pool = gate = None
+                if pooled_output(fs):
+                    pool = pool_buffer(fs, v.schedule, x.device)
+                    if poison:
+                        pool.fill_(float("nan"))
+                elif step.kind == "se_pw":
+                    src = first.inputs[0]
+                    gate = gate_of(fs, params, vals[src], pools.get(src))
+                runtime.launch(v, fused_args(fs, params, vals, buf, pool, gate), x.device)
+                if pool is not None:
+                    pools[step.nodes[-1]] = pool
         vals[step.nodes[-1]] = y
     return vals[block.nodes[-1].name]
 
@@ -612,7 +945,8 @@ def _meta_args(fs: FusedSpec) -> dict[str, Any]:
         s = block.shapes[fs.step.nodes[-1]]
         return fused_args(fs, params, vals, torch.empty((block.n, *s.size, s.c), dtype=dt, device=meta))
     out = torch.empty((1,), dtype=dt, device=meta)
-    args = fused_args(fs, params, vals, out)
+    vec = torch.empty((1,), dtype=torch.float32, device=meta)
+    args = fused_args(fs, params, vals, out, vec if pooled_output(fs) else None, vec)
     args["UPCAST"] = False
     return args
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -18,10 +18,10 @@ import jinja2
 
 from . import epilogue as _ep
 from . import schedule as _sched
-from .schedule import UNROLL_TAPS, Schedule
+from .schedule import Schedule
 from .spec import BlockSpec, SpecError
 
-GENERATOR_VERSION = "0.2.0"
+GENERATOR_VERSION = "0.3.0"
 INT32_LIMIT = 2**31 - 1
 
 
@@ -109,6 +109,70 @@ def geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     )
 
 
+AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # spatial axis letters in constant names
+
+
+def named(g: dict[str, Any], spec: BlockSpec, extra: Sequence[tuple[str, Any, Any]] = ()) -> dict[str, Any]:
+    """Named compile-time shape constants for a geometry context g (see geometry).
+
+    Adds `consts`, [(name, value, literal)] that _common.constants renders at the top of the kernel as
+    `NAME: tl.constexpr = value` (value may be an expression of earlier names; literal is what it equals), and
+    `sym`, g with its shape keys replaced by those names: templates write `{{ sh.OUT[d] }}` and get `H_OUT`
+    (with sh = v.sym) or 56 (with sh = v). `extra` appends template-specific (name, value, literal) rows.
+    The names are constexpr, so the compiled code is the same as with literals.
+    """
+    ax = AXES[spec.ndim]
+    dims = range(spec.ndim)
+    consts: list[tuple[str, Any, Any]] = [
+        ("N", g["N"], g["N"]),
+        ("C", g["C"], g["C"]),
+        ("K", g["K"], g["K"]),
+        ("GROUPS", g["G"], g["G"]),
+        ("CG", "C // GROUPS", g["CG"]),
+        ("KG", "K // GROUPS", g["KG"]),
+    ]
+    for key, fmt in (("IN", "{}_IN"), ("OUT", "{}_OUT"), ("KS", "K{}"), ("ST", "STRIDE_{}"), ("PAD", "PAD_{}")):
+        consts += [(fmt.format(ax[d]), g[key][d], g[key][d]) for d in dims]
+    consts += [(f"DIL_{ax[d]}", g["DIL"][d], g["DIL"][d]) for d in dims]
+    consts += [
+        ("TAPS", " * ".join(f"K{a}" for a in ax), g["TAPS"]),
+        ("M", " * ".join(["N"] + [f"{a}_OUT" for a in ax]), g["M"]),
+        ("SX_N", " * ".join([f"{a}_IN" for a in ax] + ["C"]), g["SXN"]),
+    ]
+    consts += [(f"SX_{ax[d]}", " * ".join([f"{a}_IN" for a in ax[d + 1 :]] + ["C"]), g["SX"][d]) for d in dims]
+    consts += [("BLOCK_M", g["BM"], g["BM"]), ("BLOCK_N", g["BN"], g["BN"]), ("BLOCK_K", g["BK"], g["BK"])]
+    consts += [("GROUP_M", g["GROUP_M"], g["GROUP_M"])]
+    consts += list(extra)
+    sym = Context(g)
+    sym.update(
+        N="N",
+        C="C",
+        K="K",
+        CG="CG",
+        KG="KG",
+        IN=[f"{a}_IN" for a in ax],
+        OUT=[f"{a}_OUT" for a in ax],
+        KS=[f"K{a}" for a in ax],
+        ST=[f"STRIDE_{a}" for a in ax],
+        PAD=[f"PAD_{a}" for a in ax],
+        DIL=[f"DIL_{a}" for a in ax],
+        TAPS="TAPS",
+        M="M",
+        SXN="SX_N",
+        SX=[f"SX_{a}" for a in ax],
+        BM="BLOCK_M",
+        BN="BLOCK_N",
+        BK="BLOCK_K",
+        GROUP_M="GROUP_M",
+        # products of names: output pixel strides, pixels per image, tap strides of the packed weight
+        SO=[" * ".join(f"{a}_OUT" for a in ax[d + 1 :]) or "1" for d in dims],
+        OPIX=" * ".join(f"{a}_OUT" for a in ax),
+        TS=[" * ".join(f"K{a}" for a in ax[d + 1 :]) or "1" for d in dims],
+    )
+    sym.update({name: name for name, _, _ in extra})
+    return dict(consts=consts, sym=sym)
+
+
 def _grad_geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     """Shared context of backward templates: geometry plus the plan of the chain's gradient."""
     g = geometry(spec, s)
@@ -146,7 +210,7 @@ def _phases(spec: BlockSpec) -> dict[str, Any]:
     """
     nd = spec.ndim
     tab: dict[str, list] = {k: [] for k in ("I0", "CNT", "CNTS", "T0", "NT", "Q")}
-    step, stepo = [], []
+    step, stepo, ntmax = [], [], []
     for d in range(nd):
         st, dl, p, ks, n_in = spec.stride[d], spec.dilation[d], spec.padding[d][0], spec.kernel[d], spec.in_size[d]
         gcd = math.gcd(st, dl)
@@ -162,7 +226,10 @@ def _phases(spec: BlockSpec) -> dict[str, Any]:
             rows.append((i0, cnt, max(cnt, 1), t0, len(taps), q))  # CNTS: a safe divisor
         for key, col in zip(("I0", "CNT", "CNTS", "T0", "NT", "Q"), zip(*rows)):
             tab[key].append(_select(f"ph{d}", list(col)))
-    return dict(PH=spec.phases, STEP=step, STEPO=stepo, MMAX=spec.phase_pixels, **tab)
+        ntmax.append(max(r[4] for r in rows))
+    # a phase tap (a_0, a_1, ...) as one bit index: sum a_d * BITS[d], BITS[d] = prod NTMAX[d + 1:]
+    bits = [_prod(ntmax[d + 1 :]) for d in range(nd)]
+    return dict(PH=spec.phases, STEP=step, STEPO=stepo, MMAX=spec.phase_pixels, NTMAX=ntmax, BITS=bits, **tab)
 
 
 def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
@@ -177,7 +244,19 @@ def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         k_order=s.k_order,
         pointwise=pointwise,
         dot_kw=dot_kw,
+        # tap order: per-row tap validity as bits of one word (more taps: per-step index math)
+        tap_bits=32 if spec.taps <= 32 else 64 if spec.taps <= 64 else 0,
+        hoisted=s.k_order == "tap" and not pointwise and (spec.taps <= 64 or not spec.has_padding),
+        k_full=spec.cg % s.block_k == 0,  # no partial channel block: no channel mask
+        n_full=spec.kg % s.block_n == 0,
     )
+    extra = [
+        ("NPID_M", "(M + BLOCK_M - 1) // BLOCK_M", g["NPID_M"]),
+        ("NPID_N", "(KG + BLOCK_N - 1) // BLOCK_N", g["NPID_N"]),
+        ("NCB", "(CG + BLOCK_K - 1) // BLOCK_K", g["NCB"]),
+        ("KTOT", "CG * TAPS", g["KTOT"]),
+    ]
+    g.update(named(g, spec, extra))
     return g
 
 
@@ -186,15 +265,37 @@ def _conv_fwd_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
 
 
 def _depthwise_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
+    """Register blocking along the last dim: a group is R = block_k consecutive outputs of one row. Output r
+    takes tap t from input column r * stride + t * dilation of the group's window, so a kernel row loads each
+    distinct column once (COLS: column -> its (r, t) uses, in column order); weight t is loaded at its first
+    use, column t * dilation. BW_MAX: the last group's first window column (columns past the row need masks)."""
     g = geometry(spec, s)
-    # Unroll the innermost window dim when short; longer ones (31x31) stay runtime loops.
-    static = [d == spec.ndim - 1 and spec.kernel[d] <= UNROLL_TAPS for d in range(spec.ndim)]
-    g.update(MULT=spec.k // spec.c, static=static)
+    last = spec.ndim - 1
+    r_out, kw, st, dl = s.block_k, spec.kernel[last], spec.stride[last], spec.dilation[last]
+    uses: dict[int, list[tuple[int, int]]] = {}
+    for r in range(r_out):
+        for t in range(kw):
+            uses.setdefault(r * st + t * dl, []).append((r, t))
+    gw = _cdiv(spec.out_size[last], r_out)
+    g.update(
+        MULT=spec.k // spec.c,
+        R=r_out,
+        G=s.block_m // r_out,
+        GW=gw,
+        NG=spec.n * _prod(spec.out_size[:last]) * gw,
+        KW=kw,
+        COLS=sorted(uses.items()),
+        WNEW={j: [t for t in range(kw) if t * dl == j] for j in uses},
+        BW_MAX=(gw - 1) * r_out * st - spec.padding[last][0],
+        N_MASK=spec.k % s.block_n != 0,
+    )
     return g
 
 
 def _depthwise_fwd_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
-    return (_cdiv(spec.out_pixels, s.block_m), _cdiv(spec.k, s.block_n))
+    last = spec.ndim - 1
+    groups = spec.n * _prod(spec.out_size[:last]) * _cdiv(spec.out_size[last], s.block_k)
+    return (_cdiv(groups, s.block_m // s.block_k), _cdiv(spec.k, s.block_n))
 
 
 def _conv_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
@@ -205,7 +306,17 @@ def _conv_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         NPID_N=_cdiv(spec.cg, s.block_n),
         NKB=_cdiv(spec.kg, s.block_k),
         k_order=s.k_order,
+        k_full=spec.kg % s.block_k == 0,  # no partial output-channel block: no channel mask
+        c_full=spec.cg % s.block_n == 0,
     )
+    ntaps = _prod(g["NTMAX"])  # per-row tap validity as bits of one word (more taps: per-step index math)
+    g.update(tap_bits=32 if ntaps <= 32 else 64 if ntaps <= 64 else 0)
+    extra = [
+        ("NPID_M", g["NPID_M"], g["NPID_M"]),
+        ("NPID_N", "(CG + BLOCK_N - 1) // BLOCK_N", g["NPID_N"]),
+        ("NKB", "(KG + BLOCK_K - 1) // BLOCK_K", g["NKB"]),
+    ]
+    g.update(named(g, spec, extra))
     return g
 
 
@@ -230,6 +341,15 @@ def _conv_wgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         KTOT=spec.taps * spec.cg,
         CHUNK=_cdiv(_cdiv(spec.out_pixels, s.block_k), s.split_k) * s.block_k,
     )
+    extra = [
+        ("NPID_M", "(KG + BLOCK_M - 1) // BLOCK_M", g["NPID_M"]),
+        ("NPID_N", g["NPID_N"], g["NPID_N"]),
+        ("NCB", "(CG + BLOCK_N - 1) // BLOCK_N", g["NCB"]),
+        ("KTOT", "TAPS * CG", g["KTOT"]),
+        ("SPLIT", g["SPLIT"], g["SPLIT"]),
+        ("CHUNK", g["CHUNK"], g["CHUNK"]),
+    ]
+    g.update(named(g, spec, extra))
     return g
 
 
@@ -276,7 +396,7 @@ def register(kind: str, op: str, template: Template) -> None:
 
 @lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
         trim_blocks=True,
         lstrip_blocks=True,
@@ -284,6 +404,8 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         autoescape=False,
     )
+    env.filters["rstrip"] = str.rstrip  # a macro's output ends without a newline: its call site's line ends it
+    return env
 
 
 def kernel_name(spec: BlockSpec) -> str:

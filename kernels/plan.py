@@ -13,6 +13,19 @@ A Step is one launch and names its kind:
              of one tensor, each either kept (identity) or through a stride-1 same-size depthwise conv
              [bn] [act], concatenated; one launch reads each slice once and writes each branch's channels
              of the concat in place (no split copies, no concat copy)
+  expand_dw  [pointwise expand [bn] [act], recomputed on chip for every depthwise tap] -> depthwise k x k
+             [bn] [act]; when its output feeds an se / eca gate it also writes per-image partial sums of that
+             output (the gate's global pool), so the gate never re-reads it. Without an expand it is legal only
+             for that pool
+  mbconv     pointwise expand [bn] [act] -> depthwise [bn] [act] -> pointwise project + its epilogue chain in
+             one launch (MBConv without attention): neither the expanded nor the depthwise tensor touches HBM
+  se_pw      an se / eca gate -> pointwise GEMM + its epilogue chain: the gate's small map (SE MLP or ECA
+             conv1d, torch ops on [N, C]) from the pooled sums, then the GEMM with the gate applied to its A
+             operand as it is loaded (two launches; the pool is a torch mean unless an expand_dw step took it)
+  aspp       parallel convs of one input (1x1 and dilated k x k, each [bn] [act], stride 1, same size) and
+             broadcasts of 1 x 1 maps (ASPP's image pooling), concatenated: one launch, one program per
+             (pixel tile, branch channel tile), the channel tiles of a pixel tile adjacent so they share the
+             input's reads through L2; each branch writes its slice of the concat in place
 A fused step is legal when its nodes form a chain (each feeds only the next; a residual add's other
 operand already exists) and its tiles fit on chip (mlp/convnext: padded C and K <= MAX_ONCHIP).
 A split is a view (eager torch.split): no bytes moved and no launch of its own in the cost model.
@@ -27,11 +40,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .block import INPUT, Block, Node
+from .block import GATES, INPUT, Block, Node
 from .spec import Epilogue, SpecError, canonical_json
 
-STEP_KINDS = ("conv", "op", "separable", "mlp", "convnext", "inception")
-FUSED = ("separable", "mlp", "convnext", "inception")
+STEP_KINDS = ("conv", "op", "separable", "mlp", "convnext", "inception", "expand_dw", "mbconv", "se_pw", "aspp")
+FUSED = ("separable", "mlp", "convnext", "inception", "expand_dw", "mbconv", "se_pw", "aspp")
+LAUNCHES = {"se_pw": 2}  # launches of a step kind (default 1): se_pw runs the gate's map before its GEMM
 MAX_ONCHIP = 256  # padded channels of a row (and of the project GEMM's output) an mlp tile keeps on chip
 
 
@@ -157,8 +171,16 @@ def matches(block: Block, step: Step) -> bool:
         return False
     if step.kind == "inception":
         return inception_branches(block, names) is not None
+    if step.kind == "aspp":
+        return aspp_branches(block, names) is not None
     if not _chain_ok(block, names):
         return False
+    if step.kind in ("expand_dw", "mbconv"):
+        return mbconv_parts(block, names, step.kind) is not None
+    if step.kind == "se_pw":
+        if len(names) < 2 or block.node(names[0]).op not in GATES or not _is_pointwise(block, block.node(names[1])):
+            return False
+        return tail_epilogue(block, names[2:], block.node(names[1])["bias"]) is not None
     nds = [block.node(n) for n in names]
     first = nds[0]
     if step.kind == "op":
@@ -194,6 +216,106 @@ def dw_epilogue(block: Block, names: list[str]) -> Epilogue | None:
     if ep is None or ep.residual or ep.layer_scale:
         return None
     return ep
+
+
+def _conv_run(block: Block, names: list[str], i: int) -> int:
+    """End of the [bn] [act] run after the conv at names[i] (bn only first)."""
+    j = i + 1
+    while (
+        j < len(names) and block.node(names[j]).op in ("bn", "act") and (block.node(names[j]).op != "bn" or j == i + 1)
+    ):
+        j += 1
+    return j
+
+
+def mbconv_parts(block: Block, names: list[str], kind: str) -> dict[str, Any] | None:
+    """Anatomy of an expand_dw / mbconv step: expand (pointwise node or None) with its [bn] [act] Epilogue and
+    nodes, dw with its Epilogue and nodes, and for mbconv the project node, its tail Epilogue and tail nodes;
+    None unless names (a chain) are one."""
+    out: dict[str, Any] = {"expand": None, "expand_ep": None, "expand_nodes": []}
+    i = 0
+    if names and _is_pointwise(block, block.node(names[0])):
+        j = _conv_run(block, names, 0)
+        out.update(expand=block.node(names[0]), expand_ep=dw_epilogue(block, names[:j]), expand_nodes=names[1:j])
+        if out["expand_ep"] is None:
+            return None
+        i = j
+    if i >= len(names) or not _is_depthwise(block, block.node(names[i])):
+        return None
+    j = _conv_run(block, names, i)
+    out.update(dw=block.node(names[i]), dw_ep=dw_epilogue(block, names[i:j]), dw_nodes=names[i + 1 : j])
+    if out["dw_ep"] is None:
+        return None
+    if kind == "expand_dw":
+        # without an expand the step exists for the gate's pool; its output must feed a gate
+        gated = [block.node(c).op for c in block.consumers(names[-1])] in (["se"], ["eca"])
+        return out if j == len(names) and (out["expand"] is not None or gated) else None
+    if out["expand"] is None or j >= len(names) or not _is_pointwise(block, block.node(names[j])):
+        return None
+    pw = block.node(names[j])
+    out.update(pw=pw, tail=tail_epilogue(block, names[j + 1 :], pw["bias"]), tail_nodes=names[j + 1 :])
+    return out if out["tail"] is not None else None
+
+
+@dataclass(frozen=True)
+class AsppBranch:
+    """One branch of an aspp step: a conv of the shared source with its [bn] [act] nodes, or a broadcast of a
+    1 x 1 map computed before the step; written to channels [out_start, out_start + size) of the concat."""
+
+    head: str  # the conv or broadcast node
+    conv: bool
+    tail: tuple[str, ...]
+    size: int
+    out_start: int
+
+
+def aspp_branches(block: Block, names: list[str]) -> list[AsppBranch] | None:
+    """Branches of an aspp step in concat order, or None unless names are: chains each a stride-1 same-size
+    dense conv (groups 1) of one shared source [bn] [act] or a broadcast of an outside 1 x 1 map, then one
+    concat of every chain's last node (at least two conv chains); nothing inside feeds anything outside."""
+    if len(names) < 3 or block.node(names[-1]).op != "concat":
+        return None
+    inside = set(names)
+    chains: list[list[str]] = []
+    for name in names[:-1]:
+        nd = block.node(name)
+        if nd.op in ("conv", "broadcast") and nd.inputs[0] not in inside:
+            chains.append([name])
+        elif not chains or nd.inputs[0] != chains[-1][-1] or block.node(chains[-1][0]).op != "conv":
+            return None
+        else:
+            chains[-1].append(name)
+        if not set(block.consumers(name)) <= inside:
+            return None
+    convs = [c for c in chains if block.node(c[0]).op == "conv"]
+    if len(convs) < 2 or len({block.node(c[0]).inputs[0] for c in convs}) != 1:
+        return None
+    cat = block.node(names[-1])
+    tails = {c[-1]: c for c in chains}
+    if len(cat.inputs) != len(chains) or set(cat.inputs) != set(tails):
+        return None
+    out: list[AsppBranch] = []
+    offset = 0
+    for t in cat.inputs:
+        chain = tails[t]
+        head = block.node(chain[0])
+        if head.op == "conv":
+            spec = block.conv_spec(head)
+            same = all(v == 1 for v in spec.stride) and tuple(spec.out_size) == tuple(spec.in_size)
+            if (
+                spec.groups != 1
+                or not same
+                or dw_epilogue(block, chain) is None
+                or _conv_run(block, chain, 0) != len(chain)
+            ):
+                return None
+        out.append(
+            AsppBranch(
+                head=head.name, conv=head.op == "conv", tail=tuple(chain[1:]), size=block.shapes[t].c, out_start=offset
+            )
+        )
+        offset += block.shapes[t].c
+    return out
 
 
 @dataclass(frozen=True)
@@ -334,7 +456,7 @@ class StepCost:
     mma_flops: float  # GEMM work (tensor cores for 16-bit inputs)
     flops: float  # CUDA-core work: direct depthwise taps, norms, activations, SE
     seconds: float
-    launch: bool = True  # False for a split: a view, no kernel
+    launch: int = 1  # kernel launches: 0 for a split (a view), 2 for se_pw (the gate's map, then the GEMM)
 
 
 @dataclass(frozen=True)
@@ -367,10 +489,14 @@ def _elems(block: Block, name: str) -> int:
     return block.n * s.c * s.size[0] * s.size[1]
 
 
-def step_cost(block: Block, step: Step, rates: Rates = Rates()) -> StepCost:
-    """Modelled HBM bytes and issue time of one launch of step."""
+ONCHIP_TILE = {"separable": 128, "mbconv": 128, "expand_dw": 64}  # output channels per program the model assumes
+
+
+def step_cost(block: Block, step: Step, rates: Rates = Rates(), pooled: bool = False) -> StepCost:
+    """Modelled HBM bytes and issue time of one step (pooled: an se_pw step's gate input arrives with its
+    per-image sums, taken by the expand_dw step that wrote it)."""
     if step.kind == "op" and block.node(step.nodes[0]).op == "split":
-        return StepCost(step=step, bytes=0, mma_flops=0.0, flops=0.0, seconds=0.0, launch=False)
+        return StepCost(step=step, bytes=0, mma_flops=0.0, flops=0.0, seconds=0.0, launch=0)
     item = block.itemsize
     inside = set(step.nodes)
     external: set[str] = set()
@@ -393,21 +519,39 @@ def step_cost(block: Block, step: Step, rates: Rates = Rates()) -> StepCost:
             flops += _ELEM_FLOPS.get(nd.op, 0) * e
             if nd.op == "se":
                 flops += 3 * e + 4 * block.n * nd["hidden"] * block.shapes[name].c
-    if step.kind == "separable":  # each output-channel tile recomputes the depthwise tile
-        pw = next(block.node(n) for n in step.nodes[1:] if block.node(n).op == "conv")
-        recompute = -(-block.shapes[pw.name].c // 128)
-        dw = block.conv_spec(block.node(step.nodes[0]))
-        flops += (recompute - 1) * dw.flops
+            elif nd.op == "eca":
+                flops += 3 * e + 2 * block.n * nd["kernel"] * block.shapes[name].c
+    first = block.node(step.nodes[0])
     read = sum(_read_elems(block, n, inside) for n in external)
-    if step.kind == "op" and block.node(step.nodes[0]).op == "se":
+    extra = 0  # bytes beyond activations and parameters (pool partial sums, gates)
+    if step.kind in ("separable", "mbconv", "expand_dw"):
+        # each program's output-channel tile recomputes its on-chip inputs: the step's input is re-read per tile
+        # (through L2 mostly, halo ignored); mbconv/expand_dw recompute the expand GEMM once per depthwise tap
+        parts = (mbconv_parts(block, list(step.nodes), step.kind) if step.kind != "separable" else None) or {}
+        last_conv = next(block.node(n) for n in reversed(step.nodes) if block.node(n).op == "conv")
+        recompute = -(-block.shapes[last_conv.name].c // ONCHIP_TILE[step.kind])
+        dw_node = parts.get("dw") or first
+        dw = block.conv_spec(dw_node)
+        flops += (recompute - 1) * dw.flops
+        if parts.get("expand") is not None:
+            ex = block.conv_spec(parts["expand"])
+            mma += ex.flops * (dw.taps * _prod(dw.out_size) / _prod(dw.in_size) * recompute - 1)
+        read += (recompute - 1) * _elems(block, first.inputs[0])
+        if step.kind == "expand_dw" and any(block.node(c).op in GATES for c in block.consumers(step.nodes[-1])):
+            extra += block.n * -(-_prod(dw.out_size) // 64) * dw.k * 4  # per-image partial sums, 64-pixel tiles
+    if step.kind == "op" and first.op in GATES:
         read *= 2  # pool, then scale: two passes over the input
-    if step.kind == "separable":
-        read += (recompute - 1) * _elems(block, step.nodes[0])  # input re-read per output tile (halo ignored)
+    if step.kind == "se_pw":
+        c = block.shapes[first.name].c
+        extra += 2 * block.n * c * 4  # the gate, written by its map and read by the GEMM's programs
+        if not pooled:
+            read += _elems(block, first.inputs[0])  # the pool: a pass of its own over the gate's input
     out = _elems(block, step.nodes[-1])
-    nbytes = (read + out) * item + params
+    nbytes = (read + out) * item + params + extra
     mma_rate = rates.fp32_mma_flops if block.dtype == "float32" else rates.mma_flops
-    t = max(nbytes / rates.dram_bw, mma / mma_rate + flops / rates.fp32_flops) + rates.launch_s
-    return StepCost(step=step, bytes=int(nbytes), mma_flops=mma, flops=flops, seconds=t)
+    launches = LAUNCHES.get(step.kind, 1)
+    t = max(nbytes / rates.dram_bw, mma / mma_rate + flops / rates.fp32_flops) + launches * rates.launch_s
+    return StepCost(step=step, bytes=int(nbytes), mma_flops=mma, flops=flops, seconds=t, launch=launches)
 
 
 def _read_elems(block: Block, name: str, inside: set[str]) -> int:
@@ -425,8 +569,20 @@ def _prod(xs: tuple[int, ...]) -> int:
     return out
 
 
+def pooled_by(plan: Plan) -> set[str]:
+    """Nodes whose per-image sums a step of plan takes as it writes them (expand_dw outputs)."""
+    return {s.nodes[-1] for s in plan.steps if s.kind == "expand_dw"}
+
+
 def cost(block: Block, plan: Plan, rates: Rates = Rates()) -> PlanCost:
-    return PlanCost(plan=plan, steps=tuple(step_cost(block, s, rates) for s in plan.steps))
+    pooled = pooled_by(plan)
+    return PlanCost(
+        plan=plan,
+        steps=tuple(
+            step_cost(block, s, rates, pooled=s.kind == "se_pw" and block.node(s.nodes[0]).inputs[0] in pooled)
+            for s in plan.steps
+        ),
+    )
 
 
 def rank(block: Block, rates: Rates = Rates(), candidates: list[Plan] | None = None) -> list[PlanCost]:

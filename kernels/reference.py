@@ -28,9 +28,9 @@ def conv(
     scale=None,
     shift=None,
     residual=None,
-    gamma=None,
-    star_s: float = 1.0,
-    star_b: float = 0.0,
+    layer_scale=None,
+    starrelu_scale: float = 1.0,
+    starrelu_bias: float = 0.0,
 ) -> torch.Tensor:
     """float64 forward of spec (conv + its epilogue) on channels-first tensors."""
     d = torch.float64
@@ -42,9 +42,9 @@ def conv(
         scale=None if scale is None else scale.to(d),
         shift=None if shift is None else shift.to(d),
         residual=None if residual is None else residual.to(d),
-        gamma=None if gamma is None else gamma.to(d),
-        star_s=star_s,
-        star_b=star_b,
+        layer_scale=None if layer_scale is None else layer_scale.to(d),
+        starrelu_scale=starrelu_scale,
+        starrelu_bias=starrelu_bias,
     )
 
 

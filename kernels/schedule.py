@@ -8,8 +8,10 @@ from typing import Any
 
 from .spec import BlockSpec, canonical_json
 
-# Direct (depthwise) kernels unroll their innermost tap loop up to this many taps.
+# Fused depthwise steps (kernels.fused) unroll their innermost tap loop up to this many taps.
 UNROLL_TAPS = 16
+# Depthwise fwd: at most this many consecutive outputs along the last dim per thread (register blocking).
+MAX_BLOCK_W = 16
 K_ORDERS = ("tap", "flat")  # reduction order of implicit GEMM: tap-major channel blocks | flattened (tap, c)
 
 
@@ -26,7 +28,8 @@ class Schedule:
       dgrad: block_m input pixels of a stride phase x block_n input channels, block_k output channels.
       wgrad: block_m output channels x block_n (tap, input channel) columns, block_k pixels per step,
       the pixel axis split split_k ways (k_order 'flat': columns over the flattened (tap, c) axis).
-    depthwise (direct): block_m output pixels x block_n channels; the rest is unused, except in
+    depthwise (direct): block_m output pixels x block_n channels, fwd: in groups of block_k consecutive
+      outputs along the last dim (register blocking, see outputs_per_thread); the rest is unused, except in
       wgrad: block_m pixels per step x block_k taps x block_n channels, pixels split split_k ways.
     """
 
@@ -98,6 +101,8 @@ def canonical(spec: BlockSpec, s: Schedule) -> Schedule:
     if spec.kind == "depthwise":
         if spec.op == "wgrad":
             s = replace(s, group_m=1, k_order="tap")
+        elif spec.op == "fwd":
+            s = replace(s, block_k=outputs_per_thread(spec, s), group_m=1, split_k=1, k_order="tap")
         else:
             s = replace(s, block_k=Schedule.block_k, group_m=1, split_k=1, k_order="tap")
     else:
@@ -106,6 +111,15 @@ def canonical(spec: BlockSpec, s: Schedule) -> Schedule:
         if spec.taps == 1:  # one tap: both reduction orders are the same loop
             s = replace(s, k_order="tap")
     return s
+
+
+def outputs_per_thread(spec: BlockSpec, s: Schedule) -> int:
+    """Depthwise fwd register blocking: block_k consecutive outputs along the last dim per group, at most
+    MAX_BLOCK_W, block_m and the row's width (rounded up to a power of two). 1 (flat tiles of block_m
+    pixels) with BatchNorm statistics, whose partial sums are per block_m consecutive pixels."""
+    if spec.epilogue.stats:
+        return 1
+    return max(1, min(s.block_k, s.block_m, MAX_BLOCK_W, next_pow2(spec.out_size[-1])))
 
 
 def check(spec: BlockSpec, s: Schedule) -> None:
@@ -233,14 +247,17 @@ def _default_conv_wgrad(spec: BlockSpec) -> Schedule:
 
 
 def _default_depthwise(spec: BlockSpec) -> Schedule:
-    block_n = _clamp_pow2(spec.k, 1, 64)
-    block_m = max(8, min(256, 4096 // block_n))
-    block_m = min(block_m, _clamp_pow2(spec.out_pixels, 1, 256))
-    warps = 4 if block_m * block_n >= 2048 else 2
-    # an unrolled row of 9+ taps keeps that many input tiles live: 16 outputs per thread stay unspilled
-    if 9 <= spec.kernel[-1] <= UNROLL_TAPS and block_m * block_n > 16 * 32 * warps:
-        warps = 8
-    return Schedule(block_m=block_m, block_n=block_n, block_k=32, group_m=1, num_warps=warps, num_stages=1)
+    """Register-blocked: groups of 8 consecutive outputs along the last dim (4 if strided, fewer on narrower
+    rows; 1, flat pixel tiles, with BatchNorm statistics), a channel tile that divides K where one >= 8
+    exists (96 -> 32), 4 warps and 32 fp32 sums per thread: <= 128 registers and no spills up to 31x31 on
+    sm_90 (benchmarks.static)."""
+    block_n = next((b for b in (32, 16, 8) if spec.k % b == 0), _clamp_pow2(spec.k, 1, 32))
+    # strided rows share fewer input columns between outputs: 4 (a 112-wide 3x3 s2 spills a register at 8)
+    width = outputs_per_thread(spec, Schedule(block_m=MAX_BLOCK_W, block_k=8 if spec.stride[-1] == 1 else 4))
+    groups = spec.out_pixels // spec.out_size[-1] * _cdiv(spec.out_size[-1], width)
+    g = max(1, min(4096 // (block_n * width), next_pow2(groups)))
+    warps = max(1, min(4, g * block_n // 128))
+    return Schedule(block_m=g * width, block_n=block_n, block_k=width, group_m=1, num_warps=warps, num_stages=1)
 
 
 def _default_depthwise_dgrad(spec: BlockSpec) -> Schedule:

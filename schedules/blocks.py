@@ -2,7 +2,7 @@
 
 tune_block() ranks the block's legal plans with the plan cost model (kernels.plan), takes the
 `max_plans` cheapest plus the unfused plan (the baseline), and for each plan searches the tile
-schedules of its first fused step with a registered strategy (schedules.strategies) under its
+schedules of its costliest fused step (modelled) with a registered strategy (schedules.strategies) under its
 share of the budget; conv steps run their default (or looked-up) schedules, 'op' steps are torch.
 
 Every candidate runs in the harness's isolated worker process (schedules.harness.Sandbox: timeouts,
@@ -27,7 +27,7 @@ import torch
 from tunerd.kernels import block_reference, fused, reference
 from tunerd.kernels.block import Block
 from tunerd.kernels.conv import SPEC_DTYPES
-from tunerd.kernels.plan import FUSED, Plan, PlanCost, Rates, rank, unfused
+from tunerd.kernels.plan import FUSED, Plan, PlanCost, Rates, cost, rank, unfused
 from tunerd.kernels.schedule import Schedule, ScheduleError
 
 from .device import INTERPRETER_NAME, DeviceLimits
@@ -55,7 +55,19 @@ def space(fs: fused.FusedSpec, max_candidates: int | None = 32) -> list[Schedule
     if fs.step.kind == "inception":  # pixel tile x channel tile (per branch, capped at its slice)
         ns = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(max(b.size for b in fs.branches)))]
         ks = [16]
-    elif fs.step.kind == "separable":
+    elif fs.step.kind == "expand_dw":  # pixels of one image x hidden channels per program
+        top_m = max(16, min(128, fused.next_pow2(m // fs.block.n)))
+        ms = [v for v in (16, 32, 64, 128) if v <= top_m]
+        ns = [16]
+        ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(fs.out_spec.k))]
+    elif fs.step.kind == "aspp":  # pixels x one branch's output channels, input channels per GEMM step
+        src = fs.block.node(next(b.head for b in fs.aspp_branches if b.conv)).inputs[0]
+        ns = [v for v in (16, 32, 64, 128) if v <= max(16, fused.next_pow2(max(b.size for b in fs.aspp_branches)))]
+        ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(fs.block.shapes[src].c))]
+    elif fs.step.kind == "mbconv":  # pixels x output channels, hidden channels per chunk
+        ns = [v for v in (16, 32, 64, 128) if v <= max(16, fused.next_pow2(fs.out_spec.k))]
+        ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(fs.dw_spec.k))]
+    elif fs.step.kind in ("separable", "se_pw"):
         out = fs.out_spec
         ns = [v for v in (16, 32, 64, 128) if v <= max(16, fused.next_pow2(out.k))]
         ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(out.c))]
@@ -95,8 +107,50 @@ def predict(fs: fused.FusedSpec, s: Schedule, limits: DeviceLimits) -> float:
             + max(nbytes / limits.dram_bw, waves * (work / progs) * limits.sm_count)
             + waves * limits.wave_s
         )
+    if fs.step.kind == "aspp":  # every branch's GEMM over taps x input channels; the input read once
+        brs = fs.aspp_branches
+        c = fs.block.shapes[fs.block.node(next(b.head for b in brs if b.conv)).inputs[0]].c
+        cpad = fused._cdiv(c, s.block_k) * s.block_k
+        bns = [max(16, min(s.block_n, fused.next_pow2(b.size))) for b in brs]
+        progs = fused.grid(fs, s)[0]
+        taps = [fs.block.conv_spec(fs.block.node(b.head)).taps if b.conv else 0 for b in brs]
+        work = (
+            progs_m
+            * s.block_m
+            * sum(fused._cdiv(b.size, bn) * bn * t * cpad * 2 for b, bn, t in zip(brs, bns, taps))
+            / mma_rate
+        )
+        nbytes = (m * c + m * sum(b.size for b in brs)) * item
+        t_math = fused._cdiv(progs, limits.sm_count) * (work / progs) * limits.sm_count
+        return (
+            limits.launch_s + max(nbytes / limits.dram_bw, t_math) + fused._cdiv(progs, limits.sm_count) * limits.wave_s
+        )
     out = fs.out_spec
-    if fs.step.kind == "separable":
+    if fs.step.kind in ("expand_dw", "mbconv"):  # the expand GEMM recomputed per tap, per output-channel tile
+        dw = fs.dw_spec
+        p = fs.parts()
+        cx = fs.block.shapes[fs.nodes[0].inputs[0]].c
+        ex = 2 * dw.taps * fused._cdiv(cx, 16) * 16 / mma_rate if p["expand"] is not None else 0.0
+        per_ch = ex + 2 * dw.taps / limits.fp32_flops  # seconds per (pixel, hidden channel) at the chip's rate
+        if fs.step.kind == "expand_dw":
+            tiles_k = fused._cdiv(dw.k, s.block_k)
+            tpi = fused._cdiv(m // fs.block.n, s.block_m)
+            progs = fs.block.n * tpi * tiles_k
+            work = progs * s.block_m * s.block_k * per_ch
+            nbytes = (tiles_k * fs.block.n * cx * math.prod(dw.in_size) + m * dw.k) * item
+        else:
+            tiles_n = fused._cdiv(out.k, s.block_n)
+            progs = progs_m * tiles_n
+            hpad = fused._cdiv(dw.k, s.block_k) * s.block_k
+            work = progs * s.block_m * hpad * (per_ch + 2 * s.block_n / mma_rate)
+            nbytes = (tiles_n * fs.block.n * cx * math.prod(dw.in_size) + m * out.k) * item
+    elif fs.step.kind == "se_pw":  # the gated A operand re-read per output-channel tile
+        tiles_n = fused._cdiv(out.k, s.block_n)
+        progs = progs_m * tiles_n
+        cpad = fused._cdiv(out.c, s.block_k) * s.block_k
+        work = progs * s.block_m * cpad * 2 * s.block_n / mma_rate
+        nbytes = (tiles_n * m * out.c + m * out.k) * item
+    elif fs.step.kind == "separable":
         tiles_n = fused._cdiv(out.k, s.block_n)
         progs = progs_m * tiles_n
         cpad = fused._cdiv(out.c, s.block_k) * s.block_k
@@ -120,9 +174,14 @@ def predict(fs: fused.FusedSpec, s: Schedule, limits: DeviceLimits) -> float:
     return limits.launch_s + max(nbytes / limits.dram_bw, t_math) + fused._cdiv(progs, limits.sm_count) * limits.wave_s
 
 
-def searched_step(plan: Plan) -> int | None:
-    """The step whose schedule a plan's search varies: its first fused step (None: nothing to vary)."""
-    return next((i for i, s in enumerate(plan.steps) if s.kind in FUSED), None)
+def searched_step(plan: Plan, block: Block | None = None) -> int | None:
+    """The step whose schedule a plan's search varies (None: nothing to vary): with the block, its fused step
+    of the highest modelled cost (expand_dw | se_pw searches the expand_dw launch), else the first fused step."""
+    fused_steps = [i for i, s in enumerate(plan.steps) if s.kind in FUSED]
+    if not fused_steps or block is None:
+        return fused_steps[0] if fused_steps else None
+    costs = cost(block, plan).steps
+    return max(fused_steps, key=lambda i: (costs[i].seconds, -i))
 
 
 # ---- measuring one (plan, schedules) in the worker ---------------------------------------------
@@ -275,7 +334,7 @@ class BlockHarness:
             "seed": seed,
         }
         reply = self._harness.isolated_request(self._sandbox, msg, self.timeout_s)
-        i = searched_step(plan)
+        i = searched_step(plan, block)
         return Trial.from_reply(
             reply,
             schedule=schedules.get(i, Schedule()) if i is not None else Schedule(),
@@ -385,7 +444,7 @@ def tune_block(
     try:
         per_plan = None if budget_trials is None else max(1, budget_trials // len(chosen))
         for plan in chosen:
-            i = searched_step(plan)
+            i = searched_step(plan, block)
             measure = measure_with(plan, i)
             default = fused.default_schedule(fused.FusedSpec(block, plan.steps[i])) if i is not None else Schedule()
             measure(default, full)  # every plan's default schedule, so plans compare on equal terms
@@ -402,7 +461,7 @@ def tune_block(
         best_trial = best_of([t.trial for t in ok])
         best = next((t for t in ok if t.trial is best_trial), None)
         if best is not None and best.trial.reps < full:  # a short-run winner is confirmed at full length
-            measure_with(best.plan, searched_step(best.plan))(best.trial.schedule, full)
+            measure_with(best.plan, searched_step(best.plan, block))(best.trial.schedule, full)
             best_trial = best_of([t.trial for t in trials if t.trial.ok])
             best = next((t for t in trials if t.trial is best_trial), None)
     finally:

@@ -9,7 +9,8 @@ GPU model, per kernel launch:
   output tiles to whole block_m x block_n tiles (tile quantization is paid as extra math);
 - math time: padded FLOPs at the dtype's peak (tensor cores for fp16/bf16/tf32, CUDA cores for
   fp32 'ieee' and direct depthwise kernels), scaled by wave quantization (programs per resident
-  slot, rounded up) and a small-tile/few-warp efficiency;
+  slot, rounded up) and a small-tile/few-warp efficiency; direct depthwise fwd kernels issue-bound:
+  times the instructions issued per FFMA (direct_issue_per_fma: loads and 16-bit widening);
 - memory time: bytes each program loads (the tiling's re-reads: every output tile re-reads its
   input rows and weight columns) against L2 bandwidth, and compulsory DRAM bytes (plus L2 misses
   when the working set exceeds L2) against DRAM bandwidth;
@@ -25,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tunerd.kernels.schedule import Schedule, vector_rows
+from tunerd.kernels.schedule import Schedule, outputs_per_thread, vector_rows
 from tunerd.kernels.spec import BlockSpec
 
 from .device import DeviceLimits
@@ -99,6 +100,17 @@ def direct_channels(spec: BlockSpec) -> int:
     return spec.c if spec.op == "dgrad" else spec.k
 
 
+def direct_groups(spec: BlockSpec, width: int) -> int:
+    """Groups of `width` consecutive outputs along the last dim that a depthwise fwd kernel tiles."""
+    return spec.n * _prod(spec.out_size[:-1]) * cdiv(spec.out_size[-1], width)
+
+
+def direct_columns(spec: BlockSpec, width: int) -> int:
+    """Distinct input columns one kernel row of a group of `width` outputs reads (each loaded once)."""
+    kw, st, dl = spec.kernel[-1], spec.stride[-1], spec.dilation[-1]
+    return len({r * st + t * dl for r in range(width) for t in range(kw)})
+
+
 @dataclass(frozen=True)
 class Work:
     """What one launch does, per program and per reduction step (elements, not bytes)."""
@@ -119,11 +131,14 @@ def work(spec: BlockSpec, s: Schedule) -> Work:
             progs = s.split_k * cdiv(spec.k, bn) * cdiv(spec.taps, bk)
             steps = cdiv(cdiv(spec.out_pixels, bm), s.split_k)
             return Work(progs, steps, 2.0 * bm * bk * bn, bm * bn * (bk + 1), bk * bn, bm * bn * (bk + 1))
-        progs = cdiv(direct_pixels(spec), bm) * cdiv(direct_channels(spec), bn)
-        steps = spec.taps
-        if spec.op == "dgrad":
-            progs *= phases(spec)
-            steps = max(1, spec.taps // phases(spec))
+        if spec.op == "fwd":  # a step: one tap into one of the r accumulators of [bm / r, bn] (register blocking)
+            r, kw = outputs_per_thread(spec, s), spec.kernel[-1]
+            rows = bm // r  # groups per program
+            loads = (rows * bn * direct_columns(spec, r) + kw * bn) / (kw * r)  # each column and weight once a row
+            progs = cdiv(direct_groups(spec, r), rows) * cdiv(spec.k, bn)
+            return Work(progs, spec.taps * r, 2.0 * rows * bn, loads, bm * bn, int(rows * bn + loads))
+        progs = cdiv(direct_pixels(spec), bm) * cdiv(direct_channels(spec), bn) * phases(spec)
+        steps = max(1, spec.taps // phases(spec))
         return Work(progs, steps, 2.0 * bm * bn, bm * bn + bn, bm * bn, 2 * bm * bn)
     g = gemm_view(spec)
     if spec.op == "wgrad":
@@ -172,11 +187,18 @@ def registers_per_thread(spec: BlockSpec, s: Schedule) -> int:
     accumulator, ~32 for addressing, and the operands. Vector-aligned implicit GEMM stages its operands
     in shared memory (cp.async), so they cost little; scalar loads (unaligned channel rows, flattened
     gathers) stage through registers, one copy per pipeline stage in flight. A direct depthwise kernel
-    keeps its input tiles of the unrolled taps live, about 1.5 registers per output besides the sum."""
+    keeps its input tiles of the unrolled taps live, about 1.5 registers per output besides the sum; the
+    register-blocked fwd kernel (groups of r outputs along the last dim) one input column and the weights of
+    the last r taps, and a few more on long rows (31x31: +24)."""
     threads = 32 * s.num_warps
     acc = s.block_m * s.block_n / threads
     if spec.kind == "depthwise" and spec.op == "wgrad":  # the [bm, bk, bn] product tile, [bk, bn] sums
         return int((s.block_m + 1) * s.block_k * s.block_n / threads + s.block_m * s.block_n / threads + 32)
+    if spec.kind == "depthwise" and spec.op == "fwd":
+        r = outputs_per_thread(spec, s)
+        if r == 1:
+            return int(3 * acc + 48)
+        return int((2.5 if spec.itemsize == 2 else 3.0) * acc + 16 + max(0, spec.kernel[-1] - 7))
     if spec.kind == "depthwise":
         return int(2.5 * acc + 40)
     a, b = s.block_m * s.block_k / threads, s.block_k * s.block_n / threads
@@ -249,6 +271,8 @@ def estimate(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> Estimate:
     # Each resident program gets 1/occ of its SM's rate; quantization: `waves` full rounds.
     sm_rate = math_rate(spec, limits) / limits.sm_count
     t_math = waves * occ * tile_flops / sm_rate / _tile_efficiency(spec, s)
+    if spec.kind == "depthwise" and spec.op == "fwd":
+        t_math *= direct_issue_per_fma(spec, s)
     dram = float(spec.min_bytes) * (1.0 + _l2_miss(spec, s, limits))
     if spec.kind == "depthwise":
         # channel-contiguous rows: a row narrower than a 32-byte sector wastes the rest
@@ -260,6 +284,19 @@ def estimate(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> Estimate:
     body = max(t_math, t_mem) + (1.0 - overlap) * min(t_math, t_mem)
     secs = limits.launch_s + waves * limits.wave_s + body
     return Estimate(secs, progs, waves, occ, padded_flops, l2, dram, t_math, t_mem)
+
+
+def direct_issue_per_fma(spec: BlockSpec, s: Schedule) -> float:
+    """Instructions a depthwise fwd kernel issues per FFMA (CUDA cores issue one instruction per lane per
+    clock, so the FMA rate is divided by this). Each loaded element costs about 0.75 (load, zero fill of
+    masked lanes, addressing) plus 1.5 to widen a 16-bit value to fp32; per FMA a row loads
+    columns / (taps x r) input elements and 1 / (r x groups per thread) weights. Fitted to sm_90 SASS
+    (benchmarks.static): 7x7 bf16 r=8 1.84 (FFMA share 54%), 31x31 r=8 1.55, r=16 1.37; r=1 about 4."""
+    r, kw = outputs_per_thread(spec, s), spec.kernel[-1]
+    vec = max(1, 16 // spec.itemsize)
+    rows = max(1.0, s.block_m // r * s.block_n / (32 * s.num_warps * vec))  # groups each thread holds
+    per_load = 0.75 + (1.5 if spec.itemsize == 2 else 0.0)
+    return 1.0 + per_load * (direct_columns(spec, r) / (kw * r) + 1.0 / (r * rows))
 
 
 def _tile_efficiency(spec: BlockSpec, s: Schedule) -> float:

@@ -79,9 +79,9 @@ def epilogue_inputs(spec: BlockSpec, device: torch.device, gen: torch.Generator)
     if e.residual:
         out["residual"] = randn(gen, (spec.n, spec.k, *spec.out_size), device).to(dt)
     if e.layer_scale:
-        out["gamma"] = randn(gen, (spec.k,), device)
+        out["layer_scale"] = randn(gen, (spec.k,), device)
     if e.activation == "starrelu":
-        out["star_s"], out["star_b"] = 0.8944, -0.4472
+        out["starrelu_scale"], out["starrelu_bias"] = 0.8944, -0.4472
     return out
 
 
@@ -91,16 +91,16 @@ def epilogue_args(spec: BlockSpec, inp: Inputs) -> _conv.EpilogueArgs:
         scale=inp.get("scale"),
         shift=inp.get("shift"),
         residual=inp.get("residual"),
-        gamma=inp.get("gamma"),
+        layer_scale=inp.get("layer_scale"),
         activation=spec.epilogue.activation,
         residual_mode=spec.epilogue.residual or "post",
-        star_s=inp.get("star_s", 1.0),
-        star_b=inp.get("star_b", 0.0),
+        starrelu_scale=inp.get("starrelu_scale", 1.0),
+        starrelu_bias=inp.get("starrelu_bias", 0.0),
     )
 
 
 def reference_epilogue(inp: Inputs) -> dict[str, Any]:
-    keys = ("bias", "scale", "shift", "residual", "gamma", "star_s", "star_b")
+    keys = ("bias", "scale", "shift", "residual", "layer_scale", "starrelu_scale", "starrelu_bias")
     return {k: inp[k] for k in keys if k in inp}
 
 

@@ -4,7 +4,8 @@ Enumeration (per kind):
 - conv (implicit GEMM; fwd, dgrad per stride phase, wgrad): block_m x block_n x block_k in powers
   of two (16..256, 16..256, 16..128), num_warps 2/4/8, num_stages 2/3/4, group_m 1/8, k_order
   tap/flat, split_k 1..32 (wgrad only);
-- depthwise (direct): block_m pixels (4..1024) x block_n channels (4..128), num_warps 1/2/4/8;
+- depthwise (direct): block_m pixels (4..1024) x block_n channels (4..128), num_warps 1/2/4/8; fwd
+  in groups of block_k = 1/2/4/8/16 consecutive outputs along the last dim (register blocking, <= the row);
   wgrad: block_m pixels per step (16..256) x block_k taps (1..32) x block_n channels, split_k.
 
 Pruning rules, in order (each candidate is dropped by the first rule it breaks; `Space.pruned`
@@ -24,7 +25,8 @@ counts them):
   variant of every tile shape (block_m, block_n, block_k, k_order, split_k), then fill up with
   the best-predicted remaining ones (enumeration order is kept).
 Sizes (H100 profile, the SEEDS suites): 36-2716 legal after the rules, median ~1000-1300 for
-dense/grouped layers, 107 for depthwise; 256 or fewer after the cap. Interpreter profile: 4-188.
+dense/grouped layers, 439 for depthwise fwd (46 on 7-wide toy rows); 256 or fewer after the cap.
+Interpreter profile: 4-188.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ SPLIT_K = (1, 2, 4, 8, 16, 32)
 DW_M = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DW_N = (4, 8, 16, 32, 64, 128)
 DW_WARPS = (4, 2, 8, 1)
+DW_W = (8, 4, 16, 2, 1)  # depthwise fwd: outputs per thread along the last dim (block_k); 1: flat pixel tiles
 DW_WGRAD_M = (16, 32, 64, 128, 256)  # depthwise wgrad: pixels per reduction step
 DW_TAPS = (1, 2, 4, 8, 16, 32)  # depthwise wgrad: taps per program
 DEFAULT_MAX_CANDIDATES = 256
@@ -191,10 +194,15 @@ def _depthwise(spec: BlockSpec) -> Iterator[Candidate]:
         yield from _depthwise_wgrad(spec)
         return
     pixels, channels = cost.direct_pixels(spec), cost.direct_channels(spec)
-    for bm, bn, warps in itertools.product(DW_M, DW_N, DW_WARPS):
-        s = Schedule(block_m=bm, block_n=bn, block_k=Schedule.block_k, group_m=1, num_warps=warps, num_stages=1)
-        too_big = bm > _cap(pixels, 8) or bn > _cap(channels, 8)
-        too_small = bm < min(8, _cap(pixels, 1)) or bn < min(8, _cap(channels, 1))
+    # fwd: block_k consecutive outputs along the last dim per thread (register blocking), at most the row;
+    # 1 (flat pixel tiles) with BatchNorm statistics (see kernels.schedule.outputs_per_thread)
+    fwd = spec.op == "fwd"
+    widths = (Schedule.block_k,) if not fwd else (1,) if spec.epilogue.stats else DW_W
+    for bm, bn, bw, warps in itertools.product(DW_M, DW_N, widths, DW_WARPS):
+        s = Schedule(block_m=bm, block_n=bn, block_k=bw, group_m=1, num_warps=warps, num_stages=1)
+        extent = cost.direct_groups(spec, bw) * bw if fwd else pixels  # groups of bw outputs per row
+        too_big = bm > _cap(extent, 8) or bn > _cap(channels, 8) or (fwd and bw > min(bm, _cap(spec.out_size[-1], 1)))
+        too_small = bm < min(8, _cap(extent, 1)) or bn < min(8, _cap(channels, 1))
         yield s, ("problem" if too_big or too_small else None)
 
 

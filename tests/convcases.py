@@ -51,9 +51,9 @@ def make_inputs(spec: BlockSpec, dtype: torch.dtype, device: str) -> dict[str, A
     if e.residual:
         inp["residual"] = torch.randn(out_shape, device=device).to(dtype)
     if e.layer_scale:
-        inp["gamma"] = torch.randn(spec.k, device=device)
+        inp["layer_scale"] = torch.randn(spec.k, device=device)
     if e.activation == "starrelu":
-        inp["star_s"], inp["star_b"] = 0.8944, -0.4472
+        inp["starrelu_scale"], inp["starrelu_bias"] = 0.8944, -0.4472
     return inp
 
 
@@ -86,11 +86,11 @@ def run_case(case: Case, dtype: str, device: str = "cpu", schedule=None, channel
         scale=inp.get("scale"),
         shift=inp.get("shift"),
         residual=inp.get("residual"),
-        gamma=inp.get("gamma"),
+        layer_scale=inp.get("layer_scale"),
         activation=spec.epilogue.activation,
         residual_mode=spec.epilogue.residual or "post",
-        star_s=inp.get("star_s", 1.0),
-        star_b=inp.get("star_b", 0.0),
+        starrelu_scale=inp.get("starrelu_scale", 1.0),
+        starrelu_bias=inp.get("starrelu_bias", 0.0),
     )
     buf = torch.full((spec.n, *spec.out_size, spec.k), float("nan"), dtype=DTYPES[dtype], device=device)
     y = conv_forward(
@@ -104,9 +104,9 @@ def run_case(case: Case, dtype: str, device: str = "cpu", schedule=None, channel
         scale=inp.get("scale"),
         shift=inp.get("shift"),
         residual=inp.get("residual"),
-        gamma=inp.get("gamma"),
-        star_s=inp.get("star_s", 1.0),
-        star_b=inp.get("star_b", 0.0),
+        layer_scale=inp.get("layer_scale"),
+        starrelu_scale=inp.get("starrelu_scale", 1.0),
+        starrelu_bias=inp.get("starrelu_bias", 0.0),
     )
     assert y.shape == ref.shape
     return reference.rel_error(y, ref)

@@ -22,7 +22,7 @@ from tunerd.kernels.validate import compile_check
 
 _CONV = {1: tF.conv1d, 2: tF.conv2d, 3: tF.conv3d}
 RESNET = dict(affine=True, residual="pre", activation="relu")  # relu(bn(conv) + identity)
-CONVNEXT = dict(layer_scale=True, residual="post")  # identity + gamma * conv
+CONVNEXT = dict(layer_scale=True, residual="post")  # identity + layer_scale * conv
 EVERYTHING = dict(bias=True, affine=True, residual="pre", activation="gelu", layer_scale=True)
 
 
@@ -54,26 +54,29 @@ def grad_errors(
     x = inp["x"]
     if channels_last and case.ndim > 1:
         x = x.to(memory_format=torch.channels_last if case.ndim == 2 else torch.channels_last_3d)
-    star = [torch.tensor(inp[k], device=device) for k in ("star_s", "star_b")] if "star_s" in inp else [1.0, 0.0]
+    star_keys = ("starrelu_scale", "starrelu_bias")
+    star = [torch.tensor(inp[k], device=device) for k in star_keys] if "starrelu_scale" in inp else [1.0, 0.0]
     ep = EpilogueArgs(
         bias=inp.get("bias"),
         scale=inp.get("scale"),
         shift=inp.get("shift"),
         residual=inp.get("residual"),
-        gamma=inp.get("gamma"),
+        layer_scale=inp.get("layer_scale"),
         activation=spec.epilogue.activation,
         residual_mode=spec.epilogue.residual or "post",
-        star_s=star[0],
-        star_b=star[1],
+        starrelu_scale=star[0],
+        starrelu_bias=star[1],
     )
     res = run_forward(spec, x, inp["w"], ep)
 
     d = torch.float64
     leaf = {
-        k: inp[k].to(d).requires_grad_() for k in ("x", "w", "bias", "scale", "shift", "residual", "gamma") if k in inp
+        k: inp[k].to(d).requires_grad_()
+        for k in ("x", "w", "bias", "scale", "shift", "residual", "layer_scale")
+        if k in inp
     }
-    if "star_s" in inp:
-        leaf["star"] = torch.tensor([inp["star_s"], inp["star_b"]], dtype=d, requires_grad=True)
+    if "starrelu_scale" in inp:
+        leaf["starrelu"] = torch.tensor([inp["starrelu_scale"], inp["starrelu_bias"]], dtype=d, requires_grad=True)
     z = _CONV[spec.ndim](
         reference.pad_input(spec, leaf["x"]), leaf["w"], None, spec.stride, 0, spec.dilation, spec.groups
     )
@@ -84,9 +87,9 @@ def grad_errors(
         scale=leaf.get("scale"),
         shift=leaf.get("shift"),
         residual=leaf.get("residual"),
-        gamma=leaf.get("gamma"),
-        star_s=leaf["star"][0] if "star" in leaf else 1.0,
-        star_b=leaf["star"][1] if "star" in leaf else 0.0,
+        layer_scale=leaf.get("layer_scale"),
+        starrelu_scale=leaf["starrelu"][0] if "starrelu" in leaf else 1.0,
+        starrelu_bias=leaf["starrelu"][1] if "starrelu" in leaf else 0.0,
     )
     errs = {"y": reference.rel_error(res.y, y)}
     dy = torch.randn(y.shape, dtype=d, device=device)
@@ -107,8 +110,8 @@ def grad_errors(
         "scale": "scale",
         "shift": "shift",
         "residual": "residual",
-        "gamma": "gamma",
-        "star": "star",
+        "layer_scale": "layer_scale",
+        "starrelu": "starrelu",
     }
     if needs is None:
         needs = Needs(**{names[k]: True for k in leaf})
@@ -262,7 +265,9 @@ def test_stats_bf16():
 def test_frozen_weight_still_gives_chain_grads():
     # no wgrad launch: the chain's parameter gradients come from the torch fallback over the saved z
     case = Case(2, 16, 16, (6, 6), 3, padding=1, epilogue=dict(EVERYTHING, activation="starrelu"))
-    needs = Needs(input=True, weight=False, bias=True, scale=True, shift=True, residual=True, gamma=True, star=True)
+    needs = Needs(
+        input=True, weight=False, bias=True, scale=True, shift=True, residual=True, layer_scale=True, starrelu=True
+    )
     _assert_ok(grad_errors(case, needs=needs), "float32")
     case = Case(2, 8, 8, (6, 6), 3, padding=1, groups=8, epilogue=dict(bias=True, residual="pre"))
     _assert_ok(grad_errors(case, needs=Needs(input=False, weight=False, bias=True, residual=True)), "float32")
@@ -270,8 +275,8 @@ def test_frozen_weight_still_gives_chain_grads():
 
 def test_only_requested_grads():
     case = Case(2, 16, 16, (6, 6), 3, padding=1, epilogue=EVERYTHING)
-    errs = grad_errors(case, needs=Needs(input=False, weight=True, gamma=True))
-    assert set(errs) == {"y", "weight", "gamma"}
+    errs = grad_errors(case, needs=Needs(input=False, weight=True, layer_scale=True))
+    assert set(errs) == {"y", "weight", "layer_scale"}
     _assert_ok(errs, "float32")
 
 

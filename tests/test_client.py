@@ -68,7 +68,7 @@ def client(url: str, tmp_path, **kw) -> Client:
 
 # ---- lookups, cache, fallback ---------------------------------------------------------------------------
 def test_batch_lookup_then_cached_answers_when_the_server_is_gone(store, tmp_path):
-    hit_spec, miss_spec = spec_of(), spec_of(n=2)
+    hit_spec, miss_spec = spec_of(), spec_of(n=2, kernel=1)  # no tuned shape of that layer
     vid = seed(store, hit_spec, 1.2, ODD)
     with live(store) as (srv, _):
         url = srv.url
@@ -90,6 +90,27 @@ def test_batch_lookup_then_cached_answers_when_the_server_is_gone(store, tmp_pat
     assert (miss.origin, miss.hit) == ("default", False)
     files[0].write_text("{corrupt")  # a damaged entry is ignored, never trusted
     assert c.lookup([hit_spec])[0].origin == "default"
+
+
+def test_a_borrowed_schedule_runs_until_the_exact_shape_is_tuned_and_is_never_cached(store, tmp_path):
+    tuned, asked = spec_of(n=4), spec_of(n=2)
+    seed(store, tuned, 0.7, ODD)
+    with live(store) as (srv, _):
+        c = client(srv.url, tmp_path)
+        (a,) = c.lookup([asked])
+        assert (a.hit, a.borrowed, a.origin) == (False, True, "server")
+        assert a.schedule == render(asked, ODD).schedule and a.median_ms is None  # the other shape's time is not ours
+        assert a.provenance["borrowed_from"]["spec"] == tuned.to_dict()
+        assert a.variant().source == render(asked, ODD).source  # re-rendered here and launched
+        assert not list((tmp_path / "client-cache").rglob("*.json"))  # never cached as this shape's answer
+        hook = install(c, miss_ttl_s=0.0)
+        counts = hook.prefetch([asked], "cpu")
+        assert counts == {"hits": 0, "misses": 0, "borrowed": 1}
+        assert hook(asked, "cpu").source == render(asked, ODD).source
+        seed(store, asked, 0.5)  # the exact shape gets tuned: the next question finds its own winner
+        assert hook(asked, "cpu").source == render(asked).source and hook.stats["hits"] == 1
+        hook.uninstall()
+        c.close()
 
 
 def test_a_hanging_server_never_stalls_a_lookup_past_its_timeout(tmp_path):
@@ -255,7 +276,7 @@ def test_install_launches_exactly_the_servers_source(store, tmp_path):
         y = TF.conv2d(x, w, padding=1)
         torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
         assert vid in runtime._loaded  # the server's variant was compiled and launched
-        miss = spec_of(n=2)
+        miss = spec_of(n=2, kernel=1)  # no tuned shape of that layer to borrow from
         assert hook(miss, torch.device("cpu")) is None and hook(miss, torch.device("cpu")) is None
         assert hook.stats["server_lookups"] == 2  # one per spec; memory after that
         time.sleep(0.25)  # a miss is asked again after its ttl: it may have been tuned meanwhile

@@ -1,9 +1,11 @@
-"""A fleet: two tunerd daemon processes sharing one real PostgreSQL database.
+"""A fleet: tunerd daemon processes sharing one real PostgreSQL database.
 
-Jobs are claimed with SELECT ... FOR UPDATE SKIP LOCKED, so every job runs exactly once; a daemon
-killed mid-job stops heartbeating and its job is requeued and finished by the other daemon.
-Run as a script (`python tests/test_fleet_pg.py DB_URL URL_FILE WORKER_ID DELAY_S`) this file is
-one such daemon, with a fast stand-in tuner that records one real trial per spec.
+A job fans out into one task per spec; tasks are claimed with SELECT ... FOR UPDATE SKIP LOCKED, so
+the daemons tune one job side by side and every task runs exactly once; a daemon killed mid-task
+stops heartbeating and its task is requeued and finished by another daemon. Run as a script
+(`python tests/test_fleet_pg.py DB_URL URL_FILE WORKER_ID DELAY_S`) this file is one such daemon,
+with a fast stand-in tuner that records one real trial per spec. The fleet timing simulator
+(benchmarks/fleet.py) runs here too, at a tiny time scale.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,51 +153,62 @@ def spec(n: int):
     return conv_spec(n=n, c=16, k=16, in_size=(4, 4), kernel=1)
 
 
-def test_every_job_runs_exactly_once_across_two_daemons(pg_url, tmp_path):  # noqa: F811
+def test_one_jobs_tasks_run_exactly_once_across_two_daemons(pg_url, tmp_path):  # noqa: F811
     store = Store(pg_url)
+    specs = [spec(n).to_dict() for n in range(1, 13)]
     with fleet(pg_url, tmp_path, ("gpu-a", 0.15), ("gpu-b", 0.15)) as (a, b):
         a.ready(), b.ready()
-        ids = [
-            (a if i % 2 else b)
-            .http.post("/v1/jobs", json={"specs": [spec(i + 1).to_dict()]}, headers=AUTH)
-            .json()["id"]
-            for i in range(12)
-        ]
-        assert len(set(ids)) == 12
-        wait_for(lambda: all(j["status"] == "done" for j in a.http.get("/v1/jobs").json()["jobs"]), 90, "all jobs done")
-        jobs = {j["id"]: j for j in b.http.get("/v1/jobs", params={"limit": 100}).json()["jobs"]}
-    assert sorted(jobs) == sorted(ids)
-    for job_id in ids:
-        job = jobs[job_id]
-        assert job["attempts"] == 1 and job["result"]["by"] == job["worker_id"], job
-    assert sum(store.trial_counts().values()) == 12  # one trial per job: none ran twice
-    assert {j["worker_id"] for j in jobs.values()} == {"gpu-a", "gpu-b"}  # both daemons took work
+        job = a.http.post("/v1/jobs", json={"specs": specs}, headers=AUTH).json()
+        other = b.http.post("/v1/jobs", json={"specs": specs[:2]}, headers=AUTH).json()
+        wait_for(lambda: b.http.get(f"/v1/jobs/{job['id']}").json()["status"] == "done", 90, "the job done")
+        wait_for(lambda: a.http.get(f"/v1/jobs/{other['id']}").json()["status"] == "done", 30, "the other job done")
+        done = b.http.get(f"/v1/jobs/{job['id']}").json()
+    tasks = store.job_tasks(job["id"])
+    assert [t.position for t in tasks] == list(range(12)) and all(t.attempts == 1 for t in tasks)
+    by = Counter(t.worker_id for t in tasks)
+    assert set(by) == {"gpu-a", "gpu-b"}  # both daemons took tasks of the one job
+    assert done["result"]["tuned"] == 12 and sorted(done["result"]["by"]) == ["gpu-a", "gpu-b"]
+    assert done["progress"]["tasks_done"] == 12 and done["progress"]["workers"] == ["gpu-a", "gpu-b"]
+    # none ran twice: one trial per task (the second job's specs were tuned again, by its own tasks)
+    assert store.trial_counts()["ok"] == sum(store.trial_counts().values()) == 14
     store.close()
 
 
-def test_a_killed_daemons_job_is_requeued_and_finished_by_the_other(pg_url, tmp_path):  # noqa: F811
+def test_a_killed_daemons_task_is_requeued_and_finished_by_the_other(pg_url, tmp_path):  # noqa: F811
     store = Store(pg_url)
     specs = [spec(n).to_dict() for n in range(1, 11)]
-    with fleet(pg_url, tmp_path, ("doomed", 1.0)) as (doomed,):
+    with fleet(pg_url, tmp_path, ("doomed", 4.0)) as (doomed,):
         doomed.ready()
         with fleet(pg_url, tmp_path, ("survivor", 0.02)) as (survivor,):
-            # the survivor is still starting (seconds of imports): the doomed daemon claims the job
+            # the survivor is still starting (seconds of imports): the doomed daemon claims the first task
             job = doomed.http.post("/v1/jobs", json={"specs": specs}, headers=AUTH).json()
-            wait_for(lambda: store.job(job["id"]).status == "running", 10, "the job to be claimed")
-            assert store.job(job["id"]).worker_id == "doomed"
             survivor.ready()
-            assert store.job(job["id"]).status == "running", "the doomed daemon finished before the kill"
+            held = [t for t in store.job_tasks(job["id"]) if t.status == "running" and t.worker_id == "doomed"]
+            assert held, "the doomed daemon holds no task"
             doomed.proc.send_signal(signal.SIGKILL)  # no goodbye: its heartbeats just stop
             doomed.proc.wait(10)
             wait_for(
                 lambda: survivor.http.get(f"/v1/jobs/{job['id']}").json()["status"] == "done",
                 60,
-                "the survivor to finish the requeued job",
+                "the survivor to finish the requeued task",
             )
             done = survivor.http.get(f"/v1/jobs/{job['id']}").json()
             health = survivor.http.get("/healthz").json()
-    assert done["worker_id"] == "survivor" and done["attempts"] == 2 and done["result"]["by"] == "survivor"
-    assert health["worker"]["jobs_done"] == 1
+    tasks = {t.position: t for t in store.job_tasks(job["id"])}
+    (lost,) = held
+    assert tasks[lost.position].worker_id == "survivor" and tasks[lost.position].attempts == 2
+    assert all(t.attempts == 1 for p, t in tasks.items() if p != lost.position)
+    assert done["status"] == "done" and done["result"]["tuned"] == 10 and health["worker"]["jobs_done"] == 1
     device = store.devices()[0].fingerprint
     assert all(store.winner(device, spec(n)) is not None for n in range(1, 11))  # nothing lost with the dead one
+    assert store.trial_counts()["ok"] == sum(store.trial_counts().values()) == 10  # and nothing done twice
     store.close()
+
+
+def test_the_fleet_simulator_tunes_a_suite_with_two_workers(pg_url):
+    from benchmarks.fleet import run_fleet
+
+    run = run_fleet(pg_url, 2, suite="resnet50", strategy="model", budget=4, time_scale=0.001)
+    assert run["status"] == "done" and run["tasks"] == 23 and run["trials"] == 23 * 4
+    assert run["task_attempts"] == {1: 23} and sum(run["tasks_per_worker"].values()) == 23
+    assert set(run["tasks_per_worker"]) == {"sim-0", "sim-1"} and run["simulated_serial_s"] > 0

@@ -108,6 +108,94 @@ def test_gzip_bomb_and_deep_json_bundles_are_refused_with_bounded_memory(store):
         assert http.get("/healthz").status_code == 200
 
 
+def bundle_of(tmp_path: Path, n: int, median_ms: float = 2.0) -> bytes:
+    """A bundle of n winners (distinct specs) measured on another store."""
+    from tunerd.db.bundle import bundle_bytes
+
+    with Store(f"sqlite:///{tmp_path}/ci-{n}-{median_ms}.sqlite") as ci:
+        for i in range(n):
+            seed(ci, spec_of(n=1 + i, c=16, k=16), median_ms)
+        return bundle_bytes(ci, provenance={"ci": n})
+
+
+def dump(path: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(path) as raw:
+        return list(raw.iterdump())
+
+
+def test_a_bundle_import_that_fails_halfway_leaves_the_store_exactly_as_it_was(store, tmp_path, monkeypatch):
+    """Batches commit as they go; a failure in a later batch takes back the earlier ones: the trials, the
+    devices/specs/variants they created, and the winners they replaced (restored column for column)."""
+    from tunerd.db.bundle import BundleError, import_bundle_bytes
+    from tunerd.db.errors import StoreUnavailable
+    from tunerd.db.rows import WinnerRow
+
+    seed(store, spec_of(n=1), 5.0)  # measured here: a claim never displaces it
+    import_bundle_bytes(store, bundle_of(tmp_path, 3, median_ms=9.0))  # older, slower claims for n=1..3
+    store.record_miss(current(), spec_of(n=40))
+    path = tmp_path / "tunerd.sqlite"
+    before = dump(path)
+    faster = bundle_of(tmp_path, 12, median_ms=1.0)  # replaces the claims for n=2,3, adds n=4..12
+    real, calls = Store._ingest_one, []
+
+    def failing(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 10:
+            raise StoreUnavailable("disk I/O error (planted)")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Store, "_ingest_one", failing)
+    with pytest.raises(StoreUnavailable, match="planted"):
+        store.ingest([WinnerRow.from_portable(w) for w in _winners(faster)], origin="bundle:test", batch_rows=3)
+    assert dump(path) == before
+    monkeypatch.setattr(Store, "_ingest_one", real)
+    report = import_bundle_bytes(store, faster)  # the same bundle, nothing failing: all of it lands
+    assert (report.added, report.replaced, report.kept) == (9, 2, 1)
+    assert dump(path) != before
+    with pytest.raises(BundleError):
+        import_bundle_bytes(store, faster[:-9])  # and a damaged file still changes nothing
+    assert len(store.winners()) == 12
+
+
+def _winners(bundle: bytes) -> list[dict]:
+    return json.loads(gzip.decompress(bundle))["payload"]["winners"]
+
+
+def test_other_writers_proceed_while_a_long_bundle_import_runs(store, tmp_path, monkeypatch):
+    """A long import holds the write lock one short batch at a time, so a concurrent writer (the daemon's
+    miss flush, a tuning trial) waits about one batch, not the whole import."""
+    from tunerd.db.bundle import import_bundle_bytes
+
+    data = bundle_of(tmp_path, 24)
+    real = Store._ingest_one
+
+    def slow(self, *a, **kw):  # a slow disk: each row holds the write transaction for 40 ms
+        time.sleep(0.04)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Store, "_ingest_one", slow)
+    other = Store(f"sqlite:///{tmp_path}/tunerd.sqlite")
+    result: dict[str, Any] = {}
+    importer = threading.Thread(target=lambda: result.setdefault("report", import_bundle_bytes(store, data)))
+    waits: list[float] = []
+    t0 = time.monotonic()
+    importer.start()
+    while importer.is_alive():
+        t = time.monotonic()
+        other.record_miss(current(), spec_of(n=99))
+        waits.append(time.monotonic() - t)
+        time.sleep(0.02)
+    took = time.monotonic() - t0
+    importer.join()
+    other.close()
+    assert result["report"].added == 24 and took > 24 * 0.04
+    assert len(waits) >= 5, f"only {len(waits)} writes during a {took:.2f} s import"
+    assert max(waits) < took / 2, f"a concurrent write waited {max(waits):.2f} s of a {took:.2f} s import"
+    assert store.miss_counts(current(), [spec_of(n=99)])[spec_of(n=99).to_json()] == len(waits)
+
+
 def test_deep_and_broken_json_requests_are_422(store):
     with live(store) as (_, http):
         for body in (b'{"specs": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}", b"\xff\xfe", b'{"specs": [1e999999]}'):
@@ -282,6 +370,62 @@ def test_the_daemon_sheds_when_requests_wait_for_its_event_loop():
         time.sleep(0.2)
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             assert [c.get("/slow").status_code for _ in range(3)] == [200, 200, 200]  # admitted again
+
+
+def test_while_shedding_the_protocol_refuses_new_requests_before_building_them():
+    """With the protocol wired to the Admission (EarlyShed), a flood of POSTs to a loop-blocking app is
+    mostly refused as headers are parsed: same 503 body and Retry-After, the unread bodies discarded, and
+    every keep-alive connection still serves its next request."""
+    from tunerd.api.middleware import EarlyShed
+
+    async def blocking(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        if scope["path"] == "/slow":
+            time.sleep(0.02)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    early = EarlyShed()
+    adm = Admission(blocking, limit=1000, target_s=0.005, interval_s=0.05, early=early)
+    at_arrival = []
+    real = adm.refuse_on_arrival
+    adm.refuse_on_arrival = lambda now: at_arrival.append(real(now)) or at_arrival[-1]  # type: ignore[method-assign]
+
+    def ask(socks: list[socket.socket], path: bytes, body: bytes = b"") -> list[bytes]:
+        for s in socks:
+            s.sendall(
+                b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+        out = []
+        for s in socks:
+            s.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                chunk = s.recv(4096)
+                assert chunk, f"connection closed mid-response: {data[:200]!r}"
+                data += chunk
+            out.append(data)
+        return out
+
+    with ServerThread(adm, settings=Settings(), early=early) as srv:
+        socks = [socket.create_connection((srv.host, srv.port)) for _ in range(40)]
+        try:
+            assert all(r.startswith(b"HTTP/1.1 200") for r in ask(socks, b"/fast"))
+            answers = []
+            for _ in range(3):  # three floods back to back: the later ones arrive while shedding
+                answers += ask(socks, b"/slow", b'{"specs": []}')
+            refused = [r for r in answers if r.startswith(b"HTTP/1.1 503")]
+            assert any(at_arrival) and len(refused) >= sum(at_arrival) >= 10, (len(refused), sum(at_arrival))
+            assert all(b"retry-after: 1" in r.lower() and b"server overloaded" in r for r in refused)
+            time.sleep(0.2)
+            assert all(r.startswith(b"HTTP/1.1 200") for r in ask(socks, b"/fast"))  # keep-alive intact
+        finally:
+            for s in socks:
+                s.close()
+    assert not adm.shedding
 
 
 def test_slow_headers_are_cut_off(store):

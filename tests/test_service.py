@@ -239,9 +239,9 @@ def test_jobs_are_tuned_by_the_worker_and_then_hit(store):
         assert r.headers["location"] == f"/v1/jobs/{job['id']}" and job["status"] in ("queued", "running")
         wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "done", what="job done")
         done = http.get(f"/v1/jobs/{job['id']}").json()
-        assert done["result"] == {"specs": 2, "tuned": 2} and done["progress"]["specs_done"] == 2
+        assert done["result"] == {"specs": 2, "tuned": 2} and done["progress"]["tasks_done"] == 2  # one task a spec
         assert done["worker_id"] == worker.worker_id and done["attempts"] == 1
-        assert ran == [job["id"]]
+        assert ran == [job["id"]] * 2
         r = http.post("/v1/lookup", json={"specs": [s.to_dict() for s in specs]})
         assert [x["hit"] for x in r.json()["results"]] == [True, True]
         assert r.json()["results"][0]["provenance"]["job_id"] == job["id"]

@@ -399,3 +399,95 @@ def test_signed_bundles_with_a_pinned_key_by_cli_and_http(tmp_path):
         assert r.status_code == 422 and "not signed" in r.json()["detail"], r.text
         r = http.post("/v1/bundle", content=signed.read_bytes(), headers=BUNDLE)
         assert r.status_code == 200 and r.json()["signed_by"] and r.json()["added"] == 1, r.text
+
+
+# ---- pinned keys on the client side ----------------------------------------------------------------------
+def signed_with(data: bytes, priv: Path, marker: Path | None = None) -> bytes:
+    """The bundle re-signed by the key at priv (its payload altered first when marker is given)."""
+    from tunerd.db.bundle import _sign, load_signing_key
+
+    env = json.loads(gzip.decompress(data))
+    if marker is not None:
+        w = env["payload"]["winners"][0]
+        w["source"] = poisoned(w["source"], marker)
+        w["variant_id"] = variant_id(w["source"])
+        env["sha256"] = hashlib.sha256(_canonical(env["payload"])).hexdigest()
+    env["signature"] = _sign(load_signing_key(priv), env["sha256"])
+    return gzip.compress(_canonical(env))
+
+
+def test_a_client_with_a_pinned_key_uses_only_bundles_signed_by_it(tmp_path, marker, monkeypatch):
+    """TUNERD_TRUSTED_KEYS (or trusted_keys=) pins ed25519 keys for tunerd.patch(bundle=...) and
+    Client(bundle=...) as for `tunerd import`: an unsigned, foreign-signed or altered-after-signing bundle
+    is refused with a clear reason and the convs run default schedules. A key authenticates schedule
+    choices only: a signed bundle carrying a payload still runs nothing (its winner is re-rendered)."""
+    from test_bundle import keypair
+
+    import tunerd
+
+    priv, pub = keypair(tmp_path, "ci")
+    stranger_priv, stranger = keypair(tmp_path, "stranger")
+    with Store(f"sqlite:///{tmp_path}/ci.sqlite") as ci:
+        seed(ci, SPEC, 3.0, ODD)
+        unsigned = bundle_bytes(ci, provenance={"ci": 1})
+    signed = signed_with(unsigned, priv)
+    env = json.loads(gzip.decompress(signed))
+    env["payload"]["winners"][0]["median_ms"] = 1e-6  # altered after signing, checksum recomputed
+    env["sha256"] = hashlib.sha256(_canonical(env["payload"])).hexdigest()
+    files = {}
+    for name, data in (
+        ("unsigned", unsigned),
+        ("signed", signed),
+        ("stranger", signed_with(unsigned, stranger_priv)),
+        ("altered", gzip.compress(_canonical(env))),
+        ("payload", signed_with(unsigned, priv, marker)),
+    ):
+        files[name] = tmp_path / f"{name}.bundle"
+        files[name].write_bytes(data)
+    cpu = torch.device("cpu")
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, bias=False))
+
+    monkeypatch.setenv("TUNERD_TRUSTED_KEYS", json.dumps([str(pub)]))
+    for name, why in (
+        ("unsigned", "not signed"),
+        ("stranger", "not a trusted key"),
+        ("altered", "does not verify"),
+    ):
+        report = tunerd.patch(model, bundle=files[name])
+        assert why in report.bundle.error and why in str(report), (name, report.bundle.error)
+        assert report.lookup(SPEC, cpu) is None  # refused: the default schedule runs
+        conv_is_correct()
+        tunerd.unpatch(model)
+        c = Client(closed_port(), cache_dir=tmp_path / f"cc-{name}", local_store=None, timeout=0.3, bundle=files[name])
+        assert c.lookup([SPEC])[0].origin == "default" and why in c.bundle.error
+    report = tunerd.patch(model, bundle=files["signed"])
+    assert report.bundle.error is None and report.bundle.signed_by and "signed by" in str(report)
+    assert report.lookup(SPEC, cpu).schedule == ODD
+    conv_is_correct()
+    tunerd.unpatch(model)
+    c = Client(closed_port(), cache_dir=tmp_path / "cc", local_store=None, timeout=0.3, bundle=files["signed"])
+    (a,) = c.lookup([SPEC])
+    assert (a.origin, a.schedule, a.variant_id) == ("bundle", ODD, render(SPEC, ODD).id)
+    assert a.provenance["signed_by"] == report.bundle.signed_by
+    poisoned_but_signed = tunerd.patch(model, bundle=files["payload"])  # the signature verifies; the source is not ours
+    assert poisoned_but_signed.bundle.error is None and poisoned_but_signed.lookup(SPEC, cpu) is None
+    conv_is_correct()
+    tunerd.unpatch(model)
+
+    assert tunerd.patch(model, bundle=files["signed"], trusted_keys=[stranger]).lookup(SPEC, cpu) is None
+    tunerd.unpatch(model)
+    assert tunerd.patch(model, bundle=files["unsigned"], trusted_keys=[]).lookup(SPEC, cpu).schedule == ODD
+    tunerd.unpatch(model)
+    monkeypatch.setenv("TUNERD_TRUSTED_KEYS", json.dumps([str(tmp_path / "missing.pub")]))
+    report = tunerd.patch(model, bundle=files["signed"])  # a pin that cannot be read is not "no pin"
+    assert "cannot read key file" in report.bundle.error and report.lookup(SPEC, cpu) is None
+    tunerd.unpatch(model)
+    monkeypatch.delenv("TUNERD_TRUSTED_KEYS")
+    assert tunerd.patch(model, bundle=files["unsigned"]).lookup(SPEC, cpu).schedule == ODD  # nothing pinned
+    tunerd.unpatch(model)
+    r = CliRunner().invoke(
+        cli,
+        ["import", str(files["unsigned"]), "--db", f"sqlite:///{tmp_path}/d.sqlite"],
+        env={"TUNERD_TRUSTED_KEYS": json.dumps([str(pub)])},
+    )
+    assert r.exit_code == 2 and "not signed" in r.output, r.output  # the CLI honours the variable too

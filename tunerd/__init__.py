@@ -30,20 +30,35 @@ def patch(
     snapshot: str | None = None,
     token: str | None = None,
     example_input=None,
+    bundle=None,
+    trusted_keys=None,
     **options,
 ) -> PatchReport:
     """Swap a model's torch convolutions for tunerd ones in place (see tunerd.patching.patch).
 
     With server=URL the kernels come from a tunerd daemon (optionally pinned to a snapshot), with
-    the local store and the default schedule as fallbacks when it is unreachable.
+    the local store and the default schedule as fallbacks when it is unreachable. With bundle=FILE
+    they come from a bundle file (alone, or where the server has none); with ed25519 keys pinned
+    (trusted_keys=[key files], else $TUNERD_TRUSTED_KEYS) only a bundle signed by one is used.
     """
-    if server is None:
+    if server is None and bundle is None:
         from .patching import patch as patch_local
 
         return patch_local(model, **options)
-    from .remote import patch_remote
+    from .remote import patch_bundle, patch_remote
 
-    return patch_remote(model, server, snapshot=snapshot, token=token, example_input=example_input, **options)
+    if server is None:
+        return patch_bundle(model, bundle, trusted_keys, **options)
+    return patch_remote(
+        model,
+        server,
+        snapshot=snapshot,
+        token=token,
+        example_input=example_input,
+        bundle=bundle,
+        trusted_keys=trusted_keys,
+        **options,
+    )
 
 
 _LAZY = {

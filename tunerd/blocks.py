@@ -1,4 +1,16 @@
-"""Block-level transforms of torch models.
+"""Block-level transforms of torch models: fused blocks for training and inference, and re-parameterization.
+
+Fused blocks. from_graph() turns the torch.fx graph of a block module into a kernels.block description: every
+graph node must map to a block node (conv, Linear between channels-last permutes as a pointwise conv,
+LayerNorm over channels, activation, eval BatchNorm as an affine, layer-scale multiply, residual add, channel
+split / concat; identities, inactive dropout and drop path vanish; a channel gate, x times a gate of x's
+spatial mean, becomes an se node (fc -> act -> fc -> sigmoid: timm SqueezeExcite, torchvision
+SqueezeExcitation) or an eca node (conv1d over channels -> sigmoid: timm EcaModule)), so the description is
+proven to compute what the module computes; anything else is refused with the reason. canonical() gives a
+graph the node names of the seed block it equals (kernels.block: convnext, inception_dw, separable, mbconv). A
+module patched with fuse_block() runs its block under the planner's plan (kernels.block_autograd: fused
+forward, recomputing backward) in each training mode whose graph converted, and its own forward (per-conv
+kernels) otherwise.
 
 reparameterize(module): structural re-parameterization for inference. timm's training-form blocks
 with parallel branches (each conv + BatchNorm) become one tunerd conv with merged weights and bias
@@ -12,11 +24,22 @@ The merge uses BatchNorm's running statistics: the result computes what the bloc
 from __future__ import annotations
 
 import copy
+import operator
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
-from tunerd.kernels import reparam
+from tunerd.kernels import block as B
+from tunerd.kernels import block_autograd, reparam
+from tunerd.kernels.block import INPUT, Block, Node, node
+from tunerd.kernels.conv import TORCH_DTYPES
+from tunerd.kernels.plan import Plan, rank
+from tunerd.kernels.prologue import bn_scale_shift
 from tunerd.kernels.spec import SpecError
 
 from .nn import Conv2d, activation_name
@@ -140,3 +163,674 @@ def reparameterize(module: nn.Module, *, inplace: bool = False) -> nn.Module:
             if _is_timm(child):
                 setattr(parent, name, merge_block(child))
     return root
+
+
+# ---- fused blocks ---------------------------------------------------------------------------------
+# (library, class name) of the block modules patch() tries to swap whole
+FUSED_BLOCKS = (
+    ("timm", "ConvNeXtBlock"),
+    ("torchvision", "CNBlock"),
+    ("timm", "InceptionDWConv2d"),
+    ("timm", "DepthwiseSeparableConv"),
+    ("timm", "InvertedResidual"),
+    ("torchvision", "InvertedResidual"),
+    ("torchvision", "MBConv"),
+)
+# block classes whose graphs key as B.mbconv blocks first (an expansion-1 block is also a separable one)
+_FAMILY = {"InvertedResidual": "mbconv", "MBConv": "mbconv"}
+_DROP_PATH = ("DropPath", "StochasticDepth")
+_ACT_FNS = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    F.relu6: "relu6",
+    F.silu: "silu",
+    F.hardswish: "hardswish",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+}
+_ADD = (operator.add, operator.iadd, torch.add)
+_MUL = (operator.mul, operator.imul, torch.mul)
+
+
+def is_fusable_block(m: nn.Module) -> bool:
+    """Whether m's class is one of FUSED_BLOCKS (the structure is proven by from_graph)."""
+    lib = type(m).__module__.split(".")[0]
+    return (lib, type(m).__name__) in FUSED_BLOCKS
+
+
+class BlockTracer(fx.Tracer):
+    """torch.fx tracing with drop-path modules kept as leaves, so their probability is read, not traced."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__name__ in _DROP_PATH or super().is_leaf_module(m, qualname)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one block parameter comes from at run time: tensors of the module by qualified name.
+    kind 'tensor' (targets[0] reshaped to shape), 'bn_scale' / 'bn_shift' (eval BatchNorm as an affine of
+    running mean, running var, weight, bias: '' when absent, eps), 'ones' / 'zeros' (shape)."""
+
+    kind: str
+    targets: tuple[str, ...] = ()
+    shape: tuple[int, ...] = ()
+    eps: float = 0.0
+
+    def get(self, module: nn.Module, like: torch.Tensor) -> torch.Tensor:
+        if self.kind == "tensor":
+            return _tensor(module, self.targets[0]).reshape(self.shape)
+        if self.kind in ("ones", "zeros"):
+            return (torch.ones if self.kind == "ones" else torch.zeros)(self.shape, device=like.device)
+        mean, var, w, b = (_tensor(module, t) if t else None for t in self.targets)
+        scale, shift = bn_scale_shift(mean, var, w, b, self.eps)
+        return scale if self.kind == "bn_scale" else shift
+
+
+def _tensor(module: nn.Module, target: str) -> torch.Tensor:
+    prefix, _, leaf = target.rpartition(".")
+    t = getattr(module.get_submodule(prefix), leaf)
+    if not isinstance(t, torch.Tensor):
+        raise SpecError(f"{target} is not a tensor")
+    return t
+
+
+@dataclass(frozen=True)
+class BlockGraph:
+    """A block module's computation as block nodes (input channels c) and the source of each parameter."""
+
+    c: int
+    nodes: tuple[Node, ...]
+    sources: tuple[tuple[str, Source], ...]
+
+    def block(self, x: torch.Tensor) -> Block:
+        """The Block for input x ([N, c, H, W] of a supported dtype); SpecError otherwise."""
+        if x.dim() != 4 or x.shape[1] != self.c or x.dtype not in TORCH_DTYPES:
+            raise SpecError(f"input {tuple(x.shape)} {x.dtype} is not a [N, {self.c}, H, W] float tensor")
+        n, _, h, w = x.shape
+        return Block(n=n, c=self.c, in_size=(h, w), nodes=self.nodes, dtype=TORCH_DTYPES[x.dtype])
+
+    def params(self, module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: src.get(module, x) for k, src in self.sources}
+
+
+class NotABlock(Exception):
+    """A traced graph that no block description computes (the message says which node and why)."""
+
+
+@dataclass(frozen=True)
+class _Val:
+    """A block tensor: its node name, channels and whether it is permuted to [N, H, W, C]."""
+
+    name: str
+    c: int
+    nhwc: bool = False
+
+
+@dataclass(frozen=True)
+class _Param:
+    """A tensor of the module (get_attr), possibly reshaped."""
+
+    target: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """A channel slice of a block tensor, emitted as a split node when first read."""
+
+    src: _Val
+    start: int
+    size: int
+    name: str
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    src: _Val
+    parts: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class _Pooled:
+    """The channel means of a block tensor and the ops applied to them since: a channel gate (squeeze-excite,
+    ECA) under way, which becomes one se / eca node when it multiplies the tensor it pooled. view: the means
+    [N, C] shaped as 'nc11' ([N, C, 1, 1]), 'n1c' ([N, 1, C], for a conv1d over channels) or 'nc'."""
+
+    src: _Val
+    view: str
+    ops: tuple[tuple[Any, ...], ...] = ()
+
+    def then(self, *op: Any) -> _Pooled:
+        return _Pooled(self.src, self.view, (*self.ops, op))
+
+
+_SHAPE_ONLY = object()  # x.ndim and comparisons of it: shape checks the block input satisfies
+_SHAPE, _BATCH = object(), object()  # x.shape of a block tensor, and its x.shape[0] / x.size(0)
+_HW = ((2, 3), (3, 2), (-2, -1), (-1, -2))  # the spatial dims of [N, C, H, W]
+_SE_ACTS = ("relu", "silu", "gelu", "hardswish")  # the se node's hidden activations
+
+
+def _arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(n.args) > i:
+        return n.args[i]
+    return n.kwargs.get(name, default)
+
+
+@dataclass
+class _Converter:
+    root: nn.Module
+    training: bool
+    nodes: list[Node] = field(default_factory=list)
+    sources: dict[str, Source] = field(default_factory=dict)
+    c_in: int | None = None
+    emitted: set[str] = field(default_factory=set)
+    names: dict[str, str] = field(default_factory=dict)
+
+    def name(self, n: fx.Node | str) -> str:
+        raw = n if isinstance(n, str) else n.name
+        if raw not in self.names:
+            clean = re.sub(r"[^a-z0-9_]", "_", raw.lower()) or "n"
+            while clean == INPUT or clean in self.names.values():
+                clean += "_"
+            self.names[raw] = clean
+        return self.names[raw]
+
+    def channels(self, v: _Val, want: int, what: str) -> None:
+        if v.name == INPUT and self.c_in is None:
+            self.c_in = want
+        c = self.c_in if v.name == INPUT else v.c
+        if c != want:
+            raise NotABlock(f"{what} expects {want} channels, its input has {c}")
+
+    def val(self, a: Any, what: str) -> _Val:
+        if isinstance(a, _Slice):
+            if a.name not in self.emitted:
+                self.emitted.add(a.name)
+                self.nodes.append(node(a.name, "split", [a.src.name], start=a.start, size=a.size))
+            return _Val(a.name, a.size)
+        if not isinstance(a, _Val):
+            raise NotABlock(f"{what} reads {type(a).__name__.strip('_').lower()} {a!r}, not a block tensor")
+        return a
+
+    def emit(self, n: fx.Node, op: str, ins: list[_Val], c: int, nhwc: bool = False, **attrs: Any) -> _Val:
+        name = self.name(n)
+        self.nodes.append(node(name, op, [v.name for v in ins], **attrs))
+        return _Val(name, c, nhwc)
+
+    def tensor(self, key: str, target: str, shape: tuple[int, ...]) -> None:
+        self.sources[key] = Source("tensor", (target,), shape)
+
+    # ---- one fx node ------------------------------------------------------------------------
+    def module(self, n: fx.Node, ins: list[Any]) -> Any:
+        m = self.root.get_submodule(n.target)
+        kind = type(m).__name__
+        if type(m) is nn.Identity or (isinstance(m, nn.Dropout) and (m.p == 0 or not self.training)):
+            return ins[0]
+        if kind in _DROP_PATH:
+            p = getattr(m, "drop_prob", getattr(m, "p", 0.0))
+            if p and self.training:
+                raise NotABlock(f"{kind} {n.target} (p={p}) is active in training mode: random per sample")
+            return ins[0]
+        if isinstance(ins[0], _Pooled):
+            return self.gate_module(n, m, ins[0])
+        x = self.val(ins[0], n.target)
+        if type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1)) and not x.nhwc:
+            return _Pooled(x, "nc11")
+        if type(m) is nn.Conv2d:
+            if x.nhwc or m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise NotABlock(f"Conv2d {n.target}: only zero padding given as sizes, on an [N, C, H, W] tensor")
+            self.channels(x, m.in_channels, n.target)
+            v = self.emit(
+                n,
+                "conv",
+                [x],
+                m.out_channels,
+                out=m.out_channels,
+                kernel=_pair(m.kernel_size),
+                stride=_pair(m.stride),
+                padding=_pair(m.padding),
+                dilation=_pair(m.dilation),
+                groups=m.groups,
+                bias=m.bias is not None,
+            )
+            self.tensor(f"{v.name}.weight", f"{n.target}.weight", tuple(m.weight.shape))
+            if m.bias is not None:
+                self.tensor(f"{v.name}.bias", f"{n.target}.bias", (m.out_channels,))
+            return v
+        if type(m) is nn.Linear:
+            if not x.nhwc:
+                raise NotABlock(f"Linear {n.target} acts on the last dimension of a tensor that is not channels-last")
+            self.channels(x, m.in_features, n.target)
+            k = m.out_features
+            v = self.emit(n, "conv", [x], k, True, out=k, kernel=1, bias=m.bias is not None)
+            self.tensor(f"{v.name}.weight", f"{n.target}.weight", (k, m.in_features, 1, 1))
+            if m.bias is not None:
+                self.tensor(f"{v.name}.bias", f"{n.target}.bias", (k,))
+            return v
+        if type(m) is nn.LayerNorm:
+            w = _Param(f"{n.target}.weight", ()) if m.weight is not None else None
+            b = _Param(f"{n.target}.bias", ()) if m.bias is not None else None
+            return self.layer_norm(n, x, tuple(m.normalized_shape), w, b, m.eps)
+        if type(m) is nn.BatchNorm2d:
+            if m.training or not m.track_running_stats:
+                raise NotABlock(f"BatchNorm2d {n.target} normalises with batch statistics in training mode")
+            t = n.target
+            return self.batch_norm(n, x, (f"{t}.running_mean", f"{t}.running_var"), m.weight, m.bias, t, m.eps)
+        act = activation_name(m)
+        if act is not None:
+            return self.emit(n, "act", [x], x.c, x.nhwc, fn=act)
+        raise NotABlock(f"{kind} {n.target} has no block node")
+
+    def gate_module(self, n: fx.Node, m: nn.Module, p: _Pooled) -> _Pooled:
+        """A module applied to pooled channel means: a gate's 1 x 1 conv (fc), conv1d over channels, activation."""
+        if type(m) is nn.Conv2d and p.view == "nc11":
+            if (m.kernel_size, m.stride, m.padding, m.groups) == ((1, 1), (1, 1), (0, 0), 1):
+                return p.then("fc", n.target, m.in_channels, m.out_channels, m.bias is not None)
+        elif type(m) is nn.Conv1d and p.view == "n1c":
+            k = m.kernel_size[0]
+            if (m.in_channels, m.out_channels, m.stride, m.dilation, m.groups) == (1, 1, (1,), (1,), 1) and (
+                m.padding == ((k - 1) // 2,) and m.padding_mode == "zeros" and m.bias is None and k % 2
+            ):
+                return p.then("conv1d", n.target, k)
+        elif activation_name(m) is not None:
+            return p.then("act", activation_name(m))
+        raise NotABlock(f"{type(m).__name__} {n.target} on pooled channel means is not part of an SE or ECA gate")
+
+    def pooled_view(self, n: fx.Node, p: _Pooled, shape: tuple) -> _Pooled:
+        """p reshaped: [N, C] means as [N, C, 1, 1], [N, 1, C] or [N, C] (N from the block input's shape)."""
+        c = self.c_in if p.src.name == INPUT else p.src.c
+        rest = tuple(-1 if d == c else d for d in shape[1:])
+        views = {(-1, 1, 1): "nc11", (1, -1): "n1c", (-1,): "nc"}
+        if not shape or shape[0] is not _BATCH or rest not in views:
+            raise NotABlock(f"{n.name}: pooled channel means viewed as {list(shape)}")
+        return _Pooled(p.src, views[rest], p.ops)
+
+    def gated(self, n: fx.Node, ins: list[Any]) -> _Val:
+        """x * gate(mean_hw(x)): an se node (fc -> act -> fc -> sigmoid) or an eca node (conv1d -> sigmoid)."""
+        p = next(v for v in ins if isinstance(v, _Pooled))
+        other = next((v for v in ins if v is not p), None)
+        x = self.val(other, n.name)
+        if x.name != p.src.name or x.nhwc or p.view != "nc11":
+            raise NotABlock(f"{n.name}: a channel gate scales a tensor other than the one it pooled")
+        c = self.c_in if x.name == INPUT else x.c
+        kinds = tuple(op[0] for op in p.ops)
+        if kinds == ("fc", "act", "fc", "act") and p.ops[3][1] == "sigmoid":
+            (_, t1, c1, h, b1), (_, act), (_, t2, h2, c2, b2) = p.ops[:3]
+            if (c1, h2, c2) != (c, h, c):
+                raise NotABlock(f"{n.name}: squeeze-excite fcs {c1}->{h} and {h2}->{c2} over {c} channels")
+            if act not in _SE_ACTS:
+                raise NotABlock(f"{n.name}: squeeze-excite with a {act} hidden activation (se takes {_SE_ACTS})")
+            v = self.emit(n, "se", [x], x.c, hidden=h, act=act)
+            for key, t, shape, bias in (("1", t1, (h, c), b1), ("2", t2, (c, h), b2)):
+                self.tensor(f"{v.name}.w{key}", f"{t}.weight", shape)
+                b = Source("tensor", (f"{t}.bias",), shape[:1]) if bias else Source("zeros", (), shape[:1])
+                self.sources[f"{v.name}.b{key}"] = b
+            return v
+        if kinds == ("conv1d", "act") and p.ops[1][1] == "sigmoid":
+            _, t, k = p.ops[0]
+            v = self.emit(n, "eca", [x], x.c, kernel=k)
+            self.tensor(f"{v.name}.weight", f"{t}.weight", (k,))
+            return v
+        ops = " -> ".join(f"{op[0]}({op[-1]})" if op[0] == "act" else op[0] for op in p.ops)
+        raise NotABlock(f"{n.name}: the channel gate mean -> {ops} is neither SE (fc-act-fc-sigmoid) nor ECA")
+
+    def layer_norm(self, n: fx.Node, x: _Val, shape: tuple, w: _Param | None, b: _Param | None, eps: float) -> _Val:
+        if not x.nhwc or len(shape) != 1:
+            raise NotABlock(f"{n.name}: LayerNorm over {list(shape)} of a tensor that is not channels-last")
+        self.channels(x, int(shape[0]), n.name)
+        v = self.emit(n, "ln", [x], x.c, True, eps=float(eps))
+        for key, p, kind in (("weight", w, "ones"), ("bias", b, "zeros")):
+            self.sources[f"{v.name}.{key}"] = Source("tensor", (p.target,), (x.c,)) if p else Source(kind, (), (x.c,))
+        return v
+
+    def batch_norm(self, n: fx.Node, x: _Val, stats: tuple[str, str], w: Any, b: Any, where: str, eps: float) -> _Val:
+        if x.nhwc:
+            raise NotABlock(f"BatchNorm {where} on a channels-last permuted tensor")
+        v = self.emit(n, "bn", [x], x.c)
+        wt = f"{where}.weight" if isinstance(w, torch.Tensor) else w.target if isinstance(w, _Param) else ""
+        bt = f"{where}.bias" if isinstance(b, torch.Tensor) else b.target if isinstance(b, _Param) else ""
+        for key in ("scale", "shift"):
+            self.sources[f"{v.name}.{key}"] = Source(f"bn_{key}", (*stats, wt, bt), eps=float(eps))
+        return v
+
+    def function(self, n: fx.Node, ins: list[Any], kw: dict[str, Any]) -> Any:
+        f = n.target
+        if f is getattr and ins[1] == "ndim":
+            return _SHAPE_ONLY
+        if f is operator.eq and ins[0] is _SHAPE_ONLY and ins[1] == 4:
+            return _SHAPE_ONLY
+        if f is torch._assert and ins[0] is _SHAPE_ONLY:
+            return None
+        if f is getattr and ins[1] == "shape" and isinstance(ins[0], _Val):
+            return _SHAPE
+        if f is operator.getitem and ins[0] is _SHAPE and ins[1] == 0:
+            return _BATCH
+        if f is F.adaptive_avg_pool2d and _at(ins, 1) in (1, (1, 1)):
+            return self.pooled(n, ins[0], (2, 3), True)
+        if f is torch.mean and len(ins) >= 2:
+            return self.pooled(n, ins[0], ins[1], kw.get("keepdim", bool(_at(ins, 2))))
+        if isinstance(_at(ins, 0), _Pooled) and (f in _ACT_FNS or f is torch.sigmoid) and len(ins) == 1:
+            return ins[0].then("act", _ACT_FNS.get(f, "sigmoid"))
+        if f is operator.getitem and isinstance(ins[0], _Chunks):
+            start, size = ins[0].parts[ins[1]]
+            return _Slice(ins[0].src, start, size, self.name(n))
+        if f is F.layer_norm:
+            x = self.val(ins[0], n.name)
+            eps = _arg(n, 4, "eps", 1e-5)
+            return self.layer_norm(n, x, tuple(ins[1]), kw.get("weight", _at(ins, 2)), kw.get("bias", _at(ins, 3)), eps)
+        if f is F.batch_norm:
+            x = self.val(ins[0], n.name)
+            if _arg(n, 5, "training", False):
+                where, kind = next(reversed(n.meta.get("nn_module_stack", {}).values()), (n.name, None))
+                what = f"{getattr(kind, '__name__', kind)} {where}" if kind is not None else where
+                raise NotABlock(f"{what}: BatchNorm normalises with batch statistics in training mode")
+            stats = (ins[1], ins[2])
+            if not all(isinstance(t, _Param) for t in stats):
+                raise NotABlock(f"{n.name}: BatchNorm without running statistics")
+            w, b = kw.get("weight", _at(ins, 3)), kw.get("bias", _at(ins, 4))
+            return self.batch_norm(n, x, (stats[0].target, stats[1].target), w, b, n.name, _arg(n, 7, "eps", 1e-5))
+        if f is F.gelu:
+            x = self.val(ins[0], n.name)
+            approx = kw.get("approximate", _at(ins, 1) or "none")
+            return self.emit(n, "act", [x], x.c, x.nhwc, fn="gelu_tanh" if approx == "tanh" else "gelu")
+        if f in _ACT_FNS and len(ins) == 1:
+            x = self.val(ins[0], n.name)
+            return self.emit(n, "act", [x], x.c, x.nhwc, fn=_ACT_FNS[f])
+        if f is torch.permute:
+            return self.permute(n, ins[0], tuple(ins[1] if len(ins) == 2 else kw["dims"]))
+        if f is torch.split:
+            return self.split(n, ins[0], ins[1] if len(ins) > 1 else kw["split_size_or_sections"], kw)
+        if f is torch.cat:
+            parts = [self.val(a, n.name) for a in (ins[0] if ins else kw["tensors"])]
+            if kw.get("dim", _at(ins, 1)) != 1 or any(p.nhwc for p in parts):
+                raise NotABlock(f"{n.name}: concatenation other than over the channels of [N, C, H, W] tensors")
+            return self.emit(n, "concat", parts, sum(p.c for p in parts))
+        if f in _ADD and len(ins) == 2 and "alpha" not in kw:
+            return self.add(n, ins)
+        if f in _MUL and len(ins) == 2:
+            return self.gated(n, ins) if any(isinstance(v, _Pooled) for v in ins) else self.mul(n, ins)
+        raise NotABlock(f"{n.name}: {getattr(f, '__name__', f)} has no block node")
+
+    def method(self, n: fx.Node, ins: list[Any], kw: dict[str, Any]) -> Any:
+        name = n.target
+        if isinstance(ins[0], _Param) and name in ("reshape", "view"):
+            shape = ins[1] if len(ins) == 2 and isinstance(ins[1], (tuple, list)) else ins[1:]
+            return _Param(ins[0].target, tuple(torch.empty(ins[0].shape, device="meta").reshape(shape).shape))
+        if isinstance(ins[0], _Pooled):
+            return self.pooled_method(n, ins[0], ins[1:], kw)
+        if name == "mean" and len(ins) >= 2:
+            return self.pooled(n, ins[0], ins[1], kw.get("keepdim", bool(_at(ins, 2))))
+        if name == "size" and ins[1:] == [0] and isinstance(ins[0], _Val):
+            return _BATCH
+        if name == "permute":
+            return self.permute(n, ins[0], tuple(ins[1] if len(ins) == 2 else ins[1:]))
+        if name == "contiguous":
+            return ins[0]
+        if name == "split":
+            return self.split(n, ins[0], ins[1], kw)
+        if name in ("add", "mul") and len(ins) == 2 and not kw:
+            if name == "mul" and isinstance(ins[1], _Pooled):
+                return self.gated(n, ins)
+            return self.add(n, ins) if name == "add" else self.mul(n, ins)
+        if name == "add_" and isinstance(ins[0], _Param) and ins[0].target.endswith("num_batches_tracked"):
+            raise NotABlock(f"{ins[0].target.rsplit('.', 1)[0]}: BatchNorm in training mode (batch statistics)")
+        raise NotABlock(f"{n.name}: Tensor.{name} has no block node")
+
+    def pooled(self, n: fx.Node, a: Any, dims: Any, keepdim: bool) -> _Pooled:
+        x = self.val(a, n.name)
+        if x.nhwc or tuple(dims) not in _HW:
+            raise NotABlock(f"{n.name}: a mean over dims {dims} that is not the spatial mean of [N, C, H, W]")
+        return _Pooled(x, "nc11" if keepdim else "nc")
+
+    def pooled_method(self, n: fx.Node, p: _Pooled, args: list[Any], kw: dict[str, Any]) -> Any:
+        name = n.target
+        if name in ("view", "reshape"):
+            return self.pooled_view(n, p, tuple(args[0] if len(args) == 1 and isinstance(args[0], tuple) else args))
+        if name in ("sigmoid", "sigmoid_", "relu", "relu_") and not args and not kw:
+            return p.then("act", name.rstrip("_"))
+        if name == "expand_as" and isinstance(args[0], _Val) and args[0].name == p.src.name:
+            return p  # broadcasting does the same in the multiply
+        if name == "mul" and len(args) == 1 and not kw:
+            return self.gated(n, [p, *args])
+        raise NotABlock(f"{n.name}: Tensor.{name} of pooled channel means is not part of an SE or ECA gate")
+
+    def permute(self, n: fx.Node, a: Any, dims: tuple) -> _Val:
+        x = self.val(a, n.name)
+        if dims == (0, 2, 3, 1) and not x.nhwc:
+            return _Val(x.name, x.c, True)
+        if dims == (0, 3, 1, 2) and x.nhwc:
+            return _Val(x.name, x.c, False)
+        raise NotABlock(f"{n.name}: permute{dims} is not a channels-last round trip")
+
+    def split(self, n: fx.Node, a: Any, sizes: Any, kw: dict[str, Any]) -> _Chunks:
+        x = self.val(a, n.name)
+        if x.nhwc or kw.get("dim", _at(n.args, 2)) != 1 or not isinstance(sizes, (tuple, list)):
+            raise NotABlock(f"{n.name}: only channel splits of [N, C, H, W] tensors into given sizes")
+        if min(sizes) < 1:
+            raise NotABlock(f"{n.name}: an empty channel split {list(sizes)}")
+        self.channels(x, sum(sizes), n.name)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return _Chunks(x, tuple(zip(starts, sizes)))
+
+    def add(self, n: fx.Node, ins: list[Any]) -> _Val:
+        a, b = (self.val(v, n.name) for v in ins)
+        if a.nhwc != b.nhwc:
+            raise NotABlock(f"{n.name}: add of tensors in different layouts")
+        if a.name == INPUT:  # x + f(x) as the seed blocks write it, f(x) + x (float addition commutes exactly)
+            a, b = b, a
+        c = a.c if a.name != INPUT else b.c
+        self.channels(a, c, n.name)
+        self.channels(b, c, n.name)
+        return self.emit(n, "add", [a, b], c, a.nhwc)
+
+    def mul(self, n: fx.Node, ins: list[Any]) -> _Val:
+        t = next((v for v in ins if isinstance(v, _Param)), None)
+        other = next((v for v in ins if v is not t), None)
+        if t is None or other is None:
+            raise NotABlock(f"{n.name}: only a per-channel parameter times a block tensor (layer scale)")
+        x = self.val(other, n.name)
+        c = x.c if x.name != INPUT else self.c_in
+        ok = ((c,), (1, 1, 1, c)) if x.nhwc else ((c, 1, 1), (1, c, 1, 1))
+        if t.shape not in ok:
+            raise NotABlock(f"{n.name}: {t.target} of shape {list(t.shape)} is not a per-channel scale")
+        v = self.emit(n, "scale", [x], x.c, x.nhwc)
+        self.tensor(f"{v.name}.gamma", t.target, (x.c,))
+        return v
+
+    def run(self, graph: fx.Graph) -> BlockGraph:
+        env: dict[fx.Node, Any] = {}
+        out: Any = None
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise NotABlock(f"forward takes {len(placeholders)} inputs; a block takes one")
+        for n in graph.nodes:
+            ins = list(fx.node.map_arg(n.args, lambda a: env[a]))
+            kw = dict(fx.node.map_arg(n.kwargs, lambda a: env[a]))
+            if n.op == "placeholder":
+                self.names[n.name] = INPUT
+                env[n] = _Val(INPUT, -1)
+            elif n.op == "get_attr":
+                env[n] = _Param(n.target, tuple(_tensor(self.root, n.target).shape))
+            elif n.op == "call_module":
+                env[n] = self.module(n, ins)
+            elif n.op == "call_function":
+                env[n] = self.function(n, ins, kw)
+            elif n.op == "call_method":
+                env[n] = self.method(n, ins, kw)
+            elif n.op == "output":
+                out = self.val(ins[0], "the output")
+        if out is None or out.nhwc or out.name == INPUT or self.c_in is None:
+            raise NotABlock("the output is not a computed [N, C, H, W] tensor")
+        if not self.nodes or self.nodes[-1].name != out.name:
+            raise NotABlock("the output is not the last computed tensor")
+        try:
+            Block(n=1, c=self.c_in, in_size=(8, 8), nodes=tuple(self.nodes))  # the graph's own checks
+        except SpecError as e:
+            raise NotABlock(str(e)) from None
+        family = _FAMILY.get(type(self.root).__name__)
+        return canonical(BlockGraph(self.c_in, tuple(self.nodes), tuple(self.sources.items())), family)
+
+
+def _seeds(g: BlockGraph, family: str | None = None) -> list[Block]:
+    """The seed blocks (kernels.block's builders) g may be, with the settings read off its nodes; those of
+    family (a builder's name) first."""
+    convs = [nd for nd in g.nodes if nd.op == "conv"]
+    acts = [nd["fn"] for nd in g.nodes if nd.op == "act"]
+    has = {nd.op for nd in g.nodes}
+    out: list[Any] = []
+    first: list[Any] = []
+    kw = {"n": 1, "c": g.c, "in_size": (8, 8)}
+    if len(convs) == 3 and "ln" in has and isinstance(convs[0]["kernel"], int):
+        ln = next(nd for nd in g.nodes if nd.op == "ln")
+        out.append(
+            lambda: B.convnext(
+                **kw,
+                kernel=convs[0]["kernel"],
+                expansion=convs[1]["out"] // g.c,
+                eps=ln["eps"],
+                layer_scale="scale" in has,
+            )
+        )
+    if len(convs) == 3 and "concat" in has:
+        out.append(
+            lambda: B.inception_dw(
+                **kw,
+                square_kernel=convs[0]["kernel"],
+                band_kernel=max(convs[1]["kernel"]),
+                branch_ratio=convs[0]["out"] / g.c,
+            )
+        )
+    if len(convs) == 2 and "bn" in has and isinstance(convs[0]["kernel"], int):
+        dw_act = acts[0] if acts and g.nodes[2].op == "act" else None
+        pw_act = g.nodes[-2]["fn"] if g.nodes[-1].op == "add" and g.nodes[-2].op == "act" else None
+        pw_act = g.nodes[-1]["fn"] if g.nodes[-1].op == "act" else pw_act
+        out.append(
+            lambda: B.separable(
+                **kw,
+                k=convs[1]["out"],
+                kernel=convs[0]["kernel"],
+                stride=convs[0]["stride"],
+                act=dw_act,
+                pw_act=pw_act,
+                residual=g.nodes[-1].op == "add",
+            )
+        )
+    gates = [nd for nd in g.nodes if nd.op in B.GATES]
+    if len(convs) in (2, 3) and acts and "bn" in has and len(gates) <= 1 and isinstance(convs[-2]["kernel"], int):
+        dw, gate = convs[-2], (gates[0] if gates else None)
+        (first if family == "mbconv" else out).append(
+            lambda: B.mbconv(
+                **kw,
+                k=convs[-1]["out"],
+                expansion=dw["out"] // g.c,
+                kernel=dw["kernel"],
+                stride=dw["stride"],
+                act=acts[0],
+                se_ratio=(gate["hidden"] + 0.5) / g.c if gate is not None and gate.op == "se" else None,
+                attention=gate.op if gate is not None else None,
+                eca_kernel=gate["kernel"] if gate is not None and gate.op == "eca" else None,
+            )
+        )
+    seeds = []
+    for make in first + out:
+        try:
+            seeds.append(make())
+        except (SpecError, TypeError, ValueError):
+            continue
+    return seeds
+
+
+def _same(a: tuple[Node, ...], b: tuple[Node, ...]) -> dict[str, str] | None:
+    """The renaming that makes node list a compute what b computes (same ops, attributes and wiring), or None."""
+    ga, gb = {nd.name: nd for nd in a}, {nd.name: nd for nd in b}
+    names = {INPUT: INPUT}
+
+    def same(x: str, y: str) -> bool:
+        if x in names:
+            return names[x] == y
+        if INPUT in (x, y) or y in names.values():
+            return False
+        nx, ny = ga[x], gb[y]
+        if nx.op != ny.op or nx.attrs != ny.attrs or len(nx.inputs) != len(ny.inputs):
+            return False
+        names[x] = y
+        return all(same(i, j) for i, j in zip(nx.inputs, ny.inputs))
+
+    ok = len(a) == len(b) and same(a[-1].name, b[-1].name) and len(names) == len(a) + 1
+    return names if ok else None
+
+
+def canonical(g: BlockGraph, family: str | None = None) -> BlockGraph:
+    """g with the node names and order of the seed block it equals (the store's key for that block family's
+    winners, e.g. the convnext_t suite's), else g unchanged. family: the builder tried first where seeds of
+    two families compute the same graph (an expansion-1 MBConv without a gate is a separable block)."""
+    for seed in _seeds(g, family):
+        names = _same(g.nodes, seed.nodes)
+        if names is not None:
+            sources = tuple((f"{names[k.split('.')[0]]}.{k.split('.', 1)[1]}", src) for k, src in g.sources)
+            return BlockGraph(g.c, seed.nodes, sources)
+    return g
+
+
+def _pair(v: Any) -> int | tuple[int, int]:
+    """A conv's (h, w) setting as the seed blocks write it: one int when both are equal (canonical keys)."""
+    h, w = v
+    return int(h) if h == w else (int(h), int(w))
+
+
+def _at(seq: Any, i: int) -> Any:
+    return seq[i] if len(seq) > i else None
+
+
+def from_graph(module: nn.Module, graph: fx.Graph, training: bool) -> BlockGraph:
+    """The block description module's traced graph computes (traced in that training mode); NotABlock
+    naming the first node without a block equivalent otherwise."""
+    return _Converter(module, training).run(graph)
+
+
+# ---- the fused module --------------------------------------------------------------------------------
+class _FusedBlock:
+    """A block module whose forward runs its block description under the planner's plan, in each training
+    mode whose graph converted (its own forward otherwise, and for inputs the description does not cover)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        graph = self.__dict__["_tunerd_graphs"].get(self.training)  # type: ignore[attr-defined]
+        mixed = any(m.training != self.training for m in self.modules())  # type: ignore[attr-defined]
+        if graph is None or mixed or not isinstance(x, torch.Tensor):
+            return super().forward(x)  # type: ignore[misc]
+        try:
+            blk, plan = _planned(graph, x)
+        except SpecError:
+            return super().forward(x)  # type: ignore[misc]
+        self.__dict__["_tunerd_last"] = (blk, plan)
+        return block_autograd.block(blk, graph.params(self, x), x, plan)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=256)
+def default_plan(blk: Block) -> Plan:
+    """The planner's best plan of blk (no tuned block winners are consulted yet)."""
+    return rank(blk)[0].plan
+
+
+def _planned(graph: BlockGraph, x: torch.Tensor) -> tuple[Block, Plan]:
+    blk = graph.block(x)
+    return blk, default_plan(blk)
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def fuse_block(module: nn.Module, graphs: dict[bool, BlockGraph]) -> None:
+    """Make module run its block description in the training modes of graphs ({training: BlockGraph}), in
+    place: its class becomes a subclass of its own (same parameters, buffers, state_dict keys and hooks; hooks
+    on its submodules fire only when it runs its own forward)."""
+    base = type(module)
+    cls = _FUSED_CLASSES.setdefault(base, type(f"Fused{base.__name__}", (_FusedBlock, base), {"__module__": __name__}))
+    module._tunerd_orig_class = base
+    module.__class__ = cls
+    module.__dict__["_tunerd_graphs"] = dict(graphs)
+
+
+def last_plan(module: nn.Module) -> tuple[Block, Plan] | None:
+    """The block and plan module's last fused forward ran (None before one ran, or when not fused)."""
+    return module.__dict__.get("_tunerd_last")

@@ -83,6 +83,12 @@ def check(
         f"ok: variant {v.id} compiles for sm_{arch}: {r['regs']} registers, {r['spill_bytes']} B spilled, "
         f"{r['shared']} B shared memory, MMA {r['mma']}, " + (", ".join(reads) or "no global loads")
     )
+    if r.get("loop_sass"):
+        typer.echo(
+            f"main loop: {r['loop_sass']} SASS per iteration, {r['loop_mma']} MMA ({r['loop_mma_share']:.0%}), "
+            f"{r['loop_fma']} FMA ({r['loop_fma_share']:.0%}), {r['loop_idiv']} runtime integer divisions; "
+            f"{r['sass']} SASS in all, {r['tma']} TMA loads"
+        )
 
 
 def _store(db: str | None, mkdir: bool = False):
@@ -436,15 +442,17 @@ def import_(
     path: Path = typer.Argument(..., help="bundle file"),
     db: str | None = typer.Option(None, help="SQLAlchemy URL"),
     trusted_key: list[Path] | None = typer.Option(
-        None, help="ed25519 public key file; repeatable. When given, only bundles signed by one are read"
+        None,
+        help="ed25519 public key file; repeatable. When given (or $TUNERD_TRUSTED_KEYS), only bundles signed by "
+        "one are read",
     ),
 ) -> None:
     """Merge a bundle: a corrupt, foreign, tampered or incompatible file is refused and nothing changes.
     Its timings are claims until the daemon's verify job measures them here."""
-    from tunerd.db.bundle import BundleError, import_bundle, load_trusted_key
+    from tunerd.db.bundle import BundleError, import_bundle, pinned_keys
 
     try:
-        keys = [load_trusted_key(k) for k in trusted_key or ()]
+        keys = pinned_keys(trusted_key or None)
         r = import_bundle(_store(db), path, trusted_keys=keys)
     except BundleError as e:
         typer.echo(f"error: {e}", err=True)

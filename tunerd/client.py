@@ -9,6 +9,10 @@ local store (when one exists) or the default schedule instead.
 is a claim: the client re-renders its (spec, schedule) with its own generator and launches only that
 rendering (kernels.trust), so a server, a disk cache or a local store can choose a schedule but can
 never make this process run code it did not render.
+
+A bundle file (`tunerd export`) can answer too, without a server (BundleAnswers, `bundle=`): it is read
+as `tunerd import` reads it, and with ed25519 keys pinned (`trusted_keys=`, else $TUNERD_TRUSTED_KEYS)
+only a bundle signed by one of them is used; a refused bundle answers nothing and says why.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -36,6 +41,11 @@ from tunerd.kernels.runtime import cache_dir as kernel_cache_dir
 from tunerd.kernels.schedule import Schedule, ScheduleError
 from tunerd.kernels.spec import BlockSpec, SpecError
 from tunerd.schedules.strategies import DEFAULT as DEFAULT_STRATEGY
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from tunerd.db.rows import WinnerRow
 
 log = logging.getLogger("tunerd.client")
 
@@ -73,8 +83,8 @@ class BadAnswer(Exception):
 class Answer:
     """What a lookup found for one spec, and where the answer came from.
 
-    origin: 'server', 'cache' (this client's disk cache), 'local-store' (the local database) or
-    'default' (no tuned kernel: the default schedule runs).
+    origin: 'server', 'cache' (this client's disk cache), 'bundle' (a bundle file), 'local-store' (the local
+    database) or 'default' (no tuned kernel: the default schedule runs).
     """
 
     spec: BlockSpec
@@ -89,11 +99,12 @@ class Answer:
     speedup_vs_default: float | None = None
     fraction_of_roofline: float | None = None
     provenance: dict = field(default_factory=dict)
+    borrowed: bool = False  # a miss answered with a nearby shape's winner (schedule set; never cached)
 
     def variant(self) -> generator.Variant | None:
-        """The kernel to launch (None for a miss): this process's rendering of (spec, schedule), which the
-        answer's source must equal (raises kernels.trust.UntrustedSource otherwise)."""
-        if not self.hit:
+        """The kernel to launch (None for a miss without a borrowed schedule): this process's rendering of
+        (spec, schedule), which the answer's source must equal (raises kernels.trust.UntrustedSource otherwise)."""
+        if not self.hit and not self.borrowed:
             return None
         return trust.verify(self.spec, self.schedule, self.source, variant_id=self.variant_id)
 
@@ -110,7 +121,13 @@ class Answer:
             "speedup_vs_default": self.speedup_vs_default,
             "fraction_of_roofline": self.fraction_of_roofline,
             "provenance": self.provenance,
+            "borrowed": self.borrowed,
         }
+
+
+def _launch(v: generator.Variant) -> dict[str, Any]:
+    """A variant's launch metadata as a lookup answer carries it."""
+    return {"kernel_name": v.kernel_name, "grid": list(v.grid), "num_warps": v.num_warps, "num_stages": v.num_stages}
 
 
 def _parse_answer(data: Any, expected: BlockSpec, origin: str) -> Answer:
@@ -124,21 +141,17 @@ def _parse_answer(data: Any, expected: BlockSpec, origin: str) -> Answer:
         raise BadAnswer(f"the answer's spec is malformed: {e}") from None
     if spec != expected:
         raise BadAnswer(f"the answer is for another spec ({spec.describe()}), not {expected.describe()}")
-    if not data["hit"]:
+    borrowed = not data["hit"] and data.get("borrowed") is True
+    if not data["hit"] and not borrowed:
         return Answer(spec=expected, hit=False, origin=origin)
     source, vid = data.get("source"), data.get("variant_id")
     if not isinstance(source, str) or not isinstance(vid, str):
-        raise BadAnswer("a hit without source or variant_id")
+        raise BadAnswer(f"a {'borrowed answer' if borrowed else 'hit'} without source or variant_id")
     try:
         variant = trust.verify(expected, Schedule.from_dict(data.get("schedule")), source, variant_id=vid)
     except (ScheduleError, trust.UntrustedSource) as e:
         raise BadAnswer(str(e)) from None
-    mine = {
-        "kernel_name": variant.kernel_name,
-        "grid": list(variant.grid),
-        "num_warps": variant.num_warps,
-        "num_stages": variant.num_stages,
-    }
+    mine = _launch(variant)
     if variant.source == source:  # same generator: its launch metadata must be this client's too
         launch = data.get("launch") or {}
         if {k: launch.get(k) for k in mine} != mine:
@@ -150,6 +163,18 @@ def _parse_answer(data: Any, expected: BlockSpec, origin: str) -> Answer:
             "re-rendered %s from the schedule of an answer made by generator %s",
             expected.describe(),
             trust.claimed_generator(source),
+        )
+    if borrowed:  # the nearby shape's timings are not this shape's: keep them in provenance only
+        return Answer(
+            spec=expected,
+            hit=False,
+            borrowed=True,
+            origin=origin,
+            schedule=variant.schedule,
+            source=variant.source,
+            variant_id=variant.id,
+            launch=mine,
+            provenance={"borrowed_from": data.get("borrowed_from")},
         )
     timings, numerics = data.get("timings") or {}, data.get("numerics") or {}
     return Answer(
@@ -216,6 +241,88 @@ def default_cache_dir() -> Path:
     return kernel_cache_dir().parent / "client"
 
 
+KeyArg = Sequence["str | os.PathLike[str] | Ed25519PublicKey"] | None
+
+
+class BundleAnswers:
+    """The winners of a bundle file as answers. The file is read once and checked as `tunerd import` checks
+    it (format, checksum, generator, and with keys pinned an ed25519 signature by one of them); each
+    winner's (spec, schedule) is re-rendered here when it is asked for. A refused bundle (unsigned or
+    wrongly signed while keys are pinned, damaged, foreign, or a pinned key that cannot be read) answers
+    nothing: `error` says why, it is logged, and the caller falls back to its defaults.
+
+    trusted_keys: public key files (PEM or OpenSSH) or loaded keys; None: $TUNERD_TRUSTED_KEYS; []: none."""
+
+    def __init__(self, bundle: str | os.PathLike[str] | bytes, trusted_keys: KeyArg = None) -> None:
+        from tunerd.db.bundle import bundle_winners, pinned_keys, read_bundle
+
+        self.name = "<bytes>" if isinstance(bundle, (bytes, bytearray)) else os.fspath(bundle)
+        self.error: str | None = None
+        self.signed_by: str | None = None
+        self.sha256: str | None = None
+        self._rows: dict[tuple[str, str], WinnerRow] = {}
+        try:
+            keys = pinned_keys(trusted_keys)
+            data = bytes(bundle) if isinstance(bundle, (bytes, bytearray)) else _read_bundle_file(self.name)
+            env = read_bundle(data, trusted_keys=keys)
+            rows = bundle_winners(env)
+        except StoreError as e:  # BundleError
+            self.error = f"bundle {self.name} refused, default schedules run: {e}"
+            log.error("%s", self.error)
+            return
+        self.signed_by, self.sha256 = env["signed_by"], env["sha256"]
+        for r in rows:
+            self._rows[(r.device.key, r.spec.to_json())] = r
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __repr__(self) -> str:
+        state = self.error or f"{len(self)} winners" + (f", signed by {self.signed_by}" if self.signed_by else "")
+        return f"BundleAnswers({self.name!r}: {state})"
+
+    def answer(self, spec: BlockSpec, device: DeviceFingerprint) -> Answer | None:
+        """The bundle's winner for exactly (device, spec), rendered here; None when it has none (or its schedule
+        is not legal here, or its source is not this generator's rendering: logged)."""
+        row = self._rows.get((device.key, spec.to_json()))
+        if row is None:
+            return None
+        try:
+            v = trust.verify(
+                spec,
+                row.schedule,
+                row.source,
+                variant_id=row.variant_id,
+                generator_version=row.device.generator_version,
+            )
+        except trust.UntrustedSource as e:
+            log.error("not using bundle %s's winner for %s: %s", self.name, spec.describe(), e)
+            return None
+        return Answer(
+            spec=spec,
+            hit=True,
+            origin="bundle",
+            schedule=v.schedule,
+            source=v.source,
+            variant_id=v.id,
+            launch=_launch(v),
+            median_ms=row.median_ms,
+            max_error=row.max_error,
+            speedup_vs_default=row.speedup_vs_default,
+            fraction_of_roofline=row.fraction_of_roofline,
+            provenance={"bundle": self.sha256, "signed_by": self.signed_by, "device": row.device.describe()},
+        )
+
+
+def _read_bundle_file(path: str) -> bytes:
+    from tunerd.db.errors import BundleError
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read it: {e.strerror or e}") from None
+
+
 class Client:
     """Talks to a tunerd daemon. Lookups never raise for an unreachable server: they fall back."""
 
@@ -233,7 +340,12 @@ class Client:
         max_cooldown_s: float = 300.0,
         local_store: Any = "auto",
         transport: httpx.BaseTransport | None = None,
+        bundle: str | os.PathLike[str] | bytes | BundleAnswers | None = None,
+        trusted_keys: KeyArg = None,
     ) -> None:
+        """bundle: a bundle file (or BundleAnswers) that answers live lookups the server cannot, after this
+        client's disk cache and before the local store; read with trusted_keys pinned (None:
+        $TUNERD_TRUSTED_KEYS), so with a key pinned an unsigned or wrongly signed bundle answers nothing."""
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"server url must start with http:// or https://, got {url!r}")
         if timeout <= 0 or retries < 0:
@@ -263,6 +375,11 @@ class Client:
         self._local: Any = None
         self._local_checked = False
         self.last_error: str | None = None
+        self.bundle = (
+            bundle if isinstance(bundle, BundleAnswers) or bundle is None else BundleAnswers(bundle, trusted_keys)
+        )
+        if self.bundle is not None and self.bundle.error:
+            self.last_error = self.bundle.error
 
     def close(self) -> None:
         self._http.close()
@@ -399,17 +516,22 @@ class Client:
             if answer.hit:
                 out[i] = answer
                 self.cache.put(self.url, fp, snapshot, answer)
+            elif answer.borrowed:
+                out[i] = answer  # launched for now, not cached: the server tunes the exact shape meanwhile
             elif snapshot is not None:
                 out[i] = answer  # a pinned miss stays a miss, and must not pick up a local winner
                 self.cache.put(self.url, fp, snapshot, answer)
         return out
 
     def _fallback(self, spec: BlockSpec, fp: DeviceFingerprint, snapshot: str | None) -> Answer:
-        """Server down or missing: this client's cache, then the local store (live lookups only), then the
-        default schedule."""
+        """Server down or missing: this client's cache, then its bundle and the local store (live lookups
+        only), then the default schedule."""
         cached = self.cache.get(self.url, fp, snapshot, spec)
         if cached is not None:
             return cached
+        from_bundle = self.bundle.answer(spec, fp) if self.bundle is not None and snapshot is None else None
+        if from_bundle is not None:
+            return from_bundle
         store = self._local_store() if snapshot is None else None  # a pinned answer is the server's or none
         if store is not None:
             try:
@@ -594,7 +716,7 @@ class RemoteLookup:
         self._memo: dict[tuple[str, str], tuple[generator.Variant | None, float]] = {}
         self._lock = threading.Lock()
         self.recording: list[tuple[BlockSpec, Any]] | None = None  # set by remote.model_specs
-        self.stats = {"hits": 0, "misses": 0, "server_lookups": 0}
+        self.stats = {"hits": 0, "misses": 0, "borrowed": 0, "server_lookups": 0}
 
     def __call__(self, spec: BlockSpec, device: Any) -> generator.Variant | None:
         if self.recording is not None:
@@ -603,7 +725,7 @@ class RemoteLookup:
         fp = _fingerprint(device)
         key = (fp.key, spec.to_json())
         memo = self._memo.get(key)
-        if memo is None or (memo[0] is None and memo[1] < time.monotonic()):
+        if memo is None or memo[1] < time.monotonic():
             self.prefetch([spec], device)
             memo = self._memo[key]
         return memo[0]
@@ -613,16 +735,17 @@ class RemoteLookup:
         fp = _fingerprint(device)
         unique = list({s.to_json(): s for s in specs}.values())
         answers = self.client.lookup(unique, device=fp, snapshot=self.snapshot) if unique else []
-        counts = {"hits": 0, "misses": 0}
+        counts = {"hits": 0, "misses": 0, "borrowed": 0}
         with self._lock:
             self.stats["server_lookups"] += 1
             for a in answers:
                 variant = a.variant()
-                expires = float("inf") if variant is not None else time.monotonic() + self.miss_ttl_s
+                final = variant is not None and not a.borrowed  # a borrowed schedule is asked about again later
+                expires = float("inf") if final else time.monotonic() + self.miss_ttl_s
                 self._memo[(fp.key, a.spec.to_json())] = (variant, expires)
-                counts["hits" if variant is not None else "misses"] += 1
-            self.stats["hits"] += counts["hits"]
-            self.stats["misses"] += counts["misses"]
+                counts["borrowed" if a.borrowed else "hits" if variant is not None else "misses"] += 1
+            for k in counts:
+                self.stats[k] += counts[k]
         return counts
 
     def uninstall(self) -> None:
@@ -645,3 +768,35 @@ def install(client: Client, snapshot: str | None = None, *, miss_ttl_s: float = 
 
 def installed() -> RemoteLookup | None:
     return _installed.get("lookup")
+
+
+class BundleLookup:
+    """kernels.conv's schedule lookup backed by a bundle file alone (no server): the bundle's winner for
+    (device, spec), rendered here, else None (the default schedule). Answers are kept per (device, spec)."""
+
+    def __init__(self, answers: BundleAnswers) -> None:
+        self.answers = answers
+        self._memo: dict[tuple[str, str], generator.Variant | None] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, spec: BlockSpec, device: Any) -> generator.Variant | None:
+        fp = _fingerprint(device)
+        key = (fp.key, spec.to_json())
+        with self._lock:
+            if key in self._memo:
+                return self._memo[key]
+        answer = self.answers.answer(spec, fp)
+        variant = None if answer is None else answer.variant()
+        with self._lock:
+            self._memo[key] = variant
+        return variant
+
+
+def install_bundle(bundle: str | os.PathLike[str] | bytes | BundleAnswers, trusted_keys: KeyArg = None) -> BundleLookup:
+    """Route every tunerd convolution's schedule choice through a bundle file (replacing any earlier install);
+    a refused bundle is logged and installs a lookup that answers nothing (default schedules)."""
+    answers = bundle if isinstance(bundle, BundleAnswers) else BundleAnswers(bundle, trusted_keys)
+    hook = BundleLookup(answers)
+    _conv.set_schedule_lookup(hook)
+    _installed.clear()
+    return hook

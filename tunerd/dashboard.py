@@ -98,4 +98,7 @@ def _progress_fraction(job: Any) -> float | None:
     specs_done, specs_total = num("specs_done"), num("specs_total")
     if specs_done is not None and specs_total:
         return max(0.0, min(1.0, specs_done / specs_total))
+    tasks_done, tasks_total = num("tasks_done"), num("tasks_total")  # a job fanned out over a fleet
+    if tasks_done is not None and tasks_total:
+        return max(0.0, min(1.0, tasks_done / tasks_total))
     return within

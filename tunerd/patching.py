@@ -1,9 +1,14 @@
-"""tunerd.patch(model): swap a model's torch convolutions for tunerd ones, in place.
+"""tunerd.patch(model): swap a model's torch convolutions and whole conv blocks for tunerd ones, in place.
 
-Modules change class in place (parameters, buffers, hooks and state_dict keys stay), so an
-optimizer built before patching keeps working and unpatch() restores plain torch modules.
-Where a torch.fx trace proves that a conv feeds only a BatchNorm (and that BN only an
-activation module), the three are fused into one kernel call.
+Modules change class in place (parameters, buffers, hooks and state_dict keys stay), so an optimizer built
+before patching keeps working and unpatch() restores plain torch modules. Where a torch.fx trace proves that a
+conv feeds only a BatchNorm (and that BN only an activation module), the three are fused into one kernel call.
+Block modules (tunerd.blocks.FUSED_BLOCKS: ConvNeXt, InceptionNeXt's token mixer, depthwise-separable, MBConv
+/ inverted residual with SE or ECA) are traced in training and in eval mode; in each mode whose graph is
+proven to be a block description the whole block runs its fused plan, otherwise (drop path active, BatchNorm
+with batch statistics, an unsupported option) its per-conv kernels, and the report names the reason. With
+example_input the report also says, per conv and block, whether its kernels are tuned winners (the installed
+lookup answered) or default schedules, and each block's plan.
 """
 
 from __future__ import annotations
@@ -11,15 +16,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from tunerd.kernels.conv import TORCH_DTYPES
+from tunerd.kernels.conv import TORCH_DTYPES, schedule_lookup, set_schedule_lookup
+from tunerd.kernels.plan import FUSED
 
+from .blocks import BlockGraph, BlockTracer, NotABlock, from_graph, fuse_block, is_fusable_block, last_plan
 from .nn import BN_MODES, TUNERD_CONV, activation_name, fuse_conv_bn
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_MODE = {True: "train", False: "eval"}
 
 
 @dataclass
@@ -27,15 +36,27 @@ class PatchReport:
     swapped: list[tuple[str, str]] = field(default_factory=list)  # (module name, what it became)
     fused: list[tuple[str, str]] = field(default_factory=list)  # (conv name, "bn[+act]" names)
     left: list[tuple[str, str]] = field(default_factory=list)  # (module name, why it was left)
+    blocks: list[tuple[str, str]] = field(default_factory=list)  # (block module name, modes it runs fused in)
+    kernels: list[tuple[str, str]] = field(default_factory=list)  # (conv or block name, tuned or default; plan)
 
     def __str__(self) -> str:
         lines = [
             f"tunerd.patch: {len(self.swapped)} convolutions swapped, {len(self.fused)} fused with BN, "
-            f"{len(self.left)} left"
+            f"{len(self.blocks)} blocks fused, {len(self.left)} left"
         ]
         lines += [f"  swapped {n}: {w}" for n, w in self.swapped]
         lines += [f"  fused   {n} <- {w}" for n, w in self.fused]
+        lines += [f"  block   {n}: {w}" for n, w in self.blocks]
         lines += [f"  left    {n}: {w}" for n, w in self.left]
+        if self.kernels:
+            lines += [f"  kernel  {n}: {w}" for n, w in self.kernels]
+        elif self.swapped:
+            lines.append(
+                "  kernels: default schedules (no tuned-kernel lookup installed)"
+                if schedule_lookup() is None
+                else "  kernels: tuned winners where the installed lookup has one for the shapes seen, else default "
+                "schedules (patch with example_input to see which)"
+            )
         return "\n".join(lines)
 
 
@@ -105,16 +126,57 @@ def _fusible_chains(model: nn.Module) -> tuple[dict[str, tuple[str, str | None]]
     return chains, None
 
 
-def patch(model: nn.Module, *, fuse_bn: bool = True, bn_mode: str = "train") -> PatchReport:
+def _block_graph(module: nn.Module, training: bool) -> BlockGraph | str:
+    """module's block description in that training mode (traced on meta tensors), or why there is none."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.train(training)
+        with _meta_state(module):
+            graph = BlockTracer().trace(module)
+        return from_graph(module, graph, training)
+    except NotABlock as e:
+        return str(e)
+    except Exception as e:  # untraceable control flow
+        return f"torch.fx could not trace it ({type(e).__name__}: {str(e)[:200]})"
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _fusable_blocks(model: nn.Module) -> dict[str, dict[bool, BlockGraph | str]]:
+    """Block module name -> {training mode: its BlockGraph or the reason it has none}; outermost blocks only."""
+    out: dict[str, dict[bool, BlockGraph | str]] = {}
+    for name, m in model.named_modules():
+        if (
+            is_fusable_block(m)
+            and not any(name.startswith(b + ".") for b in out)
+            and "_tunerd_orig_class" not in vars(m)
+        ):
+            out[name] = {mode: _block_graph(m, mode) for mode in (True, False)}
+    return out
+
+
+def patch(
+    model: nn.Module,
+    *,
+    fuse_bn: bool = True,
+    bn_mode: str = "train",
+    fuse_blocks: bool = True,
+    example_input: Any = None,
+) -> PatchReport:
     """Swap every plain torch Conv1d/2d/3d in model for its tunerd twin, in place; return what was done.
 
     bn_mode ('train' exact torch semantics, 'tune' BN folded into the weights each step,
     'eval' running statistics) applies while the model is in training mode; eval() always uses
-    the running statistics fused into the conv's epilogue.
+    the running statistics fused into the conv's epilogue. fuse_blocks: run whole blocks
+    (tunerd.blocks.FUSED_BLOCKS) as fused plans where their traced graph proves it exact. example_input (a
+    tensor or a tuple of forward arguments) runs one forward (no grad, state restored) so the report says
+    per conv and block which kernels are tuned winners and which plan each block runs.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     report = PatchReport()
+    blocks = _fusable_blocks(model) if fuse_blocks else {}
     chains, trace_note = _fusible_chains(model) if fuse_bn else ({}, None)
     modules = dict(model.named_modules())
     for name, m in modules.items():
@@ -144,9 +206,101 @@ def patch(model: nn.Module, *, fuse_bn: bool = True, bn_mode: str = "train") -> 
         m.__class__ = TUNERD_CONV[type(m)]
         m.activation = None
         report.swapped.append((name, type(m).__name__))
+    for name, graphs in blocks.items():
+        proven = {mode: g for mode, g in graphs.items() if isinstance(g, BlockGraph)}
+        kind = type(modules[name]).__name__
+        for mode, why in graphs.items():
+            if isinstance(why, str):
+                report.left.append((name, f"{kind} in {_MODE[mode]} mode runs per-conv kernels: {why}"))
+        if proven:
+            fuse_block(modules[name], proven)
+            report.blocks.append(
+                (name, f"{kind} as a fused block plan in {' and '.join(_MODE[m] for m in proven)} mode")
+            )
     if trace_note:
         report.left.append(("<model>", trace_note))
+    if example_input is not None:
+        report.kernels = kernel_sources(model, example_input)
     return report
+
+
+def kernel_sources(model: nn.Module, example_input: Any) -> list[tuple[str, str]]:
+    """Per patched conv and fused block that one forward of model(example_input) runs: whether its kernels are
+    tuned winners (the installed schedule lookup answered) or default schedules, and a block's plan.
+
+    The forward runs in the model's mode without gradients; buffers and the RNG state are restored."""
+    lookup = schedule_lookup()
+    current: list[str | None] = [None]
+    seen: dict[str, list[bool]] = {}
+
+    def record(spec: Any, device: torch.device) -> Any:
+        answer = lookup(spec, device) if lookup is not None else None
+        if current[0] is not None:
+            seen.setdefault(current[0], []).append(answer is not None)
+        return answer
+
+    def enter(name: str) -> Any:
+        return lambda m, args: current.__setitem__(0, name)
+
+    def leave(m: nn.Module, args: Any, out: Any) -> None:
+        current[0] = None
+
+    names = {name: m for name, m in model.named_modules() if "_tunerd_orig_class" in vars(m)}
+    names = {n: m for n, m in names.items() if isinstance(m, nn.modules.conv._ConvNd) or "_tunerd_graphs" in vars(m)}
+    handles = [
+        h for n, m in names.items() for h in (m.register_forward_pre_hook(enter(n)), m.register_forward_hook(leave))
+    ]
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    cuda = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"})
+    for m in names.values():
+        m.__dict__.pop("_tunerd_last", None)
+    set_schedule_lookup(record)
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+    finally:
+        set_schedule_lookup(lookup)
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+    out = []
+    ran_fused = [n for n, m in names.items() if last_plan(m) is not None]
+    for name, m in names.items():
+        convs = _tuned(seen.get(name, []))
+        inside = next((b for b in ran_fused if name.startswith(b + ".")), None)
+        if inside is not None and name not in seen:
+            out.append((name, f"computed inside the fused block {inside}"))
+            continue
+        if "_tunerd_graphs" not in vars(m):
+            out.append((name, convs))
+            continue
+        ran = last_plan(m)
+        if ran is None:
+            out.append((name, "ran its own forward (see its convs)"))
+            continue
+        plan = ran[1]
+        parts = [f"plan {plan.describe()} (the planner's default: no tuned block plans are stored)"]
+        n_fused = sum(s.kind in FUSED for s in plan.steps)
+        if n_fused:
+            parts.append(f"{n_fused} fused kernel(s) on default tile schedules")
+        if name in seen:
+            parts.append(f"conv steps: {convs}")
+        out.append((name, "; ".join(parts)))
+    return out
+
+
+def _tuned(hits: list[bool]) -> str:
+    """What the schedule lookup answered for one module's kernel launches."""
+    if not hits:
+        return "not run by the example input"
+    if all(hits):
+        return "tuned winner"
+    if not any(hits):
+        return "default schedule"
+    return f"{sum(hits)} of {len(hits)} kernels tuned winners, the rest default schedules"
 
 
 def unpatch(model: nn.Module) -> int:
@@ -157,7 +311,7 @@ def unpatch(model: nn.Module) -> int:
         if orig is None:
             continue
         m.__class__ = orig
-        for attr in ("_tunerd_bn", "bn_mode", "activation"):
+        for attr in ("_tunerd_bn", "bn_mode", "activation", "_tunerd_graphs", "_tunerd_last"):
             m.__dict__.pop(attr, None)
         n += 1
     return n

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # Live (non-snapshot) hits are served from memory for this long; 0 reads the database every time.
     # Snapshot answers are immutable and always cached.
     live_cache_s: float = Field(1.0, ge=0, le=3600)
+    # After an upgrade of a device's driver, CUDA, Triton, torch or generator, its old winners answer
+    # marked stale ('stale') or as a stale miss, i.e. the default schedule ('default'), until re-validated.
+    stale_answers: Literal["stale", "default"] = "stale"
 
     # The tuning worker that runs inside the daemon.
     worker: bool = True

@@ -23,6 +23,8 @@ from tunerd.schedules.tuner import Progress, TuneResult, tune
 
 DEFAULT_STRATEGY = strategies.DEFAULT
 VERIFY = "verify"  # the strategy of a job that re-measures imported claims (see run_job)
+REVALIDATE = "revalidate"  # the strategy of a job that re-measures, after an upgrade, what won before it
+REVALIDATE_TOP = 4  # schedules a re-validation re-measures per spec unless the job's budget_trials says
 log = logging.getLogger("tunerd.tuning")
 
 
@@ -131,7 +133,9 @@ def run_job(
 
     A VERIFY job measures here, for each of its specs, every imported claim not measured yet plus the
     default schedule: the local measurements then replace the claims in the winner table (a claim
-    slower than measured loses its place, a wrong one is disqualified on this device)."""
+    slower than measured loses its place, a wrong one is disqualified on this device). A REVALIDATE job
+    re-checks and re-measures, for each spec, the fastest schedules measured on this hardware before an
+    upgrade of its software stack (Store.stale_candidates), plus the default."""
     device = device or current()
     specs = job_specs(job.specs, job.suite)
     verify = job.strategy == VERIFY
@@ -152,17 +156,20 @@ def run_job(
                     }
                 )
 
-        if verify:
-            claimed = [c.schedule for c in store.claims(device, spec, limit=1000)]
-            if not claimed:
+        if verify or job.strategy == REVALIDATE:
+            if verify:
+                candidates = [c.schedule for c in store.claims(device, spec, limit=1000)]
+            else:
+                candidates = store.stale_candidates(device, spec, top=job.budget_trials or REVALIDATE_TOP)
+            if not candidates:
                 continue  # measured meanwhile (or never claimed): nothing to verify
             res = tune_spec(
                 store,
                 device,
                 spec,
                 strategy="exhaustive",
-                label=VERIFY,
-                candidates=claimed,
+                label=job.strategy,
+                candidates=candidates,
                 job_id=job.id,
                 on_progress=progress,
                 **tune_options,

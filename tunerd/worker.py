@@ -1,8 +1,9 @@
-"""The tuning worker: claims jobs from the store's queue and tunes them on this process's device.
+"""The tuning worker: claims tasks from the store's queue and tunes them on this process's device.
 
-One worker runs in every daemon (a background thread). Several daemons may share one database:
-the store hands each job to exactly one worker (PostgreSQL: FOR UPDATE SKIP LOCKED), the worker
-heartbeats while it tunes, and any worker requeues jobs whose holder stopped heartbeating. When
+One worker runs in every daemon (a background thread). Several daemons may share one database: a
+job fans out into one task per spec, the store hands each task to exactly one worker (PostgreSQL:
+FOR UPDATE SKIP LOCKED), so the workers of a fleet tune one suite side by side; the worker
+heartbeats while it tunes, and any worker requeues tasks whose holder stopped heartbeating. When
 the queue is empty the worker tunes the specs clients asked for most and nobody has tuned yet
 (the miss queue), for its own device only.
 
@@ -30,7 +31,8 @@ from tunerd.schedules.strategies import DEFAULT as DEFAULT_STRATEGY
 
 log = logging.getLogger("tunerd.worker")
 
-# run_job(store, job, device, on_progress) -> result summary; tunerd.tuning.run_job by default.
+# run_job(store, job, device, on_progress) -> result summary; tunerd.tuning.run_job by default. It is called
+# once per task, with the task's job narrowed to the task's spec (TaskRow.job).
 JobRunner = Callable[[Any, Any, DeviceFingerprint, Callable[[dict], None]], dict]
 
 
@@ -75,6 +77,7 @@ class JobWorker:
         trial_memory_bytes: int | None = None,
         trial_timeout_s: float = 120.0,
         verify_claims: bool = True,
+        revalidate: bool = True,
     ) -> None:
         if stale_after_s <= heartbeat_s:
             raise ValueError(f"stale_after_s ({stale_after_s}) must exceed heartbeat_s ({heartbeat_s})")
@@ -98,12 +101,15 @@ class JobWorker:
         self._miss_tried: dict[str, float] = {}  # spec key -> when this worker last queued it from the miss queue
         self.verify_claims = verify_claims  # when idle, re-measure imported timings for this device first
         self._verify_tried: dict[str, float] = {}  # spec key -> when this worker last queued its claims' verify
+        self.revalidate = revalidate  # when idle, re-measure winners from before an upgrade of this device
+        self._revalidate_tried: dict[str, float] = {}  # spec key -> when this worker last queued its re-validation
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.current_job: int | None = None
         self.progress: dict = {}
-        self.jobs_done = 0
+        self.tasks_done = 0
+        self.jobs_done = 0  # jobs whose last task this worker finished
         self.jobs_failed = 0
         self.last_error: str | None = None
 
@@ -162,6 +168,7 @@ class JobWorker:
                 "alive": self.alive,
                 "current_job": self.current_job,
                 "progress": dict(self.progress),
+                "tasks_done": self.tasks_done,
                 "jobs_done": self.jobs_done,
                 "jobs_failed": self.jobs_failed,
                 "last_error": self.last_error,
@@ -190,23 +197,33 @@ class JobWorker:
 
     # ---- one step -------------------------------------------------------------------------
     def run_once(self) -> int | None:
-        """Requeue stale jobs (failing those whose workers died max_attempts times), claim one (or queue
-        the top miss and claim that) and run it.
+        """Requeue stale tasks (failing those whose workers died max_attempts times), claim one (or queue
+        imported claims to verify, winners from before an upgrade to re-validate, or the top miss, and claim
+        that) and run it.
 
-        Returns the id of the job run, or None when there was nothing to do.
+        Returns the id of the job whose task ran, or None when there was nothing to do.
         """
         n = self.store.requeue_stale(self.stale_after_s, max_attempts=self.max_attempts)
         if n:
-            log.info("requeued %d stale job(s)", n)
-        job = self.store.claim_job(self.worker_id, device_key=self.device.key)
-        if job is None and self.verify_claims and self._queue_claims():
-            job = self.store.claim_job(self.worker_id, device_key=self.device.key)
-        if job is None and self.tune_misses and self._queue_top_miss():
-            job = self.store.claim_job(self.worker_id, device_key=self.device.key)
-        if job is None:
+            log.info("requeued %d stale task(s)", n)
+        task = self._claim()
+        if task is None and self.verify_claims and self._queue_claims():
+            task = self._claim()
+        if task is None and self.revalidate and self._queue_revalidation():
+            task = self._claim()
+        if task is None and self.tune_misses and self._queue_top_miss():
+            task = self._claim()
+        if task is None:
             return None
-        self.execute(job)
-        return job.id
+        self.execute(task)
+        return task.job_id
+
+    def _claim(self) -> Any:
+        from .tuning import job_specs
+
+        return self.store.claim_task(
+            self.worker_id, device_key=self.device.key, expand=lambda job: job_specs(job.specs, job.suite)
+        )
 
     def _queue_claims(self) -> bool:
         """Queue a verify job for imported timings on this device never measured here; True if one was queued."""
@@ -223,6 +240,24 @@ class JobWorker:
         self._verify_tried.update((s.to_json(), now) for s in specs)
         self.store.enqueue_job(specs=specs, strategy=VERIFY, device_key=self.device.key)
         log.info("queued a verify job for the imported timings of %d spec(s)", len(specs))
+        return True
+
+    def _queue_revalidation(self) -> bool:
+        """Queue a re-validation job for winners measured on this hardware before an upgrade of its driver,
+        CUDA, Triton, torch or generator and not measured since; True if one was queued."""
+        from .tuning import REVALIDATE
+
+        now = time.monotonic()
+        specs = [
+            s
+            for s in self.store.stale_specs(self.device, limit=64)
+            if now - self._revalidate_tried.get(s.to_json(), -1e18) >= self.miss_retry_s
+        ][:16]
+        if not specs:
+            return False
+        self._revalidate_tried.update((s.to_json(), now) for s in specs)
+        self.store.enqueue_job(specs=specs, strategy=REVALIDATE, device_key=self.device.key)
+        log.info("queued a re-validation job for %d winner(s) from before an upgrade", len(specs))
         return True
 
     def _queue_top_miss(self) -> bool:
@@ -247,10 +282,11 @@ class JobWorker:
             return True
         return False
 
-    def execute(self, job: Any) -> None:
-        """Run a claimed job with heartbeats; mark it done or failed. A lost job is left to its new owner."""
+    def execute(self, task: Any) -> None:
+        """Run a claimed task with heartbeats; mark it done or failed. A lost task is left to its new owner."""
         from tunerd.schedules.harness import Interrupted, guard
 
+        job = task.job
         lost = threading.Event()
         with self._lock:
             self.current_job, self.progress = job.id, {}
@@ -263,16 +299,16 @@ class JobWorker:
             with self._lock:
                 self.progress = _json_safe(progress)
             if lost.is_set():
-                raise JobLost(f"job {job.id} was taken from worker {self.worker_id}")
+                raise JobLost(f"task {task.position} of job {job.id} was taken from worker {self.worker_id}")
             if self._stop.is_set():
                 raise WorkerStopping(f"worker {self.worker_id} is stopping")
 
         beat_stop = threading.Event()
         beater = threading.Thread(
             target=self._heartbeat,
-            args=(job.id, beat_stop, lost, cancel),
+            args=(task.id, beat_stop, lost, cancel),
             daemon=True,
-            name=f"tunerd-heartbeat-{job.id}",
+            name=f"tunerd-heartbeat-{job.id}.{task.position}",
         )
         beater.start()
         result: dict | None = None
@@ -286,11 +322,11 @@ class JobWorker:
                     harness = self._harness()
                     result = _default_runner()(self.store, job, self.device, on_progress, harness=harness)
         except (JobLost, WorkerStopping, Interrupted) as e:
-            log.warning("job %s abandoned: %s", job.id, e)
+            log.warning("job %s task %s abandoned: %s", job.id, task.position, e)
             return
-        except Exception as e:  # a failing job never takes the worker down: it is marked failed
+        except Exception as e:  # a failing task never takes the worker down: it is marked failed
             error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
-            log.error("job %s failed: %s: %s", job.id, type(e).__name__, e)
+            log.error("job %s task %s failed: %s: %s", job.id, task.position, type(e).__name__, e)
         finally:
             beat_stop.set()
             beater.join()
@@ -299,51 +335,53 @@ class JobWorker:
             with self._lock:
                 self.current_job = None
         if lost.is_set():
-            log.warning("job %s finished after it was requeued; its result is dropped", job.id)
+            log.warning("job %s task %s finished after it was requeued; its result is dropped", job.id, task.position)
             return
-        self._finish(job.id, result, error)
+        self._finish(task, result, error)
 
-    def _finish(self, job_id: int, result: dict | None, error: str | None) -> None:
+    def _finish(self, task: Any, result: dict | None, error: str | None) -> None:
         with self._lock:
             progress = dict(self.progress)
         for attempt in range(5):  # the store may be briefly unavailable; the trials are already saved
             try:
-                self.store.heartbeat(job_id, self.worker_id, progress)  # the final progress, then the outcome
-                self.store.finish_job(job_id, self.worker_id, result=result, error=error)
+                self.store.heartbeat_task(task.id, self.worker_id, progress)  # the final progress, then the outcome
+                settled = self.store.finish_task(task.id, self.worker_id, result=result, error=error)
                 break
             except JobNotOwned as e:
-                log.warning("job %s: %s", job_id, e)
+                log.warning("job %s task %s: %s", task.job_id, task.position, e)
                 return
             except StoreUnavailable as e:
-                self._note_error(f"finishing job {job_id}: {e}")
+                self._note_error(f"finishing job {task.job_id} task {task.position}: {e}")
                 if self._stop.wait(min(30.0, 0.5 * 2**attempt)):
                     return
         else:
             return  # left running: its heartbeat stops, so a worker requeues it
         with self._lock:
-            if error is None:
+            self.tasks_done += 1
+            if settled is not None and settled.status == "done":
                 self.jobs_done += 1
-            else:
+            elif settled is not None:
                 self.jobs_failed += 1
-                self.last_error = f"job {job_id}: {error.splitlines()[0]}"
+            if error is not None:
+                self.last_error = f"job {task.job_id} task {task.position}: {error.splitlines()[0]}"
 
     def _harness(self) -> Any:
         from tunerd.schedules.harness import Harness
 
         return Harness(memory_bytes=self.trial_memory_bytes, timeout_s=self.trial_timeout_s)
 
-    def _heartbeat(self, job_id: int, stop: threading.Event, lost: threading.Event, cancel: threading.Event) -> None:
+    def _heartbeat(self, task_id: int, stop: threading.Event, lost: threading.Event, cancel: threading.Event) -> None:
         while not stop.wait(self.heartbeat_s):
             with self._lock:
                 progress = dict(self.progress)
             try:
-                self.store.heartbeat(job_id, self.worker_id, progress)
+                self.store.heartbeat_task(task_id, self.worker_id, progress)
             except JobNotOwned:  # cancelled or requeued: stop the running measurement now
                 lost.set()
                 cancel.set()
                 return
-            except StoreError as e:  # keep beating: the job is ours until the store says otherwise
-                self._note_error(f"heartbeat of job {job_id}: {e}")
+            except StoreError as e:  # keep beating: the task is ours until the store says otherwise
+                self._note_error(f"heartbeat of task {task_id}: {e}")
 
 
 def _json_safe(value: Any) -> Any:

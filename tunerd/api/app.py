@@ -12,7 +12,7 @@ from ..metrics import MetricsMiddleware
 from ..settings import Settings
 from . import errors
 from .deps import StoreHandle
-from .middleware import LOOPBACK_HOSTS, Admission, BodyLimit, HostGuard
+from .middleware import LOOPBACK_HOSTS, Admission, BodyLimit, EarlyShed, HostGuard
 from .routes import bundles, jobs, lookup, ops, snapshots, winners
 from .state import Service
 
@@ -60,11 +60,13 @@ def create_app(settings: Settings | None = None, store: Any = None, worker: Any 
     app.add_middleware(
         HostGuard, allowed_hosts=allowed_hosts(settings), allowed_origins=frozenset(settings.allowed_origins)
     )
+    app.state.early_shed = EarlyShed()  # the server's protocol asks the Admission through it (api.server)
     app.add_middleware(
         Admission,
         limit=settings.max_concurrent_requests,
         target_s=settings.shed_target_s,
         interval_s=settings.shed_interval_s,
+        early=app.state.early_shed,
     )
     app.add_middleware(MetricsMiddleware, metrics=svc.metrics)
     return app

@@ -2,7 +2,8 @@
 
 Admission answers 503 with Retry-After at once when requests queue for the event loop (a standing
 queue, CoDel-like) or too many are in flight, so a flood gets fast refusals instead of seconds of
-queueing. HostGuard refuses requests that name
+queueing; while it sheds, the server's protocol asks it first (EarlyShed) and refuses new requests as
+their headers are parsed, before any scope, task or middleware is made for them. HostGuard refuses requests that name
 another Host (DNS rebinding) or come from a page of another Origin (a browser's simple request).
 BodyLimit refuses bodies over the limit (413) before anything parses them and bodies that arrive
 too slowly (408).
@@ -41,6 +42,12 @@ RECEIVED = "tunerd.received"  # scope key: time.monotonic() when the server pars
 MIN_WINDOW = 8  # requests a shedding window needs before it decides
 
 
+class EarlyShed:
+    """Where the server's protocol (server.py) finds the app's Admission, which registers itself here."""
+
+    admission: Admission | None = None
+
+
 class Admission:
     """Load shedding: 503 + Retry-After, pre-encoded (no JSON, no routing), on two signals.
 
@@ -51,6 +58,11 @@ class Admission:
       that waited longer than target_s are refused until none has for a whole interval. Cached hits
       finish in one step on the event loop, so this, not the in-flight count, sees an overload of them.
     - In flight: at most `limit` requests (misses, database reads in threads) at once.
+
+    While shedding, and while requests keep arriving late (one did within the last interval), the server's
+    protocol refuses new requests as soon as their headers are parsed (refuse_on_arrival, raw_503): the
+    cheapest refusal there is, so a flood costs little more than parsing. Once an interval passes with no
+    late request, requests reach the app again and are measured; shedding ends as above.
 
     Paths in `exempt` always pass. Without a RECEIVED stamp (another server) only the bound applies.
     """
@@ -64,6 +76,7 @@ class Admission:
         exempt: frozenset[str] = frozenset({"/healthz"}),
         retry_after_s: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        early: EarlyShed | None = None,
     ) -> None:
         self.app = app
         self.limit = limit
@@ -86,6 +99,23 @@ class Admission:
         self._flight_503 = _encoded(
             503, {"detail": f"server busy: {limit} requests in flight; {busy}", "limit": limit}, retry_after_s
         )
+        start, body = self._queue_503
+        self.raw_503 = (  # the same response as bytes on the wire, for the protocol's early refusal
+            b"HTTP/1.1 503 Service Unavailable\r\n"
+            + b"".join(k + b": " + v + b"\r\n" for k, v in start["headers"])
+            + b"\r\n"
+            + body["body"]
+        )
+        self.exempt_raw = frozenset(p.encode() for p in exempt)
+        if early is not None:
+            early.admission = self
+
+    def refuse_on_arrival(self, now: float) -> bool:
+        """Whether the protocol should refuse a request whose headers were just parsed (counted as shed)."""
+        if self.shedding and now - self._last_late < self.interval_s:
+            self.shed += 1
+            return True
+        return False
 
     def overloaded(self, scope: dict) -> bool:
         """Whether to refuse this request for its queueing delay; updates the window (one event loop: no lock)."""

@@ -136,6 +136,15 @@ class LookupResult(BaseModel):
     provenance: dict[str, Any] | None = Field(None, description="hit: device, strategy, time, job, origin")
     misses: int | None = Field(None, description="miss: lookups of this spec on this device so far")
     tuning: bool | None = Field(None, description="miss: whether this daemon's idle worker will tune it")
+    stale: bool | None = Field(
+        None, description="measured before an upgrade of the device's software stack; being re-validated"
+    )
+    borrowed: bool | None = Field(
+        None,
+        description="miss near a tuned shape: schedule, source and launch are the nearest winner's "
+        "schedule rendered for this spec (verify before launching); the miss is counted and tuned",
+    )
+    borrowed_from: dict[str, Any] | None = Field(None, description="borrowed: the tuned spec, its variant and timings")
 
 
 class LookupResponse(BaseModel):

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..settings import Settings
 from .deps import StoreHandle
-from .middleware import LOOPBACK_HOSTS, RECEIVED
+from .middleware import LOOPBACK_HOSTS, RECEIVED, EarlyShed
 
 log = logging.getLogger("tunerd.api")
 
@@ -56,9 +56,11 @@ def check_exposure(settings: Settings) -> None:
         )
 
 
-def http_protocol(timeout_s: float) -> type | None:
+def http_protocol(timeout_s: float, early: EarlyShed | None = None) -> type | None:
     """uvicorn's httptools protocol with a deadline for each request's headers that stamps each request
-    with its arrival (scope[RECEIVED]); None without httptools."""
+    with its arrival (scope[RECEIVED]) and, while the app's Admission sheds (early), refuses new requests
+    with its pre-encoded 503 straight onto the connection, before uvicorn builds the request; None without
+    httptools."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
@@ -66,6 +68,7 @@ def http_protocol(timeout_s: float) -> type | None:
 
     class Protocol(HttpToolsProtocol):  # type: ignore[misc, valid-type]
         _header_timer: Any = None
+        _refused = False  # the request being parsed was answered early: its body is discarded
 
         def _arm(self) -> None:
             if self._header_timer is None:
@@ -86,13 +89,38 @@ def http_protocol(timeout_s: float) -> type | None:
             self._arm()
 
         def on_message_begin(self) -> None:
+            self._refused = False
             super().on_message_begin()
             self._arm()
 
         def on_headers_complete(self) -> None:
             self._disarm()
-            self.scope[RECEIVED] = time.monotonic()  # type: ignore[literal-required]
+            now = time.monotonic()
+            adm = early.admission if early is not None else None
+            if (
+                adm is not None
+                and (self.cycle is None or self.cycle.response_complete)  # nothing pipelined before it
+                and not self.pipeline
+                and self.url.split(b"?", 1)[0] not in adm.exempt_raw
+                and adm.refuse_on_arrival(now)
+            ):
+                self._refused = True
+                self.transport.write(adm.raw_503)
+                if self.parser.should_keep_alive():
+                    self.on_response_complete()  # arms the keep-alive timer, as after any response
+                else:
+                    self.transport.close()
+                return
+            self.scope[RECEIVED] = now  # type: ignore[literal-required]
             super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._refused:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._refused:
+                super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -101,14 +129,14 @@ def http_protocol(timeout_s: float) -> type | None:
     return Protocol
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
+def uvicorn_options(settings: Settings, early: EarlyShed | None = None) -> dict[str, Any]:
     opts: dict[str, Any] = dict(
         timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,
         h11_max_incomplete_event_size=64 * 1024,
         access_log=False,
     )
-    protocol = http_protocol(settings.header_timeout_s)
+    protocol = http_protocol(settings.header_timeout_s, early)
     if protocol is not None:
         opts["http"] = protocol
     return opts
@@ -155,7 +183,13 @@ def serve(
     # request for 100+ ms. Frozen, the collector only walks what the daemon allocates from here on.
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **uvicorn_options(settings))
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        **uvicorn_options(settings, app.state.early_shed),
+    )
 
 
 class ServerThread:
@@ -170,6 +204,7 @@ class ServerThread:
         port: int = 0,
         log_level: str = "warning",
         settings: Settings | None = None,
+        early: EarlyShed | None = None,
     ) -> None:
         import socket
 
@@ -182,7 +217,11 @@ class ServerThread:
         self.host, self.port = host, self.sock.getsockname()[1]
         self.server = uvicorn.Server(
             uvicorn.Config(
-                app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5, **uvicorn_options(settings)
+                app,
+                log_level=log_level,
+                lifespan="on",
+                timeout_graceful_shutdown=5,
+                **uvicorn_options(settings, early or getattr(getattr(app, "state", None), "early_shed", None)),
             )
         )
         self._thread = threading.Thread(

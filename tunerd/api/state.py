@@ -166,6 +166,8 @@ class Service:
         missed: dict[str, BlockSpec] = {}
         for i, spec in enumerate(specs):
             answer = self._answer(device, spec, snapshot)
+            if answer is None and snapshot is None:
+                answer = self._stale(device, spec)
             if answer is None:
                 key = spec.to_json()
                 if key not in missed:  # a model repeating a layer counts once per request
@@ -179,6 +181,7 @@ class Service:
                     "tuning": bool(
                         self.worker is not None and self.worker.tune_misses and device.key == self.device.key
                     ),
+                    **((snapshot is None and self._borrowed(device, spec)) or {}),
                 }
                 self.metrics.lookups.labels("miss").inc()
             else:
@@ -188,7 +191,7 @@ class Service:
             stored = self.store.miss_counts(device, list(missed.values()))
             counts = {k: stored.get(k, 0) + self.misses.unwritten(device.key, k) for k in missed}
             for r, spec in zip(results, specs):
-                if not r["hit"]:
+                if not r["hit"] and spec.to_json() in counts:
                     r["misses"] = counts[spec.to_json()]
         return {
             "device": device.digest,
@@ -243,6 +246,44 @@ class Service:
                     self._hits.popitem(last=False)
         return answer
 
+    def _stale(self, device: DeviceFingerprint, spec: BlockSpec) -> dict | None:
+        """After an upgrade of device's software stack, the winner measured before it, marked stale (or, with
+        settings.stale_answers 'default', a stale miss: the client runs the default) while the worker
+        re-validates it; not counted as a miss (there is nothing to tune from scratch). Never cached."""
+        row = self.store.stale_winner(device, spec)
+        if row is None:
+            return None
+        self.metrics.lookups.labels("stale").inc()
+        if self.settings.stale_answers == "stale":
+            return {**self.hit(row), "stale": True}
+        return {"hit": False, "stale": True, "spec": spec.to_dict(), "spec_digest": spec.digest, "misses": None}
+
+    def _borrowed(self, device: DeviceFingerprint, spec: BlockSpec) -> dict | None:
+        """What a miss near a tuned shape (another batch or spatial size) adds: the nearest winner's schedule
+        rendered for spec itself (a client re-renders and checks it like any answer before it launches it),
+        marked borrowed, with the timings it won by on the other shape (borrowed_from). It stays a miss: it
+        is counted, so the worker tunes the exact shape."""
+        for row in self.store.nearest_winners(device, spec):
+            try:
+                v = generator.render(spec, row.schedule)
+            except (SpecError, ScheduleError):
+                continue  # not legal for this shape: the next nearest
+            self.metrics.lookups.labels("borrowed").inc()
+            return {
+                "borrowed": True,
+                "schedule": v.schedule.to_dict(),
+                "variant_id": v.id,
+                "source": v.source,
+                "launch": launch_of(v),
+                "borrowed_from": {
+                    "spec": row.spec.to_dict(),
+                    "variant_id": row.variant_id,
+                    "timings": {"median_ms": row.median_ms, "spread_ms": row.spread_ms, "reps": row.reps},
+                    "provenance": self.hit(row)["provenance"],
+                },
+            }
+        return None
+
     def launch_metadata(self, row: Any) -> dict[str, Any]:
         with self._lock:
             meta = self._launch.get(row.variant_id)
@@ -252,12 +293,7 @@ class Service:
             except (SpecError, ScheduleError) as e:  # e.g. a bundle from a tunerd with more templates
                 log.warning("cannot describe the launch of variant %s: %s", row.variant_id, e)
                 return {"kernel_name": None, "grid": None, "num_warps": None, "num_stages": None, "error": str(e)}
-            meta = {
-                "kernel_name": v.kernel_name,
-                "grid": list(v.grid),
-                "num_warps": v.num_warps,
-                "num_stages": v.num_stages,
-            }
+            meta = launch_of(v)
             with self._lock:
                 self._launch[row.variant_id] = meta
                 while len(self._launch) > 20_000:
@@ -297,3 +333,8 @@ class Service:
         if scope.get("path") == f"{API}/bundle":
             return self.settings.max_bundle_bytes
         return self.settings.max_body_bytes
+
+
+def launch_of(v: generator.Variant) -> dict[str, Any]:
+    """What a client needs to launch a rendered variant."""
+    return {"kernel_name": v.kernel_name, "grid": list(v.grid), "num_warps": v.num_warps, "num_stages": v.num_stages}
