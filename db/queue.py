@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import timedelta
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import CursorResult, Result, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from tunerd.kernels.spec import BlockSpec
@@ -147,6 +147,8 @@ class JobQueue:
                 error=error,
             )
             job_id = s.scalar(select(TaskTable.job_id).where(TaskTable.id == task_id))
+            if job_id is None:
+                raise UnknownJob(f"no task {task_id}")
             job = _settle(s, job_id)
             return None if job is None else job_row(job, _tasks_of(s, [job.id]).get(job.id))
 
@@ -193,15 +195,17 @@ class JobQueue:
             with self._write() as s:
                 return self._owned_update(row_id, worker_id, table=table, session=s, **values)
         s = session
-        n = s.execute(
-            update(table)
-            .where(table.id == row_id, table.worker_id == worker_id, table.status == "running")
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        n = rowcount(
+            s.execute(
+                update(table)
+                .where(table.id == row_id, table.worker_id == worker_id, table.status == "running")
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+        )
         if n == 1:
             return None
-        row = s.get(table, row_id)
+        row = s.get(JobTable, row_id) if table is JobTable else s.get(TaskTable, row_id)
         what = "job" if table is JobTable else "task"
         if row is None:
             raise UnknownJob(f"no {what} {row_id}")
@@ -218,7 +222,7 @@ class JobQueue:
         timeout = number("timeout_s", timeout_s, optional=False)
         now = utcnow()
         cutoff = now - timedelta(seconds=timeout)
-        abandoned = dict(
+        abandoned: dict[str, Any] = dict(
             status="failed",
             finished_at=now,
             error=f"abandoned: its worker stopped heartbeating for {timeout:g}s on each of {max_attempts} attempts",
@@ -257,14 +261,13 @@ class JobQueue:
                     .values(**abandoned)
                     .execution_options(synchronize_session=False)
                 )
-            return (
-                requeued
-                + s.execute(
+            return requeued + rowcount(
+                s.execute(
                     update(JobTable)
                     .where(stale)
                     .values(status="queued", worker_id=None)
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                )
             )
 
     def cancel_job(self, job_id: int) -> bool:
@@ -303,7 +306,12 @@ class JobQueue:
 
     def queue_depth(self) -> int:
         with self._read() as s:
-            return s.scalar(select(func.count()).select_from(JobTable).where(JobTable.status == "queued"))
+            return s.execute(select(func.count()).select_from(JobTable).where(JobTable.status == "queued")).scalar_one()
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched: Session.execute is typed Result, but a DML statement's is a CursorResult."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def _next_job(s: Session, device_key: str | None) -> JobTable | None:

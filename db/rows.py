@@ -92,6 +92,10 @@ def number(name: str, value: Any, *, optional: bool = True, positive: bool = Fal
     return v
 
 
+@overload
+def label(name: str, value: Any, limit: int, *, optional: Literal[False]) -> str: ...
+@overload
+def label(name: str, value: Any, limit: int, *, optional: bool = True) -> str | None: ...
 def label(name: str, value: Any, limit: int, *, optional: bool = True) -> str | None:
     """A non-empty string of at most limit characters, or None when optional."""
     if value is None and optional:

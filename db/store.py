@@ -18,7 +18,21 @@ from datetime import datetime
 from numbers import Integral, Real
 from typing import Any
 
-from sqlalchemy import Engine, String, and_, cast, delete, func, insert, literal, or_, select, text
+from sqlalchemy import (
+    Engine,
+    ScalarSelect,
+    Select,
+    String,
+    and_,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
@@ -31,7 +45,7 @@ from tunerd.kernels.spec import BlockSpec
 from . import engine as _engine
 from .errors import InvalidRecord, SnapshotExists, StoreError, UnknownJob, UnknownSnapshot, UnknownWinner
 from .fingerprint import DeviceFingerprint
-from .queue import JobQueue
+from .queue import JobQueue, rowcount
 from .rows import (
     DeviceRow,
     MissRow,
@@ -57,6 +71,7 @@ from .tables import (
     TrialTable,
     VariantTable,
     WinnerTable,
+    _WinnerColumns,
     utcnow,
 )
 
@@ -227,10 +242,10 @@ class Store(JobQueue):
             yield s
 
     # ---- keys ----------------------------------------------------------------------------------
-    def _find(self, s: Session, model: type, key: str) -> int | None:
+    def _find(self, s: Session, model: type[DeviceTable] | type[SpecTable], key: str) -> int | None:
         return s.scalar(select(model.id).where(model.key == key))
 
-    def _ensure(self, s: Session, model: type, key: str, **values: Any) -> int:
+    def _ensure(self, s: Session, model: type[DeviceTable] | type[SpecTable], key: str, **values: Any) -> int:
         found = self._find(s, model, key)
         if found is not None:
             return found
@@ -239,7 +254,10 @@ class Store(JobQueue):
             .values(key=key, created_at=utcnow(), **values)
             .on_conflict_do_nothing(index_elements=["key"])
         )
-        return self._find(s, model, key)
+        found = self._find(s, model, key)
+        if found is None:
+            raise StoreError(f"no {model.__tablename__} row for {key[:80]!r} after inserting it")
+        return found
 
     def _ensure_device(self, s: Session, fp: DeviceFingerprint) -> int:
         _require("device", fp, DeviceFingerprint)
@@ -275,6 +293,8 @@ class Store(JobQueue):
                 .on_conflict_do_nothing(index_elements=["id"])
             )
             row = s.execute(select(VariantTable.spec_id, VariantTable.source).where(VariantTable.id == v.id)).first()
+            if row is None:
+                raise StoreError(f"no variants row for {v.id} after inserting it")
         if row.spec_id != spec_id:
             raise InvalidRecord(
                 f"variant {v.id} was recorded for another spec; this source does not belong to {v.spec.describe()}"
@@ -376,7 +396,7 @@ class Store(JobQueue):
             TrialTable.device_id == device_id, TrialTable.status == "wrong-result"
         )
 
-    def _measured_here(self, device_id: int):
+    def _measured_here(self, device_id: int | ScalarSelect[int]):
         """Variants with a local trial (any status) on this device: their claims no longer count."""
         return select(TrialTable.variant_id).where(TrialTable.device_id == device_id, TrialTable.origin.is_(None))
 
@@ -441,6 +461,8 @@ class Store(JobQueue):
         if best is None:
             s.delete(current)
             return
+        if best.median_ms is None:
+            raise StoreError(f"ok trial {best.id} has no median time")
         ratio = current.median_ms / best.median_ms
         current.trial_id, current.variant_id, current.median_ms = best.id, best.variant_id, best.median_ms
         current.claimed = best.origin is not None
@@ -557,7 +579,7 @@ class Store(JobQueue):
         """What re-validating spec on device re-measures: the `top` fastest correct schedules measured under
         its newest predecessor that measured spec."""
         for old in self.predecessors(device):
-            ok = sorted((t for t in self.measured(old, spec).values() if t.status == "ok"), key=lambda t: t.median_ms)
+            ok = sorted((t for t in self.measured(old, spec).values() if t.status == "ok"), key=_median)
             if ok:
                 return list(dict.fromkeys(t.schedule for t in ok))[: _limit(top)]
         return []
@@ -587,7 +609,7 @@ class Store(JobQueue):
         return [w for o in near[: _limit(limit)] if (w := self.winner(device, o)) is not None]
 
     def _winner_rows(self, *, device_key: str | None, spec_key: str | None, snapshot: str | None) -> list[WinnerRow]:
-        W = WinnerTable if snapshot is None else SnapshotWinnerTable
+        W: type[_WinnerColumns] = WinnerTable if snapshot is None else SnapshotWinnerTable
         with self._read() as s:
             q = (
                 select(W, TrialTable, VariantTable.source, VariantTable.schedule, SpecTable.key, DeviceTable.key)
@@ -806,6 +828,8 @@ class Store(JobQueue):
             rendered=v,
         )
         trial = s.get(TrialTable, tid)
+        if trial is None:
+            raise StoreError(f"trial {tid} vanished while importing it")
         ledger.note(trial, before, new_device, new_spec, new_variant)
         won = s.scalar(select(WinnerTable.trial_id).where(WinnerTable.trial_id == tid)) is not None
         if not won:
@@ -831,7 +855,7 @@ class Store(JobQueue):
                     else:
                         for name, value in prior.items():
                             setattr(current, name, value)
-        refs = {
+        refs: dict[Any, list[Select[Any]]] = {
             TrialTable.id: [select(t.trial_id) for t in (WinnerTable, SnapshotWinnerTable)],
             VariantTable.id: [select(t.variant_id) for t in (TrialTable, WinnerTable, SnapshotWinnerTable)],
             SpecTable.id: [
@@ -883,7 +907,7 @@ class Store(JobQueue):
                     ["snapshot", *cols], select(cast(literal(name), String(64)), *[w[c] for c in cols])
                 )
             )
-            snap.winner_count = res.rowcount
+            snap.winner_count = rowcount(res)
         return name
 
     def snapshots(self) -> list[SnapshotRow]:
@@ -908,7 +932,9 @@ class Store(JobQueue):
                     set_={"count": MissTable.__table__.c.count + 1, "last_seen": ins.excluded.last_seen},
                 )
             )
-            return s.scalar(select(MissTable.count).where(MissTable.device_id == dev_id, MissTable.spec_id == spec_id))
+            return s.execute(
+                select(MissTable.count).where(MissTable.device_id == dev_id, MissTable.spec_id == spec_id)
+            ).scalar_one()
 
     def top_misses(self, limit: int = 20, *, device: DeviceLike | None = None) -> list[MissRow]:
         """The most requested untuned (device, spec) pairs, most frequent first."""
@@ -963,9 +989,10 @@ class Store(JobQueue):
             cutoff = s.scalar(select(MissTable.last_seen).order_by(MissTable.last_seen.desc()).offset(keep).limit(1))
             if cutoff is None:
                 return 0
-            gone = s.execute(MissTable.__table__.delete().where(MissTable.last_seen <= cutoff)).rowcount
+            core = {"synchronize_session": False}  # plain DELETE statements: no session state to update
+            gone = rowcount(s.execute(delete(MissTable).where(MissTable.last_seen <= cutoff).execution_options(**core)))
             used = [select(m.spec_id) for m in (MissTable, VariantTable, TrialTable, WinnerTable, SnapshotWinnerTable)]
-            s.execute(SpecTable.__table__.delete().where(*[SpecTable.id.not_in(q) for q in used]))
+            s.execute(delete(SpecTable).where(*[SpecTable.id.not_in(q) for q in used]).execution_options(**core))
             return gone
 
     def clear_miss(self, device: DeviceLike, spec: BlockSpec) -> bool:
@@ -993,12 +1020,17 @@ def _hardware(d: DeviceFingerprint) -> tuple[Any, ...]:
     return (d.name, d.compute_capability, d.sm_count, d.memory_bytes, d.interpreter)
 
 
+def _median(t: TrialTable | TrialRow) -> float:
+    """An ok trial's median time (which it always has; inf otherwise)."""
+    return math.inf if t.median_ms is None else t.median_ms
+
+
 def _supersedes(t: TrialTable, prev: TrialRow) -> bool:
     """measured()'s choice per variant (trials arrive oldest first)."""
     if t.status == "wrong-result" or prev.status == "wrong-result":
         return t.status == "wrong-result"
     if t.status == "ok" or prev.status == "ok":
-        return t.status == "ok" and (prev.status != "ok" or t.median_ms < prev.median_ms)
+        return t.status == "ok" and (prev.status != "ok" or _median(t) < _median(prev))
     return True
 
 

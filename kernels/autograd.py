@@ -100,6 +100,8 @@ def conv_op(
     z = res.z if res.z is not None else _empty(x)
     if not stats:
         return y, z, _empty(x, _F32), _empty(x, _F32)
+    if res.mean is None or res.var is None:  # a stats spec always gathers them
+        raise RuntimeError(f"the forward of {spec.describe()} returned no batch statistics")
     return y, z, res.mean, res.var
 
 
@@ -300,7 +302,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.cfg = (stride, padding, dilation, groups, activation, residual_mode, precision, stats)
 
 
-def _backward(ctx: Any, dy: Tensor, dz: Tensor, dmean: Tensor, dvar: Tensor) -> tuple:
+def _backward(ctx: Any, dy: Tensor, dz: Tensor, dmean: Tensor | None, dvar: Tensor | None) -> tuple:
     x, weight, bias, scale, shift, residual, layer_scale, starrelu, z, mean = ctx.saved_tensors
     stride, padding, dilation, groups, activation, residual_mode, precision, stats = ctx.cfg
     ng = ctx.needs_input_grad

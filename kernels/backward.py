@@ -7,7 +7,8 @@ Scheme (kernels.epilogue.GradPlan has the formulas):
   materialised: dgrad and wgrad load dy (and z, and the residual for 'pre') and apply the chain's
   gradient on the fly, rebuilding u = (z + bias) * scale + shift (+ residual) per element.
 - wgrad is a split-K GEMM over N*P*Q writing fp32 partials [split, ...] that are summed in fixed
-  order (deterministic, no atomics). Its programs that own a channel's first column tile also sum
+  order (deterministic): conv in the kernel (the last split of a tile to arrive at its counter sums them
+  into partial 0), depthwise on the host. Its programs that own a channel's first column tile also sum
   the per-channel parameter gradients (dbias, dscale, dshift, dlayer_scale, StarReLU's ds, db) into
   [split, n, K] partials and write d residual for 'pre': no separate elementwise pass.
 - dgrad decomposes strided convs by stride phase (one launch, a grid axis over phases), so no
@@ -39,6 +40,7 @@ from .conv import (
     to_channels_last,
     upcast,
 )
+from .generator import Variant
 from .schedule import Schedule
 from .spec import BlockSpec
 
@@ -123,6 +125,18 @@ def wgrad_partials(gspec: BlockSpec, split_k: int, device: torch.device) -> torc
     return new_buffer(wgrad_partials_shape(gspec, split_k), torch.float32, device)
 
 
+def wgrad_counters(variant: Variant, device: torch.device) -> torch.Tensor:
+    """The zeroed int32 arrival counters of a conv wgrad variant's in-kernel split-K sum, one per output tile
+    (the kernel leaves them zeroed, so a buffer serves any number of launches of one stream)."""
+    return torch.zeros(variant.grid[0] * variant.grid[1], dtype=torch.int32, device=device)
+
+
+def wgrad_sums(gspec: BlockSpec, partials: torch.Tensor) -> torch.Tensor:
+    """The fixed-order sum of a wgrad variant's [split, ...] partials: conv kernels leave it in partial 0,
+    depthwise partials are summed here."""
+    return partials[0] if gspec.kind == "conv" else partials.sum(dim=0)
+
+
 def wgrad_args(
     gspec: BlockSpec,
     dy: torch.Tensor,
@@ -133,13 +147,19 @@ def wgrad_args(
     dstats: torch.Tensor | None = None,
     red: torch.Tensor | None = None,
     dres: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Kernel arguments of a wgrad variant.
 
     dw: wgrad_partials(); red: [split, len(plan.reductions), K] fp32 when the plan reduces; dres:
-    the channels-last buffer for d residual ('pre'), or None to skip writing it.
+    the channels-last buffer for d residual ('pre'), or None to skip writing it; counters: wgrad_counters()
+    (conv only, required there).
     """
     args: dict[str, Any] = {"dy_ptr": dy, "x_ptr": to_channels_last(x.detach()), "dw_ptr": dw, "UPCAST": upcast(dy)}
+    if gspec.kind == "conv":
+        if counters is None:
+            raise ValueError("a conv wgrad variant needs its split-K arrival counters (wgrad_counters)")
+        args["cnt_ptr"] = counters
     args.update(_chain_args(gspec, ep or EpilogueArgs(), z, dstats, dy.device))
     if _ep.grad_plan(gspec.epilogue, "wgrad").reductions:
         args["red_ptr"] = red
@@ -193,12 +213,13 @@ def _launch_wgrad(
     dw = wgrad_partials(gspec, split, dy.device)
     red = new_buffer((split, len(plan.reductions), spec.k), torch.float32, dy.device) if plan.reductions else None
     dres = new_channels_last((spec.n, spec.k, *spec.out_size), dy.dtype, dy.device) if want_dres else None
-    args = wgrad_args(gspec, dy, x, dw, ep, z, dstats, red, to_channels_last(dres) if want_dres else None)
-    runtime.launch(variant, args, dy.device)
+    dres_cl = to_channels_last(dres) if dres is not None else None
+    cnt = wgrad_counters(variant, dy.device) if gspec.kind == "conv" else None
+    runtime.launch(variant, wgrad_args(gspec, dy, x, dw, ep, z, dstats, red, dres_cl, cnt), dy.device)
     # fixed-order sums of the split partials: bitwise reproducible
-    grad = unpack_weight_grad(spec, dw.sum(dim=0)).to(weight.dtype).contiguous()
-    sums = dict(zip(plan.reductions, red.sum(dim=0).unbind(0))) if red is not None else {}
-    return grad, sums, (in_format_of(dres, ep.residual) if want_dres else None)
+    grad = unpack_weight_grad(spec, wgrad_sums(gspec, dw)).to(weight.dtype).contiguous()
+    sums = dict(zip(plan.reductions, wgrad_sums(gspec, red).unbind(0))) if red is not None else {}
+    return grad, sums, (in_format_of(dres, ep.need("residual")) if dres is not None else None)
 
 
 def _chain_grads_torch(
@@ -315,7 +336,7 @@ def conv_backward(
             out.residual = dres
         if "dshift" in sums:
             out.shift = sums["dshift"]
-            out.bias = sums["dshift"] * ep.scale.float() if e.affine else sums["dshift"]
+            out.bias = sums["dshift"] * ep.need("scale").float() if e.affine else sums["dshift"]
         out.scale = sums.get("dscale")
         out.layer_scale = sums.get("dlayer_scale")
         if "dstarrelu_scale" in sums:
@@ -342,11 +363,11 @@ def conv_backward(
     if needs.residual and e.residual == "post":
         out.residual = dy
     # only what was asked for, in the dtype of the tensor it belongs to
-    for f, src in (("bias", ep.bias), ("scale", ep.scale), ("shift", ep.shift), ("layer_scale", ep.layer_scale)):
+    for f in ("bias", "scale", "shift", "layer_scale"):
         g = getattr(out, f)
-        setattr(out, f, g.to(src.dtype) if getattr(needs, f) and g is not None else None)
+        setattr(out, f, g.to(ep.need(f).dtype) if getattr(needs, f) and g is not None else None)
     if out.residual is not None and out.residual is not dy:
-        out.residual = out.residual.to(ep.residual.dtype)
+        out.residual = out.residual.to(ep.need("residual").dtype)
     if not needs.starrelu:
         out.starrelu = None
     return out
@@ -384,6 +405,7 @@ def example_args(spec: BlockSpec, fwd: dict[str, Any]) -> dict[str, Any]:
         dstats,
         red=meta(1, dtype=f32),
         dres=dy if e.residual else None,
+        counters=meta(1, dtype=torch.int32),
     )
 
 
@@ -396,5 +418,7 @@ __all__ = [
     "stats_grad",
     "unpack_weight_grad",
     "wgrad_args",
+    "wgrad_counters",
     "wgrad_partials",
+    "wgrad_sums",
 ]

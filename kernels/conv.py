@@ -71,6 +71,14 @@ class EpilogueArgs:
     starrelu_scale: float | torch.Tensor = 1.0  # StarReLU s and b: floats or 0-dim tensors (learnable)
     starrelu_bias: float | torch.Tensor = 0.0
 
+    def need(self, name: str) -> torch.Tensor:
+        """The chain tensor `name` (bias, scale, shift, residual, layer_scale), which the epilogue uses: SpecError
+        when it was not given."""
+        t: torch.Tensor | None = getattr(self, name)
+        if t is None:
+            raise SpecError(f"the epilogue uses {name}, which was not given")
+        return t
+
     def spec(self, stats: bool = False, save_z: bool = False) -> Epilogue:
         if (self.scale is None) != (self.shift is None):
             raise SpecError("scale and shift (folded BatchNorm) must be given together")
@@ -261,22 +269,22 @@ def epilogue_kernel_args(
     e = spec.epilogue
     args: dict[str, Any] = {}
 
-    def vec(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(torch.float32).contiguous()
+    def vec(name: str) -> torch.Tensor:
+        return ep.need(name).detach().to(torch.float32).contiguous()
 
     def want(name: str) -> bool:
         return only is None or name in only
 
     if e.bias and want("bias_ptr"):
-        args["bias_ptr"] = vec(ep.bias)
+        args["bias_ptr"] = vec("bias")
     if e.affine and want("scale_ptr"):
-        args["scale_ptr"] = vec(ep.scale)
+        args["scale_ptr"] = vec("scale")
     if e.affine and want("shift_ptr"):
-        args["shift_ptr"] = vec(ep.shift)
+        args["shift_ptr"] = vec("shift")
     if e.residual and want("res_ptr"):
-        args["res_ptr"] = to_channels_last(ep.residual.detach())
+        args["res_ptr"] = to_channels_last(ep.need("residual").detach())
     if e.layer_scale and want("layer_scale_ptr"):
-        args["layer_scale_ptr"] = vec(ep.layer_scale)
+        args["layer_scale_ptr"] = vec("layer_scale")
     if e.activation == "starrelu" and want("starrelu_ptr"):
         if device is None:
             device = next(
@@ -406,4 +414,8 @@ def conv_forward(
     ep = ep or EpilogueArgs()
     spec = make_spec(x, weight, ndim, stride, padding, dilation, groups, ep, precision, stats=stats)
     res = run_forward(spec, x, weight, ep, schedule, out)
-    return (res.y, res.mean, res.var) if stats else res.y
+    if not stats:
+        return res.y
+    if res.mean is None or res.var is None:  # a stats spec always gathers them
+        raise RuntimeError(f"the forward of {spec.describe()} returned no batch statistics")
+    return res.y, res.mean, res.var

@@ -135,6 +135,13 @@ class FusedSpec:
         p = self.parts()
         return None if p["dw"] is None else self.block.conv_spec(p["dw"], epilogue=p["dw_ep"])
 
+    def depthwise(self) -> BlockSpec:
+        """dw_spec of a step that has a depthwise conv: SpecError for one without."""
+        dw = self.dw_spec
+        if dw is None:
+            raise SpecError(f"{self.describe()} has no depthwise conv")
+        return dw
+
     @property
     def pixels(self) -> int:
         if self.step.kind in ("inception", "aspp"):
@@ -292,13 +299,15 @@ def _inception_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
         else:
             spec = fs.block.conv_spec(fs.block.node(br.conv))
             ep = dw_epilogue(fs.block, [br.conv, *br.tail])
+            if ep is None:
+                raise SpecError(f"branch {br.conv} of {fs.describe()} has no depthwise epilogue")
             d.update(
                 KS=list(spec.kernel),
                 DIL=list(spec.dilation),
                 PAD=[p[0] for p in spec.padding],
                 padded=[p != (0, 0) for p in spec.padding],
                 ep=ep,
-                act=lambda var, a=ep.activation: _ep.activation_expr(a, var),
+                act=generator.activation(ep.activation),
                 desc=f"{'+'.join((br.conv, *br.tail))}: dw {'x'.join(map(str, spec.kernel))} on channels "
                 f"[{br.start}, {br.start + br.size})",
             )
@@ -354,11 +363,11 @@ def _mbconv_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
         ex_args=["we_ptr", *(name for flag, name in _EX_ARGS if getattr(ex_ep, flag))]
         if p["expand"] is not None
         else [],
-        ex_act=lambda var: _ep.activation_expr(ex_ep.activation, var),
+        ex_act=generator.activation(ex_ep.activation),
         ex_desc="+".join(n for n in fs.step.nodes[: fs.step.nodes.index(p["dw"].name)][1:]) or "nothing",
         dw_ep=p["dw_ep"],
         dw_args=[name for flag, name in _DW_ARGS if getattr(p["dw_ep"], flag)],
-        dw_act=lambda var: _ep.activation_expr(p["dw_ep"].activation, var),
+        dw_act=generator.activation(p["dw_ep"].activation),
         dot_kw=_dot_kw(fs),
         i64=g["i64"] or src.c * fs.block.n * src.size[0] * src.size[1] > generator.INT32_LIMIT,
     )
@@ -384,7 +393,7 @@ def _mbconv_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
         K=out.k,
         ep=out.epilogue,
         ep_args=_ep.arg_names(out.epilogue),
-        act=lambda var: _ep.activation_expr(out.epilogue.activation, var),
+        act=generator.activation(out.epilogue.activation),
         NPID_N=_cdiv(out.k, s.block_n),
         pool=False,
     )
@@ -415,7 +424,7 @@ def _gated_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
         BF16=fs.dtype == "bfloat16",
         ep=out.epilogue,
         ep_args=_ep.arg_names(out.epilogue),
-        act=lambda var: _ep.activation_expr(out.epilogue.activation, var),
+        act=generator.activation(out.epilogue.activation),
         dot_kw=_dot_kw(fs),
         i64=max(out.out_pixels * out.k, fs.block.n * src.c * src.size[0] * src.size[1]) > generator.INT32_LIMIT,
     )
@@ -444,7 +453,7 @@ def _aspp_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
                 padded=[q != (0, 0) for q in spec.padding],
                 TAPS=spec.taps,
                 ep=ep,
-                act=lambda var, a=ep.activation: _ep.activation_expr(a, var),
+                act=generator.activation(ep.activation),
                 desc=f"{'+'.join((br.head, *br.tail))}: conv {'x'.join(map(str, spec.kernel))} dilation "
                 f"{spec.dilation[0]} -> channels [{br.out_start}, {br.out_start + br.size})",
             )
@@ -492,7 +501,7 @@ def _context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
             static=[False, dw.kernel[1] <= UNROLL_TAPS],
             dw_ep=p["dw_ep"],
             dw_args=[name for flag, name in _DW_ARGS if getattr(p["dw_ep"], flag)],
-            dw_act=lambda var: _ep.activation_expr(p["dw_ep"].activation, var),
+            dw_act=generator.activation(p["dw_ep"].activation),
         )
     else:
         g = {"M": out.out_pixels, "BM": s.block_m, "BN": s.block_n, "BK": s.block_k, "i64": False}
@@ -501,7 +510,7 @@ def _context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
         ep=out.epilogue,
         ep_args=_ep.arg_names(out.epilogue),
         dot_kw=dot_kw,
-        act=lambda var: _ep.activation_expr(out.epilogue.activation, var),
+        act=generator.activation(out.epilogue.activation),
         i64=g["i64"] or max(out.out_pixels * out.k, out.out_pixels * out.c) > generator.INT32_LIMIT,
     )
     if fs.step.kind == "separable":
@@ -542,13 +551,13 @@ def grid(fs: FusedSpec, s: Schedule) -> tuple[int, ...]:
     return (m * _cdiv(fs.out_spec.k, s.block_n),) if fs.step.kind == "separable" else (m,)
 
 
-def render(fs: FusedSpec, schedule: Schedule | dict | None = None) -> generator.Variant:
+def render(fs: FusedSpec, schedule: Schedule | dict | None = None) -> generator.Variant[FusedSpec]:
     """Triton source of a fused step under schedule (default heuristic when None); cached."""
     return _render(fs, resolve(fs, schedule))
 
 
 @lru_cache(maxsize=512)
-def _render(fs: FusedSpec, s: Schedule) -> generator.Variant:
+def _render(fs: FusedSpec, s: Schedule) -> generator.Variant[FusedSpec]:
     ctx = generator.Context(_context(fs, s))
     name = kernel_name(fs)
     ctx.update(
@@ -611,7 +620,7 @@ def fused_args(
     args: dict[str, Any] = {"x_ptr": _conv.to_channels_last(x.detach()), "out_ptr": out, "UPCAST": _conv.upcast(x)}
     if p["dw"] is not None:
         dw = p["dw"].name
-        args["wd_ptr"] = _conv.pack_weight(fs.dw_spec, params[f"{dw}.weight"])
+        args["wd_ptr"] = _conv.pack_weight(fs.depthwise(), params[f"{dw}.weight"])
         if p["dw_ep"].bias:
             args["dw_bias_ptr"] = _vec(params[f"{dw}.bias"])
         if p["dw_ep"].affine:
@@ -659,7 +668,7 @@ def _mbconv_args(
             args["ex_scale_ptr"], args["ex_shift_ptr"] = bn
     if p["dw"] is not None:
         dw = p["dw"].name
-        args["wd_ptr"] = _conv.pack_weight(fs.dw_spec, params[f"{dw}.weight"])
+        args["wd_ptr"] = _conv.pack_weight(fs.depthwise(), params[f"{dw}.weight"])
         if p["dw_ep"].bias:
             args["dw_bias_ptr"] = _vec(params[f"{dw}.bias"])
         end = fs.step.nodes.index(p["pw"].name) if p["pw"] is not None else len(fs.step.nodes)
@@ -762,6 +771,8 @@ def epilogue_args(
 ) -> _conv.EpilogueArgs:
     """Runtime tensors of the epilogue chain formed by a conv/GEMM node and the tail nodes after it."""
     ep = tail_epilogue(block, tail, gemm["bias"])
+    if ep is None:
+        raise SpecError(f"nodes {tail} after {gemm.name} do not form an epilogue chain")
     args = _conv.EpilogueArgs(
         bias=params.get(f"{gemm.name}.bias") if gemm["bias"] else None,
         activation=ep.activation,
@@ -883,10 +894,12 @@ def run_plan(
     return vals[block.nodes[-1].name]
 
 
-def variants(block: Block, plan: Plan, schedules: dict[int, Schedule] | None = None) -> list[generator.Variant]:
+def variants(
+    block: Block, plan: Plan, schedules: dict[int, Schedule] | None = None
+) -> list[generator.Variant[BlockSpec] | generator.Variant[FusedSpec]]:
     """The variant each kernel step of plan launches ('op' steps launch none)."""
     schedules = schedules or {}
-    out = []
+    out: list[generator.Variant[BlockSpec] | generator.Variant[FusedSpec]] = []
     for i, step in enumerate(plan.steps):
         if step.kind == "conv":
             nd = block.node(step.nodes[0])

@@ -7,12 +7,13 @@ Each (kind, op) has one Template: a Jinja2 file, a context builder and a grid fu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import jinja2
 
@@ -21,15 +22,21 @@ from . import schedule as _sched
 from .schedule import Schedule
 from .spec import BlockSpec, SpecError
 
+if TYPE_CHECKING:
+    from .fused import FusedSpec
+
 GENERATOR_VERSION = "0.3.0"
 INT32_LIMIT = 2**31 - 1
 
 
+SpecT = TypeVar("SpecT", bound="BlockSpec | FusedSpec")
+
+
 @dataclass(frozen=True)
-class Variant:
+class Variant(Generic[SpecT]):
     """One generated kernel: spec + schedule + the exact source and how to launch it."""
 
-    spec: BlockSpec
+    spec: SpecT  # a single conv's BlockSpec, or kernels.fused.FusedSpec
     schedule: Schedule
     source: str
     kernel_name: str
@@ -105,8 +112,20 @@ def geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         ep=spec.epilogue,
         BF16=spec.dtype == "bfloat16",
         ep_args=_ep.arg_names(spec.epilogue),
-        act=lambda var: _ep.activation_expr(spec.epilogue.activation, var),
+        act=activation(spec.epilogue.activation),
     )
+
+
+def activation(name: str | None, grad: bool = False) -> Callable[[str], str]:
+    """A template's act(var) (grad: act_grad(var)): activation `name` (or its derivative) as a Triton expression
+    on var. Templates call it only under an epilogue that has an activation."""
+
+    def expr(var: str) -> str:
+        if name is None:
+            raise SpecError("a template applied an activation its epilogue does not have")
+        return (_ep.activation_grad_expr if grad else _ep.activation_expr)(name, var)
+
+    return expr
 
 
 AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # spatial axis letters in constant names
@@ -181,7 +200,7 @@ def _grad_geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         gep=ep,
         plan=_ep.grad_plan(ep, spec.op),
         SPLIT=s.split_k,
-        act_grad=lambda var: _ep.activation_grad_expr(ep.activation, var),
+        act_grad=activation(ep.activation, grad=True),
         SO=[_prod(spec.out_size[d + 1 :]) for d in range(spec.ndim)],
         OPIX=_prod(spec.out_size),
         TS=[_prod(spec.kernel[d + 1 :]) for d in range(spec.ndim)],
@@ -325,30 +344,64 @@ def _conv_dgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
 
 
 def _wgrad_cols(spec: BlockSpec, s: Schedule) -> int:
-    """Column tiles of the wgrad GEMM: taps x channel blocks ('tap'), or the flattened (tap, c) axis."""
+    """Column tiles of the wgrad GEMM: taps ('tap') or kernel rows ('row') x channel blocks, or the flattened
+    (tap, c) axis."""
     if s.k_order == "tap":
         return spec.taps * _cdiv(spec.cg, s.block_n)
+    if s.k_order == "row":
+        return spec.taps // spec.kernel[-1] * _cdiv(spec.cg, s.block_n)
     return _cdiv(spec.taps * spec.cg, s.block_n)
+
+
+def wgrad_pixel_tile(spec: BlockSpec, block_k: int) -> tuple[int, ...]:
+    """The wgrad reduction step's pixel tile (images, *output dims), powers of two with product block_k: the
+    one that pads the pixel space least (ResNet's 56 = 7 x 8: no padding), then the widest rows."""
+    extents = (spec.n, *spec.out_size)
+    best: tuple[tuple[int, tuple[int, ...]], tuple[int, ...]] | None = None  # ((padded pixels, -widths), tile)
+    for t in itertools.product(*[[1 << e for e in range(block_k.bit_length())]] * len(extents)):
+        if _prod(t) != block_k:
+            continue
+        key = (_prod([_cdiv(e, b) * b for e, b in zip(extents, t)]), tuple(-b for b in reversed(t)))
+        if best is None or key < best[0]:
+            best = (key, t)
+    assert best is not None
+    return best[1]
 
 
 def _conv_wgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = _grad_geometry(spec, s)
+    tile = wgrad_pixel_tile(spec, s.block_k)
+    counts = [_cdiv(e, b) for e, b in zip((spec.n, *spec.out_size), tile)]
     g.update(
         NPID_M=_cdiv(spec.kg, s.block_m),
         NPID_N=_wgrad_cols(spec, s),
         NCB=_cdiv(spec.cg, s.block_n),
         k_order=s.k_order,
+        RT=spec.kernel[-1] if s.k_order == "row" else 1,  # taps per program
+        RED_ROWS=max(1, min(s.block_m, 256 * s.num_warps // s.block_n)),  # split-K sum: 8 fp32 per thread
         KTOT=spec.taps * spec.cg,
-        CHUNK=_cdiv(_cdiv(spec.out_pixels, s.block_k), s.split_k) * s.block_k,
+        # the pixel tile (TILE: images, *dims) and the tiles along each axis; exact axes need no pixel mask
+        TILE=list(tile),
+        TILES=counts,
+        EXACT=[e % b == 0 for e, b in zip((spec.n, *spec.out_size), tile)],
+        STEPS=_prod(counts),
+        CHUNK=_cdiv(_prod(counts), s.split_k),
     )
+    ax = ("N", *AXES[spec.ndim])
+    extents = ("N", *[f"{a}_OUT" for a in ax[1:]])
     extra = [
         ("NPID_M", "(KG + BLOCK_M - 1) // BLOCK_M", g["NPID_M"]),
         ("NPID_N", g["NPID_N"], g["NPID_N"]),
         ("NCB", "(CG + BLOCK_N - 1) // BLOCK_N", g["NCB"]),
         ("KTOT", "TAPS * CG", g["KTOT"]),
         ("SPLIT", g["SPLIT"], g["SPLIT"]),
-        ("CHUNK", g["CHUNK"], g["CHUNK"]),
+        ("RED_ROWS", g["RED_ROWS"], g["RED_ROWS"]),
+        *[(f"TILE_{a}", b, b) for a, b in zip(ax, tile)],
+        *[(f"TILES_{a}", f"({e} + TILE_{a} - 1) // TILE_{a}", c) for a, e, c in zip(ax, extents, counts)],
+        ("STEPS", " * ".join(f"TILES_{a}" for a in ax), g["STEPS"]),
+        ("CHUNK", "(STEPS + SPLIT - 1) // SPLIT", g["CHUNK"]),
     ]
+    g.update(PT=[f"TILE_{a}" for a in ax], PTS=[f"TILES_{a}" for a in ax])
     g.update(named(g, spec, extra))
     return g
 
@@ -424,7 +477,7 @@ def _template(spec: BlockSpec) -> Template:
     return tpl
 
 
-def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant:
+def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant[BlockSpec]:
     """Render the Triton source for spec under schedule (default heuristic when None).
 
     Cached per (spec, canonical schedule): conv calls on the hot path do not re-run Jinja.
@@ -434,7 +487,7 @@ def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant:
 
 
 @lru_cache(maxsize=4096)
-def _render(spec: BlockSpec, s: Schedule) -> Variant:
+def _render(spec: BlockSpec, s: Schedule) -> Variant[BlockSpec]:
     tpl = _template(spec)
     ctx = Context(tpl.context(spec, s))
     name = kernel_name(spec)

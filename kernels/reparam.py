@@ -30,12 +30,14 @@ class Branch:
     @property
     def window(self) -> tuple[int, int]:
         """The dilated kernel's extent."""
-        return tuple(d * (k - 1) + 1 for k, d in zip(self.weight.shape[2:], self.dilation))
+        (dh, dw), (kh, kw) = self.dilation, self.weight.shape[2:4]
+        return dh * (kh - 1) + 1, dw * (kw - 1) + 1
 
     @property
     def offset(self) -> tuple[int, int]:
         """Where the window starts relative to the output pixel (minus the padding); equal for mergeable branches."""
-        return tuple(p - (w - 1) // 2 for p, w in zip(self.padding, self.window))
+        (ph, pw), (wh, ww) = self.padding, self.window
+        return ph - (wh - 1) // 2, pw - (ww - 1) // 2
 
 
 def bn_branch(
@@ -49,7 +51,7 @@ def bn_branch(
     if bn.running_mean is None or bn.running_var is None:
         raise SpecError("BatchNorm without running statistics cannot be folded")
     w, b = fold_bn(weight, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-    return Branch(w, b, tuple(dilation), tuple(padding))
+    return Branch(w, b, (dilation[0], dilation[1]), (padding[0], padding[1]))
 
 
 def identity_weight(channels: int, groups: int, like: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,8 @@ def merge(branches: Sequence[Branch]) -> tuple[torch.Tensor, torch.Tensor, tuple
     if len(offsets) != 1:
         raise SpecError(f"branches are not centred alike (padding - half window differs: {sorted(offsets)})")
     window = tuple(max(b.window[d] for b in branches) for d in range(2))
-    weight = sum(pad_to(dilate(b.weight, b.dilation), window) for b in branches)
+    padded = [pad_to(dilate(b.weight, b.dilation), window) for b in branches]
+    weight = sum(padded[1:], padded[0])
     k = branches[0].weight.shape[0]
     bias = sum((b.bias for b in branches if b.bias is not None), branches[0].weight.new_zeros(k))
     ((oh, ow),) = offsets

@@ -31,7 +31,7 @@ from tunerd.kernels.plan import FUSED, Plan, PlanCost, Rates, cost, rank, unfuse
 from tunerd.kernels.schedule import Schedule, ScheduleError
 
 from .device import INTERPRETER_NAME, DeviceLimits
-from .strategies import Budget, make
+from .strategies import Budget, Measure, make
 from .trial import COMPILE_ERROR, OK, WRONG, Trial, best_of
 
 
@@ -66,7 +66,7 @@ def space(fs: fused.FusedSpec, max_candidates: int | None = 32) -> list[Schedule
         ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(fs.block.shapes[src].c))]
     elif fs.step.kind == "mbconv":  # pixels x output channels, hidden channels per chunk
         ns = [v for v in (16, 32, 64, 128) if v <= max(16, fused.next_pow2(fs.out_spec.k))]
-        ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(fs.dw_spec.k))]
+        ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(fs.depthwise().k))]
     elif fs.step.kind in ("separable", "se_pw"):
         out = fs.out_spec
         ns = [v for v in (16, 32, 64, 128) if v <= max(16, fused.next_pow2(out.k))]
@@ -127,7 +127,7 @@ def predict(fs: fused.FusedSpec, s: Schedule, limits: DeviceLimits) -> float:
         )
     out = fs.out_spec
     if fs.step.kind in ("expand_dw", "mbconv"):  # the expand GEMM recomputed per tap, per output-channel tile
-        dw = fs.dw_spec
+        dw = fs.depthwise()
         p = fs.parts()
         cx = fs.block.shapes[fs.nodes[0].inputs[0]].c
         ex = 2 * dw.taps * fused._cdiv(cx, 16) * 16 / mma_rate if p["expand"] is not None else 0.0
@@ -154,9 +154,9 @@ def predict(fs: fused.FusedSpec, s: Schedule, limits: DeviceLimits) -> float:
         tiles_n = fused._cdiv(out.k, s.block_n)
         progs = progs_m * tiles_n
         cpad = fused._cdiv(out.c, s.block_k) * s.block_k
-        dw_taps = fs.dw_spec.taps
-        work = progs * s.block_m * cpad * (2 * s.block_n / mma_rate + 2 * dw_taps / limits.fp32_flops)
-        nbytes = (tiles_n * fs.dw_spec.n * fs.dw_spec.c * math.prod(fs.dw_spec.in_size) + m * out.k) * item
+        dw = fs.depthwise()
+        work = progs * s.block_m * cpad * (2 * s.block_n / mma_rate + 2 * dw.taps / limits.fp32_flops)
+        nbytes = (tiles_n * dw.n * dw.c * math.prod(dw.in_size) + m * out.k) * item
     else:
         p = fs.parts()
         hid = fs.block.shapes[p["pw1"].name].c
@@ -429,10 +429,10 @@ def tune_block(
     full = reps or harness.reps
     trials: list[BlockTrial] = []
 
-    def measure_with(plan: Plan, i: int | None) -> Callable[[Schedule, int], Trial]:
-        def measure(s: Schedule, n: int) -> Trial:
-            scheds = {} if i is None else {i: s}
-            t = harness.measure(block, plan, scheds, n)
+    def measure_with(plan: Plan, i: int | None) -> Measure:
+        def measure(schedule: Schedule, reps: int) -> Trial:
+            scheds = {} if i is None else {i: schedule}
+            t = harness.measure(block, plan, scheds, reps)
             bt = BlockTrial(plan=plan, schedules=scheds, trial=t, modelled=cost_of[plan])
             trials.append(bt)
             if on_trial is not None:

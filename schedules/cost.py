@@ -142,13 +142,23 @@ def work(spec: BlockSpec, s: Schedule) -> Work:
         return Work(progs, steps, 2.0 * bm * bn, bm * bn + bn, bm * bn, 2 * bm * bn)
     g = gemm_view(spec)
     if spec.op == "wgrad":
-        cols = g.taps * cdiv(g.n, bn) if s.k_order == "tap" else cdiv(g.taps * g.n, bn)
+        rt = wgrad_row_taps(spec, s)  # 'row': one dz tile [bm, bk] feeds rt dots of [bk, bn]
+        cols = g.taps // rt * cdiv(g.n, bn) if s.k_order != "flat" else cdiv(g.taps * g.n, bn)
         progs = cdiv(g.m, bm) * cols * g.groups * s.split_k
         steps = cdiv(cdiv(g.inner, bk), s.split_k)
+        loads = (bm + rt * bn) * bk
+        # split-K: each program writes its partial; the last of a tile's splits reads them all and writes the sum
+        out = rt * bm * bn * (2 if s.split_k > 1 else 1)
+        return Work(progs, steps, 2.0 * bm * bn * bk * rt, loads, out, loads + rt * bm * bn)
     else:
         progs = cdiv(g.m, bm) * cdiv(g.n, bn) * g.groups
         steps = cdiv(g.red, bk) if s.k_order == "flat" else g.taps * cdiv(g.inner, bk)
     return Work(progs, steps, 2.0 * bm * bn * bk, (bm + bn) * bk, bm * bn, bm * bk + bk * bn + bm * bn)
+
+
+def wgrad_row_taps(spec: BlockSpec, s: Schedule) -> int:
+    """Taps (accumulators) per program of a conv wgrad: a kernel row's with k_order 'row', else 1."""
+    return spec.kernel[-1] if s.k_order == "row" and spec.op == "wgrad" and spec.kind == "conv" else 1
 
 
 def reduction_steps(spec: BlockSpec, s: Schedule) -> int:
@@ -176,8 +186,8 @@ def smem_bytes(spec: BlockSpec, s: Schedule) -> int:
         if spec.op == "wgrad":  # Triton 3.6 stages the [bm, bk, bn] product's reduction in shared memory
             return max(s.block_k * s.block_n * 4 + 512 * s.num_warps, s.block_m * s.block_k * s.block_n)
         return 128 * s.num_warps
-    item = spec.itemsize
-    operands = max(1, s.num_stages) * (s.block_m * s.block_k + s.block_k * s.block_n) * item
+    item, rt = spec.itemsize, wgrad_row_taps(spec, s)
+    operands = max(1, s.num_stages) * (s.block_m * s.block_k + rt * s.block_k * s.block_n) * item
     epilogue = s.block_m * s.block_n * (4 if spec.op == "wgrad" else item)
     return max(operands, epilogue)
 
@@ -191,7 +201,7 @@ def registers_per_thread(spec: BlockSpec, s: Schedule) -> int:
     register-blocked fwd kernel (groups of r outputs along the last dim) one input column and the weights of
     the last r taps, and a few more on long rows (31x31: +24)."""
     threads = 32 * s.num_warps
-    acc = s.block_m * s.block_n / threads
+    acc = s.block_m * s.block_n / threads * wgrad_row_taps(spec, s)
     if spec.kind == "depthwise" and spec.op == "wgrad":  # the [bm, bk, bn] product tile, [bk, bn] sums
         return int((s.block_m + 1) * s.block_k * s.block_n / threads + s.block_m * s.block_n / threads + 32)
     if spec.kind == "depthwise" and spec.op == "fwd":

@@ -171,12 +171,13 @@ def _wgrad_output(v: Variant, inp: Inputs) -> torch.Tensor:
 
 
 def _wgrad_args(v: Variant, inp: Inputs, out: torch.Tensor) -> dict[str, Any]:
-    return _bwd.wgrad_args(v.spec, _conv.to_channels_last(inp["dy"]), inp["x"], out)
+    cnt = _bwd.wgrad_counters(v, out.device) if v.spec.kind == "conv" else None
+    return _bwd.wgrad_args(v.spec, _conv.to_channels_last(inp["dy"]), inp["x"], out, counters=cnt)
 
 
 def _wgrad_result(v: Variant, inp: Inputs, out: torch.Tensor) -> torch.Tensor:
     """The partials' sum, unpacked to torch's [K, C/g, *kernel]."""
-    return _bwd.unpack_weight_grad(v.spec, out.sum(dim=0))
+    return _bwd.unpack_weight_grad(v.spec, _bwd.wgrad_sums(v.spec, out))
 
 
 register("dgrad", OpBinding(_bwd_inputs, _dgrad_output, _dgrad_args, _fwd_result, _bwd_reference, _plain_chain))

@@ -3,7 +3,7 @@
 Enumeration (per kind):
 - conv (implicit GEMM; fwd, dgrad per stride phase, wgrad): block_m x block_n x block_k in powers
   of two (16..256, 16..256, 16..128), num_warps 2/4/8, num_stages 2/3/4, group_m 1/8, k_order
-  tap/flat, split_k 1..32 (wgrad only);
+  tap/flat (wgrad also row: a kernel row's taps per program), split_k 1..32 (wgrad only);
 - depthwise (direct): block_m pixels (4..1024) x block_n channels (4..128), num_warps 1/2/4/8; fwd
   in groups of block_k = 1/2/4/8/16 consecutive outputs along the last dim (register blocking, <= the row);
   wgrad: block_m pixels per step (16..256) x block_k taps (1..32) x block_n channels, split_k.
@@ -164,7 +164,9 @@ def _conv(spec: BlockSpec) -> Iterator[Candidate]:
     # the flat order helps when one tap's channels (columns for wgrad) do not fill whole block_k steps
     flat_extent = g.n if wgrad else g.inner
     flat_ok = g.taps > 1 and (flat_extent < 64 or flat_extent % 64 != 0)
-    k_orders = ("tap", "flat") if flat_ok else ("tap",)
+    k_orders: tuple[str, ...] = ("tap", "flat") if flat_ok else ("tap",)
+    if wgrad and spec.kernel[-1] > 1:  # a kernel row's taps per program, each dz tile reused by all of them
+        k_orders += ("row",)
     splits = SPLIT_K if wgrad else (1,)
     for bm, bn, bk, order, split in itertools.product(CONV_M, CONV_N, CONV_K, k_orders, splits):
         flat = order == "flat"

@@ -165,7 +165,7 @@ def tune(
     speedup = default_trial.cost / best.cost if best is not None and default_trial.ok else None
     roof = None
     if best is not None and not limits.interpreted:
-        roof = cost.roofline_fraction(spec, best.median_ms / 1e3, limits)
+        roof = cost.roofline_fraction(spec, best.cost / 1e3, limits)  # best is ok: cost is its median
     statuses: dict[str, int] = {}
     for t in everything:
         statuses[t.status] = statuses.get(t.status, 0) + 1

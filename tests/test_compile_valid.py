@@ -87,7 +87,8 @@ def test_real_compiler_accepts_generated_kernels():
 def test_real_compiler_rejects_invalid_triton():
     # The checker must be able to fail: a dot tile below 16 is rejected by the compiler, not the interpreter.
     v = generator.render(conv_spec(n=1, c=16, k=16, in_size=(8, 8), kernel=1, dtype="float16"))
-    bad_src = v.source.replace("tl.arange(0, 16)", "tl.arange(0, 8)")
+    bad_src = v.source.replace("BLOCK_K: tl.constexpr = 16", "BLOCK_K: tl.constexpr = 8")
+    assert bad_src != v.source
     # compile in a child without the interpreter, as compile_check does
     code = textwrap.dedent("""
         import json, sys

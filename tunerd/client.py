@@ -106,6 +106,8 @@ class Answer:
         (spec, schedule), which the answer's source must equal (raises kernels.trust.UntrustedSource otherwise)."""
         if not self.hit and not self.borrowed:
             return None
+        if self.schedule is None:
+            raise BadAnswer(f"a {'borrowed answer' if self.borrowed else 'hit'} without a schedule")
         return trust.verify(self.spec, self.schedule, self.source, variant_id=self.variant_id)
 
     def to_json(self) -> dict[str, Any]:

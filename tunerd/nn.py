@@ -18,7 +18,7 @@ optimizer parameter lists do not change when a model is patched.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,11 @@ from tunerd.kernels.autograd import conv as _conv
 from tunerd.kernels.epilogue import activation_torch
 
 BN_MODES = ("train", "tune", "eval")
+
+if TYPE_CHECKING:  # the mixins below only ever run inside torch's conv classes
+    _ConvNd = nn.modules.conv._ConvNd
+else:
+    _ConvNd = object
 
 
 def activation_name(m: nn.Module) -> str | None:
@@ -39,20 +44,26 @@ def activation_name(m: nn.Module) -> str | None:
     )
 
 
-class _TunerdConv:
+class _TunerdConv(_ConvNd):
     """Mixin over torch's _ConvNd: the convolution runs as a generated Triton kernel."""
 
     _ndim: int
     activation: str | None = None
 
-    def _conv_forward(
-        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **epilogue: Any
-    ) -> torch.Tensor:
-        padding = self.padding
+    def _convolve(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **options: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """kernels.autograd.conv with this module's geometry and padding_mode."""
+        padding: str | tuple[int, ...] | int = self.padding
         if self.padding_mode != "zeros":
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return _conv(input, weight, bias, self.stride, padding, self.dilation, self.groups, ndim=self._ndim, **epilogue)
+        return _conv(input, weight, bias, self.stride, padding, self.dilation, self.groups, ndim=self._ndim, **options)
+
+    def _conv_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **epilogue: Any
+    ) -> torch.Tensor:
+        return cast(torch.Tensor, self._convolve(input, weight, bias, **epilogue))  # no stats=True: y alone
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, self.weight, self.bias, activation=self.activation)
@@ -108,7 +119,7 @@ class _FusedConvBN(_TunerdConv):
 
     def _batch_statistics(self, input: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
         """torch's BatchNorm with batch statistics; the mean and variance come from the conv kernel itself."""
-        z, mean, var = self._conv_forward(input, self.weight, None, stats=True)
+        z, mean, var = self._convolve(input, self.weight, None, stats=True)
         count = z.numel() // z.shape[1]
         factor = 0.0 if bn.momentum is None else bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -117,6 +128,8 @@ class _FusedConvBN(_TunerdConv):
         if count == 1:  # after counting the batch, as torch does
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.size()}")
         if bn.training and bn.track_running_stats:
+            if bn.running_mean is None or bn.running_var is None:
+                raise ValueError("a BatchNorm that tracks running statistics has none")
             with torch.no_grad():  # torch's update, in float64 as its CPU kernel does
                 batch_mean = mean.double() if self.bias is None else mean.double() + self.bias.double()
                 unbiased = var.double() * (count / (count - 1))
@@ -167,8 +180,9 @@ def pass_through_class(cls: type) -> type:
 _PASS_THROUGH: dict[type, type] = {}
 
 
-def fuse_conv_bn(conv: nn.Module, bn: nn.Module, act: nn.Module | None = None, bn_mode: str = "train") -> None:
-    """Fuse conv -> bn (-> act) in place: conv computes all three, bn and act become pass-throughs."""
+def fuse_conv_bn(conv: nn.Module, bn: nn.Module, act: nn.Module | None = None, bn_mode: str = "train") -> _FusedConvBN:
+    """Fuse conv -> bn (-> act) in place: conv computes all three, bn and act become pass-throughs. Returns
+    conv, now a fused conv."""
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     base = type(conv)
@@ -176,15 +190,21 @@ def fuse_conv_bn(conv: nn.Module, bn: nn.Module, act: nn.Module | None = None, b
         raise TypeError(f"cannot fuse into {base.__name__}")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"BatchNorm has {bn.num_features} features but the conv has {conv.out_channels} outputs")
-    conv._tunerd_orig_class = base
-    conv.__class__ = FUSED_CONV[base]
-    conv.__dict__["_tunerd_bn"] = bn
-    conv.bn_mode = bn_mode
-    conv.activation = activation_name(act) if act is not None else None
+    _swap_class(conv, FUSED_CONV[base])
+    fused = cast(_FusedConvBN, conv)  # the class swap is beyond the type checker
+    fused.__dict__["_tunerd_bn"] = bn
+    fused.bn_mode = bn_mode
+    fused.activation = activation_name(act) if act is not None else None
     for m in (bn, act):
         if m is not None:
-            m._tunerd_orig_class = type(m)
-            m.__class__ = pass_through_class(type(m))
+            _swap_class(m, pass_through_class(type(m)))
+    return fused
+
+
+def _swap_class(m: nn.Module, cls: type) -> None:
+    """Give m class cls, remembering its own (tunerd.patching restores it)."""
+    vars(m)["_tunerd_orig_class"] = type(m)
+    m.__class__ = cls
 
 
 class ConvBNAct(nn.Module):
@@ -220,8 +240,7 @@ class ConvBNAct(nn.Module):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device=device, dtype=dtype
         )
         self.bn = bn_cls(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
-        fuse_conv_bn(self.conv, self.bn, None, bn_mode)
-        self.conv.activation = activation
+        fuse_conv_bn(self.conv, self.bn, None, bn_mode).activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)

@@ -48,7 +48,8 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def _default_runner() -> JobRunner:
+def _default_runner() -> Callable[..., dict[str, Any]]:
+    """tunerd.tuning.run_job: a JobRunner that also takes tune options (harness=...)."""
     from .tuning import run_job
 
     return run_job

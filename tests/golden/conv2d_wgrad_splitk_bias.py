@@ -7,11 +7,12 @@ import triton.language as tl
 
 
 @triton.jit
-def tunerd_conv2d_wgrad(dy_ptr, x_ptr, dw_ptr, red_ptr, UPCAST: tl.constexpr):
+def tunerd_conv2d_wgrad(dy_ptr, x_ptr, dw_ptr, cnt_ptr, red_ptr, UPCAST: tl.constexpr):
     # wgrad as a GEMM per group (program_id(1)): dW[k, tap, c] = sum over N*P*Q = 128 pixels of
     # dz[m, k] * x[m @ tap, c]; GEMM rows K/g = 32, columns taps * C/g = 9 * 32. The pixels are
-    # split 4 ways (program_id(2)); each split writes its own fp32 partial [split, K, taps * C/g],
-    # summed on the host in fixed order: no atomics, bitwise reproducible.
+    # split 4 ways (program_id(2)); each split writes its own fp32 partial [split, K, taps * C/g] and
+    # the last of a tile's splits to arrive (cnt_ptr: one zeroed int32 counter per tile, left zeroed) sums them
+    # in split order into partial 0: one launch, bitwise reproducible.
     # shapes: x [N, H_IN, W_IN, C], out [N, H_OUT, W_OUT, K] (NHWC), weight [K, TAPS, CG];
     # SX_*: element strides of x; tiles BLOCK_M x BLOCK_N, reduction steps of BLOCK_K
     N: tl.constexpr = 2
@@ -46,7 +47,15 @@ def tunerd_conv2d_wgrad(dy_ptr, x_ptr, dw_ptr, red_ptr, UPCAST: tl.constexpr):
     NCB: tl.constexpr = (CG + BLOCK_N - 1) // BLOCK_N  # 1
     KTOT: tl.constexpr = TAPS * CG  # 288
     SPLIT: tl.constexpr = 4
-    CHUNK: tl.constexpr = 32
+    RED_ROWS: tl.constexpr = 32
+    TILE_N: tl.constexpr = 1
+    TILE_H: tl.constexpr = 4
+    TILE_W: tl.constexpr = 8
+    TILES_N: tl.constexpr = (N + TILE_N - 1) // TILE_N  # 2
+    TILES_H: tl.constexpr = (H_OUT + TILE_H - 1) // TILE_H  # 2
+    TILES_W: tl.constexpr = (W_OUT + TILE_W - 1) // TILE_W  # 1
+    STEPS: tl.constexpr = TILES_N * TILES_H * TILES_W  # 4
+    CHUNK: tl.constexpr = (STEPS + SPLIT - 1) // SPLIT  # 1
     pid = tl.program_id(0)
     width = GROUP_M * NPID_N
     first_m = (pid // width) * GROUP_M
@@ -72,38 +81,76 @@ def tunerd_conv2d_wgrad(dy_ptr, x_ptr, dw_ptr, red_ptr, UPCAST: tl.constexpr):
     tt = tt // KH
     r_dshift = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # A reduction step is a pixel tile of TILE_N images x TILE_H x TILE_W output pixels (powers of two):
+    # its element offsets are a loop-invariant vector plus a per-step scalar, and the tile coordinates
+    # advance as counters, so the loop has no division.
+    rem = tl.arange(0, BLOCK_K)
+    q1 = rem % TILE_W
+    rem = rem // TILE_W
+    q0 = rem % TILE_H
+    rem = rem // TILE_H
+    qn = rem
+    pix_q = qn * H_OUT * W_OUT + q0 * W_OUT + q1
+    x_q = qn * SX_N + q0 * (STRIDE_H * SX_H) + q1 * (STRIDE_W * SX_W)
+    # this split's steps; the first tile's coordinates (t: tile index along each axis)
     lo = sk * CHUNK
-    hi = tl.minimum(lo + CHUNK, M)
-    for p0 in range(lo, hi, BLOCK_K):
-        offs_p = p0 + tl.arange(0, BLOCK_K)
-        p_mask = offs_p < hi
-        rem = offs_p
-        o1 = rem % W_OUT
-        rem = rem // W_OUT
-        o0 = rem % H_OUT
-        rem = rem // H_OUT
-        nb = rem
-        b0 = o0 * STRIDE_H - PAD_H
-        b1 = o1 * STRIDE_W - PAD_W
+    hi = tl.minimum(lo + CHUNK, STEPS)
+    rem = lo
+    t1 = rem % TILES_W
+    rem = rem // TILES_W
+    t0 = rem % TILES_H
+    rem = rem // TILES_H
+    tn = rem
+    for _ in range(lo, hi):
+        n0 = tn * TILE_N
+        o0 = t0 * TILE_H
+        o1 = t1 * TILE_W
+        pix = n0 * H_OUT * W_OUT + o0 * W_OUT + o1 + pix_q
         # dz^T tile [channels, pixels], the chain's gradient applied on load
-        dz = tl.load(dy_ptr + offs_p[None, :] * K + ch[:, None], mask=k_mask[:, None] & p_mask[None, :], other=0.0)
+        dz = tl.load(dy_ptr + pix[None, :] * K + ch[:, None], mask=k_mask[:, None], other=0.0)
         du = dz.to(tl.float32)
         r_dshift += tl.sum(du, axis=1)
-        ok = p_mask
-        x_row = nb * SX_N + g * CG
-        i0 = b0 + k0 * DIL_H
-        x_row += i0 * SX_H
-        ok = ok & (i0 >= 0) & (i0 < H_IN)
-        i1 = b1 + k1 * DIL_W
-        x_row += i1 * SX_W
+        # x tile [pixels, columns]: the window origin's scalar offset plus the tile's vector
+        x_row = n0 * SX_N + g * CG + (o0 * STRIDE_H - PAD_H) * SX_H + (o1 * STRIDE_W - PAD_W) * SX_W + x_q
+        x_row += k0 * (DIL_H * SX_H) + k1 * (DIL_W * SX_W)
+        i0 = o0 * STRIDE_H - PAD_H + k0 * DIL_H + q0 * STRIDE_H
+        ok = (i0 >= 0) & (i0 < H_IN)
+        i1 = o1 * STRIDE_W - PAD_W + k1 * DIL_W + q1 * STRIDE_W
         ok = ok & (i1 >= 0) & (i1 < W_IN)
-        xt = tl.load(x_ptr + x_row[:, None] + offs_c[None, :], mask=ok[:, None] & col_mask[None, :], other=0.0)
         a = dz.to(x_ptr.dtype.element_ty)
+        xt = tl.load(x_ptr + x_row[:, None] + offs_c[None, :], mask=ok[:, None] & col_mask[None, :], other=0.0)
         if UPCAST:  # the Triton interpreter's bf16 tl.dot is wrong; upcast there only
             a = a.to(tl.float32)
             xt = xt.to(tl.float32)
         acc = tl.dot(a, xt, acc, input_precision="ieee")
+        # the next tile: counters, last axis fastest
+        t1 += 1
+        cy = t1 == TILES_W
+        t1 = tl.where(cy, 0, t1)
+        t0 = tl.where(cy, t0 + 1, t0)
+        cy = t0 == TILES_H
+        t0 = tl.where(cy, 0, t0)
+        tn = tl.where(cy, tn + 1, tn)
 
-    dw_offs = sk * (K * KTOT) + ch[:, None] * KTOT + col[None, :]
-    tl.store(dw_ptr + dw_offs, acc, mask=k_mask[:, None] & col_mask[None, :])
+    tl.store(dw_ptr + sk * (K * KTOT) + ch[:, None] * KTOT + col[None, :], acc, mask=k_mask[:, None] & col_mask[None, :])
     tl.store(red_ptr + (sk * 1 + 0) * K + ch, r_dshift, mask=own)
+    # split-K in the kernel: every thread's stores before the counter's release; the last arrival acquires
+    # them and sums the partials in split order (L2 loads), whichever program that is
+    tl.debug_barrier()
+    tile_id = g * (NPID_M * NPID_N) + pid
+    arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT - 1:
+        # in slices of RED_ROWS output channels (8 fp32 per thread): whole tiles would hold 64-bit addresses
+        for r0 in range(0, BLOCK_M, RED_ROWS):
+            rows = pid_m * BLOCK_M + r0 + tl.arange(0, RED_ROWS)
+            red_mask = (rows < KG)[:, None] & col_mask[None, :]
+            offs = (g * KG + rows)[:, None] * KTOT + col[None, :]
+            total = tl.zeros((RED_ROWS, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(dw_ptr + s * (K * KTOT) + offs, mask=red_mask, other=0.0, cache_modifier=".cg")
+            tl.store(dw_ptr + offs, total, mask=red_mask)
+        r_dshift = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for s in range(SPLIT):
+            r_dshift += tl.load(red_ptr + (s * 1 + 0) * K + ch, mask=own, other=0.0, cache_modifier=".cg")
+        tl.store(red_ptr + (0 * 1 + 0) * K + ch, r_dshift, mask=own)
+        tl.atomic_xchg(cnt_ptr + tile_id, 0)  # zeroed again for the next launch

@@ -66,7 +66,7 @@ def http_protocol(timeout_s: float, early: EarlyShed | None = None) -> type | No
     except ImportError:
         return None
 
-    class Protocol(HttpToolsProtocol):  # type: ignore[misc, valid-type]
+    class Protocol(HttpToolsProtocol):
         _header_timer: Any = None
         _refused = False  # the request being parsed was answered early: its body is discarded
 

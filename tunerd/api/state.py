@@ -125,7 +125,7 @@ class Service:
         if fp is not None and not fp.interpreter and known and all(d.interpreter for d in known):
             hint += " This server only has Triton-interpreter (CPU) timings, which never answer a GPU client."
         same = [d for d in known if fp is not None and d.name == fp.name]
-        if same:
+        if same and fp is not None:
             differ = [f for f in fp.to_dict() if getattr(same[0], f) != getattr(fp, f)]
             hint += f" It has results for {fp.name} measured with a different {', '.join(differ)}."
         return ApiError(
@@ -207,9 +207,10 @@ class Service:
         if ref is None:
             device = self.device
         elif isinstance(ref, str) and not ref.lstrip().startswith("{") and time.monotonic() - self._devices_at < 2.0:
-            device = next((d for d in self._devices.values() if d.digest == ref), None)
-            if device is None:
+            found = next((d for d in self._devices.values() if d.digest == ref), None)
+            if found is None:
                 return None
+            device = found
         else:
             return None
         ttl = float("inf") if snapshot is not None else self.settings.live_cache_s

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response
@@ -16,7 +16,15 @@ from ..schemas import CancelResponse, Job, JobList, JobRequest, responses
 from ..state import API, Service
 
 router = APIRouter(prefix=API, tags=["jobs"])
-JOB_ID = dict(ge=1, le=2**63 - 1, description="a job id")
+
+
+class _Bounds(TypedDict):
+    ge: int
+    le: int
+    description: str
+
+
+JOB_ID = _Bounds(ge=1, le=2**63 - 1, description="a job id")
 
 
 def job_json(row: Any) -> dict[str, Any]:
