@@ -68,10 +68,12 @@ def default_url() -> str:
 
 
 def parse_url(url: str | URL | None) -> URL:
+    raw = url if url is not None else default_url()
     try:
-        u = make_url(url if url is not None else default_url())
+        u = make_url(raw)
     except exc.ArgumentError as e:
-        raise StoreError(f"not a database URL: {url!r} ({e})") from None
+        where = "" if url is not None else " ($TUNERD_DB takes a URL, e.g. sqlite:////abs/path/tunerd.sqlite)"
+        raise StoreError(f"not a database URL: {raw!r}{where} ({e})") from None
     backend = u.get_backend_name()
     if backend not in SUPPORTED:
         raise StoreError(f"tunerd's store runs on {' or '.join(SUPPORTED)}, not {backend!r} ({safe(u)})")
