@@ -94,7 +94,7 @@ def resources(kernel: Any) -> dict[str, Any]:
         m = _RESOURCES.search(usage.stdout)
         if m:
             out.update(regs=int(m.group(1)), spill_bytes=int(m.group(2)) + int(m.group(3)))
-    out.update(sass.mix(sass.disassemble(cubin)) if cubin else {"loop_sass": None})
+    out.update(sass.mix(sass.disassemble(cubin, tool)) if cubin else {"loop_sass": None})
     ptx = kernel.asm.get("ptx", "")
     widest = {"ld": 0, "st": 0}
     for op, vec, bits in _GLOBAL_ACCESS.findall(ptx):
