@@ -19,9 +19,10 @@ _EXPORTS = {
         "UnknownJob",
         "UnknownSnapshot",
         "UnknownWinner",
+        "UntrustedRecord",
     ],
     "fingerprint": ["DeviceFingerprint", "current"],
-    "rows": ["DeviceRow", "JobRow", "MissRow", "SnapshotRow", "TrialRow", "VariantRow", "WinnerRow"],
+    "rows": ["BlockWinnerRow", "DeviceRow", "JobRow", "MissRow", "SnapshotRow", "TrialRow", "VariantRow", "WinnerRow"],
     "store": ["Store", "variant_id"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -2,13 +2,17 @@
 
 File = gzip of canonical JSON {"format": "tunerd-bundle", "version": 1, "sha256": <hex>, "payload": {...}}
 where sha256 is taken over the canonical JSON of payload = {generator_version, exported_at, snapshot,
-provenance, winners: [WinnerRow.portable(), ...]}, plus an optional "signature" {"alg": "ed25519",
-"key": <base64 raw public key>, "sig": <base64>} over SIGNED_CONTEXT + the payload's sha256 digest.
+provenance, winners: [WinnerRow.portable(), ...], block_winners: [BlockWinnerRow.portable(), ...]}, plus an
+optional "signature" {"alg": "ed25519", "key": <base64 raw public key>, "sig": <base64>} over
+SIGNED_CONTEXT + the payload's sha256 digest (so it covers block winners too).
 Import verifies everything before touching the store, then merges in short transactions and takes
 back what it wrote if one fails (Store.ingest): any failure leaves the store as it was. A bundle is a
 set of claims: each winner's source must be this tunerd's own rendering of its (spec, schedule), and
-its timing stays a claim until measured here. With trusted keys pinned, only bundles signed by one of
-them are read: keys given to the importer or the client, else $TUNERD_TRUSTED_KEYS (pinned_keys).
+its timing stays a claim until measured here. A block winner carries a plan and one schedule per fused
+step, never source: import re-checks and re-renders it (kernels.trust.verify_plan) as a read of the
+store does. A reader without block winners (an older tunerd) ignores them. With trusted keys pinned,
+only bundles signed by one of them are read: keys given to the importer or the client, else
+$TUNERD_TRUSTED_KEYS (pinned_keys).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from tunerd.kernels import GENERATOR_VERSION
 from tunerd.kernels.runtime import atomic_write_bytes
 
 from .errors import BundleError, InvalidRecord
-from .rows import WinnerRow, jsonable
+from .rows import BlockWinnerRow, WinnerRow, jsonable
 from .store import DeviceLike, Store
 from .tables import utcnow
 
@@ -55,6 +59,7 @@ class BundleSummary:
     bytes: int
     skipped_stale: int = 0  # winners measured with another generator version (their keys are dead)
     path: str | None = None
+    block_winners: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(self.__dict__)
@@ -76,6 +81,11 @@ class ImportReport:
     unchanged: int
     devices: tuple[str, ...] = field(default=())  # digests of the devices the bundle covers
     signed_by: str | None = None  # key_id of the verified ed25519 signature, None for an unsigned bundle
+    block_winners: int = 0  # fused block winners in the bundle, and what became of them
+    blocks_added: int = 0
+    blocks_replaced: int = 0
+    blocks_kept: int = 0
+    blocks_unchanged: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(self.__dict__)
@@ -217,15 +227,16 @@ def export_bundle(
     signing_key: Ed25519PrivateKey | None = None,
 ) -> BundleSummary:
     """Write the bundle atomically (temp file + os.replace): path holds the old file or the whole new one."""
-    data, sha, rows, stale = _build(store, device, snapshot, provenance, signing_key)
+    data, sha, rows, blocks, stale = _build(store, device, snapshot, provenance, signing_key)
     atomic_write_bytes(Path(path), data)
     return BundleSummary(
         sha256=sha,
         winners=len(rows),
-        devices=len({r.device_key for r in rows}),
+        devices=len({r.device_key for r in rows} | {b.device_key for b in blocks}),
         bytes=len(data),
         skipped_stale=stale,
         path=str(path),
+        block_winners=len(blocks),
     )
 
 
@@ -235,18 +246,22 @@ def _build(
     snapshot: str | None,
     provenance: dict,
     signing_key: Ed25519PrivateKey | None = None,
-) -> tuple[bytes, str, list[WinnerRow], int]:
-    """(file bytes, payload sha256, exported winners, winners skipped for an older generator)."""
+) -> tuple[bytes, str, list[WinnerRow], list[BlockWinnerRow], int]:
+    """(file bytes, payload sha256, exported winners, exported block winners, winners and block winners skipped
+    for an older generator). Every block winner is re-checked as it is read (Store.block_winners)."""
     if not isinstance(provenance, dict):
         raise BundleError(f"provenance must be a dict, got {type(provenance).__name__}")
     every = store.winners(device=device, snapshot=snapshot)
     rows = [w for w in every if w.device.generator_version == GENERATOR_VERSION]
+    every_block = store.block_winners(device=device, snapshot=snapshot)
+    blocks = [b for b in every_block if b.device.generator_version == GENERATOR_VERSION]
     payload = {
         "generator_version": GENERATOR_VERSION,
         "exported_at": utcnow().isoformat(),
         "snapshot": snapshot,
         "provenance": provenance,
         "winners": [w.portable() for w in rows],
+        "block_winners": [b.portable() for b in blocks],
     }
     try:
         body = _canonical(payload)
@@ -256,7 +271,8 @@ def _build(
     envelope = {"format": FORMAT, "version": VERSION, "sha256": sha, "payload": payload}
     if signing_key is not None:
         envelope["signature"] = _sign(signing_key, sha)
-    return _gzip(_canonical(envelope)), sha, rows, len(every) - len(rows)
+    stale = len(every) - len(rows) + len(every_block) - len(blocks)
+    return _gzip(_canonical(envelope)), sha, rows, blocks, stale
 
 
 def _gzip(data: bytes) -> bytes:
@@ -316,6 +332,8 @@ def read_bundle(
     signed_by = _check_signature(env, trusted_keys)
     if not isinstance(payload, dict) or not isinstance(payload.get("winners"), list):
         raise BundleError("bundle payload has no winners list")
+    if not isinstance(payload.get("block_winners", []), list):
+        raise BundleError("bundle payload's block_winners is not a list")
     gen = payload.get("generator_version")
     if gen != GENERATOR_VERSION:
         raise BundleError(
@@ -344,6 +362,24 @@ def bundle_winners(env: dict[str, Any]) -> list[WinnerRow]:
     return rows
 
 
+def bundle_block_winners(env: dict[str, Any]) -> list[BlockWinnerRow]:
+    """The fused block winners of an envelope read_bundle accepted (BundleError for a malformed one; a bundle
+    without any has none). Still claims: kernels.trust.verify_plan checks each before it is stored or run."""
+    rows = []
+    for i, d in enumerate(env["payload"].get("block_winners", [])):
+        try:
+            row = BlockWinnerRow.from_portable(d)
+        except InvalidRecord as e:
+            raise BundleError(f"bundle block winner {i} is malformed: {e}") from None
+        if row.device.generator_version != GENERATOR_VERSION:
+            raise BundleError(
+                f"incompatible bundle: block winner {i} was measured with generator "
+                f"{row.device.generator_version!r}, this tunerd's is {GENERATOR_VERSION!r}"
+            )
+        rows.append(row)
+    return rows
+
+
 def import_bundle_bytes(store: Store, data: bytes, *, trusted_keys: Sequence[Ed25519PublicKey] = ()) -> ImportReport:
     """Verify then merge a bundle; on any problem raise BundleError and change nothing (Store.ingest: all or
     nothing, in short write transactions). Its winners are stored as claims whose origin names the bundle
@@ -351,10 +387,12 @@ def import_bundle_bytes(store: Store, data: bytes, *, trusted_keys: Sequence[Ed2
     env = read_bundle(data, trusted_keys=trusted_keys)
     payload = env["payload"]
     rows = bundle_winners(env)
+    blocks = bundle_block_winners(env)
     try:
-        outcomes = store.ingest(rows, origin=f"bundle:{env['sha256']}")
+        every = store.ingest(rows, origin=f"bundle:{env['sha256']}", blocks=blocks)
     except InvalidRecord as e:
         raise BundleError(f"bundle rejected, nothing imported: {e}") from None
+    outcomes, block_outcomes = every[: len(rows)], every[len(rows) :]
     return ImportReport(
         sha256=env["sha256"],
         version=env["version"],
@@ -366,8 +404,13 @@ def import_bundle_bytes(store: Store, data: bytes, *, trusted_keys: Sequence[Ed2
         replaced=outcomes.count("replaced"),
         kept=outcomes.count("kept"),
         unchanged=outcomes.count("unchanged"),
-        devices=tuple(sorted({r.device.digest for r in rows})),
+        devices=tuple(sorted({r.device.digest for r in rows} | {b.device.digest for b in blocks})),
         signed_by=env["signed_by"],
+        block_winners=len(blocks),
+        blocks_added=block_outcomes.count("added"),
+        blocks_replaced=block_outcomes.count("replaced"),
+        blocks_kept=block_outcomes.count("kept"),
+        blocks_unchanged=block_outcomes.count("unchanged"),
     )
 
 

@@ -25,6 +25,11 @@ class InvalidRecord(StoreError, ValueError):
     """A value handed to the store is malformed; nothing was written."""
 
 
+class UntrustedRecord(StoreError):
+    """A stored block winner this tunerd will not run: its plan or schedules are not legal for its block, or
+    its kernels do not render to what it records (kernels.trust.verify_plan says which)."""
+
+
 class UnknownSnapshot(StoreError, LookupError):
     """A snapshot name that was never created."""
 

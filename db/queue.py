@@ -24,15 +24,16 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Result, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from tunerd.kernels.block import Block
 from tunerd.kernels.spec import BlockSpec
 
 from .errors import InvalidRecord, JobNotOwned, UnknownJob
-from .rows import JobRow, TaskRow, json_object, label, number, row_limit, spec_of
+from .rows import JobRow, TaskRow, json_object, label, number, row_limit, spec_of, target_of
 from .tables import JOB_STATUSES, JobTable, TaskTable, utcnow
 
 FINISHED = ("done", "failed")
-# expand(job) -> the specs a job names (tunerd.tuning.job_specs: db does not import the suites)
-Expand = Callable[[JobRow], Sequence[BlockSpec]]
+# expand(job) -> the specs (or fused blocks) a job names (tunerd.tuning.job_specs: db does not import the suites)
+Expand = Callable[[JobRow], Sequence[BlockSpec | Block]]
 
 
 class JobQueue:
@@ -445,7 +446,7 @@ def _progress(j: JobTable, tasks: Sequence[TaskTable]) -> dict:
 
 
 def task_row(t: TaskTable, job: JobRow) -> TaskRow:
-    spec = spec_of(t.spec)
+    spec = target_of(t.spec)
     return TaskRow(
         id=t.id,
         job_id=t.job_id,

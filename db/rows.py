@@ -10,23 +10,25 @@ from functools import lru_cache
 from numbers import Real
 from typing import Any, Literal, overload
 
+from tunerd.kernels.block import Block
+from tunerd.kernels.plan import Plan
 from tunerd.kernels.schedule import Schedule, ScheduleError
-from tunerd.kernels.spec import BlockSpec, SpecError
+from tunerd.kernels.spec import BlockSpec, SpecError, canonical_json
 
 from .errors import InvalidRecord, SchemaError, field_mismatch
 from .fingerprint import DeviceFingerprint
 
 
 def jsonable(value: Any) -> Any:
-    """Spec/Schedule/fingerprint -> dict, datetime -> ISO 8601 UTC, tuples -> lists; the rest as is."""
-    if isinstance(value, (BlockSpec, Schedule, DeviceFingerprint)):
+    """Spec/Block/Plan/Schedule/fingerprint -> dict, datetime -> ISO 8601 UTC, tuples -> lists; the rest as is."""
+    if isinstance(value, (BlockSpec, Block, Plan, Schedule, DeviceFingerprint)):
         return value.to_dict()
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, (tuple, list)):
         return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
+        return {str(k) if isinstance(k, int) else k: jsonable(v) for k, v in value.items()}
     return value
 
 
@@ -51,6 +53,49 @@ def schedule_of(text: str) -> Schedule:
         return Schedule.from_json(text)
     except ScheduleError as e:
         raise SchemaError(f"a stored schedule no longer parses with this tunerd ({e}): {text[:200]}") from None
+
+
+@lru_cache(maxsize=1024)
+def block_of(key: str) -> Block:
+    try:
+        return Block.from_json(key)
+    except SpecError as e:
+        raise SchemaError(f"a stored block no longer parses with this tunerd ({e}): {key[:200]}") from None
+
+
+@lru_cache(maxsize=1024)
+def target_of(key: str) -> BlockSpec | Block:
+    """A stored tuning target: a fused block (kind 'block') or a single conv's spec."""
+    try:
+        kind = json.loads(key).get("kind")
+    except (json.JSONDecodeError, AttributeError):
+        kind = None
+    return block_of(key) if kind == "block" else spec_of(key)
+
+
+def schedules_json(schedules: dict[int, Schedule]) -> str:
+    """A block winner's schedules as stored: canonical JSON keyed by the fused step's index."""
+    return canonical_json({str(i): s.to_dict() for i, s in sorted(schedules.items())})
+
+
+def schedules_of(name: str, value: Any) -> dict[int, Schedule]:
+    """{"<step index>": schedule dict} -> {index: Schedule}; InvalidRecord naming what is wrong."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise InvalidRecord(f"{name} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise InvalidRecord(f"{name} must map fused step index to schedule, got {type(value).__name__}")
+    out: dict[int, Schedule] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k.isdigit() or len(k) > 4:
+            raise InvalidRecord(f"{name} keys must be step indices, got {k!r}")
+        try:
+            out[int(k)] = Schedule.from_dict(v)
+        except ScheduleError as e:
+            raise InvalidRecord(f"{name}[{k}]: {e}") from None
+    return out
 
 
 @lru_cache(maxsize=256)
@@ -230,6 +275,92 @@ class WinnerRow(_Row):
 
 
 @dataclass(frozen=True)
+class BlockWinnerRow(_Row):
+    """The winning plan of a fused block on a device: the plan and one schedule per fused step (kernels.trust
+    checked and rendered them when the store read the row), never source. claimed: an imported timing."""
+
+    device: DeviceFingerprint
+    block: Block
+    plan: Plan
+    schedules: dict[int, Schedule]
+    plan_id: str  # kernels.trust.plan_id of the kernels the plan launches, as rendered here
+    median_ms: float
+    spread_ms: float | None
+    reps: int
+    max_error: float | None
+    strategy: str | None
+    created_at: datetime  # when it was measured
+    origin: str | None = None
+    claimed: bool = False
+    snapshot: str | None = None
+    stale: bool = False  # measured under a predecessor of the device asked about (before an upgrade)
+
+    @property
+    def device_key(self) -> str:
+        return self.device.key
+
+    def describe(self) -> str:
+        """e.g. 'block n1 c16->16 @8x8 dw-ln-pw-act-pw-scale-add float32: 1 step [convnext] 1.23 ms'."""
+        kinds = [s.kind for s in self.plan.steps]
+        fused = [k for k in kinds if k not in ("conv", "op")]
+        return (
+            f"{self.block.describe()}: {len(kinds)} step{'s' if len(kinds) != 1 else ''} "
+            f"[{', '.join(kinds)}]{'' if fused else ' (unfused)'} {self.median_ms:.4g} ms"
+        )
+
+    PORTABLE = (
+        "device",
+        "block",
+        "plan",
+        "schedules",
+        "plan_id",
+        "median_ms",
+        "spread_ms",
+        "reps",
+        "max_error",
+        "strategy",
+        "created_at",
+    )
+
+    def portable(self) -> dict[str, Any]:
+        """The fields that mean the same thing in another store (what a bundle carries)."""
+        return {k: jsonable(getattr(self, k)) for k in self.PORTABLE}
+
+    @classmethod
+    def from_portable(cls, d: Any) -> BlockWinnerRow:
+        """Parse portable() output (InvalidRecord naming the bad field). The plan must be a legal plan of the
+        block; the schedules are checked (and every kernel rendered) by kernels.trust.verify_plan when stored."""
+        if not isinstance(d, dict):
+            raise InvalidRecord(f"a block winner must be a JSON object, got {type(d).__name__}")
+        if set(d) != set(cls.PORTABLE):
+            raise InvalidRecord(field_mismatch("block winner", cls.PORTABLE, d))
+        try:
+            block = Block.from_dict(d["block"])
+            plan = Plan.from_dict(block, d["plan"])
+        except SpecError as e:
+            raise InvalidRecord(str(e)) from None
+        if not isinstance(d["plan_id"], str) or not d["plan_id"]:
+            raise InvalidRecord("plan_id must be a non-empty string")
+        if not isinstance(d["reps"], int) or isinstance(d["reps"], bool) or d["reps"] < 1:
+            raise InvalidRecord(f"reps must be an int >= 1, got {d['reps']!r}")
+        if d["strategy"] is not None and not isinstance(d["strategy"], str):
+            raise InvalidRecord("strategy must be a string or null")
+        return cls(
+            device=DeviceFingerprint.from_dict(d["device"]),
+            block=block,
+            plan=plan,
+            schedules=schedules_of("schedules", d["schedules"]),
+            plan_id=d["plan_id"],
+            median_ms=number("median_ms", d["median_ms"], optional=False, positive=True),
+            spread_ms=number("spread_ms", d["spread_ms"]),
+            reps=d["reps"],
+            max_error=number("max_error", d["max_error"]),
+            strategy=d["strategy"],
+            created_at=parse_time(d["created_at"], "created_at"),
+        )
+
+
+@dataclass(frozen=True)
 class VariantRow(_Row):
     id: str
     spec: BlockSpec
@@ -264,7 +395,7 @@ class JobRow(_Row):
     id: int
     status: str
     strategy: str
-    specs: tuple[BlockSpec, ...] | None
+    specs: tuple[BlockSpec | Block, ...] | None  # a task's job: its one spec or fused block
     suite: str | None
     budget_trials: int | None
     budget_seconds: float | None
@@ -287,7 +418,7 @@ class TaskRow(_Row):
     id: int
     job_id: int
     position: int
-    spec: BlockSpec
+    spec: BlockSpec | Block  # a fused block when the job names a block suite
     status: str
     worker_id: str | None
     attempts: int

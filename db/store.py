@@ -7,25 +7,26 @@ trial that changes them. Only plain row dataclasses (db.rows) leave this module.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import secrets
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from numbers import Integral, Real
 from typing import Any
 
 from sqlalchemy import (
     Engine,
-    ScalarSelect,
     Select,
     String,
     and_,
     cast,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -35,42 +36,59 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from tunerd.kernels import generator, limits, trust
+from tunerd.kernels.block import Block
 from tunerd.kernels.generator import source_id
+from tunerd.kernels.plan import Plan
 from tunerd.kernels.schedule import Schedule
 from tunerd.kernels.spec import BlockSpec
 
 from . import engine as _engine
-from .errors import InvalidRecord, SnapshotExists, StoreError, UnknownJob, UnknownSnapshot, UnknownWinner
+from .errors import (
+    InvalidRecord,
+    SnapshotExists,
+    StoreError,
+    UnknownJob,
+    UnknownSnapshot,
+    UnknownWinner,
+    UntrustedRecord,
+)
 from .fingerprint import DeviceFingerprint
 from .queue import JobQueue, rowcount
 from .rows import (
+    BlockWinnerRow,
     DeviceRow,
     MissRow,
     SnapshotRow,
     TrialRow,
     VariantRow,
     WinnerRow,
+    block_of,
     device_of,
     number,
     schedule_of,
+    schedules_json,
+    schedules_of,
     spec_of,
 )
 from .rows import label as _label
 from .rows import row_limit as _limit
 from .tables import (
     TRIAL_STATUSES,
+    BlockWinnerTable,
     DeviceTable,
     JobTable,
     MissTable,
+    SnapshotBlockWinnerTable,
     SnapshotTable,
     SnapshotWinnerTable,
     SpecTable,
     TrialTable,
     VariantTable,
     WinnerTable,
+    _BlockWinnerColumns,
     _WinnerColumns,
     utcnow,
 )
@@ -137,6 +155,19 @@ def _rendered(
         return trust.verify(spec, schedule, source, variant_id=variant, generator_version=generator_version)
     except trust.UntrustedSource as e:
         raise InvalidRecord(str(e)) from None
+
+
+def _plan_rendered(
+    block: Block, plan: Plan | dict, schedules: Any, claimed_id: str | None, generator_version: str
+) -> trust.TrustedPlan:
+    """This process's check and rendering of a block winner (kernels.trust.verify_plan). The plan id is
+    compared only for a winner of this generator version (another version's kernels render differently)."""
+    same = generator_version == generator.GENERATOR_VERSION
+    return trust.verify_plan(block, plan, schedules, claimed_id=claimed_id if same else None)
+
+
+def _which_block(i: int, r: Any) -> str:
+    return f"block winner {i} ({r.block.describe() if isinstance(r, BlockWinnerRow) else repr(r)[:200]})"
 
 
 INGEST_BATCH_ROWS = 256  # an import writes at most this many rows per transaction ...
@@ -295,10 +326,8 @@ class Store(JobQueue):
             row = s.execute(select(VariantTable.spec_id, VariantTable.source).where(VariantTable.id == v.id)).first()
             if row is None:
                 raise StoreError(f"no variants row for {v.id} after inserting it")
-        if row.spec_id != spec_id:
-            raise InvalidRecord(
-                f"variant {v.id} was recorded for another spec; this source does not belong to {v.spec.describe()}"
-            )
+        # v is this process's rendering of (spec, schedule): a variant recorded first for another spec (row.spec_id)
+        # serves this one too when the sources agree (a kernel that takes the batch as a launch argument)
         if row.source != v.source:
             raise StoreError(
                 f"variant {v.id} is stored with a source this tunerd does not render (written by "
@@ -390,27 +419,32 @@ class Store(JobQueue):
                 self._recompute_winner(s, current)
         return trial.id
 
-    def _disqualified(self, device_id: int):
-        """Variants that produced a wrong result on this device at least once."""
+    # A variant is its source; one source may serve several specs (a kernel taking the batch as a launch argument),
+    # so what a trial says about a variant holds for its (device, spec) only.
+    def _disqualified(self, device_id: int, spec_id: int):
+        """Variants that produced a wrong result for this spec on this device at least once."""
         return select(TrialTable.variant_id).where(
-            TrialTable.device_id == device_id, TrialTable.status == "wrong-result"
+            TrialTable.device_id == device_id, TrialTable.spec_id == spec_id, TrialTable.status == "wrong-result"
         )
 
-    def _measured_here(self, device_id: int | ScalarSelect[int]):
-        """Variants with a local trial (any status) on this device: their claims no longer count."""
-        return select(TrialTable.variant_id).where(TrialTable.device_id == device_id, TrialTable.origin.is_(None))
+    def _measured_here(self, device_id: int, spec_id: int):
+        """Variants with a local trial (any status) for this spec on this device: their claims no longer count."""
+        return select(TrialTable.variant_id).where(
+            TrialTable.device_id == device_id, TrialTable.spec_id == spec_id, TrialTable.origin.is_(None)
+        )
 
     def _offer_winner(self, s: Session, trial: TrialTable, stats: tuple[float | None, float | None]) -> None:
         """Atomic upsert. A local measurement wins over a claim (an imported timing) whatever the claimed
         time; otherwise the trial wins if there is no winner or it is strictly faster. A claim for a variant
         measured here never wins. The old winner's ratios are rescaled to the new time (both are
         reference_time / winner_time)."""
-        if s.scalar(self._disqualified(trial.device_id).where(TrialTable.variant_id == trial.variant_id).limit(1)):
+        if s.scalar(
+            self._disqualified(trial.device_id, trial.spec_id).where(TrialTable.variant_id == trial.variant_id).limit(1)
+        ):
             return
         claim = trial.origin is not None
-        if claim and s.scalar(
-            self._measured_here(trial.device_id).where(TrialTable.variant_id == trial.variant_id).limit(1)
-        ):
+        here = self._measured_here(trial.device_id, trial.spec_id)
+        if claim and s.scalar(here.where(TrialTable.variant_id == trial.variant_id).limit(1)):
             return
         w = WinnerTable.__table__.c
         ins = self._upsert(WinnerTable).values(
@@ -452,8 +486,8 @@ class Store(JobQueue):
                 TrialTable.device_id == d,
                 TrialTable.spec_id == current.spec_id,
                 TrialTable.status == "ok",
-                TrialTable.variant_id.not_in(self._disqualified(d)),
-                or_(TrialTable.origin.is_(None), TrialTable.variant_id.not_in(self._measured_here(d))),
+                TrialTable.variant_id.not_in(self._disqualified(d, current.spec_id)),
+                or_(TrialTable.origin.is_(None), TrialTable.variant_id.not_in(self._measured_here(d, current.spec_id))),
             )
             .order_by(TrialTable.origin.is_not(None), TrialTable.median_ms, TrialTable.id)
             .limit(1)
@@ -498,9 +532,11 @@ class Store(JobQueue):
             return out
 
     def claims(self, device: DeviceLike, spec: BlockSpec | None = None, limit: int = 100) -> list[TrialRow]:
-        """Imported timings for device (and spec) whose variants were never measured here, one per variant,
-        oldest first: what a verify job re-measures (until then such a winner answers with claimed=True)."""
+        """Imported timings for device (and spec) whose variants were never measured here for their spec, one
+        per (spec, variant), oldest first: what a verify job re-measures (until then such a winner answers with
+        claimed=True)."""
         limit = _limit(limit)
+        here = aliased(TrialTable)  # a local trial of the same (device, spec, variant)
         with self._read() as s:
             dev_id = select(DeviceTable.id).where(DeviceTable.key == _device_key(device)).scalar_subquery()
             q = (
@@ -511,7 +547,12 @@ class Store(JobQueue):
                     TrialTable.device_id == dev_id,
                     TrialTable.status == "ok",
                     TrialTable.origin.is_not(None),
-                    TrialTable.variant_id.not_in(self._measured_here(dev_id)),
+                    ~exists().where(
+                        here.device_id == TrialTable.device_id,
+                        here.spec_id == TrialTable.spec_id,
+                        here.variant_id == TrialTable.variant_id,
+                        here.origin.is_(None),
+                    ),
                 )
                 .order_by(TrialTable.id)
                 .limit(limit)
@@ -519,9 +560,9 @@ class Store(JobQueue):
             if spec is not None:
                 _require("spec", spec, BlockSpec)
                 q = q.where(SpecTable.key == spec.to_json())
-            out: dict[str, TrialRow] = {}
+            out: dict[tuple[int, str], TrialRow] = {}
             for t, sched, skey in s.execute(q):
-                out.setdefault(t.variant_id, _trial_row(t, spec_of(skey), sched, _device_key(device)))
+                out.setdefault((t.spec_id, t.variant_id), _trial_row(t, spec_of(skey), sched, _device_key(device)))
             return list(out.values())
 
     def winner(self, device: DeviceLike, spec: BlockSpec, snapshot: str | None = None) -> WinnerRow | None:
@@ -732,6 +773,7 @@ class Store(JobQueue):
         rows: Sequence[WinnerRow],
         *,
         origin: str,
+        blocks: Sequence[BlockWinnerRow] = (),
         batch_rows: int = INGEST_BATCH_ROWS,
         batch_s: float = INGEST_BATCH_S,
     ) -> list[str]:
@@ -750,7 +792,10 @@ class Store(JobQueue):
         the import. If a batch fails, the batches already committed are taken back (their trials, the rows
         they created, the winners they changed) before the error is raised.
         Readers may see an import half done while it runs; a process killed halfway leaves the batches it
-        committed (claims like the rest: re-importing the bundle completes it, verify jobs check them)."""
+        committed (claims like the rest: re-importing the bundle completes it, verify jobs check them).
+        blocks: fused block winners, each checked and rendered (kernels.trust.verify_plan) before anything is
+        written, then merged by the same rules in one transaction after the winners (their outcomes follow the
+        winners' in the returned list)."""
         origin = _label("origin", origin, 80, optional=False)
         checked: list[tuple[WinnerRow, generator.Variant, dict[str, Any]]] = []
         for i, r in enumerate(rows):
@@ -762,6 +807,15 @@ class Store(JobQueue):
             except (InvalidRecord, limits.LimitExceeded) as e:
                 raise InvalidRecord(f"{_which(i, r)}: {e}") from None
             checked.append((r, v, m))
+        checked_blocks: list[tuple[BlockWinnerRow, trust.TrustedPlan, dict[str, Any]]] = []
+        for i, b in enumerate(blocks):
+            try:
+                _require("block winner", b, BlockWinnerRow)
+                tp = _plan_rendered(b.block, b.plan, b.schedules, b.plan_id, b.device.generator_version)
+                m = _check_measurement("ok", b.median_ms, b.spread_ms, b.reps, b.max_error, None, b.strategy)
+            except (InvalidRecord, trust.UntrustedSource) as e:
+                raise InvalidRecord(f"{_which_block(i, b)}: {e}") from None
+            checked_blocks.append((b, tp, m))
         outcomes: list[str] = []
         done = _Ingested()
         try:
@@ -783,6 +837,10 @@ class Store(JobQueue):
                 outcomes += batch.outcomes
                 if not self._pg and len(outcomes) < len(checked):  # let waiting writers in: SQLite's busy
                     time.sleep(min(batch_s, time.monotonic() - until + batch_s))  # handler polls, no queue
+            if checked_blocks:
+                with self._write() as s:
+                    for b, tp, m in checked_blocks:
+                        outcomes.append(self._offer_block(s, b.device, tp, m, origin, b.created_at))
         except BaseException:
             if done.trials:
                 self._take_back(done, batch_rows)
@@ -861,7 +919,17 @@ class Store(JobQueue):
             SpecTable.id: [
                 select(t.spec_id) for t in (TrialTable, VariantTable, WinnerTable, SnapshotWinnerTable, MissTable)
             ],
-            DeviceTable.id: [select(t.device_id) for t in (TrialTable, WinnerTable, SnapshotWinnerTable, MissTable)],
+            DeviceTable.id: [
+                select(t.device_id)
+                for t in (
+                    TrialTable,
+                    WinnerTable,
+                    SnapshotWinnerTable,
+                    MissTable,
+                    BlockWinnerTable,
+                    SnapshotBlockWinnerTable,
+                )
+            ],
         }
         for col, created in (
             (TrialTable.id, done.trials),
@@ -874,6 +942,154 @@ class Store(JobQueue):
                     s.execute(
                         delete(col.class_).where(col.in_(created[k : k + chunk]), *[col.not_in(q) for q in refs[col]])
                     )
+
+    # ---- fused block winners ----------------------------------------------------------------------
+    def record_block_winner(
+        self,
+        device: DeviceFingerprint,
+        block: Block,
+        plan: Plan,
+        schedules: dict[int, Schedule],
+        *,
+        median_ms: float,
+        spread_ms: float | None,
+        reps: int,
+        max_error: float | None,
+        strategy: str | None = None,
+        created_at: datetime | None = None,
+    ) -> str:
+        """Record a block's plan x schedules measured by this process; it wins over an imported claim whatever
+        the claim's time, else when it is strictly faster. schedules: by fused step index (steps without one
+        take their default). Returns 'added', 'replaced' or 'kept'."""
+        _require("device", device, DeviceFingerprint)
+        _require("block", block, Block)
+        _require("plan", plan, Plan)
+        m = _check_measurement("ok", median_ms, spread_ms, reps, max_error, None, strategy)
+        try:
+            full = trust.complete_schedules(block, plan, schedules)
+            tp = _plan_rendered(block, plan, full, None, device.generator_version)
+        except (ValueError, trust.UntrustedSource) as e:  # SpecError / ScheduleError
+            raise InvalidRecord(f"block winner for {block.describe()}: {e}") from None
+        with self._write() as s:
+            return self._offer_block(s, device, tp, m, None, created_at or utcnow())
+
+    def _offer_block(
+        self,
+        s: Session,
+        device: DeviceFingerprint,
+        tp: trust.TrustedPlan,
+        m: dict[str, Any],
+        origin: str | None,
+        created_at: datetime,
+    ) -> str:
+        """Upsert a checked block winner (see record_block_winner; a claim replaces only a slower claim)."""
+        dev_id = self._ensure_device(s, device)
+        key = tp.block.to_json()
+        values = dict(
+            device_id=dev_id,
+            block_digest=tp.block.digest,
+            block_key=key,
+            summary=tp.block.describe()[:300],
+            plan=tp.plan.to_json(),
+            schedules=schedules_json(tp.schedules),
+            plan_id=tp.id,
+            median_ms=m["median_ms"],
+            spread_ms=m["spread_ms"],
+            reps=m["reps"],
+            max_error=m["max_error"],
+            strategy=m["strategy"],
+            origin=origin,
+            claimed=origin is not None,
+            created_at=created_at,
+            updated_at=utcnow(),
+        )
+        ins = self._upsert(BlockWinnerTable).values(**values)
+        new = ins.on_conflict_do_nothing(index_elements=["device_id", "block_digest"]).returning(
+            BlockWinnerTable.device_id
+        )
+        if s.execute(new).first() is not None:
+            return "added"
+        row = s.get(BlockWinnerTable, (dev_id, tp.block.digest), with_for_update=True, populate_existing=True)
+        if row is None:
+            raise StoreError(f"no block_winners row for {tp.block.describe()} after inserting it")
+        if row.block_key != key:
+            raise StoreError(f"two blocks share digest {tp.block.digest}: {row.summary!r} and {tp.block.describe()!r}")
+        if row.plan_id == tp.id and row.median_ms == m["median_ms"] and row.created_at == created_at:
+            return "unchanged"
+        faster = m["median_ms"] < row.median_ms
+        if not (row.claimed and faster if origin is not None else row.claimed or faster):
+            return "kept"
+        for k, v in values.items():
+            setattr(row, k, v)
+        return "replaced"
+
+    def block_winner(self, device: DeviceLike, block: Block, snapshot: str | None = None) -> BlockWinnerRow | None:
+        """The winner for exactly this device key and block (live, or as pinned in snapshot), checked and
+        rendered here; UntrustedRecord for a row whose plan or schedules are not legal for its block."""
+        _require("block", block, Block)
+        rows = self._block_rows(device_key=_device_key(device), block=block, snapshot=snapshot)
+        return rows[0] if rows else None
+
+    def block_winners(self, device: DeviceLike | None = None, snapshot: str | None = None) -> list[BlockWinnerRow]:
+        """Every block winner (of device; live or pinned in snapshot), each checked as block_winner's."""
+        return self._block_rows(
+            device_key=None if device is None else _device_key(device), block=None, snapshot=snapshot
+        )
+
+    def stale_block_winner(self, device: DeviceFingerprint, block: Block) -> BlockWinnerRow | None:
+        """block's winner under the newest predecessor of device that has one, marked stale (as stale_winner)."""
+        for old in self.predecessors(device):
+            row = self.block_winner(old, block)
+            if row is not None:
+                return replace(row, stale=True)
+        return None
+
+    def _block_rows(self, *, device_key: str | None, block: Block | None, snapshot: str | None) -> list[BlockWinnerRow]:
+        W: type[_BlockWinnerColumns] = BlockWinnerTable if snapshot is None else SnapshotBlockWinnerTable
+        with self._read() as s:
+            q = select(W, DeviceTable.key).join(DeviceTable, DeviceTable.id == W.device_id)
+            if snapshot is not None:
+                if s.get(SnapshotTable, snapshot) is None:
+                    raise UnknownSnapshot(f"no snapshot named {snapshot!r}")
+                q = q.where(SnapshotBlockWinnerTable.snapshot == snapshot)
+            if device_key is not None:
+                q = q.where(DeviceTable.key == device_key)
+            if block is not None:
+                q = q.where(W.block_digest == block.digest)
+            found = list(s.execute(q.order_by(DeviceTable.id, W.block_digest)))
+        out = []
+        for w, dkey in found:
+            if block is not None and w.block_key != block.to_json():
+                continue  # another block with the same digest
+            out.append(self._block_row(w, device_of(dkey), snapshot))
+        return out
+
+    @staticmethod
+    def _block_row(w: _BlockWinnerColumns, device: DeviceFingerprint, snapshot: str | None) -> BlockWinnerRow:
+        """A stored block winner as a row, after kernels.trust re-checked and re-rendered it."""
+        blk = block_of(w.block_key)
+        try:
+            tp = _plan_rendered(
+                blk, json.loads(w.plan), schedules_of("schedules", w.schedules), w.plan_id, device.generator_version
+            )
+        except (ValueError, trust.UntrustedSource) as e:  # JSON, InvalidRecord, UntrustedSource
+            raise UntrustedRecord(f"refusing the stored block winner for {w.summary!r} on {device.name}: {e}") from None
+        return BlockWinnerRow(
+            device=device,
+            block=blk,
+            plan=tp.plan,
+            schedules=tp.schedules,
+            plan_id=w.plan_id,
+            median_ms=w.median_ms,
+            spread_ms=w.spread_ms,
+            reps=w.reps,
+            max_error=w.max_error,
+            strategy=w.strategy,
+            created_at=w.created_at,
+            origin=w.origin,
+            claimed=w.claimed,
+            snapshot=snapshot,
+        )
 
     # ---- snapshots -------------------------------------------------------------------------------
     def create_snapshot(self, name: str | None = None) -> str:
@@ -908,6 +1124,13 @@ class Store(JobQueue):
                 )
             )
             snap.winner_count = rowcount(res)
+            b = BlockWinnerTable.__table__.c
+            bcols = [c.key for c in BlockWinnerTable.__table__.columns]
+            s.execute(
+                insert(SnapshotBlockWinnerTable).from_select(
+                    ["snapshot", *bcols], select(cast(literal(name), String(64)), *[b[c] for c in bcols])
+                )
+            )
         return name
 
     def snapshots(self) -> list[SnapshotRow]:

@@ -216,6 +216,41 @@ class SnapshotWinnerTable(_WinnerColumns, Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class _BlockWinnerColumns:
+    """What a fused block's winner row and its frozen snapshot copy hold: the plan and one schedule per fused
+    step (never source: whoever runs it renders it from these), keyed by the block's canonical JSON."""
+
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    block_digest: Mapped[str] = mapped_column(String(16), primary_key=True)  # Block.digest
+    block_key: Mapped[str] = mapped_column(Text)  # Block.to_json(), compared on every read
+    summary: Mapped[str] = mapped_column(String(300))  # Block.describe()
+    plan: Mapped[str] = mapped_column(Text)  # Plan.to_json()
+    schedules: Mapped[str] = mapped_column(Text)  # canonical JSON {"<fused step index>": Schedule.to_dict()}
+    plan_id: Mapped[str] = mapped_column(String(24))  # kernels.trust.plan_id of the rendered kernels
+    median_ms: Mapped[float] = mapped_column(Float)
+    spread_ms: Mapped[float | None] = mapped_column(Float)
+    reps: Mapped[int] = mapped_column(Integer)
+    max_error: Mapped[float | None] = mapped_column(Float)
+    strategy: Mapped[str | None] = mapped_column(String(64))
+    origin: Mapped[str | None] = mapped_column(String(80))  # None: measured here; "bundle:<sha256>": a claim
+    claimed: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)  # when it was measured
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class BlockWinnerTable(_BlockWinnerColumns, Base):
+    """The best plan x schedules per (device, block): local measurements first (fastest), else the fastest claim."""
+
+    __tablename__ = "block_winners"
+
+
+class SnapshotBlockWinnerTable(_BlockWinnerColumns, Base):
+    """A frozen copy of one block winner row."""
+
+    __tablename__ = "snapshot_block_winners"
+    snapshot: Mapped[str] = mapped_column(ForeignKey("snapshots.name"), primary_key=True)
+
+
 class MissTable(Base):
     """A lookup that found no winner: what clients want that nobody has tuned yet."""
 

@@ -15,7 +15,9 @@ Node ops (every node has one output; `inputs` name earlier nodes or "x", the blo
   gap     global average pool to 1 x 1
   broadcast  a 1 x 1 map repeated to size [H, W] (bilinear upsampling of a 1 x 1 map, as DeepLab's ASPP pooling)
   scale   layer scale: x * gamma per channel (param gamma)
+  scalar  x * value, one constant float for every element (gnConv's depthwise scale s)
   add     residual: inputs[0] + inputs[1], same shape
+  mul     elementwise gate: inputs[0] * inputs[1], same shape (gnConv's recursive gating)
   split   channel slice [start, start + size) of its input
   concat  channel concatenation of its inputs, same spatial size
 The last node is the block's output.
@@ -52,11 +54,13 @@ ATTRS: dict[str, dict[str, Any]] = {
     "gap": {},
     "broadcast": {"size": _REQUIRED},
     "scale": {},
+    "scalar": {"value": _REQUIRED},
     "add": {},
+    "mul": {},
     "split": {"start": _REQUIRED, "size": _REQUIRED},
     "concat": {},
 }
-ARITY = {"add": 2}  # exact input counts; concat takes >= 2, everything else 1
+ARITY = {"add": 2, "mul": 2}  # exact input counts; concat takes >= 2, everything else 1
 PARAMS = {"bn": ("scale", "shift"), "ln": ("weight", "bias"), "se": ("w1", "b1", "w2", "b2"), "scale": ("gamma",)}
 GATES = ("se", "eca")  # channel attention: a global pool of the input, a small map to one gate per channel, a scale
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
@@ -167,6 +171,9 @@ def _check_attrs(node: str, op: str, a: dict[str, Any]) -> None:
             raise SpecError(f"node {node!r}: broadcast size must be [H, W], got {a['size']!r}")
         for v in a["size"]:
             _pos_int(node, "size", v)
+    elif op == "scalar":
+        if not isinstance(a["value"], float) or not math.isfinite(a["value"]):
+            raise SpecError(f"node {node!r}: scalar value must be a finite float, got {a['value']!r}")
     elif op == "split":
         _pos_int(node, "start", a["start"], 0)
         _pos_int(node, "size", a["size"])
@@ -226,7 +233,7 @@ class Block(Canonical):
         if nd.op == "conv":
             spec = self.conv_spec(nd, s)
             return Shape(spec.k, spec.out_size)
-        if nd.op in ("bn", "ln", "act", "scale"):
+        if nd.op in ("bn", "ln", "act", "scale", "scalar"):
             return s
         if nd.op in GATES:
             return s
@@ -236,11 +243,10 @@ class Block(Canonical):
             if s.size != (1, 1):
                 raise SpecError(f"node {nd.name!r}: broadcast needs a 1 x 1 input, got {s.size}")
             return Shape(s.c, tuple(a["size"]))
-        if nd.op == "add":
+        if nd.op in ("add", "mul"):
             if ins[0] != ins[1]:
-                raise SpecError(
-                    f"node {nd.name!r}: add of mismatched shapes {ins[0].c}x{ins[0].size} and {ins[1].c}x{ins[1].size}"
-                )
+                u, w = ins
+                raise SpecError(f"node {nd.name!r}: {nd.op} of mismatched shapes {u.c}x{u.size} and {w.c}x{w.size}")
             return s
         if nd.op == "split":
             if a["start"] + a["size"] > s.c:
@@ -566,4 +572,50 @@ def aspp(
     nodes.append(node("cat", "concat", cat))
     if project:
         branch("project", "cat", kernel=1)
+    return Block(n=n, c=c, in_size=tuple(in_size), nodes=tuple(nodes), dtype=dtype)
+
+
+def gnconv(
+    *,
+    n: int,
+    c: int,
+    in_size: tuple[int, int],
+    order: int = 3,
+    kernel: int = 7,
+    scale: float | None = 1.0,
+    dtype: str = "float32",
+) -> Block:
+    """HorNet's recursive gated convolution (gnConv, official code): dims = [c / 2^(order-1), ..., c / 2, c];
+    proj_in 1x1 (c -> 2c, bias) split into pwa (dims[0]) and abc (sum(dims)); abc through a k x k depthwise conv
+    (bias) [times scale], split by dims into d_0..d_{order-1}; y = pwa * d_0, then y = pws_i(y) * d_{i+1} (1x1
+    dims[i] -> dims[i+1], bias); proj_out 1x1 (c -> c, bias). Node order is that of the traced module."""
+    if not isinstance(order, int) or isinstance(order, bool) or order < 1:
+        raise SpecError(f"order must be an int >= 1, got {order!r}")
+    if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 1 or kernel % 2 == 0:
+        raise SpecError(f"kernel must be an odd int >= 1 (same-size output), got {kernel!r}")
+    if not isinstance(c, int) or c < 1 or c % 2 ** (order - 1):
+        raise SpecError(f"c={c!r} must be a positive multiple of 2^(order-1) = {2 ** (order - 1)}")
+    dims = [c // 2**i for i in range(order)][::-1]
+    total = sum(dims)
+    nodes = [
+        node("proj_in", "conv", ["x"], out=2 * c, kernel=1, bias=True),
+        node("abc", "split", ["proj_in"], start=dims[0], size=total),
+        node("dwconv", "conv", ["abc"], out=total, kernel=kernel, padding=kernel // 2, groups=total, bias=True),
+    ]
+    dw = "dwconv"
+    if scale is not None:
+        nodes.append(node("dw_scale", "scalar", ["dwconv"], value=float(scale)))
+        dw = "dw_scale"
+    nodes += [
+        node("pwa", "split", ["proj_in"], start=0, size=dims[0]),
+        node("dw0", "split", [dw], start=0, size=dims[0]),
+        node("gate0", "mul", ["pwa", "dw0"]),
+    ]
+    for i in range(order - 1):
+        nodes += [
+            node(f"pws{i}", "conv", [f"gate{i}"], out=dims[i + 1], kernel=1, bias=True),
+            node(f"dw{i + 1}", "split", [dw], start=sum(dims[: i + 1]), size=dims[i + 1]),
+            node(f"gate{i + 1}", "mul", [f"pws{i}", f"dw{i + 1}"]),
+        ]
+    nodes.append(node("proj_out", "conv", [f"gate{order - 1}"], out=c, kernel=1, bias=True))
     return Block(n=n, c=c, in_size=tuple(in_size), nodes=tuple(nodes), dtype=dtype)

@@ -40,8 +40,12 @@ def apply_node(nd: Node, ins: list[torch.Tensor], params: Params) -> torch.Tenso
         return x.expand(-1, -1, *nd["size"])
     if nd.op == "scale":
         return x * _vec(p["gamma"], x)
+    if nd.op == "scalar":
+        return x * nd["value"]
     if nd.op == "add":
         return x + ins[1]
+    if nd.op == "mul":
+        return x * ins[1]
     if nd.op == "split":
         return x[:, nd["start"] : nd["start"] + nd["size"]]
     if nd.op == "concat":

@@ -11,6 +11,8 @@ and M2 (sum of squared deviations), which combine_moments merges in fixed order 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import convargs, generator, runtime
+from . import convargs, generator, runtime, space_to_depth
 from .schedule import Schedule
 from .spec import BlockSpec, Epilogue, SpecError, conv_spec
 
@@ -43,18 +45,60 @@ def schedule_lookup() -> ScheduleLookup | None:
     return _lookup
 
 
+# Per layer (spec without its batch size, device): the largest batch seen and the schedule it ran. A smaller
+# batch of the same layer (a ragged last batch) with no answer of its own reuses that schedule, so it runs
+# the same source and compiled kernel (the batch size is a launch argument) instead of its own default.
+_LAYERS_KEPT = 4096
+_layers: OrderedDict[tuple[str, str], tuple[int, Schedule]] = OrderedDict()
+_layers_lock = threading.Lock()
+
+
 def choose_variant(spec: BlockSpec, device: torch.device, schedule: Schedule | dict | None) -> generator.Variant:
-    """The variant to launch: an explicit schedule, else the lookup's answer, else the default heuristic."""
-    if schedule is None and _lookup is not None:
+    """The variant to launch: an explicit schedule, else the lookup's answer, else the schedule a larger batch
+    of this layer ran, else the default heuristic."""
+    if schedule is not None:  # explicit: not remembered for the layer's other batches
+        return generator.render(spec, schedule)
+    if _lookup is not None:
         answer = _lookup(spec, device)
         if isinstance(answer, generator.Variant):
             if answer.spec != spec:
                 raise SpecError(
                     f"schedule lookup answered a kernel for {answer.spec.describe()}, not {spec.describe()}"
                 )
+            _remember(spec, device, answer.schedule)
             return answer
         schedule = answer
-    return generator.render(spec, schedule)
+    if schedule is None:
+        with _layers_lock:
+            seen = _layers.get(_layer_key(spec, device))
+        if seen is not None and seen[0] > spec.n:
+            v = generator.render(spec, seen[1])
+            if v.batch is not None and spec.n in v.batch:
+                return v
+    v = generator.render(spec, schedule)
+    _remember(spec, device, v.schedule)
+    return v
+
+
+def _layer_key(spec: BlockSpec, device: torch.device) -> tuple[str, str]:
+    return generator.batch_free(spec).key, str(device)
+
+
+def _remember(spec: BlockSpec, device: torch.device, s: Schedule) -> None:
+    key = _layer_key(spec, device)
+    with _layers_lock:
+        seen = _layers.get(key)
+        if seen is None or seen[0] < spec.n:
+            _layers[key] = (spec.n, s)
+        _layers.move_to_end(key)
+        while len(_layers) > _LAYERS_KEPT:
+            _layers.popitem(last=False)
+
+
+def forget_layer_schedules() -> None:
+    """Drop the per-layer schedule memory (tests; a process that re-tunes its layers)."""
+    with _layers_lock:
+        _layers.clear()
 
 
 @dataclass
@@ -235,22 +279,26 @@ def in_format_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def pack_weight(spec: BlockSpec, weight: torch.Tensor) -> torch.Tensor:
-    """conv: [K, C/g, *ks] -> [K, taps, C/g]; depthwise: [K, 1, *ks] -> [taps, K]. Cached per weight tensor
-    and its version (pass the weight itself, not a fresh .detach(), for the cache to hit)."""
-    layout = (spec.kind, tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
+def cached_pack(weight: torch.Tensor, form: str, pack: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """pack(weight.detach()), cached per weight tensor, its version, storage and the packed form's name (pass the
+    weight itself, not a fresh .detach(), for the cache to hit). In-place updates and `param.data = ...` repack."""
+    layout = (form, tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
     by_layout = _packed.get(weight)
     hit = by_layout.get(layout) if by_layout is not None else None
     if hit is not None and hit[0] == weight._version and hit[1].data_ptr() == weight.data_ptr():
         return hit[2]
     w = weight.detach()
-    if spec.kind == "depthwise":
-        packed = w.reshape(spec.k, spec.taps).t().contiguous()
-    else:
-        packed = w.permute(0, *range(2, w.dim()), 1).contiguous()
+    packed = pack(w)
     if not torch.compiler.is_compiling():
         _packed.setdefault(weight, {})[layout] = (weight._version, w, packed)
     return packed
+
+
+def pack_weight(spec: BlockSpec, weight: torch.Tensor) -> torch.Tensor:
+    """conv: [K, C/g, *ks] -> [K, taps, C/g]; depthwise: [K, 1, *ks] -> [taps, K]. Cached (cached_pack)."""
+    if spec.kind == "depthwise":
+        return cached_pack(weight, "depthwise", lambda w: w.reshape(spec.k, spec.taps).t().contiguous())
+    return cached_pack(weight, "conv", lambda w: w.permute(0, *range(2, w.dim()), 1).contiguous())
 
 
 def clear_packed_weights() -> None:
@@ -308,8 +356,13 @@ def forward_args(
     out_buf: torch.Tensor,
     z_buf: torch.Tensor | None = None,
     stats_buf: torch.Tensor | None = None,
+    schedule: Schedule | None = None,
 ) -> dict[str, Any]:
-    """Kernel arguments of a forward variant; z_buf / stats_buf when its epilogue has save_z / stats."""
+    """Kernel arguments of a forward variant; z_buf / stats_buf when its epilogue has save_z / stats.
+    A space_to_depth schedule's kernel reads the folded input and weight (kernels.space_to_depth)."""
+    if schedule is not None and schedule.space_to_depth:
+        x, weight = space_to_depth.fold_input(x.detach(), spec), space_to_depth.fold_weight(weight.detach(), spec)
+        spec = space_to_depth.rewrite(spec)
     args = {
         "x_ptr": to_channels_last(x.detach()),
         "w_ptr": pack_weight(spec, weight),
@@ -382,7 +435,7 @@ def run_forward(
     if spec.epilogue.stats:  # per tile of block_m output pixels, per channel: mean (m0 + c) and M2
         rows = -(-spec.out_pixels // variant.schedule.block_m)
         partial = new_buffer((rows, 3, spec.k), torch.float32, x.device)
-    runtime.launch(variant, forward_args(spec, x, weight, ep, out, z, partial), x.device)
+    runtime.launch(variant, forward_args(spec, x, weight, ep, out, z, partial, variant.schedule), x.device)
     res = ForwardResult(y=from_channels_last(out, x) if full is None else in_format_of(full, x), z=z)
     if partial is not None:
         res.mean, m2 = combine_moments(partial, spec.out_pixels, variant.schedule.block_m)

@@ -35,16 +35,19 @@ from .plan import (
     FUSED,
     AsppBranch,
     Branch,
+    GateParts,
     Plan,
     Step,
     aspp_branches,
     check,
     dw_epilogue,
+    gate_parts,
     inception_branches,
     matches,
     mbconv_parts,
     next_pow2,
     rank,
+    step_outputs,
     tail_epilogue,
 )
 from .schedule import UNROLL_TAPS, Schedule, ScheduleError, is_pow2
@@ -54,7 +57,7 @@ from .spec import BlockSpec, Epilogue, SpecError, canonical_json
 @dataclass(frozen=True)
 class FusedSpec:
     """One fused launch: a step of kind separable / mlp / convnext / inception / expand_dw / mbconv / se_pw / aspp
-    of block (se_pw: the GEMM launch; the gate's map before it is torch)."""
+    / dw_gate / pw_gate / dw_ln of block (se_pw: the GEMM launch; the gate's map before it is torch)."""
 
     block: Block
     step: Step
@@ -75,8 +78,8 @@ class FusedSpec:
     def parts(self) -> dict[str, Any]:
         """The step's anatomy: dw (depthwise node, its Epilogue), ln, pw1, mid act, pw (last GEMM node) and
         the tail Epilogue after it."""
-        if self.step.kind in ("inception", "aspp"):
-            raise SpecError(f"an {self.step.kind} step has branches, not GEMM parts")
+        if self.step.kind in ("inception", "aspp", "dw_gate", "pw_gate"):
+            raise SpecError(f"{self.describe()} has no GEMM parts (see branches, aspp_branches, gate)")
         names = list(self.step.nodes)
         b = self.block
         out: dict[str, Any] = {"dw": None, "dw_ep": None, "ln": None, "pw1": None, "mid_act": None}
@@ -99,9 +102,12 @@ class FusedSpec:
             out["tail"] = tail_epilogue(b, names[i + 1 :], out["pw"]["bias"])
             out["tail_nodes"] = names[i + 1 :]
             return out
-        if self.step.kind == "convnext":
+        if self.step.kind in ("convnext", "dw_ln"):
             out.update(dw=b.node(names[0]), dw_ep=Epilogue(bias=b.node(names[0])["bias"]))
             names = names[1:]
+        if self.step.kind == "dw_ln":  # the depthwise is the step's conv; no GEMM
+            out.update(ln=b.node(names[0]), pw=None, tail=None, tail_nodes=[])
+            return out
         out.update(ln=b.node(names[0]), pw1=b.node(names[1]), mid_act=b.node(names[2])["fn"], pw=b.node(names[3]))
         out["tail"] = tail_epilogue(b, names[4:], out["pw"]["bias"])
         out["tail_nodes"] = names[4:]
@@ -121,6 +127,14 @@ class FusedSpec:
         out = aspp_branches(self.block, list(self.step.nodes))
         if out is None:
             raise SpecError(f"{self.describe()} is not an aspp step")
+        return out
+
+    @property
+    def gate(self) -> GateParts:
+        """A dw_gate / pw_gate step's anatomy (plan.gate_parts)."""
+        out = gate_parts(self.block, list(self.step.nodes), self.step.kind)
+        if out is None:
+            raise SpecError(f"{self.describe()} is not a dw_gate / pw_gate step")
         return out
 
     @property
@@ -144,7 +158,7 @@ class FusedSpec:
 
     @property
     def pixels(self) -> int:
-        if self.step.kind in ("inception", "aspp"):
+        if self.step.kind in ("inception", "aspp", "dw_gate", "pw_gate"):
             h, w = self.block.shapes[self.step.nodes[-1]].size
             return self.block.n * h * w
         return self.out_spec.out_pixels
@@ -183,6 +197,15 @@ def default_schedule(fs: FusedSpec) -> Schedule:
             block_m=bm, block_n=bc, block_k=16, group_m=1, num_warps=min(8, max(4, conv_tile // 256)), num_stages=1
         )
     wide16 = 32 if fs.dtype == "float32" else 64  # operand tile width along a reduction: half in fp32
+    if fs.step.kind == "dw_ln":  # block_m pixels x every channel (block_n = padded C), block_k unused
+        return dw_ln_schedule(fs, min(_clamp_pow2(m, 1, 64), max(1, DW_LN_TILE // dw_ln_row(fs))))
+    if fs.step.kind == "dw_gate":  # block_m pixels (in runs of dw_gate_run along a row) x block_n depthwise
+        # channels, block_k unused. sm_90 (compile_check, HorNet-T stage 3): 64 x 32 on 4 warps, 64 registers, no
+        # spills, FMA 39% (bf16) / 57% (fp32) of the tap loop's SASS; wider tiles add registers, not FMA share
+        lo, hi = gate_channels(fs)
+        return Schedule(
+            block_m=bm, block_n=_clamp_pow2(hi - lo, 16, 32), block_k=16, group_m=1, num_warps=4, num_stages=1
+        )
     if fs.step.kind == "expand_dw":  # block_k hidden channels per program, block_n unused
         hid, pq = fs.out_spec.k, fs.out_spec.out_pixels // fs.block.n
         return Schedule(
@@ -203,6 +226,13 @@ def default_schedule(fs: FusedSpec) -> Schedule:
         bk = 16 if fs.dtype == "float32" else 32
         warps = 8 if bm * bn >= 128 * 64 else 4
         return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=1, num_warps=warps, num_stages=1)
+    if fs.step.kind == "pw_gate":  # the GEMM's tiles; the gate is loaded in its epilogue
+        spec = fs.block.conv_spec(fs.block.node(fs.gate.conv))
+        bn = _clamp_pow2(spec.k, 16, 128)
+        bk = _clamp_pow2(spec.c, 16, 32 if spec.itemsize == 4 or spec.c > 256 else 64)
+        # fp32 (CUDA-core dots) 64 x 64 on 4 warps: 186 registers on sm_90 where the reduction is one step; 48 on 8
+        warps = 8 if bm * bn >= (64 * 64 if spec.itemsize == 4 else 128 * 64) else 4
+        return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=1, num_warps=warps)
     if fs.step.kind in ("separable", "se_pw"):
         spec = fs.out_spec
         bn = _clamp_pow2(spec.k, 16, 128)
@@ -219,11 +249,29 @@ def default_schedule(fs: FusedSpec) -> Schedule:
     return Schedule(block_m=min(bm, top), block_n=16, block_k=bh, group_m=1, num_warps=8, num_stages=2)
 
 
+DW_LN_TILE = 2048  # elements of a dw_ln program's [pixels, channels] fp32 tile by default: 16 a thread on 4 warps
+
+
+def dw_ln_row(fs: FusedSpec) -> int:
+    """The padded channels of a dw_ln program's row: its block_n."""
+    return next_pow2(fs.block.shapes[fs.step.nodes[0]].c)
+
+
+def dw_ln_schedule(fs: FusedSpec, block_m: int) -> Schedule:
+    """A dw_ln schedule of block_m pixels per program; warps so each thread holds <= 16 elements of the tile, at most
+    8 (sm_90, ConvNeXt-T stages 3-4: <= 143 registers, no spills; 32 elements a thread on 4 warps, or 16 warps
+    (capped at 128 registers), spilled)."""
+    warps = min(8, max(4, block_m * dw_ln_row(fs) // (32 * 16)))
+    return Schedule(block_m=block_m, block_n=dw_ln_row(fs), block_k=16, group_m=1, num_warps=warps, num_stages=1)
+
+
 def canonical(fs: FusedSpec, s: Schedule) -> Schedule:
     s = replace(s, group_m=1, split_k=1, k_order="tap")
-    if fs.step.kind == "inception":
+    if fs.step.kind == "dw_ln":
+        return replace(s, block_n=dw_ln_row(fs), block_k=16, num_stages=1)
+    if fs.step.kind in ("inception", "dw_gate"):
         return replace(s, block_k=16)
-    return s if fs.step.kind in ("separable", "mbconv", "se_pw", "aspp") else replace(s, block_n=16)
+    return s if fs.step.kind in ("separable", "mbconv", "se_pw", "aspp", "pw_gate") else replace(s, block_n=16)
 
 
 def check_schedule(fs: FusedSpec, s: Schedule) -> None:
@@ -232,12 +280,19 @@ def check_schedule(fs: FusedSpec, s: Schedule) -> None:
         v = getattr(s, name)
         if not isinstance(v, int) or not is_pow2(v):
             raise ScheduleError(f"{name}={v!r} must be a power of two")
-        if name != "num_warps" and v < 16:
+        if name != "num_warps" and v < 16 and not (fs.step.kind == "dw_ln" and name == "block_m"):  # no tl.dot
             raise ScheduleError(f"{name}={v} is below tl.dot's minimum of 16")
     if s.num_warps > 16 or s.num_stages < 1:
         raise ScheduleError("num_warps must be <= 16 and num_stages >= 1")
     if s.block_m * s.block_n > 256 * 256 or s.block_m * s.block_k > 256 * 128:
         raise ScheduleError("tile larger than 256x256 (outputs) or 256x128 (operand) elements")
+    if fs.step.kind == "dw_ln":
+        per_thread = 16 if s.num_warps <= 4 else 32  # fp32 tile elements: sm_90 spilled beyond (and on 16 warps)
+        if s.num_warps > 8 or s.block_m * s.block_n > per_thread * 32 * s.num_warps:
+            raise ScheduleError(
+                f"dw_ln: block_m={s.block_m} x {s.block_n} channels on {s.num_warps} warps: over 8 warps or over "
+                f"{per_thread} fp32 elements per thread"
+            )
     if fs.step.kind in ("mlp", "convnext"):
         cp = next_pow2(fs.block.shapes[fs.parts()["ln"].name].c)
         kp = next_pow2(fs.out_spec.k)
@@ -269,6 +324,9 @@ TEMPLATE_FILES = {
     "mlp": "block_mlp.py.j2",
     "convnext": "block_mlp.py.j2",
     "inception": "block_inception.py.j2",
+    "dw_gate": "block_gnconv.py.j2",
+    "pw_gate": "block_gnconv.py.j2",
+    "dw_ln": "block_dw_ln.py.j2",
 }
 _DW_ARGS = (("bias", "dw_bias_ptr"), ("affine", "dw_scale_ptr"), ("affine", "dw_shift_ptr"))
 
@@ -482,7 +540,98 @@ def _aspp_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
     }
 
 
+def gate_channels(fs: FusedSpec) -> tuple[int, int]:
+    """The depthwise channels [lo, hi) a dw_gate step computes: those of its gate and of its second output."""
+    g = fs.gate
+    lo, hi = g.start, g.start + g.size
+    if g.written is not None:
+        lo, hi = min(lo, g.written[0]), max(hi, g.written[1])
+    return lo, hi
+
+
+def _gnconv_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
+    """dw_gate: the depthwise geometry, its input slice, scale, gate and written channel ranges; pw_gate: the
+    GEMM's sizes and the gate slice."""
+    g, b = fs.gate, fs.block
+    spec = b.conv_spec(b.node(g.conv))
+    h, w = b.shapes[fs.step.nodes[-1]].size
+    src, partner = b.shapes[g.src], b.shapes[g.partner]
+    ctx: dict[str, Any] = dict(
+        kind=fs.step.kind,
+        M=fs.pixels,
+        H=h,
+        W=w,
+        BM=s.block_m,
+        BN=s.block_n,
+        BIAS=b.node(g.conv)["bias"],
+        G=g.size,
+        GS=g.start,
+        CP=partner.c,
+        PS=g.partner_start,
+        BF16=fs.dtype == "bfloat16",
+        desc=f"{'+'.join(fs.step.nodes)}: {g.value}[{g.start}:{g.start + g.size}] * "
+        f"{g.partner}[{g.partner_start}:{g.partner_start + g.size}]",
+        i64=fs.pixels * max(src.c, partner.c, spec.k) > generator.INT32_LIMIT,
+    )
+    if fs.step.kind == "pw_gate":
+        ctx.update(C=spec.c, K=spec.k, BK=s.block_k, NPID_N=_cdiv(spec.k, s.block_n), dot_kw=_dot_kw(fs))
+        return ctx
+    lo, hi = gate_channels(fs)
+    r = dw_gate_run(fs)
+    (kh, kw), (dh, dw), pw = spec.kernel, spec.dilation, spec.padding[1][0]
+    # input column ow0 + col feeds output ow0 + r through tap k1 when col = r + k1 * dw - pw
+    cols = [
+        (j - pw, [(i, (j - i) // dw) for i in range(r) if (j - i) % dw == 0 and 0 <= (j - i) // dw < kw])
+        for j in range(r + (kw - 1) * dw)
+    ]
+    ctx.update(
+        CX=src.c,
+        XS=g.src_start,
+        CD=spec.k,
+        KS=[kh, kw],
+        DIL=[dh, dw],
+        PAD=[spec.padding[0][0], pw],
+        R=r,
+        WG=_cdiv(w, r),
+        MG=b.n * h * _cdiv(w, r),
+        BP=s.block_m // r,
+        cols=[(col, taps) for col, taps in cols if taps],
+        SCALE=repr(float(g.scale)) if g.scale != 1.0 else None,
+        write=g.written,
+        LO=lo,
+        HI=hi,
+        NPID_C=_cdiv(hi - lo, s.block_n),
+    )
+    return ctx
+
+
+def dw_gate_run(fs: FusedSpec) -> int:
+    """Consecutive outputs along a row that one dw_gate program's pixel group computes from shared input columns."""
+    return min(4, next_pow2(fs.block.shapes[fs.step.nodes[-1]].size[1]))
+
+
+def _dw_ln_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
+    """dw_ln: the depthwise geometry, its bias and the LayerNorm's eps."""
+    p = fs.parts()
+    dw = fs.depthwise()
+    g = generator.geometry(dw, s)
+    g.update(
+        CP=dw_ln_row(fs),
+        bias=p["dw_ep"].bias,
+        EPS=repr(float(p["ln"]["eps"])),
+        # unrolled taps keep every tap's [pixels, channels] load in flight: only while the tile is small
+        unroll=dw.kernel[1] <= UNROLL_TAPS and s.block_m * s.block_n <= 32 * s.num_warps * 16,
+        desc="+".join(fs.step.nodes),
+        i64=g["i64"] or dw.out_pixels * dw.k > generator.INT32_LIMIT,
+    )
+    return g
+
+
 def _context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
+    if fs.step.kind == "dw_ln":
+        return _dw_ln_context(fs, s)
+    if fs.step.kind in ("dw_gate", "pw_gate"):
+        return _gnconv_context(fs, s)
     if fs.step.kind == "inception":
         return _inception_context(fs, s)
     if fs.step.kind in ("expand_dw", "mbconv"):
@@ -546,6 +695,13 @@ def grid(fs: FusedSpec, s: Schedule) -> tuple[int, ...]:
         return (m * sum(_cdiv(b.size, max(16, min(s.block_n, next_pow2(b.size)))) for b in fs.aspp_branches),)
     if fs.step.kind in ("mbconv", "se_pw"):
         return (m * _cdiv(fs.out_spec.k, s.block_n),)
+    if fs.step.kind == "dw_gate":  # (pixel tile of row runs, depthwise channel tile), channel tiles fastest
+        lo, hi = gate_channels(fs)
+        r = dw_gate_run(fs)
+        h, w = fs.block.shapes[fs.step.nodes[-1]].size
+        return (_cdiv(fs.block.n * h * _cdiv(w, r), s.block_m // r) * _cdiv(hi - lo, s.block_n),)
+    if fs.step.kind == "pw_gate":
+        return (m * _cdiv(fs.block.shapes[fs.step.nodes[-1]].c, s.block_n),)
     if fs.step.kind == "inception":
         return (m, sum(_cdiv(b.size, min(s.block_n, next_pow2(b.size))) for b in fs.branches))
     return (m * _cdiv(fs.out_spec.k, s.block_n),) if fs.step.kind == "separable" else (m,)
@@ -574,8 +730,8 @@ def _vec(t: torch.Tensor) -> torch.Tensor:
 
 
 def _gemm_weight(w: torch.Tensor) -> torch.Tensor:
-    """1x1 conv weight [K, C, 1, 1] -> GEMM B operand [C, K], contiguous."""
-    return w.detach().reshape(w.shape[0], w.shape[1]).t().contiguous()
+    """1x1 conv weight [K, C, 1, 1] -> GEMM B operand [C, K], contiguous (cached per weight and version)."""
+    return _conv.cached_pack(w, "gemm_b", lambda d: d.reshape(d.shape[0], d.shape[1]).t().contiguous())
 
 
 def _bn_vectors(block: Block, names: Iterable[str], params: Params) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -612,6 +768,8 @@ def fused_args(
         return inception_args(fs, params, vals[fs.nodes[0].inputs[0]], out.permute(0, 3, 1, 2))
     if fs.step.kind == "aspp":
         return aspp_args(fs, params, vals, out)
+    if fs.step.kind in ("dw_gate", "pw_gate"):
+        return gnconv_args(fs, params, vals, out)
     if fs.step.kind in ("expand_dw", "mbconv", "se_pw"):
         return _mbconv_args(fs, params, vals, out, pool, gate)
     p = fs.parts()
@@ -626,6 +784,9 @@ def fused_args(
         if p["dw_ep"].affine:
             bn = next(n for n in fs.step.nodes[1:] if fs.block.node(n).op == "bn")
             args["dw_scale_ptr"], args["dw_shift_ptr"] = _vec(params[f"{bn}.scale"]), _vec(params[f"{bn}.shift"])
+    if fs.step.kind == "dw_ln":
+        ln = p["ln"].name
+        return {**args, "ln_w_ptr": _vec(params[f"{ln}.weight"]), "ln_b_ptr": _vec(params[f"{ln}.bias"])}
     if fs.step.kind == "separable":
         args["w_ptr"] = _gemm_weight(params[f"{p['pw'].name}.weight"])
     else:
@@ -686,6 +847,38 @@ def _mbconv_args(
     else:
         ep = epilogue_args(b, p["pw"], p["tail_nodes"], params, vals)
         args.update(_conv.epilogue_kernel_args(fs.out_spec, ep, x.device))
+    args["UPCAST"] = _conv.upcast(x)
+    return args
+
+
+def _nhwc(name: str, t: torch.Tensor, write: bool = False) -> torch.Tensor:
+    """[N, C, H, W] -> its [N, H, W, C] buffer: a view of a channels-last tensor (copied otherwise, unless the
+    kernel writes it: SpecError)."""
+    buf = t.permute(0, 2, 3, 1)
+    if buf.is_contiguous():
+        return buf
+    if write:
+        raise SpecError(f"{name} must be a contiguous channels-last tensor to be written in place")
+    return buf.detach().contiguous()
+
+
+def gnconv_args(fs: FusedSpec, params: Params, vals: dict[str, torch.Tensor], out: torch.Tensor) -> dict[str, Any]:
+    """Arguments of a dw_gate / pw_gate step: the conv's source, its weight [and bias], the gate's partner tensor,
+    out (the product's [N, H, W, C] buffer) and, for a dw_gate step with a second output, that node's tensor in
+    vals (allocated channels-last by run_plan) as d_ptr."""
+    g, b = fs.gate, fs.block
+    conv = b.node(g.conv)
+    x = vals[g.src]
+    args: dict[str, Any] = {"x_ptr": _nhwc(g.src, x.detach())}
+    if fs.step.kind == "dw_gate":
+        args["wd_ptr"] = _conv.pack_weight(b.conv_spec(conv), params[f"{conv.name}.weight"])
+    else:
+        args["w_ptr"] = _gemm_weight(params[f"{conv.name}.weight"])
+    if conv["bias"]:
+        args["bias_ptr"] = _vec(params[f"{conv.name}.bias"])
+    args.update(g_ptr=_nhwc(g.partner, vals[g.partner].detach()), out_ptr=out)
+    if fs.step.kind == "dw_gate" and g.written is not None:
+        args["d_ptr"] = _nhwc(g.value, vals[g.value], write=True)
     args["UPCAST"] = _conv.upcast(x)
     return args
 
@@ -840,7 +1033,8 @@ def run_plan(
 
     schedules: step index -> Schedule for conv and fused steps (defaults otherwise). poison fills every
     buffer a kernel writes with NaN first (the correctness gate), the gate pools' partial sums included.
-    An expand_dw step feeding an se / eca gate leaves its partial sums for the se_pw step that applies it."""
+    An expand_dw step feeding an se / eca gate leaves its partial sums for the se_pw step that applies it; a
+    dw_gate step also writes the depthwise value's channels that later steps read (plan.step_outputs)."""
     check_inputs(block, params, x)
     plan = plan or rank(block)[0].plan
     check(block, plan)
@@ -879,6 +1073,11 @@ def run_plan(
             else:
                 fs = FusedSpec(block, step)
                 v = render(fs, schedules.get(i))
+                for name in step_outputs(block, step)[:-1]:  # a dw_gate's depthwise value, read by later steps
+                    shape = block.shapes[name]
+                    vals[name] = _conv.new_channels_last((block.n, shape.c, *shape.size), x.dtype, x.device)
+                    if poison:
+                        vals[name].fill_(float("nan"))
                 pool = gate = None
                 if pooled_output(fs):
                     pool = pool_buffer(fs, v.schedule, x.device)

@@ -2,6 +2,9 @@
 
 Same spec + schedule -> byte-identical source -> the same content hash (the variant id).
 Each (kind, op) has one Template: a Jinja2 file, a context builder and a grid function.
+Conv templates take the batch size as the launch argument `n` (Template.batch_arg): they render from the spec
+with n = 1 and its BatchRange (int32 or int64 offsets), so every batch size of a layer shares one source, one
+id and one compiled kernel; the grid stays per spec.
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -19,14 +23,44 @@ import jinja2
 
 from . import epilogue as _ep
 from . import schedule as _sched
+from . import space_to_depth
 from .schedule import Schedule
-from .spec import BlockSpec, SpecError
+from .spec import BlockSpec, SpecError, canonical_json
 
 if TYPE_CHECKING:
     from .fused import FusedSpec
 
-GENERATOR_VERSION = "0.3.0"
+GENERATOR_VERSION = "0.4.0"
 INT32_LIMIT = 2**31 - 1
+# The batch size as a launch argument of the templates that take it (Template.batch_arg): one source, and so one
+# compile, serves every n of a BatchRange.
+BATCH_ARG = "n"
+_BATCH_LINE = re.compile(r"^# batch: +(\d+) <= n(?: <= (\d+))? \((int32|int64) offsets", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    """The batch sizes lo <= n <= hi (hi None: no bound) that one rendering serves: int32 offsets while every
+    tensor's element offsets fit, int64 beyond."""
+
+    lo: int
+    hi: int | None
+    i64: bool
+
+    def __contains__(self, n: object) -> bool:
+        return isinstance(n, int) and self.lo <= n and (self.hi is None or n <= self.hi)
+
+    def describe(self) -> str:
+        bound = f" <= {self.hi}" if self.hi is not None else ""
+        return f"{self.lo} <= n{bound} ({'int64' if self.i64 else 'int32'} offsets; n is a launch argument)"
+
+
+def batch_range(spec: BlockSpec) -> BatchRange:
+    """The batch range whose rendering serves spec.n: n <= INT32_LIMIT // (the largest tensor's elements per
+    image) with int32 offsets, the int64 form above that (its derived sizes are computed in int64 too)."""
+    per_image = max(spec.c * _prod(spec.in_size), _prod(spec.out_size) * spec.k)
+    cap = INT32_LIMIT // per_image
+    return BatchRange(1, cap, False) if spec.n <= cap else BatchRange(cap + 1, None, True)
 
 
 SpecT = TypeVar("SpecT", bound="BlockSpec | FusedSpec")
@@ -46,6 +80,14 @@ class Variant(Generic[SpecT]):
     def id(self) -> str:
         return source_id(self.source)
 
+    @cached_property
+    def batch(self) -> BatchRange | None:
+        """The batch sizes this source serves, as its header states them (None: n is compiled in)."""
+        m = _BATCH_LINE.search(self.source, 0, 2000)
+        if m is None:
+            return None
+        return BatchRange(int(m.group(1)), int(m.group(2)) if m.group(2) else None, m.group(3) == "int64")
+
     @property
     def num_warps(self) -> int:
         return self.schedule.num_warps
@@ -57,9 +99,14 @@ class Variant(Generic[SpecT]):
 
 @dataclass(frozen=True)
 class Template:
+    """A (kind, op)'s Jinja2 file, context builder and grid. batch_arg: the kernel takes the batch size as its
+    launch argument `n`; its context is built from the spec with n = 1 (batch_free) and must not use n, and
+    it gets the BatchRange as v.batch (v.i64 its offset width). Otherwise the context sees the real spec."""
+
     file: str
     context: Callable[[BlockSpec, Schedule], dict[str, Any]]
     grid: Callable[[BlockSpec, Schedule], tuple[int, ...]]
+    batch_arg: bool = False
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -138,12 +185,13 @@ def named(g: dict[str, Any], spec: BlockSpec, extra: Sequence[tuple[str, Any, An
     `NAME: tl.constexpr = value` (value may be an expression of earlier names; literal is what it equals), and
     `sym`, g with its shape keys replaced by those names: templates write `{{ sh.OUT[d] }}` and get `H_OUT`
     (with sh = v.sym) or 56 (with sh = v). `extra` appends template-specific (name, value, literal) rows.
-    The names are constexpr, so the compiled code is the same as with literals.
+    The names are constexpr, so the compiled code is the same as with literals. The batch size is the launch
+    argument n (sh.N): rows with literal None (M = n * H_OUT * W_OUT and what derives from it) are computed
+    per launch, after the constexpr rows.
     """
     ax = AXES[spec.ndim]
     dims = range(spec.ndim)
     consts: list[tuple[str, Any, Any]] = [
-        ("N", g["N"], g["N"]),
         ("C", g["C"], g["C"]),
         ("K", g["K"], g["K"]),
         ("GROUPS", g["G"], g["G"]),
@@ -155,16 +203,17 @@ def named(g: dict[str, Any], spec: BlockSpec, extra: Sequence[tuple[str, Any, An
     consts += [(f"DIL_{ax[d]}", g["DIL"][d], g["DIL"][d]) for d in dims]
     consts += [
         ("TAPS", " * ".join(f"K{a}" for a in ax), g["TAPS"]),
-        ("M", " * ".join(["N"] + [f"{a}_OUT" for a in ax]), g["M"]),
+        ("M", " * ".join([BATCH_ARG] + [f"{a}_OUT" for a in ax]), None),
         ("SX_N", " * ".join([f"{a}_IN" for a in ax] + ["C"]), g["SXN"]),
     ]
     consts += [(f"SX_{ax[d]}", " * ".join([f"{a}_IN" for a in ax[d + 1 :]] + ["C"]), g["SX"][d]) for d in dims]
     consts += [("BLOCK_M", g["BM"], g["BM"]), ("BLOCK_N", g["BN"], g["BN"]), ("BLOCK_K", g["BK"], g["BK"])]
     consts += [("GROUP_M", g["GROUP_M"], g["GROUP_M"])]
     consts += list(extra)
+    consts = [r for r in consts if r[2] is not None] + [r for r in consts if r[2] is None]
     sym = Context(g)
     sym.update(
-        N="N",
+        N=BATCH_ARG,
         C="C",
         K="K",
         CG="CG",
@@ -256,7 +305,6 @@ def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     pointwise = spec.taps == 1 and all(v == 1 for v in spec.stride) and not spec.has_padding
     dot_kw = f', input_precision="{spec.precision}"' if spec.dtype == "float32" else ""
     g.update(
-        NPID_M=_cdiv(spec.out_pixels, s.block_m),
         NPID_N=_cdiv(spec.kg, s.block_n),
         NCB=_cdiv(spec.cg, s.block_k),
         KTOT=spec.cg * spec.taps,
@@ -270,7 +318,7 @@ def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         n_full=spec.kg % s.block_n == 0,
     )
     extra = [
-        ("NPID_M", "(M + BLOCK_M - 1) // BLOCK_M", g["NPID_M"]),
+        ("NPID_M", "(M + BLOCK_M - 1) // BLOCK_M", None),
         ("NPID_N", "(KG + BLOCK_N - 1) // BLOCK_N", g["NPID_N"]),
         ("NCB", "(CG + BLOCK_K - 1) // BLOCK_K", g["NCB"]),
         ("KTOT", "CG * TAPS", g["KTOT"]),
@@ -301,7 +349,7 @@ def _depthwise_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         R=r_out,
         G=s.block_m // r_out,
         GW=gw,
-        NG=spec.n * _prod(spec.out_size[:last]) * gw,
+        NG=f"{BATCH_ARG} * {_prod(spec.out_size[:last]) * gw}",  # groups of the batch
         KW=kw,
         COLS=sorted(uses.items()),
         WNEW={j: [t for t in range(kw) if t * dl == j] for j in uses},
@@ -321,7 +369,6 @@ def _conv_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = _grad_geometry(spec, s)
     g.update(_phases(spec))
     g.update(
-        NPID_M=_cdiv(g["MMAX"], s.block_m),
         NPID_N=_cdiv(spec.cg, s.block_n),
         NKB=_cdiv(spec.kg, s.block_k),
         k_order=s.k_order,
@@ -331,9 +378,10 @@ def _conv_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     ntaps = _prod(g["NTMAX"])  # per-row tap validity as bits of one word (more taps: per-step index math)
     g.update(tap_bits=32 if ntaps <= 32 else 64 if ntaps <= 64 else 0)
     extra = [
-        ("NPID_M", g["NPID_M"], g["NPID_M"]),
+        ("PH_PIX", g["MMAX"], g["MMAX"]),  # the largest phase's pixels per image
         ("NPID_N", "(CG + BLOCK_N - 1) // BLOCK_N", g["NPID_N"]),
         ("NKB", "(KG + BLOCK_K - 1) // BLOCK_K", g["NKB"]),
+        ("NPID_M", f"({BATCH_ARG} * PH_PIX + BLOCK_M - 1) // BLOCK_M", None),
     ]
     g.update(named(g, spec, extra))
     return g
@@ -353,13 +401,19 @@ def _wgrad_cols(spec: BlockSpec, s: Schedule) -> int:
     return _cdiv(spec.taps * spec.cg, s.block_n)
 
 
+# wgrad_pixel_tile plans for this batch, with at most this many images per tile (n is a launch argument, so the
+# tile cannot depend on it: small batches waste at most the tile's other images)
+WGRAD_TILE_BATCH, WGRAD_TILE_IMAGES = 32, 2
+
+
 def wgrad_pixel_tile(spec: BlockSpec, block_k: int) -> tuple[int, ...]:
-    """The wgrad reduction step's pixel tile (images, *output dims), powers of two with product block_k: the
-    one that pads the pixel space least (ResNet's 56 = 7 x 8: no padding), then the widest rows."""
-    extents = (spec.n, *spec.out_size)
+    """The wgrad reduction step's pixel tile (images, *output dims), powers of two with product block_k and at
+    most WGRAD_TILE_IMAGES images: the one that pads the pixel space of WGRAD_TILE_BATCH images least (ResNet's
+    56 = 7 x 8: no padding), then the widest rows. Independent of n: one source serves every batch."""
+    extents = (WGRAD_TILE_BATCH, *spec.out_size)
     best: tuple[tuple[int, tuple[int, ...]], tuple[int, ...]] | None = None  # ((padded pixels, -widths), tile)
     for t in itertools.product(*[[1 << e for e in range(block_k.bit_length())]] * len(extents)):
-        if _prod(t) != block_k:
+        if _prod(t) != block_k or t[0] > WGRAD_TILE_IMAGES:
             continue
         key = (_prod([_cdiv(e, b) * b for e, b in zip(extents, t)]), tuple(-b for b in reversed(t)))
         if best is None or key < best[0]:
@@ -371,7 +425,7 @@ def wgrad_pixel_tile(spec: BlockSpec, block_k: int) -> tuple[int, ...]:
 def _conv_wgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = _grad_geometry(spec, s)
     tile = wgrad_pixel_tile(spec, s.block_k)
-    counts = [_cdiv(e, b) for e, b in zip((spec.n, *spec.out_size), tile)]
+    counts = [_cdiv(e, b) for e, b in zip(spec.out_size, tile[1:])]  # tiles along each output dim
     g.update(
         NPID_M=_cdiv(spec.kg, s.block_m),
         NPID_N=_wgrad_cols(spec, s),
@@ -380,15 +434,12 @@ def _conv_wgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         RT=spec.kernel[-1] if s.k_order == "row" else 1,  # taps per program
         RED_ROWS=max(1, min(s.block_m, 256 * s.num_warps // s.block_n)),  # split-K sum: 8 fp32 per thread
         KTOT=spec.taps * spec.cg,
-        # the pixel tile (TILE: images, *dims) and the tiles along each axis; exact axes need no pixel mask
+        # the pixel tile (TILE: images, *dims); exact axes need no pixel mask (images: one per tile)
         TILE=list(tile),
-        TILES=counts,
-        EXACT=[e % b == 0 for e, b in zip((spec.n, *spec.out_size), tile)],
-        STEPS=_prod(counts),
-        CHUNK=_cdiv(_prod(counts), s.split_k),
+        EXACT=[tile[0] == 1] + [e % b == 0 for e, b in zip(spec.out_size, tile[1:])],
     )
     ax = ("N", *AXES[spec.ndim])
-    extents = ("N", *[f"{a}_OUT" for a in ax[1:]])
+    extents = (BATCH_ARG, *[f"{a}_OUT" for a in ax[1:]])
     extra = [
         ("NPID_M", "(KG + BLOCK_M - 1) // BLOCK_M", g["NPID_M"]),
         ("NPID_N", g["NPID_N"], g["NPID_N"]),
@@ -397,10 +448,13 @@ def _conv_wgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         ("SPLIT", g["SPLIT"], g["SPLIT"]),
         ("RED_ROWS", g["RED_ROWS"], g["RED_ROWS"]),
         *[(f"TILE_{a}", b, b) for a, b in zip(ax, tile)],
-        *[(f"TILES_{a}", f"({e} + TILE_{a} - 1) // TILE_{a}", c) for a, e, c in zip(ax, extents, counts)],
-        ("STEPS", " * ".join(f"TILES_{a}" for a in ax), g["STEPS"]),
-        ("CHUNK", "(STEPS + SPLIT - 1) // SPLIT", g["CHUNK"]),
+        *[(f"TILES_{a}", f"({e} + TILE_{a} - 1) // TILE_{a}", c) for a, e, c in zip(ax[1:], extents[1:], counts)],
+        ("TILES_N", f"({BATCH_ARG} + TILE_N - 1) // TILE_N", None),
+        ("STEPS", " * ".join(f"TILES_{a}" for a in ax), None),
+        ("CHUNK", "(STEPS + SPLIT - 1) // SPLIT", None),
     ]
+    if tile[0] > 1:  # the steps of whole image tiles (no image mask)
+        extra.append(("FULL_STEPS", " * ".join([f"({BATCH_ARG} // TILE_N)", *[f"TILES_{a}" for a in ax[1:]]]), None))
     g.update(PT=[f"TILE_{a}" for a in ax], PTS=[f"TILES_{a}" for a in ax])
     g.update(named(g, spec, extra))
     return g
@@ -413,7 +467,7 @@ def _conv_wgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
 def _depthwise_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = _grad_geometry(spec, s)
     g.update(_phases(spec))
-    g.update(MULT=spec.k // spec.c)
+    g.update(MULT=spec.k // spec.c, N=BATCH_ARG)
     return g
 
 
@@ -423,7 +477,7 @@ def _depthwise_dgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
 
 def _depthwise_wgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = _grad_geometry(spec, s)
-    g.update(MULT=spec.k // spec.c, BT=s.block_k, CHUNK=_cdiv(_cdiv(spec.out_pixels, s.block_m), s.split_k) * s.block_m)
+    g.update(MULT=spec.k // spec.c, BT=s.block_k)
     return g
 
 
@@ -432,19 +486,25 @@ def _depthwise_wgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
 
 
 TEMPLATES: dict[tuple[str, str], Template] = {
-    ("conv", "fwd"): Template("conv_fwd.py.j2", _conv_fwd_context, _conv_fwd_grid),
-    ("depthwise", "fwd"): Template("depthwise_fwd.py.j2", _depthwise_fwd_context, _depthwise_fwd_grid),
-    ("conv", "dgrad"): Template("conv_dgrad.py.j2", _conv_dgrad_context, _conv_dgrad_grid),
-    ("conv", "wgrad"): Template("conv_wgrad.py.j2", _conv_wgrad_context, _conv_wgrad_grid),
-    ("depthwise", "dgrad"): Template("depthwise_dgrad.py.j2", _depthwise_dgrad_context, _depthwise_dgrad_grid),
-    ("depthwise", "wgrad"): Template("depthwise_wgrad.py.j2", _depthwise_wgrad_context, _depthwise_wgrad_grid),
+    ("conv", "fwd"): Template("conv_fwd.py.j2", _conv_fwd_context, _conv_fwd_grid, True),
+    ("depthwise", "fwd"): Template("depthwise_fwd.py.j2", _depthwise_fwd_context, _depthwise_fwd_grid, True),
+    ("conv", "dgrad"): Template("conv_dgrad.py.j2", _conv_dgrad_context, _conv_dgrad_grid, True),
+    ("conv", "wgrad"): Template("conv_wgrad.py.j2", _conv_wgrad_context, _conv_wgrad_grid, True),
+    ("depthwise", "dgrad"): Template("depthwise_dgrad.py.j2", _depthwise_dgrad_context, _depthwise_dgrad_grid, True),
+    ("depthwise", "wgrad"): Template("depthwise_wgrad.py.j2", _depthwise_wgrad_context, _depthwise_wgrad_grid, True),
 }
 
 
 def register(kind: str, op: str, template: Template) -> None:
     """Add or replace a (kind, op) template (e.g. a new family from outside this module)."""
     TEMPLATES[(kind, op)] = template
+    clear_render_cache()
+
+
+def clear_render_cache() -> None:
+    """Forget rendered variants and sources (after a template, limit or version setting changed)."""
     _render.cache_clear()
+    _source.cache_clear()
 
 
 @lru_cache(maxsize=1)
@@ -486,12 +546,41 @@ def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant[
     return _render(spec, _sched.resolve(spec, schedule))
 
 
+def batch_free(spec: BlockSpec) -> BlockSpec:
+    """The form a batch_arg template renders spec from: n = 1 (n is its launch argument, so every batch of the
+    spec's BatchRange gets the same source, id and compiled kernel)."""
+    return spec.with_(n=1)
+
+
+def batch_free_json(spec: BlockSpec) -> str:
+    """The spec's canonical JSON without n: the spec a batch_arg template's header names."""
+    return canonical_json({k: v for k, v in spec.to_dict().items() if k != "n"})
+
+
 @lru_cache(maxsize=4096)
 def _render(spec: BlockSpec, s: Schedule) -> Variant[BlockSpec]:
+    if s.space_to_depth:  # the folded stride-1 conv's kernel (kernels.space_to_depth), the same source and id
+        folded = _render(space_to_depth.rewrite(spec), replace(s, space_to_depth=False))
+        return Variant(spec=spec, schedule=s, source=folded.source, kernel_name=folded.kernel_name, grid=folded.grid)
     tpl = _template(spec)
-    ctx = Context(tpl.context(spec, s))
     name = kernel_name(spec)
-    ctx.update(name=name, generator_version=GENERATOR_VERSION, spec_json=spec.to_json(), schedule_json=s.to_json())
-    source = environment().get_template(tpl.file).render(v=ctx)
-    source = "\n".join(line.rstrip() for line in source.splitlines()) + "\n"
+    if tpl.batch_arg:
+        source = _source(tpl, batch_free(spec), s, name, batch_range(spec))
+    else:
+        source = _source(tpl, spec, s, name, None)
     return Variant(spec=spec, schedule=s, source=source, kernel_name=name, grid=tpl.grid(spec, s))
+
+
+@lru_cache(maxsize=1024)
+def _source(tpl: Template, spec: BlockSpec, s: Schedule, name: str, batch: BatchRange | None) -> str:
+    """The rendered text; with a batch range, spec is batch_free and its header spec omits n."""
+    ctx = Context(tpl.context(spec, s))
+    ctx.update(name=name, generator_version=GENERATOR_VERSION, spec_json=spec.to_json(), schedule_json=s.to_json())
+    if batch is not None:
+        ctx.update(
+            spec_json=batch_free_json(spec),
+            batch=batch.describe(),
+            i64=batch.i64,
+        )
+    source = environment().get_template(tpl.file).render(v=ctx)
+    return "\n".join(line.rstrip() for line in source.splitlines()) + "\n"

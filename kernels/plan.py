@@ -26,6 +26,13 @@ A Step is one launch and names its kind:
              broadcasts of 1 x 1 maps (ASPP's image pooling), concatenated: one launch, one program per
              (pixel tile, branch channel tile), the channel tiles of a pixel tile adjacent so they share the
              input's reads through L2; each branch writes its slice of the concat in place
+  dw_gate    gnConv's gated depthwise: [split] -> stride-1 same-size depthwise k x k [scalar] -> [splits] -> mul
+             of a channel range of that value with (a slice of) an outside tensor; one launch writes the product
+             and, when later steps read the depthwise value, the channels they read (the step's second output)
+  pw_gate    pointwise GEMM -> [split] -> mul of its output with (a slice of) an outside tensor, the gate in the
+             GEMM's epilogue (gnConv's pws[i](y) * d[i+1])
+  dw_ln      depthwise k x k [+bias] -> LayerNorm over channels, the norm in the depthwise epilogue: one program
+             holds every channel of its pixels (padded C <= MAX_ROW), so wide ConvNeXt blocks skip a round trip
 A fused step is legal when its nodes form a chain (each feeds only the next; a residual add's other
 operand already exists) and its tiles fit on chip (mlp/convnext: padded C and K <= MAX_ONCHIP).
 A split is a view (eager torch.split): no bytes moved and no launch of its own in the cost model.
@@ -43,10 +50,37 @@ from typing import Any
 from .block import GATES, INPUT, Block, Node
 from .spec import Epilogue, SpecError, canonical_json
 
-STEP_KINDS = ("conv", "op", "separable", "mlp", "convnext", "inception", "expand_dw", "mbconv", "se_pw", "aspp")
-FUSED = ("separable", "mlp", "convnext", "inception", "expand_dw", "mbconv", "se_pw", "aspp")
+STEP_KINDS = (
+    "conv",
+    "op",
+    "separable",
+    "mlp",
+    "convnext",
+    "inception",
+    "expand_dw",
+    "mbconv",
+    "se_pw",
+    "aspp",
+    "dw_gate",
+    "pw_gate",
+    "dw_ln",
+)
+FUSED = (
+    "separable",
+    "mlp",
+    "convnext",
+    "inception",
+    "expand_dw",
+    "mbconv",
+    "se_pw",
+    "aspp",
+    "dw_gate",
+    "pw_gate",
+    "dw_ln",
+)
 LAUNCHES = {"se_pw": 2}  # launches of a step kind (default 1): se_pw runs the gate's map before its GEMM
 MAX_ONCHIP = 256  # padded channels of a row (and of the project GEMM's output) an mlp tile keeps on chip
+MAX_ROW = 2048  # padded channels of a row a dw_ln program keeps in registers
 
 
 def next_pow2(v: int) -> int:
@@ -173,6 +207,8 @@ def matches(block: Block, step: Step) -> bool:
         return inception_branches(block, names) is not None
     if step.kind == "aspp":
         return aspp_branches(block, names) is not None
+    if step.kind in ("dw_gate", "pw_gate"):
+        return gate_parts(block, names, step.kind) is not None
     if not _chain_ok(block, names):
         return False
     if step.kind in ("expand_dw", "mbconv"):
@@ -185,6 +221,13 @@ def matches(block: Block, step: Step) -> bool:
     first = nds[0]
     if step.kind == "op":
         return len(nds) == 1 and first.op != "conv"
+    if step.kind == "dw_ln":
+        return (
+            len(nds) == 2
+            and _is_depthwise(block, first)
+            and nds[1].op == "ln"
+            and next_pow2(block.shapes[first.name].c) <= MAX_ROW
+        )
     if step.kind == "conv":
         return first.op == "conv" and tail_epilogue(block, names[1:], first["bias"]) is not None
     if step.kind == "separable":
@@ -316,6 +359,109 @@ def aspp_branches(block: Block, names: list[str]) -> list[AsppBranch] | None:
         )
         offset += block.shapes[t].c
     return out
+
+
+@dataclass(frozen=True)
+class GateParts:
+    """A dw_gate / pw_gate step: conv reads channels [src_start, src_start + conv input channels) of src (outside
+    the step); value is the conv or, for dw_gate, its scalar node (times scale); the step's mul multiplies value's
+    channels [start, start + size) by channels [partner_start, partner_start + size) of partner (outside).
+    written: value's channels [lo, hi) that readers outside the step need (dw_gate's second output), or None."""
+
+    conv: str
+    src: str
+    src_start: int
+    value: str
+    scale: float
+    start: int
+    size: int
+    partner: str
+    partner_start: int
+    written: tuple[int, int] | None
+
+
+def _slice_of(block: Block, name: str, inside: set[str]) -> tuple[str, int]:
+    """(tensor, channel offset) that name reads: through a split inside the step, or name itself."""
+    nd = block.node(name) if name != INPUT else None
+    if nd is not None and name in inside and nd.op == "split":
+        return nd.inputs[0], nd["start"]
+    return name, 0
+
+
+def gate_parts(block: Block, names: list[str], kind: str) -> GateParts | None:
+    """Anatomy of a dw_gate / pw_gate step, or None unless names are: [split] -> conv (dw_gate: stride-1 same-size
+    depthwise, its input optionally a split inside; pw_gate: pointwise) [scalar (dw_gate)] -> splits -> mul of
+    (a slice of) the conv's value and (a slice of) a tensor computed before the step. Nothing inside feeds
+    anything outside but the mul and (dw_gate) the value."""
+    if len(names) < 2 or block.node(names[-1]).op != "mul":
+        return None
+    inside = set(names)
+    convs = [i for i, n in enumerate(names) if block.node(n).op == "conv"]
+    if len(convs) != 1:
+        return None
+    i = convs[0]
+    conv = block.node(names[i])
+    if kind == "dw_gate" and not _same_size_depthwise(block, conv):
+        return None
+    if kind == "pw_gate" and (not _is_pointwise(block, conv) or i != 0):
+        return None
+    if i > 1 or (i == 1 and (block.node(names[0]).op != "split" or conv.inputs[0] != names[0])):
+        return None
+    if i == 1 and block.consumers(names[0]) != [conv.name]:
+        return None
+    value, scale, j = conv.name, 1.0, i + 1
+    if kind == "dw_gate" and j < len(names) - 1 and block.node(names[j]).op == "scalar":
+        if block.consumers(conv.name) != [names[j]]:
+            return None
+        value, scale, j = names[j], block.node(names[j])["value"], j + 1
+    mul = block.node(names[-1])
+    mids = names[j:-1]
+    if len(mids) > 2 or mul.inputs[0] == mul.inputs[1]:
+        return None
+    for m in mids:
+        nd = block.node(m)
+        if nd.op != "split" or block.consumers(m) != [mul.name] or m not in mul.inputs:
+            return None
+        if nd.inputs[0] in inside and nd.inputs[0] != value:
+            return None
+    ops = [_slice_of(block, a, inside) for a in mul.inputs]
+    mine = [k for k, (t, _) in enumerate(ops) if t == value]
+    if len(mine) != 1 or ops[1 - mine[0]][0] in inside:
+        return None
+    (_, start), (partner, pstart) = ops[mine[0]], ops[1 - mine[0]]
+    outside = [c for c in block.consumers(value) if c not in inside]
+    written = None
+    if outside:
+        if kind != "dw_gate":
+            return None
+        if all(block.node(c).op == "split" for c in outside):
+            lo = min(block.node(c)["start"] for c in outside)
+            written = (lo, max(block.node(c)["start"] + block.node(c)["size"] for c in outside))
+        else:
+            written = (0, block.shapes[value].c)
+    src, src_start = _slice_of(block, conv.inputs[0], inside)
+    return GateParts(
+        conv=conv.name,
+        src=src,
+        src_start=src_start,
+        value=value,
+        scale=scale,
+        start=start,
+        size=block.shapes[mul.name].c,
+        partner=partner,
+        partner_start=pstart,
+        written=written,
+    )
+
+
+def step_outputs(block: Block, step: Step) -> tuple[str, ...]:
+    """The nodes a step writes to memory: its last node, after a dw_gate step's depthwise value when later steps
+    read it."""
+    if step.kind == "dw_gate":
+        g = gate_parts(block, list(step.nodes), step.kind)
+        if g is not None and g.written is not None:
+            return (g.value, step.nodes[-1])
+    return (step.nodes[-1],)
 
 
 @dataclass(frozen=True)
@@ -481,7 +627,7 @@ class PlanCost:
         return {"plan": self.plan.describe(), "launches": self.launches, "bytes": self.bytes, "seconds": self.seconds}
 
 
-_ELEM_FLOPS = {"bn": 2, "act": 8, "scale": 1, "add": 1, "ln": 8, "split": 0, "concat": 0}
+_ELEM_FLOPS = {"bn": 2, "act": 8, "scale": 1, "scalar": 1, "add": 1, "mul": 1, "ln": 8, "split": 0, "concat": 0}
 
 
 def _elems(block: Block, name: str) -> int:
@@ -503,6 +649,7 @@ def step_cost(block: Block, step: Step, rates: Rates = Rates(), pooled: bool = F
     params = 0
     mma = flops = 0.0
     recompute = 1
+    shapes = block.param_shapes()
     for name in step.nodes:
         nd = block.node(name)
         external.update(i for i in nd.inputs if i not in inside)
@@ -514,7 +661,7 @@ def step_cost(block: Block, step: Step, rates: Rates = Rates(), pooled: bool = F
             else:
                 mma += spec.flops
         else:
-            params += sum(_prod(shape) for key, shape in block.param_shapes().items() if key.startswith(name + ".")) * 4
+            params += sum(_prod(shape) for key, shape in shapes.items() if key.startswith(name + ".")) * 4
             e = _elems(block, name)
             flops += _ELEM_FLOPS.get(nd.op, 0) * e
             if nd.op == "se":
@@ -539,6 +686,11 @@ def step_cost(block: Block, step: Step, rates: Rates = Rates(), pooled: bool = F
         read += (recompute - 1) * _elems(block, first.inputs[0])
         if step.kind == "expand_dw" and any(block.node(c).op in GATES for c in block.consumers(step.nodes[-1])):
             extra += block.n * -(-_prod(dw.out_size) // 64) * dw.k * 4  # per-image partial sums, 64-pixel tiles
+    if step.kind == "dw_gate":  # the depthwise value's channels that later steps read: a second output
+        g = gate_parts(block, list(step.nodes), step.kind)
+        if g is not None and g.written is not None:
+            h, w = block.shapes[g.value].size
+            extra += block.n * h * w * (g.written[1] - g.written[0]) * item
     if step.kind == "op" and first.op in GATES:
         read *= 2  # pool, then scale: two passes over the input
     if step.kind == "se_pw":
@@ -574,21 +726,26 @@ def pooled_by(plan: Plan) -> set[str]:
     return {s.nodes[-1] for s in plan.steps if s.kind == "expand_dw"}
 
 
-def cost(block: Block, plan: Plan, rates: Rates = Rates()) -> PlanCost:
+def cost(
+    block: Block, plan: Plan, rates: Rates = Rates(), memo: dict[tuple[Step, bool], StepCost] | None = None
+) -> PlanCost:
+    """plan's modelled cost; memo (step, pooled) -> StepCost shares step costs between the plans of one block."""
     pooled = pooled_by(plan)
-    return PlanCost(
-        plan=plan,
-        steps=tuple(
-            step_cost(block, s, rates, pooled=s.kind == "se_pw" and block.node(s.nodes[0]).inputs[0] in pooled)
-            for s in plan.steps
-        ),
-    )
+    memo = {} if memo is None else memo
+    steps = []
+    for s in plan.steps:
+        key = (s, s.kind == "se_pw" and block.node(s.nodes[0]).inputs[0] in pooled)
+        if key not in memo:
+            memo[key] = step_cost(block, s, rates, pooled=key[1])
+        steps.append(memo[key])
+    return PlanCost(plan=plan, steps=tuple(steps))
 
 
 def rank(block: Block, rates: Rates = Rates(), candidates: list[Plan] | None = None) -> list[PlanCost]:
     """Legal plans (or candidates), cheapest modelled time first; ties go to fewer bytes, then fewer launches."""
     cands = candidates if candidates is not None else plans(block)
-    costs = [cost(block, p, rates) for p in cands]
+    memo: dict[tuple[Step, bool], StepCost] = {}
+    costs = [cost(block, p, rates, memo) for p in cands]
     return sorted(costs, key=lambda c: (c.seconds, c.bytes, c.launches, c.plan.describe()))
 
 

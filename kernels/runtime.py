@@ -2,6 +2,8 @@
 
 CUDA tensors run the compiled kernel; CPU tensors run the same kernel through Triton's
 interpreter. Source files live in a content-addressed cache directory, written atomically.
+Conv kernels take the batch size as their launch argument `n` (generator.BatchRange): every batch
+of a layer shares one source, one loaded kernel and one JIT compile; compiles() counts them.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any
 import torch
 import triton
 
-from .generator import Variant
+from .generator import BATCH_ARG, Variant
+from .spec import SpecError
 
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}  # variant id -> JITFunction, or InterpretedFunction when interpreting
+_loads = 0  # kernel sources loaded by this process (distinct variant ids), never reset
 
 _TRITON_TYPES = {
     torch.float32: "fp32",
@@ -85,7 +89,23 @@ def load(variant: Variant) -> Any:
         spec.loader.exec_module(module)
         fn = getattr(module, variant.kernel_name)
         _loaded[variant.id] = fn
+        global _loads
+        _loads += 1
         return fn
+
+
+def compiles() -> dict[str, int]:
+    """What this process has built so far: `loaded`, the distinct kernel sources (variant ids) loaded, each a
+    JIT function; `binaries`, the compiled GPU binaries Triton's JIT holds for them (one per specialization and
+    device; 0 on the interpreter, which compiles nothing). Counters only grow: compare two readings."""
+    with _lock:
+        fns = list(_loaded.values())
+        loads = _loads
+    binaries = 0
+    for fn in fns:
+        for cache in getattr(fn, "device_caches", {}).values():  # Triton: device -> (kernel cache, ...)
+            binaries += len(cache[0])
+    return {"loaded": loads, "binaries": binaries}
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,8 +141,24 @@ def bind(fn: Any, args: dict[str, Any]) -> list[Any]:
     return [args[n] for n in names]
 
 
+def kernel_args(variant: Variant, args: dict[str, Any]) -> dict[str, Any]:
+    """args plus the launch's batch size `n` (the variant's spec.n) for a kernel that takes it, checked against
+    the batch range its source was rendered for (int32 offsets hold only up to its bound)."""
+    batch = variant.batch
+    if batch is None:
+        return args
+    n = getattr(variant.spec, "n", None)
+    if n not in batch:
+        raise SpecError(
+            f"batch size {n} is outside the batch range {batch.describe()} of variant {variant.id}: render the "
+            "variant for this spec (generator.render) instead of reusing another batch's"
+        )
+    return {**args, BATCH_ARG: n}
+
+
 def launch(variant: Variant, args: dict[str, Any], device: torch.device) -> None:
     """Run the variant on device: compiled on CUDA, Triton's interpreter on CPU."""
+    args = kernel_args(variant, args)
     if device.type == "cuda":
         if interpreting():
             raise RuntimeError("CUDA tensors given while TRITON_INTERPRET=1: unset it to run compiled kernels")
@@ -152,7 +188,7 @@ def signature_of(args: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
         elif isinstance(v, bool) or name.isupper():
             sig[name] = "constexpr"
             const[name] = v
-        elif isinstance(v, int):
+        elif isinstance(v, int):  # not specialized on its value: as do_not_specialize (the batch n) compiles it
             sig[name] = "i32"
         elif isinstance(v, float):
             sig[name] = "fp32"
@@ -173,7 +209,7 @@ def aot_compile(variant: Variant, args: dict[str, Any], arch: int = 90) -> Any:
     fn = load(variant)
     if not isinstance(fn, JITFunction):  # interpreting: compile the same Python function
         fn = JITFunction(fn.fn)
-    ordered = dict(zip(fn.arg_names, bind(fn, args)))
+    ordered = dict(zip(fn.arg_names, bind(fn, kernel_args(variant, args))))
     sig, const = signature_of(ordered)
     # pointers 16-byte aligned, as the JIT specializes them for torch's allocations: the vector
     # loads, cp.async and wgmma paths a real launch gets depend on it

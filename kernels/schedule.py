@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from . import space_to_depth
 from .spec import BlockSpec, canonical_json
 
 # Fused depthwise steps (kernels.fused) unroll their innermost tap loop up to this many taps.
@@ -33,6 +34,8 @@ class Schedule:
     depthwise (direct): block_m output pixels x block_n channels, fwd: in groups of block_k consecutive
       outputs along the last dim (register blocking, see outputs_per_thread); the rest is unused, except in
       wgrad: block_m pixels per step x block_k taps x block_n channels, pixels split split_k ways.
+    space_to_depth (strided small-channel conv fwd, kernels.space_to_depth): the kernel is the stride-1 conv
+      over the folded input, and every other knob is that conv's.
     """
 
     block_m: int = 64
@@ -43,9 +46,14 @@ class Schedule:
     num_stages: int = 2
     split_k: int = 1
     k_order: str = "tap"
+    space_to_depth: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Field dict; space_to_depth appears only when set, so the keys of every other schedule never change."""
+        d = asdict(self)
+        if not self.space_to_depth:
+            del d["space_to_depth"]
+        return d
 
     def to_json(self) -> str:
         return canonical_json(self.to_dict())
@@ -61,6 +69,9 @@ class Schedule:
             if name == "k_order":
                 if v not in K_ORDERS:
                     raise ScheduleError(f"k_order must be one of {K_ORDERS}, got {v!r}")
+            elif name == "space_to_depth":
+                if not isinstance(v, bool):
+                    raise ScheduleError(f"schedule field space_to_depth must be a bool, got {v!r}")
             elif not isinstance(v, int) or isinstance(v, bool):
                 raise ScheduleError(f"schedule field {name} must be an int, got {v!r}")
         return cls(**d)
@@ -75,7 +86,7 @@ class Schedule:
     def describe(self) -> str:
         return (
             f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
-            f"s{self.num_stages} sk{self.split_k} {self.k_order}"
+            f"s{self.num_stages} sk{self.split_k} {self.k_order}" + (" s2d" if self.space_to_depth else "")
         )
 
 
@@ -98,8 +109,17 @@ def uses_dot(spec: BlockSpec) -> bool:
     return spec.kind == "conv"
 
 
+def kernel_spec(spec: BlockSpec, s: Schedule) -> BlockSpec:
+    """The spec whose kernel the schedule runs: the folded stride-1 conv under space_to_depth, else spec."""
+    return space_to_depth.rewrite(spec) if s.space_to_depth else spec
+
+
 def canonical(spec: BlockSpec, s: Schedule) -> Schedule:
     """Reset knobs the spec's template does not read, so equal effective schedules render equal source."""
+    if s.space_to_depth:
+        if not space_to_depth.applies(spec):
+            return canonical(spec, replace(s, space_to_depth=False))
+        return replace(canonical(space_to_depth.rewrite(spec), replace(s, space_to_depth=False)), space_to_depth=True)
     if spec.kind == "depthwise":
         if spec.op == "wgrad":
             s = replace(s, group_m=1, k_order="tap")
@@ -126,6 +146,13 @@ def outputs_per_thread(spec: BlockSpec, s: Schedule) -> int:
 
 def check(spec: BlockSpec, s: Schedule) -> None:
     """Raise ScheduleError unless the schedule is compile-valid Triton for this spec."""
+    if s.space_to_depth:
+        if not space_to_depth.applies(spec):
+            raise ScheduleError(
+                "space_to_depth folds strided 2-d forward convs with few input channels (kernels.space_to_depth), "
+                f"not {spec.describe()}"
+            )
+        return check(space_to_depth.rewrite(spec), replace(s, space_to_depth=False))
     for name in ("block_m", "block_n", "block_k", "num_warps"):
         v = getattr(s, name)
         if not isinstance(v, int) or not is_pow2(v):
@@ -203,6 +230,10 @@ def _split(programs: int, steps: int) -> int:
 
 
 def _default_conv(spec: BlockSpec) -> Schedule:
+    if space_to_depth.applies(spec):
+        # stems: 16-byte rows and a quarter of the taps (sm_90, bf16: ResNet's 7x7 s2 162 -> 90 registers,
+        # 2-byte gathers -> 16-byte cp.async; MobileNet's 3x3 s2 696 -> 504 SASS; ConvNeXt's 4x4 s4 632 -> 408)
+        return replace(_default_conv(space_to_depth.rewrite(spec)), space_to_depth=True)
     m, n, _ = spec.gemm_shape()
     # Small channel groups (stems, C=3) reduce over the flattened (tap, channel) axis.
     flat = spec.cg < 16 and spec.taps > 1

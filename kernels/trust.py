@@ -7,13 +7,25 @@ stored or launched, and a variant's id is the hash of the local rendering. A cla
 generator version must match it byte for byte (anything else was altered, or belongs to another
 spec or schedule); a claim made by another generator version is re-rendered from its schedule
 when that schedule is legal for the spec here.
+
+A fused block's winner is a claim too: (block, plan, one schedule per fused step). `verify_plan`
+checks the plan is legal for the block (kernels.plan.check), each schedule is legal and canonical for
+its step (kernels.fused.check_schedule), renders every kernel the plan launches here, and checks a
+claimed plan id (the hash of the plan and of those renderings). A block claim never carries source.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from . import generator
+from . import fused, generator, limits
+from .block import Block
+from .plan import FUSED, Plan
+from .plan import check as check_plan
 from .schedule import Schedule, ScheduleError
 from .spec import BlockSpec, SpecError
 
@@ -72,3 +84,124 @@ def verify(
             f"tunerd's rendering of {spec.describe()}: refused"
         )
     return local
+
+
+# ---- fused block plans ----------------------------------------------------------------------------------
+MAX_BLOCK_NODES = 64  # a block claim renders at most this many nodes' kernels (real blocks have <= 20)
+
+
+def check_block(block: Block, work: limits.Limits = limits.DEFAULT) -> None:
+    """LimitExceeded unless rendering and running block stays within the work limits: at most MAX_BLOCK_NODES
+    nodes, every conv within kernels.limits.check. Cheap (nothing is rendered)."""
+    if len(block.nodes) > MAX_BLOCK_NODES:
+        raise limits.LimitExceeded(
+            f"{len(block.nodes)} block nodes exceed the limit of {MAX_BLOCK_NODES}",
+            "max_block_nodes",
+            len(block.nodes),
+            MAX_BLOCK_NODES,
+        )
+    for nd in block.nodes:
+        if nd.op == "conv":
+            limits.check(block.conv_spec(nd), work)
+
+
+def plan_id(plan: Plan, variants: Sequence[generator.Variant[Any]]) -> str:
+    """Content hash of a plan and the exact sources of the kernels it launches (fused.variants order)."""
+    h = hashlib.sha256(plan.to_json().encode())
+    for v in variants:
+        h.update(v.id.encode())
+    return h.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class TrustedPlan:
+    """A block plan this process checked and rendered: schedules holds one canonical schedule per fused step
+    (by step index); variants every kernel the plan launches (conv steps on their default schedules)."""
+
+    block: Block
+    plan: Plan
+    schedules: dict[int, Schedule]
+    variants: list[generator.Variant[Any]]
+
+    @property
+    def id(self) -> str:
+        return plan_id(self.plan, self.variants)
+
+
+def fused_steps(plan: Plan) -> list[int]:
+    return [i for i, s in enumerate(plan.steps) if s.kind in FUSED]
+
+
+def complete_schedules(block: Block, plan: Plan, schedules: Mapping[int, Schedule]) -> dict[int, Schedule]:
+    """schedules with every fused step of plan given its canonical schedule (the default where none is given),
+    the form a block winner is stored and checked in. SpecError for a plan that is not the block's,
+    ScheduleError for an illegal schedule."""
+    check_plan(block, plan)
+    return {i: fused.resolve(fused.FusedSpec(block, plan.steps[i]), schedules.get(i)) for i in fused_steps(plan)}
+
+
+def verify_plan(
+    block: Block,
+    plan: Plan | dict[str, Any] | object,
+    schedules: Mapping[Any, Schedule | dict[str, Any]] | object,
+    *,
+    claimed_id: object = None,
+    work: limits.Limits = limits.DEFAULT,
+) -> TrustedPlan:
+    """The local rendering of a claimed block winner, or UntrustedSource saying why it is refused: the block
+    is over the work limits, the plan is not a legal plan of the block, the schedules do not name exactly the
+    plan's fused steps, a schedule is not legal (or not canonical) for its step, or a claimed plan id is not
+    the hash of this process's renderings."""
+    if not isinstance(block, Block):
+        raise UntrustedSource(f"a claimed block plan needs a Block, got {type(block).__name__}")
+    what = block.describe()
+    try:
+        check_block(block, work)
+    except SpecError as e:
+        raise UntrustedSource(f"the claimed block {what} is over this process's work limits: {e}") from None
+    try:
+        p = plan if isinstance(plan, Plan) else Plan.from_dict(block, plan)
+        check_plan(block, p)
+    except SpecError as e:
+        raise UntrustedSource(f"the claimed plan is not a legal plan of {what}: {e}") from None
+    if not isinstance(schedules, Mapping):
+        raise UntrustedSource(f"the claimed schedules must map step index to schedule, got {type(schedules).__name__}")
+    want = fused_steps(p)
+    got: dict[int, Any] = {}
+    for k, s in schedules.items():
+        i = int(k) if isinstance(k, str) and k.isdigit() else k
+        if not isinstance(i, int) or isinstance(i, bool) or i in got:
+            raise UntrustedSource(f"the claimed schedules are keyed by fused step index, got key {k!r}")
+        got[i] = s
+    if sorted(got) != want:
+        raise UntrustedSource(
+            f"the claimed schedules name steps {sorted(got)}, but plan {p.describe()} of {what} has fused steps "
+            f"{want}: one schedule per fused step, none for others"
+        )
+    out: dict[int, Schedule] = {}
+    for i in want:
+        fs = fused.FusedSpec(block, p.steps[i])
+        try:
+            s = got[i] if isinstance(got[i], Schedule) else Schedule.from_dict(got[i])
+            fused.check_schedule(fs, s)
+            if fused.resolve(fs, s) != s:
+                raise ScheduleError(f"{s.describe()} is not in canonical form ({fused.resolve(fs, s).describe()})")
+        except (ScheduleError, SpecError) as e:
+            raise UntrustedSource(
+                f"the claimed schedule of step {i} ({p.steps[i].kind}) is not legal for {what} under this "
+                f"tunerd's generator {generator.GENERATOR_VERSION}: {e}"
+            ) from None
+        out[i] = s
+    try:
+        variants = fused.variants(block, p, out)
+        for v in variants:
+            limits.check_source(v.source, work)
+    except (ScheduleError, SpecError) as e:
+        raise UntrustedSource(f"the claimed plan of {what} does not render here: {e}") from None
+    trusted = TrustedPlan(block=block, plan=p, schedules=out, variants=variants)
+    if claimed_id is not None and claimed_id != trusted.id:
+        raise UntrustedSource(
+            f"claimed plan id {str(claimed_id)[:40]!r} is not {trusted.id}, the hash of this tunerd's rendering of "
+            f"plan {p.describe()} of {what}: refused"
+        )
+    return trusted

@@ -3,8 +3,9 @@
 Each suite lists the blocks (kernels.block graphs) one forward pass of the network runs, once per
 distinct shape, with how many times the network repeats it. The shapes follow the reference models at
 224x224: ConvNeXt-T (timm convnext_tiny), EfficientNet-B0 (timm efficientnet_b0), MobileNetV2
-(torchvision mobilenet_v2), InceptionNeXt-T (timm inception_next_tiny token mixers) and the ASPP head of
-DeepLabV3 (torchvision: rates 12/24/36 at output stride 8; the paper's 6/12/18 at output stride 16).
+(torchvision mobilenet_v2), InceptionNeXt-T (timm inception_next_tiny token mixers), the ASPP head of
+DeepLabV3 (torchvision: rates 12/24/36 at output stride 8; the paper's 6/12/18 at output stride 16) and HorNet-T
+7x7's gnConv token mixers (official hornet_tiny_7x7: orders 2-5, s = 1/3).
 
     python -m tunerd.schedules.block_suites [--batch 32] [--dtype bfloat16]
 
@@ -121,12 +122,21 @@ def _deeplabv3_aspp(n: int, dtype: str) -> list[Entry]:
     ]
 
 
+def _hornet_t(n: int, dtype: str) -> list[Entry]:
+    stages = ((64, 56, 2, 2), (128, 28, 3, 3), (256, 14, 18, 4), (512, 7, 2, 5))  # (dim, size, depth, order)
+    return [
+        Entry(f"stage{i}.gnconv", _block.gnconv(n=n, c=c, in_size=(s, s), order=o, scale=1 / 3, dtype=dtype), d)
+        for i, (c, s, d, o) in enumerate(stages, 1)
+    ]
+
+
 BLOCK_SUITES: dict[str, Callable[[int, str], list[Entry]]] = {
     "convnext_t": _convnext_t,
     "efficientnet_b0": _efficientnet_b0,
     "mobilenetv2": _mobilenetv2,
     "inceptionnext_t": _inceptionnext_t,
     "deeplabv3_aspp": _deeplabv3_aspp,
+    "hornet_t": _hornet_t,
 }
 
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from tunerd.kernels import block_reference, fused, reference
+from tunerd.kernels import block_reference, fused, reference, trust
 from tunerd.kernels.block import Block
 from tunerd.kernels.conv import SPEC_DTYPES
-from tunerd.kernels.plan import FUSED, Plan, PlanCost, Rates, cost, rank, unfused
+from tunerd.kernels.plan import FUSED, Plan, PlanCost, Rates, cost, rank, step_cost, unfused
 from tunerd.kernels.schedule import Schedule, ScheduleError
 
 from .device import INTERPRETER_NAME, DeviceLimits
@@ -52,6 +52,18 @@ def space(fs: fused.FusedSpec, max_candidates: int | None = 32) -> list[Schedule
     m = fs.pixels
     top_m = max(16, min(128, fused.next_pow2(m)))
     ms = [v for v in (16, 32, 64, 128) if v <= top_m]
+    if fs.step.kind == "dw_ln":  # pixels per program (every channel on chip), warps from the tile
+        cands = [fused.default_schedule(fs)]
+        for bm in (1, 2, 4, 8, 16, 32, 64):
+            if bm <= fused.next_pow2(m):
+                cands.append(fused.dw_ln_schedule(fs, bm))
+        legal = []
+        for s in dict.fromkeys(cands):
+            try:
+                legal.append(fused.resolve(fs, s))
+            except ScheduleError:
+                continue
+        return legal[:max_candidates] if max_candidates else legal
     if fs.step.kind == "inception":  # pixel tile x channel tile (per branch, capped at its slice)
         ns = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(max(b.size for b in fs.branches)))]
         ks = [16]
@@ -71,6 +83,11 @@ def space(fs: fused.FusedSpec, max_candidates: int | None = 32) -> list[Schedule
         out = fs.out_spec
         ns = [v for v in (16, 32, 64, 128) if v <= max(16, fused.next_pow2(out.k))]
         ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(out.c))]
+    elif fs.step.kind in ("dw_gate", "pw_gate"):  # pixels x depthwise channels; pixels x GEMM outputs, inputs per step
+        conv = fs.block.conv_spec(fs.block.node(fs.gate.conv))
+        lo, hi = fused.gate_channels(fs) if fs.step.kind == "dw_gate" else (0, conv.k)
+        ns = [v for v in (16, 32, 64, 128) if v <= max(16, fused.next_pow2(hi - lo))]
+        ks = [16] if fs.step.kind == "dw_gate" else [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(conv.c))]
     else:
         ns = [16]
         ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(fs.block.shapes[fs.step.nodes[-1]].c * 4))]
@@ -125,6 +142,20 @@ def predict(fs: fused.FusedSpec, s: Schedule, limits: DeviceLimits) -> float:
         return (
             limits.launch_s + max(nbytes / limits.dram_bw, t_math) + fused._cdiv(progs, limits.sm_count) * limits.wave_s
         )
+    if fs.step.kind in ("dw_gate", "pw_gate"):  # padded tiles of the depthwise taps / the GEMM; the step's bytes
+        conv = fs.block.conv_spec(fs.block.node(fs.gate.conv))
+        progs = fused.grid(fs, s)[0]
+        if fs.step.kind == "dw_gate":
+            lo, hi = fused.gate_channels(fs)
+            work = progs_m * s.block_m * fused._cdiv(hi - lo, s.block_n) * s.block_n * 2 * conv.taps / limits.fp32_flops
+        else:
+            cpad = fused._cdiv(conv.c, s.block_k) * s.block_k
+            work = progs * s.block_m * s.block_n * cpad * 2 / mma_rate
+        nbytes = step_cost(fs.block, fs.step).bytes
+        t_math = fused._cdiv(progs, limits.sm_count) * (work / progs) * limits.sm_count
+        return (
+            limits.launch_s + max(nbytes / limits.dram_bw, t_math) + fused._cdiv(progs, limits.sm_count) * limits.wave_s
+        )
     out = fs.out_spec
     if fs.step.kind in ("expand_dw", "mbconv"):  # the expand GEMM recomputed per tap, per output-channel tile
         dw = fs.depthwise()
@@ -144,6 +175,10 @@ def predict(fs: fused.FusedSpec, s: Schedule, limits: DeviceLimits) -> float:
             hpad = fused._cdiv(dw.k, s.block_k) * s.block_k
             work = progs * s.block_m * hpad * (per_ch + 2 * s.block_n / mma_rate)
             nbytes = (tiles_n * fs.block.n * cx * math.prod(dw.in_size) + m * out.k) * item
+    elif fs.step.kind == "dw_ln":  # padded channel rows through every tap and the norm's passes; the step's bytes
+        progs = progs_m
+        work = progs * s.block_m * s.block_n * (2 * fs.depthwise().taps + 8) / limits.fp32_flops
+        nbytes = step_cost(fs.block, fs.step).bytes
     elif fs.step.kind == "se_pw":  # the gated A operand re-read per output-channel tile
         tiles_n = fused._cdiv(out.k, s.block_n)
         progs = progs_m * tiles_n
@@ -354,12 +389,7 @@ class BlockHarness:
         self.close()
 
 
-def plan_variant_id(plan: Plan, variants: list[Any]) -> str:
-    """Content hash of a plan and the exact sources of its kernels."""
-    h = hashlib.sha256(plan.to_json().encode())
-    for v in variants:
-        h.update(v.id.encode())
-    return h.hexdigest()[:24]
+plan_variant_id = trust.plan_id  # content hash of a plan and the exact sources of its kernels (a block winner's id)
 
 
 # ---- the search ------------------------------------------------------------------------------

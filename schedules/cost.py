@@ -24,8 +24,9 @@ Python and numpy, with overheads per operation far above the arithmetic.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from tunerd.kernels import space_to_depth
 from tunerd.kernels.schedule import Schedule, outputs_per_thread, vector_rows
 from tunerd.kernels.spec import BlockSpec
 
@@ -123,8 +124,16 @@ class Work:
     step_elems: int  # elements of the tiles one step touches (the interpreter's cost driver)
 
 
+def kernel_view(spec: BlockSpec, s: Schedule) -> tuple[BlockSpec, Schedule]:
+    """The (spec, schedule) the kernel runs: a space_to_depth schedule runs the folded stride-1 conv."""
+    if s.space_to_depth:
+        return space_to_depth.rewrite(spec), replace(s, space_to_depth=False)
+    return spec, s
+
+
 def work(spec: BlockSpec, s: Schedule) -> Work:
     """Programs, steps and per-step work of spec under s, following each template's tiling."""
+    spec, s = kernel_view(spec, s)
     bm, bn, bk = s.block_m, s.block_n, s.block_k
     if spec.kind == "depthwise":
         if spec.op == "wgrad":  # [bm pixels, bk taps, bn channels] products summed over pixels
@@ -182,6 +191,7 @@ def smem_bytes(spec: BlockSpec, s: Schedule) -> int:
     kernels need only layout-conversion scratch, plus wgrad's cross-warp sums (Triton 3.6 stages the
     whole [bm, bk, bn] product tile there).
     """
+    spec, s = kernel_view(spec, s)
     if spec.kind == "depthwise":
         if spec.op == "wgrad":  # Triton 3.6 stages the [bm, bk, bn] product's reduction in shared memory
             return max(s.block_k * s.block_n * 4 + 512 * s.num_warps, s.block_m * s.block_k * s.block_n)
@@ -200,6 +210,7 @@ def registers_per_thread(spec: BlockSpec, s: Schedule) -> int:
     keeps its input tiles of the unrolled taps live, about 1.5 registers per output besides the sum; the
     register-blocked fwd kernel (groups of r outputs along the last dim) one input column and the weights of
     the last r taps, and a few more on long rows (31x31: +24)."""
+    spec, s = kernel_view(spec, s)
     threads = 32 * s.num_warps
     acc = s.block_m * s.block_n / threads * wgrad_row_taps(spec, s)
     if spec.kind == "depthwise" and spec.op == "wgrad":  # the [bm, bk, bn] product tile, [bk, bn] sums
@@ -255,10 +266,47 @@ class Estimate:
     dram_bytes: float
     t_math: float
     t_mem: float
+    t_issue: float = 0.0  # implicit GEMM: instruction issue of the main loop (gemm_loop_sass)
+
+
+def _aligned(channels: int, itemsize: int) -> bool:
+    return channels * itemsize % 16 == 0
+
+
+def gemm_loop_sass(spec: BlockSpec, s: Schedule) -> float:
+    """SASS instructions per main-loop iteration of an implicit GEMM kernel, per thread. A least-squares fit
+    to the committed sm_90 audit (benchmarks/results/2026-12-01-static-sm90-triton3.9.0, 282 conv rows:
+    median error 11%, 90th percentile 29%): a base per op, ~3 per operand element a thread loads scalar in
+    tap order (unaligned channel rows), ~21 per element of the flattened (tap, channel) gather of a fwd
+    (the stems: each element decodes its own tap), ~5 per 16-byte cp.async chunk."""
+    spec, s = kernel_view(spec, s)
+    threads = 32 * s.num_warps
+    elems = (s.block_m + wgrad_row_taps(spec, s) * s.block_n) * s.block_k / threads
+    item = spec.itemsize
+    if spec.op == "fwd":
+        aligned = _aligned(spec.cg, item)
+    elif spec.op == "dgrad":
+        aligned = _aligned(spec.kg, item)
+    else:
+        aligned = _aligned(spec.cg, item) and _aligned(spec.kg, item)
+    base = 55.5 + {"fwd": 0.0, "dgrad": 32.8, "wgrad": 22.1}[spec.op]
+    if s.k_order == "flat":
+        if spec.op == "fwd":
+            return base + 21.3 * s.block_m * s.block_k / threads
+        return base + 3.1 * elems
+    if not aligned:
+        return base + 3.0 * elems
+    return base + 5.1 * elems * item / 16
 
 
 def estimate(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> Estimate:
     """The cost model's breakdown for (spec, schedule) on limits' device."""
+    if s.space_to_depth:  # the folded conv, after a torch pass that reads x and writes the folded copy
+        folded = space_to_depth.rewrite(spec)
+        e = estimate(folded, replace(s, space_to_depth=False), limits)
+        copy = spec.itemsize * (spec.n * spec.c * _prod(spec.in_size) + folded.n * folded.c * _prod(folded.in_size))
+        extra = limits.launch_s + (0.0 if limits.interpreted else copy / limits.dram_bw)
+        return replace(e, seconds=e.seconds + extra, dram_bytes=e.dram_bytes + copy)
     w = work(spec, s)
     progs, steps = w.programs, w.steps
     item = spec.itemsize
@@ -290,10 +338,15 @@ def estimate(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> Estimate:
         t_mem = max(dram / limits.dram_bw, l2 / (4.0 * limits.l2_bw)) / sector  # taps re-read through L1
     else:
         t_mem = max(dram / limits.dram_bw, l2 / limits.l2_bw)
+    t_issue = 0.0
+    if spec.kind == "conv":  # warp instructions issued at 4 per SM cycle (the fp32 FMA rate / 64)
+        issue_rate = limits.fp32_flops / 64 / limits.sm_count
+        t_issue = waves * occ * steps * gemm_loop_sass(spec, s) * s.num_warps / issue_rate
+        t_math = max(t_math, t_issue)
     overlap = 1.0 - 1.0 / max(1, s.num_stages) if spec.kind == "conv" else 0.5
     body = max(t_math, t_mem) + (1.0 - overlap) * min(t_math, t_mem)
     secs = limits.launch_s + waves * limits.wave_s + body
-    return Estimate(secs, progs, waves, occ, padded_flops, l2, dram, t_math, t_mem)
+    return Estimate(secs, progs, waves, occ, padded_flops, l2, dram, t_math, t_mem, t_issue)
 
 
 def direct_issue_per_fma(spec: BlockSpec, s: Schedule) -> float:

@@ -118,7 +118,7 @@ def _fwd_output(v: Variant, inp: Inputs) -> torch.Tensor:
 
 
 def _fwd_args(v: Variant, inp: Inputs, out: torch.Tensor) -> dict[str, Any]:
-    return _conv.forward_args(v.spec, inp["x"], inp["w"], epilogue_args(v.spec, inp), out)
+    return _conv.forward_args(v.spec, inp["x"], inp["w"], epilogue_args(v.spec, inp), out, schedule=v.schedule)
 
 
 def _fwd_result(v: Variant, inp: Inputs, out: torch.Tensor) -> torch.Tensor:

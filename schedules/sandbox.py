@@ -111,7 +111,12 @@ def _precompile(fn: Any, variant: Variant, device: torch.device) -> None:
         k: (torch.empty(1, dtype=v.dtype, device=device) if isinstance(v, torch.Tensor) else v)
         for k, v in validate.example_args(variant.spec).items()
     }
-    fn.warmup(*runtime.bind(fn, args), grid=variant.grid, num_warps=variant.num_warps, num_stages=variant.num_stages)
+    fn.warmup(
+        *runtime.bind(fn, runtime.kernel_args(variant, args)),
+        grid=variant.grid,
+        num_warps=variant.num_warps,
+        num_stages=variant.num_stages,
+    )
 
 
 def measure(variant: Variant, msg: dict[str, Any], device: torch.device) -> dict[str, Any]:

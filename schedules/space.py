@@ -21,6 +21,8 @@ counts them):
 - `duplicate`: the same canonical schedule (kernels.schedule.canonical) seen before; on the
   interpreter also the same tiles with other launch knobs (num_warps, num_stages and group_m do
   not change what the interpreter executes), so CPU spaces hold one variant per tile shape;
+- strided small-channel stems (kernels.space_to_depth) also get every schedule of their folded stride-1
+  conv, with space_to_depth set (pruned by the same rules, on the folded conv);
 - `cap`: when more than `max_candidates` (default 256) survive, keep the cost model's best
   variant of every tile shape (block_m, block_n, block_k, k_order, split_k), then fill up with
   the best-predicted remaining ones (enumeration order is kept).
@@ -36,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from tunerd.kernels import schedule as _sched
+from tunerd.kernels import space_to_depth
 from tunerd.kernels.schedule import Schedule, ScheduleError, next_pow2
 from tunerd.kernels.spec import BlockSpec
 
@@ -93,6 +96,9 @@ def build(
     seen: set[Schedule] = set()
     seen_tiles: set[tuple] = set()
     gen = _depthwise(spec) if spec.kind == "depthwise" else _conv(spec)
+    if space_to_depth.applies(spec):  # stems: also every schedule of the folded stride-1 conv
+        folded = ((replace(s, space_to_depth=True), rule) for s, rule in _conv(space_to_depth.rewrite(spec)))
+        gen = itertools.chain(gen, folded)
     for s, rule in gen:
         rule = rule or _resource_rule(spec, s, limits)
         if rule is None:
@@ -115,7 +121,7 @@ def build(
 
 def tile_shape(s: Schedule) -> tuple:
     """What a schedule computes, without its launch knobs (num_warps, num_stages, group_m)."""
-    return (s.block_m, s.block_n, s.block_k, s.k_order, s.split_k)
+    return (s.block_m, s.block_n, s.block_k, s.k_order, s.split_k, s.space_to_depth)
 
 
 def _capped(spec: BlockSpec, cands: list[Schedule], limits: DeviceLimits, n: int) -> set[int]:

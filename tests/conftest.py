@@ -13,6 +13,11 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import torch  # noqa: E402
 
 import tunerd  # noqa: E402,F401  (first: tunerd selects Triton's interpreter on CPU-only machines before triton loads)
+from tunerd.kernels import conv  # noqa: E402
+
+# Under pytest-xdist the workers share the cores: one worker's torch must not take all of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,6 +32,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+    conv.forget_layer_schedules()  # each test starts without the schedules earlier tests' layers ran
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -17,6 +17,7 @@ def test_every_suite_builds_with_the_networks_block_counts():
         "mobilenetv2": 17,
         "inceptionnext_t": 18,
         "deeplabv3_aspp": 2,
+        "hornet_t": 25,
     }
     with pytest.raises(KeyError, match="unknown block suite"):
         block_suite("resnet9000")

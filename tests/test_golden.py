@@ -11,6 +11,7 @@ Explicit schedules keep these sources independent of the default heuristic.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,7 @@ def test_register_replaces_a_template_and_clears_the_render_cache():
         return original.context(s, sch)
 
     try:
-        generator.register("conv", "fwd", generator.Template(original.file, context, lambda s, sch: (7, 1)))
+        generator.register("conv", "fwd", replace(original, context=context, grid=lambda s, sch: (7, 1)))
         after = generator.render(spec, schedule)  # not the cached variant: the new template ran
         assert seen == [spec] and after.grid == (7, 1) and after.source == before.source
     finally:

@@ -75,3 +75,17 @@ def test_a_patched_model_in_eval_follows_in_place_weight_updates():
         m[0].weight.mul_(-1.0)
         m[2].weight.data = torch.randn_like(m[2].weight)
         assert torch.allclose(m(x).double(), _reference(m, x), atol=1e-4)
+
+
+def test_fused_blocks_pointwise_operands_are_cached_and_follow_updates():
+    from tunerd.kernels import fused
+
+    w = torch.nn.Parameter(torch.randn(24, 16, 1, 1))
+    b = fused._gemm_weight(w)
+    assert torch.equal(b, w.detach().reshape(24, 16).t()) and b.is_contiguous()
+    assert fused._gemm_weight(w) is b
+    assert conv.pack_weight(conv_spec(n=1, c=16, k=24, in_size=(3, 3), kernel=1), w) is not b  # another form
+    with torch.no_grad():
+        w.mul_(2)
+    again = fused._gemm_weight(w)
+    assert again is not b and torch.equal(again, w.detach().reshape(24, 16).t())

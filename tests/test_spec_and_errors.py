@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tunerd import functional as F
 from tunerd.kernels import generator
 from tunerd.kernels.schedule import Schedule, ScheduleError, default
-from tunerd.kernels.spec import BlockSpec, Epilogue, SpecError, conv_spec
+from tunerd.kernels.spec import BlockSpec, Epilogue, SpecError, canonical_json, conv_spec
 
 
 def _spec(**kw):
@@ -56,7 +56,9 @@ def test_same_inputs_same_source_and_id():
     assert a.source == b.source and a.id == b.id
     other = generator.render(spec, Schedule(block_m=32, block_n=32, block_k=16))
     assert other.id != a.id
-    assert spec.to_json() in a.source  # the source records what it computes
+    # the source records what it computes: the spec without its batch size (a launch argument) and the batch range
+    assert canonical_json({k: v for k, v in spec.to_dict().items() if k != "n"}) in a.source
+    assert a.batch is not None and spec.n in a.batch and "# batch:" in a.source
 
 
 def test_irrelevant_knobs_do_not_change_depthwise_source():

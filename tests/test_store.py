@@ -370,7 +370,7 @@ def test_record_trial_rejects_a_source_that_belongs_to_something_else(store):
         store.record_trial(DEV, DW, d.schedule, v.source, **ok)
     with pytest.raises(InvalidRecord, match="not this tunerd's rendering.*schedule"):
         store.record_trial(DEV, SPEC, w.schedule, v.source, **ok)
-    headless = "\n".join(d.source.split("\n")[3:])  # another spec's kernel with its header stripped
+    headless = "\n".join(d.source.split("\n")[4:])  # another spec's kernel with its header stripped
     assert not headless.startswith("#")
     with pytest.raises(InvalidRecord, match="not this tunerd's rendering"):
         store.record_trial(DEV, SPEC, v.schedule, headless, **ok)

@@ -58,7 +58,7 @@ def test_dgrad_address_paths_cuda(case):
 
 def _code(source: str) -> list[str]:
     """The kernel's statements after its constants block, comments dropped."""
-    body = source[source.index("@triton.jit\ndef tunerd_") :]
+    body = source[source.index("\ndef tunerd_") + 1 :]
     return [line.split("#")[0] for line in body.splitlines()[1:] if "tl.constexpr =" not in line]
 
 

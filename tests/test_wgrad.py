@@ -96,9 +96,11 @@ def test_pixel_tile_pads_least():
     big = conv_spec(n=32, c=64, k=64, in_size=(56, 56), kernel=3, padding=1, op="wgrad")
     assert generator.wgrad_pixel_tile(big, 64) == (1, 8, 8)  # 56 = 7 x 8: no padded pixel
     small = conv_spec(n=32, c=512, k=512, in_size=(7, 7), kernel=3, padding=1, op="wgrad")
-    assert generator.wgrad_pixel_tile(small, 32) == (32, 1, 1)  # whole images per step, not 8x8 tiles of 49
+    # n is a launch argument: the tile does not depend on it, and holds at most 2 images, so a small batch
+    # wastes at most one image per step (32 whole images per step would waste 31 of 32 at n = 1)
+    assert generator.wgrad_pixel_tile(small, 32) == generator.wgrad_pixel_tile(small.with_(n=1), 32) == (1, 4, 8)
     padded = math.prod(-(-e // b) * b for e, b in zip((32, 7, 7), generator.wgrad_pixel_tile(small, 64)))
-    assert padded <= 1.15 * 32 * 49
+    assert padded <= 1.31 * 32 * 49
     for spec in (big, small, conv_spec(n=3, c=16, k=16, in_size=(5, 6, 7), kernel=3, op="wgrad")):
         for bk in (16, 32, 64, 128):
             assert math.prod(generator.wgrad_pixel_tile(spec, bk)) == bk

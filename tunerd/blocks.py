@@ -5,9 +5,12 @@ graph node must map to a block node (conv, Linear between channels-last permutes
 LayerNorm over channels, activation, eval BatchNorm as an affine, layer-scale multiply, residual add, channel
 split / concat; identities, inactive dropout and drop path vanish; a channel gate, x times a gate of x's
 spatial mean, becomes an se node (fc -> act -> fc -> sigmoid: timm SqueezeExcite, torchvision
-SqueezeExcitation) or an eca node (conv1d over channels -> sigmoid: timm EcaModule)), so the description is
-proven to compute what the module computes; anything else is refused with the reason. canonical() gives a
-graph the node names of the seed block it equals (kernels.block: convnext, inception_dw, separable, mbconv). A
+SqueezeExcitation) or an eca node (conv1d over channels -> sigmoid: timm EcaModule); a product of two block
+tensors is a mul node and of a constant a scalar node (HorNet's gnConv); channel means through 1x1 convs, BN
+and activations, interpolated to the input's size, are gap -> ... -> broadcast (torchvision's ASPP pooling)), so
+the description is proven to compute what the module computes; anything else is refused with the reason.
+canonical() gives a graph the node names of the seed block it equals (kernels.block: convnext, inception_dw,
+separable, mbconv, gnconv, aspp). Candidates are FUSED_BLOCKS' classes and, by their submodules, gnConvs. A
 module patched with fuse_block() runs its block under the planner's plan (kernels.block_autograd: fused
 forward, recomputing backward) in each training mode whose graph converted, and its own forward (per-conv
 kernels) otherwise.
@@ -24,8 +27,10 @@ The merge uses BatchNorm's running statistics: the result computes what the bloc
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -40,7 +45,9 @@ from tunerd.kernels.block import INPUT, Block, Node, node
 from tunerd.kernels.conv import TORCH_DTYPES
 from tunerd.kernels.plan import Plan, rank
 from tunerd.kernels.prologue import bn_scale_shift
+from tunerd.kernels.schedule import Schedule
 from tunerd.kernels.spec import SpecError
+from tunerd.kernels.trust import TrustedPlan
 
 from .nn import Conv2d, activation_name
 
@@ -175,7 +182,11 @@ FUSED_BLOCKS = (
     ("timm", "InvertedResidual"),
     ("torchvision", "InvertedResidual"),
     ("torchvision", "MBConv"),
+    ("torchvision", "ASPP"),
 )
+# submodules by which a module of any class is tried as HorNet's gnConv (the official code's names): the traced
+# graph must then prove it (kernels.block.gnconv)
+GNCONV_PARTS = {"proj_in": nn.Conv2d, "dwconv": nn.Conv2d, "proj_out": nn.Conv2d, "pws": nn.ModuleList}
 # block classes whose graphs key as B.mbconv blocks first (an expansion-1 block is also a separable one)
 _FAMILY = {"InvertedResidual": "mbconv", "MBConv": "mbconv"}
 _DROP_PATH = ("DropPath", "StochasticDepth")
@@ -193,9 +204,12 @@ _MUL = (operator.mul, operator.imul, torch.mul)
 
 
 def is_fusable_block(m: nn.Module) -> bool:
-    """Whether m's class is one of FUSED_BLOCKS (the structure is proven by from_graph)."""
+    """Whether m's class is one of FUSED_BLOCKS or m has gnConv's submodules (GNCONV_PARTS); from_graph proves
+    the structure."""
     lib = type(m).__module__.split(".")[0]
-    return (lib, type(m).__name__) in FUSED_BLOCKS
+    if (lib, type(m).__name__) in FUSED_BLOCKS:
+        return True
+    return all(type(getattr(m, k, None)) is t for k, t in GNCONV_PARTS.items())
 
 
 class BlockTracer(fx.Tracer):
@@ -241,13 +255,17 @@ class BlockGraph:
     c: int
     nodes: tuple[Node, ...]
     sources: tuple[tuple[str, Source], ...]
+    sized: tuple[str, ...] = ()  # broadcast nodes to the input's spatial size (traced at TRACE_SIZE)
 
     def block(self, x: torch.Tensor) -> Block:
         """The Block for input x ([N, c, H, W] of a supported dtype); SpecError otherwise."""
         if x.dim() != 4 or x.shape[1] != self.c or x.dtype not in TORCH_DTYPES:
             raise SpecError(f"input {tuple(x.shape)} {x.dtype} is not a [N, {self.c}, H, W] float tensor")
         n, _, h, w = x.shape
-        return Block(n=n, c=self.c, in_size=(h, w), nodes=self.nodes, dtype=TORCH_DTYPES[x.dtype])
+        nodes = tuple(
+            node(nd.name, nd.op, nd.inputs, size=(h, w)) if nd.name in self.sized else nd for nd in self.nodes
+        )
+        return Block(n=n, c=self.c, in_size=(h, w), nodes=nodes, dtype=TORCH_DTYPES[x.dtype])
 
     def params(self, module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: src.get(module, x) for k, src in self.sources}
@@ -299,13 +317,16 @@ class _Pooled:
     src: _Val
     view: str
     ops: tuple[tuple[Any, ...], ...] = ()
+    at: str = "pool"  # the fx node that pooled (names the gap node when the means become a block tensor)
 
     def then(self, *op: Any) -> _Pooled:
-        return _Pooled(self.src, self.view, (*self.ops, op))
+        return _Pooled(self.src, self.view, (*self.ops, op), self.at)
 
 
 _SHAPE_ONLY = object()  # x.ndim and comparisons of it: shape checks the block input satisfies
 _SHAPE, _BATCH = object(), object()  # x.shape of a block tensor, and its x.shape[0] / x.size(0)
+_IN_SHAPE, _IN_SIZE = object(), object()  # the block input's x.shape and its x.shape[-2:] (an interpolation size)
+TRACE_SIZE = (8, 8)  # the spatial size graphs are checked and keyed at (BlockGraph.block substitutes the input's)
 _HW = ((2, 3), (3, 2), (-2, -1), (-1, -2))  # the spatial dims of [N, C, H, W]
 _SE_ACTS = ("relu", "silu", "gelu", "hardswish")  # the se node's hidden activations
 
@@ -325,6 +346,7 @@ class _Converter:
     c_in: int | None = None
     emitted: set[str] = field(default_factory=set)
     names: dict[str, str] = field(default_factory=dict)
+    sized: list[str] = field(default_factory=list)
 
     def name(self, n: fx.Node | str) -> str:
         raw = n if isinstance(n, str) else n.name
@@ -352,7 +374,7 @@ class _Converter:
             raise NotABlock(f"{what} reads {type(a).__name__.strip('_').lower()} {a!r}, not a block tensor")
         return a
 
-    def emit(self, n: fx.Node, op: str, ins: list[_Val], c: int, nhwc: bool = False, **attrs: Any) -> _Val:
+    def emit(self, n: fx.Node | str, op: str, ins: list[_Val], c: int, nhwc: bool = False, **attrs: Any) -> _Val:
         name = self.name(n)
         self.nodes.append(node(name, op, [v.name for v in ins], **attrs))
         return _Val(name, c, nhwc)
@@ -371,11 +393,13 @@ class _Converter:
             if p and self.training:
                 raise NotABlock(f"{kind} {n.target} (p={p}) is active in training mode: random per sample")
             return ins[0]
+        if isinstance(ins[0], _Pooled) and type(m) is nn.BatchNorm2d:  # image pooling (ASPP), not a gate
+            ins[0] = self.materialize(n, ins[0])
         if isinstance(ins[0], _Pooled):
             return self.gate_module(n, m, ins[0])
         x = self.val(ins[0], n.target)
         if type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1)) and not x.nhwc:
-            return _Pooled(x, "nc11")
+            return _Pooled(x, "nc11", at=n.name)
         if type(m) is nn.Conv2d:
             if x.nhwc or m.padding_mode != "zeros" or isinstance(m.padding, str):
                 raise NotABlock(f"Conv2d {n.target}: only zero padding given as sizes, on an [N, C, H, W] tensor")
@@ -435,6 +459,26 @@ class _Converter:
         elif activation_name(m) is not None:
             return p.then("act", activation_name(m))
         raise NotABlock(f"{type(m).__name__} {n.target} on pooled channel means is not part of an SE or ECA gate")
+
+    def materialize(self, n: fx.Node, p: _Pooled) -> _Val:
+        """Pooled means and the 1 x 1 convs and activations applied to them as block nodes (gap, conv, act): a
+        [N, C, 1, 1] block tensor (DeepLab's image pooling), when what follows is no channel gate."""
+        if p.view != "nc11":
+            raise NotABlock(f"{n.name}: pooled channel means viewed as {p.view} feed {n.target}")
+        c = self.c_in if p.src.name == INPUT else p.src.c
+        v = self.emit(p.at, "gap", [p.src], c)
+        for i, op in enumerate(p.ops):
+            if op[0] == "fc":
+                _, target, cin, cout, bias = op
+                v = self.emit(target, "conv", [v], cout, out=cout, kernel=1, bias=bias)
+                self.tensor(f"{v.name}.weight", f"{target}.weight", (cout, cin, 1, 1))
+                if bias:
+                    self.tensor(f"{v.name}.bias", f"{target}.bias", (cout,))
+            elif op[0] == "act":
+                v = self.emit(f"{p.at}_act{i}", "act", [v], v.c, fn=op[1])
+            else:
+                raise NotABlock(f"{n.name}: {op[0]} of pooled channel means has no block node")
+        return v
 
     def pooled_view(self, n: fx.Node, p: _Pooled, shape: tuple) -> _Pooled:
         """p reshaped: [N, C] means as [N, C, 1, 1], [N, 1, C] or [N, C] (N from the block input's shape)."""
@@ -502,9 +546,16 @@ class _Converter:
         if f is torch._assert and ins[0] is _SHAPE_ONLY:
             return None
         if f is getattr and ins[1] == "shape" and isinstance(ins[0], _Val):
-            return _SHAPE
-        if f is operator.getitem and ins[0] is _SHAPE and ins[1] == 0:
-            return _BATCH
+            return _IN_SHAPE if ins[0].name == INPUT else _SHAPE
+        if f is operator.getitem and (ins[0] is _SHAPE or ins[0] is _IN_SHAPE):
+            if ins[1] == 0:
+                return _BATCH
+            if ins[0] is _IN_SHAPE and ins[1] == slice(-2, None):
+                return _IN_SIZE
+            if isinstance(ins[1], int):
+                return _SHAPE_ONLY  # C, H or W (B, C, H, W = x.shape): read, never computed with
+        if f is F.interpolate:
+            return self.interpolate(n, ins, kw)
         if f is F.adaptive_avg_pool2d and _at(ins, 1) in (1, (1, 1)):
             return self.pooled(n, ins[0], (2, 3), True)
         if f is torch.mean and len(ins) >= 2:
@@ -547,7 +598,7 @@ class _Converter:
             return self.emit(n, "concat", parts, sum(p.c for p in parts))
         if f in _ADD and len(ins) == 2 and "alpha" not in kw:
             return self.add(n, ins)
-        if f in _MUL and len(ins) == 2:
+        if f in _MUL and len(ins) == 2 and not kw:
             return self.gated(n, ins) if any(isinstance(v, _Pooled) for v in ins) else self.mul(n, ins)
         raise NotABlock(f"{n.name}: {getattr(f, '__name__', f)} has no block node")
 
@@ -580,7 +631,7 @@ class _Converter:
         x = self.val(a, n.name)
         if x.nhwc or tuple(dims) not in _HW:
             raise NotABlock(f"{n.name}: a mean over dims {dims} that is not the spatial mean of [N, C, H, W]")
-        return _Pooled(x, "nc11" if keepdim else "nc")
+        return _Pooled(x, "nc11" if keepdim else "nc", at=n.name)
 
     def pooled_method(self, n: fx.Node, p: _Pooled, args: list[Any], kw: dict[str, Any]) -> Any:
         name = n.target
@@ -624,6 +675,18 @@ class _Converter:
         return self.emit(n, "add", [a, b], c, a.nhwc)
 
     def mul(self, n: fx.Node, ins: list[Any]) -> _Val:
+        if all(isinstance(v, (_Val, _Slice)) for v in ins):  # an elementwise gate (gnConv)
+            a, b = (self.val(v, n.name) for v in ins)
+            if a.nhwc != b.nhwc:
+                raise NotABlock(f"{n.name}: product of tensors in different layouts")
+            c = a.c if a.name != INPUT else b.c
+            self.channels(a, c, n.name)
+            self.channels(b, c, n.name)
+            return self.emit(n, "mul", [a, b], c, a.nhwc)
+        k = next((v for v in ins if type(v) in (int, float)), None)
+        if k is not None and math.isfinite(k):  # a constant scale (gnConv's s)
+            x = self.val(next(v for v in ins if v is not k), n.name)
+            return self.emit(n, "scalar", [x], x.c, x.nhwc, value=float(k))
         t = next((v for v in ins if isinstance(v, _Param)), None)
         other = next((v for v in ins if v is not t), None)
         if t is None or other is None:
@@ -637,15 +700,32 @@ class _Converter:
         self.tensor(f"{v.name}.gamma", t.target, (x.c,))
         return v
 
+    def interpolate(self, n: fx.Node, ins: list[Any], kw: dict[str, Any]) -> _Val:
+        """A 1 x 1 map resized to the block input's size (F.interpolate, as ASPP's pooling branch): a broadcast."""
+        x = self.val(ins[0], n.name)
+        size = kw.get("size", _at(ins, 1))
+        mode = kw.get("mode", _at(ins, 3) or "nearest")
+        if size is not _IN_SIZE or kw.get("scale_factor", _at(ins, 2)) is not None or x.nhwc:
+            raise NotABlock(f"{n.name}: interpolation other than of a 1 x 1 map to the block input's size")
+        if mode not in ("nearest", "bilinear", "bicubic") or kw.get("antialias", False):
+            raise NotABlock(f"{n.name}: {mode} interpolation of a 1 x 1 map is not a broadcast")
+        v = self.emit(n, "broadcast", [x], x.c, size=TRACE_SIZE)
+        self.sized.append(v.name)
+        return v
+
     def run(self, graph: fx.Graph) -> BlockGraph:
         env: dict[fx.Node, Any] = {}
         out: Any = None
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
+        # arguments after the first that keep their defaults and are never read (gnConv's mask=None, dummy=False)
+        unused = [n for n in placeholders[1:] if not n.users and n.args]
+        if len(placeholders) - len(unused) != 1:
             raise NotABlock(f"forward takes {len(placeholders)} inputs; a block takes one")
         for n in graph.nodes:
             ins = list(fx.node.map_arg(n.args, lambda a: env[a]))
             kw = dict(fx.node.map_arg(n.kwargs, lambda a: env[a]))
+            if n in unused:
+                continue
             if n.op == "placeholder":
                 self.names[n.name] = INPUT
                 env[n] = _Val(INPUT, -1)
@@ -664,11 +744,12 @@ class _Converter:
         if not self.nodes or self.nodes[-1].name != out.name:
             raise NotABlock("the output is not the last computed tensor")
         try:
-            Block(n=1, c=self.c_in, in_size=(8, 8), nodes=tuple(self.nodes))  # the graph's own checks
+            Block(n=1, c=self.c_in, in_size=TRACE_SIZE, nodes=tuple(self.nodes))  # the graph's own checks
         except SpecError as e:
             raise NotABlock(str(e)) from None
         family = _FAMILY.get(type(self.root).__name__)
-        return canonical(BlockGraph(self.c_in, tuple(self.nodes), tuple(self.sources.items())), family)
+        g = BlockGraph(self.c_in, tuple(self.nodes), tuple(self.sources.items()), tuple(self.sized))
+        return canonical(g, family)
 
 
 def _seeds(g: BlockGraph, family: str | None = None) -> list[Block]:
@@ -679,7 +760,28 @@ def _seeds(g: BlockGraph, family: str | None = None) -> list[Block]:
     has = {nd.op for nd in g.nodes}
     out: list[Any] = []
     first: list[Any] = []
-    kw = {"n": 1, "c": g.c, "in_size": (8, 8)}
+    kw = {"n": 1, "c": g.c, "in_size": TRACE_SIZE}
+    muls = [nd for nd in g.nodes if nd.op == "mul"]
+    if muls and len(convs) == len(muls) + 2 and isinstance(convs[1]["kernel"], int):  # gnConv
+        scalar = next((nd for nd in g.nodes if nd.op == "scalar"), None)
+        out.append(
+            lambda: B.gnconv(
+                **kw, order=len(muls), kernel=convs[1]["kernel"], scale=scalar["value"] if scalar is not None else None
+            )
+        )
+    direct = [nd for nd in convs if nd.inputs[0] == INPUT]
+    if "concat" in has and acts and direct and all(nd["groups"] == 1 for nd in convs):  # DeepLabV3 ASPP
+        cat = next(nd for nd in g.nodes if nd.op == "concat")
+        out.append(
+            lambda: B.aspp(
+                **kw,
+                k=direct[0]["out"],
+                rates=tuple(nd["dilation"] for nd in direct if nd["kernel"] != 1),
+                pooling="gap" in has,
+                project=any(nd.inputs[0] == cat.name for nd in convs),
+                act=acts[0],
+            )
+        )
     if len(convs) == 3 and "ln" in has and isinstance(convs[0]["kernel"], int):
         ln = next(nd for nd in g.nodes if nd.op == "ln")
         out.append(
@@ -768,7 +870,7 @@ def canonical(g: BlockGraph, family: str | None = None) -> BlockGraph:
         names = _same(g.nodes, seed.nodes)
         if names is not None:
             sources = tuple((f"{names[k.split('.')[0]]}.{k.split('.', 1)[1]}", src) for k, src in g.sources)
-            return BlockGraph(g.c, seed.nodes, sources)
+            return BlockGraph(g.c, seed.nodes, sources, tuple(names[s] for s in g.sized))
     return g
 
 
@@ -790,8 +892,9 @@ def from_graph(module: nn.Module, graph: fx.Graph, training: bool) -> BlockGraph
 
 # ---- the fused module --------------------------------------------------------------------------------
 class _FusedBlock:
-    """A block module whose forward runs its block description under the planner's plan, in each training
-    mode whose graph converted (its own forward otherwise, and for inputs the description does not cover)."""
+    """A block module whose forward runs its block description under the installed block lookup's tuned plan
+    and schedules, else the planner's plan on default schedules, in each training mode whose graph converted
+    (its own forward otherwise, and for inputs the description does not cover)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         graph = self.__dict__["_tunerd_graphs"].get(self.training)  # type: ignore[attr-defined]
@@ -799,22 +902,45 @@ class _FusedBlock:
         if graph is None or mixed or not isinstance(x, torch.Tensor):
             return super().forward(x)  # type: ignore[misc]
         try:
-            blk, plan = _planned(graph, x)
+            blk, plan, schedules = _planned(graph, x)
         except SpecError:
             return super().forward(x)  # type: ignore[misc]
         self.__dict__["_tunerd_last"] = (blk, plan)
-        return block_autograd.block(blk, graph.params(self, x), x, plan)  # type: ignore[arg-type]
+        self.__dict__["_tunerd_last_tuned"] = schedules is not None
+        return block_autograd.block(blk, graph.params(self, x), x, plan, schedules)  # type: ignore[arg-type]
+
+
+# Tuned block winners, installed by the product layer (the local store, a server, a bundle): (block, device) ->
+# a plan and schedules this process checked and rendered (kernels.trust.verify_plan), or None (the planner's
+# plan on default schedules). A lookup that fails must answer None, never raise.
+BlockLookup = Callable[[Block, torch.device], "TrustedPlan | None"]
+_block_lookup: BlockLookup | None = None
+
+
+def set_block_lookup(fn: BlockLookup | None) -> None:
+    """Install the function that answers a tuned plan for (block, device), or None."""
+    global _block_lookup
+    _block_lookup = fn
+
+
+def block_lookup() -> BlockLookup | None:
+    return _block_lookup
 
 
 @lru_cache(maxsize=256)
 def default_plan(blk: Block) -> Plan:
-    """The planner's best plan of blk (no tuned block winners are consulted yet)."""
+    """The planner's best plan of blk (what a block without a tuned winner runs)."""
     return rank(blk)[0].plan
 
 
-def _planned(graph: BlockGraph, x: torch.Tensor) -> tuple[Block, Plan]:
+def _planned(graph: BlockGraph, x: torch.Tensor) -> tuple[Block, Plan, dict[int, Schedule] | None]:
+    """The block x makes of graph, its plan and its fused steps' schedules (None: the defaults)."""
     blk = graph.block(x)
-    return blk, default_plan(blk)
+    lookup = _block_lookup
+    tuned = lookup(blk, x.device) if lookup is not None else None
+    if tuned is not None and tuned.block == blk:
+        return blk, tuned.plan, tuned.schedules
+    return blk, default_plan(blk), None
 
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -834,3 +960,8 @@ def fuse_block(module: nn.Module, graphs: dict[bool, BlockGraph]) -> None:
 def last_plan(module: nn.Module) -> tuple[Block, Plan] | None:
     """The block and plan module's last fused forward ran (None before one ran, or when not fused)."""
     return module.__dict__.get("_tunerd_last")
+
+
+def last_tuned(module: nn.Module) -> bool:
+    """Whether module's last fused forward ran a tuned block winner (the block lookup answered)."""
+    return bool(module.__dict__.get("_tunerd_last_tuned"))

@@ -359,13 +359,34 @@ def show(
     from rich.console import Console
     from rich.table import Table
 
+    from tunerd.db.errors import UntrustedRecord
     from tunerd.db.fingerprint import current
 
     store = _store(db)
     device = None if all_devices else current()
     rows = store.winners(device)
+    try:
+        blocks = store.block_winners(device)
+    except UntrustedRecord as e:  # a row whose plan or schedules are not legal for its block: never shown as usable
+        fail(str(e))
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=1))
+        if blocks:
+            typer.echo(json.dumps({"block_winners": [b.to_dict() for b in blocks]}, indent=1))
+        return
+    if blocks:
+        head = (
+            f"{len(blocks)} block winner(s) " + ("in" if device is None else f"for {device.name} in") + f" {store.url}"
+        )
+        lines = [head] + [
+            f"  {b.describe()}"
+            + (f" on {b.device.name}" if device is None else "")
+            + (" (claimed)" if b.claimed else "")
+            + f"  plan {b.plan.describe()}"
+            for b in blocks
+        ]
+        typer.echo("\n".join(lines))
+    if not rows and blocks:
         return
     if not rows:
         where = "in the store" if device is None else f"for {device.name}"
@@ -400,6 +421,57 @@ def show(
     Console().print(table)
 
 
+@app.command("tune-blocks")
+def tune_blocks(
+    suite: str = typer.Option(..., help="a block suite: convnext_t, efficientnet_b0, mobilenetv2, ..."),
+    batch: int = typer.Option(32, help="batch size"),
+    dtype: str = typer.Option("bfloat16", help="float32, float16 or bfloat16"),
+    only: str | None = typer.Option(None, help="comma-separated block names of the suite (e.g. stage2.0)"),
+    strategy: str = typer.Option("exhaustive", help="search strategy of each plan's costliest fused step"),
+    budget: int | None = typer.Option(None, help="trials per block, shared over the plans searched"),
+    seconds: float | None = typer.Option(None, help="time budget per block"),
+    max_plans: int = typer.Option(3, help="the cheapest modelled plans searched (plus the unfused baseline)"),
+    seed: int = typer.Option(0),
+    db: str | None = typer.Option(None, help="SQLAlchemy URL (default: $TUNERD_DB or the cache's SQLite)"),
+    mkdir: bool = typer.Option(False, "--mkdir", help="create the --db SQLite file's directory if missing"),
+) -> None:
+    """Tune a block suite's fused blocks (plan x schedule) here and store each block's winning plan."""
+    from tunerd.db.fingerprint import current
+    from tunerd.kernels.spec import SpecError
+    from tunerd.schedules.block_suites import block_suite
+
+    from .tuning import tune_block_winner
+
+    if budget is not None and budget < 1:
+        raise typer.BadParameter(f"--budget is trials per block and must be at least 1, got {budget}")
+    try:
+        entries = block_suite(suite, batch, dtype)
+    except (KeyError, SpecError) as e:
+        raise typer.BadParameter(str(e).strip("'\"")) from None
+    if only is not None:
+        names = set(only.split(","))
+        unknown = names - {x.name for x in entries}
+        if unknown:
+            raise typer.BadParameter(f"no blocks {sorted(unknown)} in {suite}; it has {[x.name for x in entries]}")
+        entries = [x for x in entries if x.name in names]
+    store = _store(db, mkdir=mkdir)
+    device = current()
+    typer.echo(f"tuning {len(entries)} block(s) of {suite} with {strategy} on {device.name} into {store.url}", err=True)
+    for entry in entries:
+        res = tune_block_winner(
+            store,
+            device,
+            entry.block,
+            strategy=strategy,
+            budget_trials=budget,
+            budget_seconds=seconds,
+            max_plans=max_plans,
+            seed=seed,
+        )
+        row = store.block_winner(device, entry.block)
+        typer.echo(f"{suite} {entry.name}: " + (row.describe() if row else f"no correct plan ({res.statuses})"))
+
+
 @app.command("export")
 def export_(
     out: Path = typer.Option(..., help="bundle file to write (atomically)"),
@@ -419,7 +491,7 @@ def export_(
     from . import __version__
 
     provenance = {"tunerd": __version__, "tool": "tunerd export", **({"host": platform.node()} if name_host else {})}
-    try:
+    try:  # StoreError includes UntrustedRecord: a stored block winner that does not check out stops the export
         key = load_signing_key(sign) if sign is not None else None
         summary = export_bundle(
             _store(db),
@@ -432,8 +504,8 @@ def export_(
     except StoreError as e:  # BundleError, an unknown --snapshot
         fail(str(e))
     typer.echo(
-        f"wrote {summary.winners} winners for {summary.devices} device(s) to {out} "
-        f"({summary.bytes} bytes, sha256 {summary.sha256[:16]})"
+        f"wrote {summary.winners} winners and {summary.block_winners} block winners for {summary.devices} device(s) "
+        f"to {out} ({summary.bytes} bytes, sha256 {summary.sha256[:16]})"
     )
 
 
@@ -458,9 +530,16 @@ def import_(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     signed = f", signed by {r.signed_by}" if r.signed_by else ""
+    blocks = (
+        f"; block winners: {r.blocks_added} added, {r.blocks_replaced} replaced, {r.blocks_kept} kept, "
+        f"{r.blocks_unchanged} unchanged"
+        if r.block_winners
+        else ""
+    )
     typer.echo(
         f"imported {path}{signed}: {r.added} added, {r.replaced} replaced (a slower claim), {r.kept} kept "
-        f"(measured here or faster), {r.unchanged} unchanged; imported timings are claims until measured here"
+        f"(measured here or faster), {r.unchanged} unchanged{blocks}; imported timings are claims until measured "
+        f"here"
     )
 
 

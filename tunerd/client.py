@@ -10,6 +10,12 @@ is a claim: the client re-renders its (spec, schedule) with its own generator an
 rendering (kernels.trust), so a server, a disk cache or a local store can choose a schedule but can
 never make this process run code it did not render.
 
+Fused blocks are looked up the same way (`Client.lookup_blocks`, and `install` answers patched blocks too):
+an answer names a plan and one schedule per fused step, never source; the client checks the plan against
+the block and re-renders every kernel (kernels.trust.verify_plan), and refuses an answer that carries
+source. Block answers are not kept in the disk cache: they fall back to the bundle, the local store, then
+the planner's default.
+
 A bundle file (`tunerd export`) can answer too, without a server (BundleAnswers, `bundle=`): it is read
 as `tunerd import` reads it, and with ed25519 keys pinned (`trusted_keys=`, else $TUNERD_TRUSTED_KEYS)
 only a bundle signed by one of them is used; a refused bundle answers nothing and says why.
@@ -36,16 +42,19 @@ from tunerd.db.fingerprint import DeviceFingerprint
 from tunerd.db.fingerprint import current as current_device
 from tunerd.kernels import conv as _conv
 from tunerd.kernels import generator, trust
+from tunerd.kernels.block import Block
 from tunerd.kernels.runtime import atomic_write_text
 from tunerd.kernels.runtime import cache_dir as kernel_cache_dir
 from tunerd.kernels.schedule import Schedule, ScheduleError
 from tunerd.kernels.spec import BlockSpec, SpecError
 from tunerd.schedules.strategies import DEFAULT as DEFAULT_STRATEGY
 
+from .blocks import set_block_lookup
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from tunerd.db.rows import WinnerRow
+    from tunerd.db.rows import BlockWinnerRow, WinnerRow
 
 log = logging.getLogger("tunerd.client")
 
@@ -195,6 +204,78 @@ def _parse_answer(data: Any, expected: BlockSpec, origin: str) -> Answer:
     )
 
 
+@dataclass(frozen=True)
+class BlockAnswer:
+    """What a lookup found for one fused block. plan: the winning plan and its fused steps' schedules as this
+    process checked and rendered them (None: a miss; the planner's plan on default schedules runs). origin as
+    Answer's ('server', 'bundle', 'local-store' or 'default')."""
+
+    block: Block
+    hit: bool
+    origin: str
+    plan: trust.TrustedPlan | None = None
+    median_ms: float | None = None
+    max_error: float | None = None
+    stale: bool = False
+    provenance: dict = field(default_factory=dict)
+
+
+_NO_SOURCE = ("source", "sources")  # a block answer names schedules; one that carries code is refused
+
+
+def _parse_block_answer(data: Any, expected: Block, origin: str) -> BlockAnswer:
+    """A block lookup result -> BlockAnswer: same block, no source, a plan legal for the block and schedules
+    legal for its fused steps, rendered here to the plan id the answer claims (kernels.trust.verify_plan)."""
+    if not isinstance(data, dict) or not isinstance(data.get("hit"), bool):
+        raise BadAnswer(f"malformed block lookup result: {str(data)[:200]}")
+    carried = [k for k in _NO_SOURCE if k in data]
+    if carried:
+        raise BadAnswer(f"a block answer carrying {carried}: this client renders block kernels itself")
+    try:
+        blk = Block.from_dict(data.get("block"))
+    except SpecError as e:
+        raise BadAnswer(f"the answer's block is malformed: {e}") from None
+    if blk != expected:
+        raise BadAnswer(f"the answer is for another block ({blk.describe()}), not {expected.describe()}")
+    if not data["hit"]:
+        return BlockAnswer(block=expected, hit=False, origin=origin, stale=data.get("stale") is True)
+    prov = data.get("provenance")
+    prov = prov if isinstance(prov, dict) else {}
+    same = prov.get("generator_version") == generator.GENERATOR_VERSION
+    try:
+        tp = trust.verify_plan(
+            expected, data.get("plan"), data.get("schedules"), claimed_id=data.get("plan_id") if same else None
+        )
+    except trust.UntrustedSource as e:
+        raise BadAnswer(str(e)) from None
+    timings, numerics = data.get("timings") or {}, data.get("numerics") or {}
+    return BlockAnswer(
+        block=expected,
+        hit=True,
+        origin=origin,
+        plan=tp,
+        median_ms=timings.get("median_ms"),
+        max_error=numerics.get("max_error"),
+        stale=data.get("stale") is True,
+        provenance=prov,
+    )
+
+
+def _row_block_answer(row: BlockWinnerRow, origin: str, provenance: dict) -> BlockAnswer:
+    """A block winner row (from a bundle or the local store) as an answer, checked and rendered here."""
+    same = row.device.generator_version == generator.GENERATOR_VERSION
+    tp = trust.verify_plan(row.block, row.plan, row.schedules, claimed_id=row.plan_id if same else None)
+    return BlockAnswer(
+        block=row.block,
+        hit=True,
+        origin=origin,
+        plan=tp,
+        median_ms=row.median_ms,
+        max_error=row.max_error,
+        provenance=provenance,
+    )
+
+
 class AnswerCache:
     """Answers on disk, one JSON file per (server, device, snapshot, spec), written atomically."""
 
@@ -256,18 +337,20 @@ class BundleAnswers:
     trusted_keys: public key files (PEM or OpenSSH) or loaded keys; None: $TUNERD_TRUSTED_KEYS; []: none."""
 
     def __init__(self, bundle: str | os.PathLike[str] | bytes, trusted_keys: KeyArg = None) -> None:
-        from tunerd.db.bundle import bundle_winners, pinned_keys, read_bundle
+        from tunerd.db.bundle import bundle_block_winners, bundle_winners, pinned_keys, read_bundle
 
         self.name = "<bytes>" if isinstance(bundle, (bytes, bytearray)) else os.fspath(bundle)
         self.error: str | None = None
         self.signed_by: str | None = None
         self.sha256: str | None = None
         self._rows: dict[tuple[str, str], WinnerRow] = {}
+        self._blocks: dict[tuple[str, str], BlockWinnerRow] = {}
         try:
             keys = pinned_keys(trusted_keys)
             data = bytes(bundle) if isinstance(bundle, (bytes, bytearray)) else _read_bundle_file(self.name)
             env = read_bundle(data, trusted_keys=keys)
             rows = bundle_winners(env)
+            blocks = bundle_block_winners(env)
         except StoreError as e:  # BundleError
             self.error = f"bundle {self.name} refused, default schedules run: {e}"
             log.error("%s", self.error)
@@ -275,6 +358,8 @@ class BundleAnswers:
         self.signed_by, self.sha256 = env["signed_by"], env["sha256"]
         for r in rows:
             self._rows[(r.device.key, r.spec.to_json())] = r
+        for b in blocks:
+            self._blocks[(b.device.key, b.block.to_json())] = b
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -314,6 +399,18 @@ class BundleAnswers:
             fraction_of_roofline=row.fraction_of_roofline,
             provenance={"bundle": self.sha256, "signed_by": self.signed_by, "device": row.device.describe()},
         )
+
+    def block_answer(self, block: Block, device: DeviceFingerprint) -> BlockAnswer | None:
+        """The bundle's block winner for exactly (device, block), checked and rendered here; None when it has
+        none (or its plan or schedules are not legal here: logged)."""
+        row = self._blocks.get((device.key, block.to_json()))
+        if row is None:
+            return None
+        try:
+            return _row_block_answer(row, "bundle", {"bundle": self.sha256, "signed_by": self.signed_by})
+        except trust.UntrustedSource as e:
+            log.error("not using bundle %s's block winner for %s: %s", self.name, block.describe(), e)
+            return None
 
 
 def _read_bundle_file(path: str) -> bytes:
@@ -478,34 +575,8 @@ class Client:
         self, specs: list[BlockSpec], todo: list[int], fp: DeviceFingerprint, snapshot: str | None
     ) -> dict[int, Answer]:
         """Answers the server gave for specs[todo] (hits, and misses it confirmed); {} when it could not."""
-        if not self.available or self._unknown_devices.get(fp.key, 0) > time.monotonic():
-            return {}
-        body = {"device": fp.to_dict(), "specs": [specs[i].to_dict() for i in todo], "snapshot": snapshot}
-        try:
-            r = self.request("POST", "/v1/lookup", json=body)
-        except ServerUnavailable as e:
-            self._mark(False, str(e))
-            return {}
-        self._mark(True)
-        if r.status_code == 404 and snapshot is None:  # the server has nothing for this device
-            with self._lock:
-                self._unknown_devices[fp.key] = time.monotonic() + self.max_cooldown_s
-            hint = _body(r)
-            log.warning(
-                "tunerd server %s has no kernels for this device: %s",
-                self.url,
-                hint.get("hint") if isinstance(hint, dict) else hint,
-            )
-            return {}
-        if r.status_code != 200:
-            self.last_error = f"lookup: HTTP {r.status_code}: {_detail(r)}"
-            log.warning("tunerd lookup refused by %s: %s", self.url, self.last_error)
-            return {}
-        body = _body(r)
-        results = body.get("results") if isinstance(body, dict) else None
-        if not isinstance(results, list) or len(results) != len(todo):
-            self.last_error = "lookup: the server's answer has the wrong number of results"
-            log.error(self.last_error)
+        results = self._ask(fp, [specs[i].to_dict() for i in todo], snapshot)
+        if results is None:
             return {}
         out: dict[int, Answer] = {}
         for i, data in zip(todo, results):
@@ -572,6 +643,80 @@ class Client:
                     provenance={"device": row.device.describe(), "origin": row.origin, "claimed": row.claimed},
                 )
         return Answer(spec=spec, hit=False, origin="default")
+
+    def lookup_blocks(
+        self, blocks: Block | Sequence[Block], device: DeviceArg = None, snapshot: str | None = None
+    ) -> list[BlockAnswer]:
+        """One answer per fused block, in order: the server's winner (checked and rendered here), else (live
+        lookups only) the bundle's, then the local store's, else a default miss. Never raises for an
+        unreachable server; an answer this client refuses (BadAnswer) is logged and falls back."""
+        blocks = [blocks] if isinstance(blocks, Block) else list(blocks)
+        for b in blocks:
+            if not isinstance(b, Block):
+                raise TypeError(f"lookup_blocks takes Blocks, got {type(b).__name__}")
+        fp = _fingerprint(device)
+        answers: dict[int, BlockAnswer] = {}
+        results = self._ask(fp, [b.to_dict() for b in blocks], snapshot) if blocks else None
+        for i, data in enumerate(results or []):
+            try:
+                a = _parse_block_answer(data, blocks[i], "server")
+            except BadAnswer as e:  # never run what does not check out: that block falls back
+                self.last_error = f"rejected the server's answer for {blocks[i].describe()}: {e}"
+                log.error(self.last_error)
+                continue
+            if a.hit or snapshot is not None:  # a pinned miss stays a miss
+                answers[i] = a
+        return [answers.get(i) or self._block_fallback(b, fp, snapshot) for i, b in enumerate(blocks)]
+
+    def _block_fallback(self, block: Block, fp: DeviceFingerprint, snapshot: str | None) -> BlockAnswer:
+        if snapshot is None and self.bundle is not None:
+            found = self.bundle.block_answer(block, fp)
+            if found is not None:
+                return found
+        store = self._local_store() if snapshot is None else None
+        if store is not None:
+            try:
+                row = store.block_winner(fp, block)
+                if row is not None:
+                    prov = {"device": row.device.describe(), "origin": row.origin, "claimed": row.claimed}
+                    return _row_block_answer(row, "local-store", prov)
+            except (StoreError, trust.UntrustedSource) as e:  # UntrustedRecord: a row the store refused
+                self.last_error = f"rejected the local store's block winner for {block.describe()}: {e}"
+                log.error(self.last_error)
+        return BlockAnswer(block=block, hit=False, origin="default")
+
+    def _ask(self, fp: DeviceFingerprint, items: list[dict], snapshot: str | None) -> list[Any] | None:
+        """The server's lookup results for items (specs or blocks, one result each), or None when it could not
+        answer (down, cooling down, refused, or it has nothing for this device)."""
+        if not self.available or self._unknown_devices.get(fp.key, 0) > time.monotonic():
+            return None
+        try:
+            r = self.request("POST", "/v1/lookup", json={"device": fp.to_dict(), "specs": items, "snapshot": snapshot})
+        except ServerUnavailable as e:
+            self._mark(False, str(e))
+            return None
+        self._mark(True)
+        if r.status_code == 404 and snapshot is None:  # the server has nothing for this device
+            with self._lock:
+                self._unknown_devices[fp.key] = time.monotonic() + self.max_cooldown_s
+            hint = _body(r)
+            log.warning(
+                "tunerd server %s has no kernels for this device: %s",
+                self.url,
+                hint.get("hint") if isinstance(hint, dict) else hint,
+            )
+            return None
+        if r.status_code != 200:
+            self.last_error = f"lookup: HTTP {r.status_code}: {_detail(r)}"
+            log.warning("tunerd lookup refused by %s: %s", self.url, self.last_error)
+            return None
+        body = _body(r)
+        results = body.get("results") if isinstance(body, dict) else None
+        if not isinstance(results, list) or len(results) != len(items):
+            self.last_error = "lookup: the server's answer has the wrong number of results"
+            log.error(self.last_error)
+            return None
+        return results
 
     def _local_store(self) -> Any:
         """The local tuning database if there is one (never created here); None otherwise."""
@@ -751,19 +896,50 @@ class RemoteLookup:
         return counts
 
     def uninstall(self) -> None:
-        """Stop answering convolutions (they use default schedules again) if this lookup is installed."""
+        """Stop answering convolutions and blocks (they use default schedules again) if this lookup is installed."""
         if _installed.get("lookup") is self:
             _conv.set_schedule_lookup(None)
+            set_block_lookup(None)
             _installed.clear()
+
+
+class RemoteBlockLookup:
+    """tunerd.blocks' block lookup backed by a Client (Client.lookup_blocks): one question per (device, block),
+    then memory; hits are kept for the life of the process, misses asked again after miss_ttl_s."""
+
+    def __init__(self, client: Client, snapshot: str | None = None, miss_ttl_s: float = 60.0) -> None:
+        self.client = client
+        self.snapshot = snapshot
+        self.miss_ttl_s = miss_ttl_s
+        self._memo: dict[tuple[str, str], tuple[BlockAnswer, float]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, block: Block, device: Any) -> trust.TrustedPlan | None:
+        a = self.answer(block, device)
+        return a.plan if a.hit else None
+
+    def answer(self, block: Block, device: Any) -> BlockAnswer:
+        fp = _fingerprint(device)
+        key = (fp.key, block.to_json())
+        with self._lock:
+            memo = self._memo.get(key)
+        if memo is not None and memo[1] >= time.monotonic():
+            return memo[0]
+        (a,) = self.client.lookup_blocks([block], device=fp, snapshot=self.snapshot)
+        with self._lock:
+            self._memo[key] = (a, float("inf") if a.hit else time.monotonic() + self.miss_ttl_s)
+        return a
 
 
 _installed: dict[str, RemoteLookup] = {}
 
 
 def install(client: Client, snapshot: str | None = None, *, miss_ttl_s: float = 60.0) -> RemoteLookup:
-    """Route every tunerd convolution's schedule choice through client (replacing any earlier install)."""
+    """Route every tunerd convolution's schedule choice, and every patched block's plan (tunerd.blocks), through
+    client (replacing any earlier install)."""
     hook = RemoteLookup(client, snapshot=snapshot, miss_ttl_s=miss_ttl_s)
     _conv.set_schedule_lookup(hook)
+    set_block_lookup(RemoteBlockLookup(client, snapshot=snapshot, miss_ttl_s=miss_ttl_s))
     _installed["lookup"] = hook
     return hook
 
@@ -794,11 +970,35 @@ class BundleLookup:
         return variant
 
 
+class BundleBlockLookup:
+    """tunerd.blocks' block lookup backed by a bundle file alone: its block winner for (device, block), checked
+    and rendered here, else None (the planner's plan on default schedules). Kept per (device, block)."""
+
+    def __init__(self, answers: BundleAnswers) -> None:
+        self.answers = answers
+        self._memo: dict[tuple[str, str], trust.TrustedPlan | None] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, block: Block, device: Any) -> trust.TrustedPlan | None:
+        fp = _fingerprint(device)
+        key = (fp.key, block.to_json())
+        with self._lock:
+            if key in self._memo:
+                return self._memo[key]
+        a = self.answers.block_answer(block, fp)
+        plan = None if a is None else a.plan
+        with self._lock:
+            self._memo[key] = plan
+        return plan
+
+
 def install_bundle(bundle: str | os.PathLike[str] | bytes | BundleAnswers, trusted_keys: KeyArg = None) -> BundleLookup:
-    """Route every tunerd convolution's schedule choice through a bundle file (replacing any earlier install);
-    a refused bundle is logged and installs a lookup that answers nothing (default schedules)."""
+    """Route every tunerd convolution's schedule choice and every patched block's plan through a bundle file
+    (replacing any earlier install); a refused bundle is logged and installs lookups that answer nothing
+    (default schedules)."""
     answers = bundle if isinstance(bundle, BundleAnswers) else BundleAnswers(bundle, trusted_keys)
     hook = BundleLookup(answers)
     _conv.set_schedule_lookup(hook)
+    set_block_lookup(BundleBlockLookup(answers))
     _installed.clear()
     return hook

@@ -8,7 +8,8 @@ Block modules (tunerd.blocks.FUSED_BLOCKS: ConvNeXt, InceptionNeXt's token mixer
 proven to be a block description the whole block runs its fused plan, otherwise (drop path active, BatchNorm
 with batch statistics, an unsupported option) its per-conv kernels, and the report names the reason. With
 example_input the report also says, per conv and block, whether its kernels are tuned winners (the installed
-lookup answered) or default schedules, and each block's plan.
+lookup answered: tunerd.kernels.conv's for convs, tunerd.blocks' block lookup for whole blocks) or default
+schedules, and each block's plan.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from torch import nn
 from tunerd.kernels.conv import TORCH_DTYPES, schedule_lookup, set_schedule_lookup
 from tunerd.kernels.plan import FUSED
 
-from .blocks import BlockGraph, BlockTracer, NotABlock, from_graph, fuse_block, is_fusable_block, last_plan
+from .blocks import (
+    BlockGraph,
+    BlockTracer,
+    NotABlock,
+    from_graph,
+    fuse_block,
+    is_fusable_block,
+    last_plan,
+    last_tuned,
+)
 from .nn import BN_MODES, TUNERD_CONV, activation_name, fuse_conv_bn
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -254,6 +264,7 @@ def kernel_sources(model: nn.Module, example_input: Any) -> list[tuple[str, str]
     cuda = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"})
     for m in names.values():
         m.__dict__.pop("_tunerd_last", None)
+        m.__dict__.pop("_tunerd_last_tuned", None)
     set_schedule_lookup(record)
     try:
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
@@ -282,10 +293,15 @@ def kernel_sources(model: nn.Module, example_input: Any) -> list[tuple[str, str]
             out.append((name, "ran its own forward (see its convs)"))
             continue
         plan = ran[1]
-        parts = [f"plan {plan.describe()} (the planner's default: no tuned block plans are stored)"]
         n_fused = sum(s.kind in FUSED for s in plan.steps)
-        if n_fused:
-            parts.append(f"{n_fused} fused kernel(s) on default tile schedules")
+        if last_tuned(m):
+            parts = [f"plan {plan.describe()} (tuned winner: the installed block lookup's plan)"]
+            if n_fused:
+                parts.append(f"{n_fused} fused kernel(s) on tuned tile schedules")
+        else:
+            parts = [f"plan {plan.describe()} (the planner's default: no tuned block winner for this shape)"]
+            if n_fused:
+                parts.append(f"{n_fused} fused kernel(s) on default tile schedules")
         if name in seen:
             parts.append(f"conv steps: {convs}")
         out.append((name, "; ".join(parts)))
@@ -311,7 +327,7 @@ def unpatch(model: nn.Module) -> int:
         if orig is None:
             continue
         m.__class__ = orig
-        for attr in ("_tunerd_bn", "bn_mode", "activation", "_tunerd_graphs", "_tunerd_last"):
+        for attr in ("_tunerd_bn", "bn_mode", "activation", "_tunerd_graphs", "_tunerd_last", "_tunerd_last_tuned"):
             m.__dict__.pop(attr, None)
         n += 1
     return n

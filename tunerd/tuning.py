@@ -1,6 +1,6 @@
 """Tuning against the store: resume from what is measured, record trials as they complete,
-keep winner statistics, run queued jobs (tuning, and verifying imported claims), and answer conv
-calls from the local store."""
+keep winner statistics, run queued jobs (tuning, and verifying imported claims), tune fused blocks into the
+store's block winners, and answer conv calls and patched blocks from the local store."""
 
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ from typing import Any
 
 import torch
 
+from tunerd.db.errors import StoreError
 from tunerd.db.fingerprint import DeviceFingerprint, current
 from tunerd.db.rows import TrialRow
 from tunerd.db.store import Store
 from tunerd.kernels import trust
+from tunerd.kernels.block import Block
 from tunerd.kernels.conv import set_schedule_lookup
 from tunerd.kernels.spec import BlockSpec, SpecError
-from tunerd.schedules import strategies, suites
+from tunerd.schedules import block_suites, strategies, suites
+from tunerd.schedules.blocks import BlockHarness, BlockTuneResult, tune_block
 from tunerd.schedules.trial import Trial
 from tunerd.schedules.tuner import Progress, TuneResult, tune
+
+from .blocks import set_block_lookup
 
 DEFAULT_STRATEGY = strategies.DEFAULT
 VERIFY = "verify"  # the strategy of a job that re-measures imported claims (see run_job)
@@ -107,10 +112,18 @@ def tune_spec(
     return result
 
 
-def job_specs(specs: tuple[BlockSpec, ...] | list[BlockSpec] | None, suite: str | None) -> list[BlockSpec]:
-    """The specs a job names: explicit specs and/or every spec of a suite."""
+BLOCK_SUITE = "blocks:"  # a job suite named blocks:<name> tunes that block suite's fused blocks (block_suites)
+
+
+def job_specs(
+    specs: tuple[BlockSpec | Block, ...] | list[BlockSpec | Block] | None, suite: str | None
+) -> list[BlockSpec | Block]:
+    """What a job tunes: explicit specs and/or every spec of a suite, or every block of a block suite
+    ('blocks:<name>', schedules.block_suites at its default batch and dtype)."""
     out = list(specs or ())
-    if suite:
+    if suite and suite.startswith(BLOCK_SUITE):
+        out += [e.block for e in block_suites.block_suite(suite.removeprefix(BLOCK_SUITE))]
+    elif suite:
         out += suites.suite(suite)
     if not out:
         raise SpecError("a job needs specs or a suite")
@@ -127,9 +140,13 @@ def run_job(
     job: Any,
     device: DeviceFingerprint | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    block_harness: BlockHarness | None = None,
     **tune_options: Any,
 ) -> dict[str, Any]:
-    """Tune every spec of a claimed job; returns the result summary stored with the job.
+    """Tune every spec of a claimed job; returns the result summary stored with the job. A fused block (a block
+    suite's task) is tuned plan x schedule into the store's block winners (tune_block_winner; block_harness, else
+    its own measurement worker).
 
     A VERIFY job measures here, for each of its specs, every imported claim not measured yet plus the
     default schedule: the local measurements then replace the claims in the winner table (a claim
@@ -141,6 +158,10 @@ def run_job(
     verify = job.strategy == VERIFY
     summary: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
+        if isinstance(spec, Block):
+            if not verify and job.strategy != REVALIDATE:  # claims and upgrades are re-measured per conv spec
+                summary.append(_tune_block_job(store, device, spec, job, block_harness))
+            continue
 
         def progress(p: Progress, i: int = i, spec: BlockSpec = spec) -> None:
             if on_progress is not None:
@@ -200,6 +221,30 @@ def run_job(
     return {"device": device.key, "specs": summary}
 
 
+def _tune_block_job(
+    store: Store, device: DeviceFingerprint, block: Block, job: Any, harness: BlockHarness | None
+) -> dict[str, Any]:
+    res = tune_block_winner(
+        store,
+        device,
+        block,
+        strategy=job.strategy,
+        budget_trials=job.budget_trials,
+        budget_seconds=job.budget_seconds,
+        harness=harness,
+    )
+    best = res.best.trial.median_ms if res.best else None
+    return {
+        "block": block.key,
+        "describe": block.describe(),
+        "plan": res.best.plan.describe() if res.best else None,
+        "best_ms": best,
+        "default_ms": res.default.trial.median_ms,
+        "speedup_vs_unfused": res.speedup_vs_unfused,
+        "statuses": res.statuses,
+    }
+
+
 class StoreLookup:
     """kernels.conv's schedule lookup backed by the local store: the winner for this device, else None.
 
@@ -245,8 +290,70 @@ class StoreLookup:
             self._cache.clear()
 
 
+class StoreBlockLookup:
+    """tunerd.blocks' block lookup backed by the local store: the block winner for this device (checked and
+    rendered by this process: kernels.trust.verify_plan), else None. Cached in memory per (device, block)."""
+
+    def __init__(self, store: Store | None = None, url: str | None = None) -> None:
+        self._store = store
+        self._url = url
+        self._cache: dict[tuple[str, str], trust.TrustedPlan | None] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, block: Block, device: torch.device) -> trust.TrustedPlan | None:
+        fp = current(device)
+        key = (fp.key, block.key)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        answer = None
+        try:
+            if self._store is None:
+                self._store = Store(self._url)
+            row = self._store.block_winner(fp, block)
+            if row is not None:
+                answer = trust.verify_plan(block, row.plan, row.schedules, claimed_id=row.plan_id)
+        except (StoreError, trust.UntrustedSource) as e:
+            log.error("not using the local store's block winner for %s: %s", block.describe(), e)
+        with self._lock:
+            self._cache[key] = answer
+        return answer
+
+    def forget(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
 def use_local_store(store: Store | None = None, url: str | None = None) -> StoreLookup:
-    """Make tunerd.functional / tunerd.nn use this store's winners for the current device."""
+    """Make tunerd.functional / tunerd.nn (convs) and patched blocks (tunerd.blocks) use this store's winners
+    for the current device."""
     lookup = StoreLookup(store, url)
     set_schedule_lookup(lookup)
+    set_block_lookup(StoreBlockLookup(store, url))
     return lookup
+
+
+def tune_block_winner(
+    store: Store, device: DeviceFingerprint, block: Block, *, label: str | None = None, **tune_options: Any
+) -> BlockTuneResult:
+    """Tune a fused block on this process's device (schedules.blocks.tune_block) and record its fastest
+    correct plan x schedules as the block's winner in the store (a local measurement: it beats a claim)."""
+    here = current()
+    if device.key != here.key:
+        raise ValueError(f"cannot tune for {device.describe()} on {here.describe()}: measurements are per device")
+    res = tune_block(block, **tune_options)
+    if res.best is not None:
+        t = res.best.trial
+        assert t.median_ms is not None  # an ok trial
+        store.record_block_winner(
+            device,
+            block,
+            res.best.plan,
+            res.best.schedules,
+            median_ms=t.median_ms,
+            spread_ms=t.spread_ms,
+            reps=t.reps,
+            max_error=t.max_error,
+            strategy=label or res.strategy,
+        )
+    return res

@@ -11,7 +11,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from tunerd.kernels import limits
+from tunerd.kernels.block import ATTRS as BLOCK_OPS
 from tunerd.kernels.spec import ACTIVATIONS, DTYPES, KINDS, OPS, PRECISIONS
+from tunerd.kernels.trust import MAX_BLOCK_NODES
 from tunerd.schedules.strategies import DEFAULT as DEFAULT_STRATEGY
 
 DeviceRef = str | dict[str, Any]
@@ -79,11 +81,50 @@ SPEC_SCHEMA: dict[str, Any] = {  # kernels.spec.BlockSpec.to_dict(), with the de
     },
 }
 SpecBody = Annotated[dict[str, Any], WithJsonSchema(SPEC_SCHEMA)]  # parsed by BlockSpec.from_dict (its errors)
+BLOCK_SCHEMA: dict[str, Any] = {  # kernels.block.Block.to_dict(), bounded by kernels.trust.check_block
+    "type": "object",
+    "additionalProperties": False,
+    "title": "Block",
+    "required": ["kind", "n", "c", "in_size", "nodes"],
+    "description": "A fused block (kernels.block.Block.to_dict()): a graph of conv, norm, activation, gate, scale, "
+    "residual and split/concat nodes. Graph rules (inputs name earlier nodes, shapes agree, every node but the last "
+    f"is used) and the work limits (at most {MAX_BLOCK_NODES} nodes, every conv within GET /v1/limits) are checked "
+    "too and refused with 422.",
+    "properties": {
+        "kind": {"const": "block"},
+        "n": {"type": "integer", "minimum": 1},
+        "c": {"type": "integer", "minimum": 1},
+        "in_size": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2},
+        "dtype": {"enum": list(DTYPES), "default": "float32"},
+        "nodes": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_BLOCK_NODES,
+            "items": {
+                "type": "object",
+                "required": ["name", "op", "inputs"],
+                "description": "name, op, inputs (earlier node names or 'x') and the op's attributes",
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[a-z0-9_]+$"},
+                    "op": {"enum": sorted(BLOCK_OPS)},
+                    "inputs": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+LookupItem = Annotated[  # parsed by Service.parse_lookup: kind 'block' is a Block, anything else a BlockSpec
+    dict[str, Any], WithJsonSchema({"anyOf": [SPEC_SCHEMA, BLOCK_SCHEMA], "title": "BlockSpec or Block"})
+]
+LOOKUP_DOC = (
+    SPEC_DOC + "; or fused blocks (kind 'block', kernels.block.Block.to_dict()), answered with their winning plan "
+    "and one schedule per fused step (no source: the client renders them)"
+)
 
 
 class LookupRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    specs: list[SpecBody] = Field(..., min_length=1, description=SPEC_DOC)
+    specs: list[LookupItem] = Field(..., min_length=1, description=LOOKUP_DOC)
     device: DeviceRef | None = Field(None, description=DEVICE_DOC)
     snapshot: str | None = Field(None, max_length=64, description="answer from this snapshot's pinned winners")
 
@@ -91,7 +132,12 @@ class LookupRequest(BaseModel):
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     specs: list[SpecBody] | None = Field(None, min_length=1, description="BlockSpecs to tune. " + SPEC_DOC)
-    suite: str | None = Field(None, min_length=1, max_length=100, description="a named shape suite to tune")
+    suite: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="a named shape suite to tune, or blocks:<name> for a block suite's fused blocks (plan x schedule)",
+    )
     strategy: str = Field(DEFAULT_STRATEGY, min_length=1, max_length=64)
     budget_trials: int | None = Field(None, ge=1, le=1_000_000)
     budget_seconds: float | None = Field(
@@ -121,10 +167,18 @@ class Launch(BaseModel):
 
 
 class LookupResult(BaseModel):
-    index: int = Field(..., description="position of the spec in the request")
+    index: int = Field(..., description="position of the spec (or block) in the request")
     hit: bool
-    spec: dict[str, Any]
-    spec_digest: str
+    spec: dict[str, Any] | None = Field(None, description="a spec's result: the spec")
+    spec_digest: str | None = None
+    block: dict[str, Any] | None = Field(None, description="a fused block's result: the block")
+    block_digest: str | None = None
+    plan: dict[str, Any] | None = Field(None, description="block hit: the winning plan (kernels.plan.Plan)")
+    plan_description: str | None = None
+    schedules: dict[str, dict[str, Any]] | None = Field(
+        None, description="block hit: one Schedule per fused step of the plan, keyed by step index"
+    )
+    plan_id: str | None = Field(None, description="block hit: hash of the plan and of its kernels' sources")
     schedule: dict[str, Any] | None = Field(None, description="hit: the winning Schedule")
     variant_id: str | None = Field(None, description="hit: sha256(source)[:24]")
     source: str | None = Field(None, description="hit: the exact Triton source that was measured")
@@ -182,6 +236,9 @@ class CancelResponse(BaseModel):
 
 class Winners(BaseModel):
     winners: list[dict[str, Any]]
+    block_winners: list[dict[str, Any]] = Field(
+        default_factory=list, description="fused block winners: plan and one schedule per fused step, no source"
+    )
     snapshot: str | None = None
 
 

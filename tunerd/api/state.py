@@ -1,5 +1,5 @@
 """The app's state: settings, store, worker, the daemon's device, the work limits and small caches;
-device resolution, spec parsing and the lookup answer that routes share."""
+device resolution, spec (and fused block) parsing and the lookup answer that routes share."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from tunerd.db.errors import InvalidRecord, StoreError
+from tunerd.db.errors import InvalidRecord, StoreError, UntrustedRecord
 from tunerd.db.fingerprint import DeviceFingerprint
 from tunerd.db.fingerprint import current as current_device
-from tunerd.kernels import generator, limits
+from tunerd.db.rows import BlockWinnerRow
+from tunerd.kernels import generator, limits, trust
+from tunerd.kernels.block import Block
 from tunerd.kernels.schedule import ScheduleError
 from tunerd.kernels.spec import BlockSpec, SpecError
 
@@ -140,11 +142,25 @@ class Service:
     # ---- specs ------------------------------------------------------------------------------------
     def parse_specs(self, items: list[Any], limit: int) -> list[BlockSpec]:
         """BlockSpecs within this server's work limits; 422 naming every malformed or over-limit spec."""
+        return [s for s in self._parse(items, limit, blocks=False) if isinstance(s, BlockSpec)]
+
+    def parse_lookup(self, items: list[Any], limit: int) -> list[BlockSpec | Block]:
+        """What a lookup asks about: BlockSpecs, and fused blocks (kind 'block': kernels.block.Block) within the
+        work limits (kernels.trust.check_block); 422 naming every malformed or over-limit item."""
+        return self._parse(items, limit, blocks=True)
+
+    def _parse(self, items: list[Any], limit: int, *, blocks: bool) -> list[BlockSpec | Block]:
         if len(items) > limit:
             raise ApiError(422, f"{len(items)} specs in one request; this server takes at most {limit}")
-        specs, errors = [], []
+        specs: list[BlockSpec | Block] = []
+        errors = []
         for i, item in enumerate(items):
             try:
+                if blocks and isinstance(item, dict) and item.get("kind") == "block":
+                    blk = Block.from_dict(item)
+                    trust.check_block(blk, self.limits)
+                    specs.append(blk)
+                    continue
                 spec = BlockSpec.from_dict(item)
                 limits.check(spec, self.limits)
                 specs.append(spec)
@@ -161,10 +177,13 @@ class Service:
         return specs
 
     # ---- lookup -----------------------------------------------------------------------------------
-    def lookup(self, specs: list[BlockSpec], device: DeviceFingerprint, snapshot: str | None) -> dict[str, Any]:
+    def lookup(self, specs: list[BlockSpec | Block], device: DeviceFingerprint, snapshot: str | None) -> dict[str, Any]:
         results: list[dict[str, Any]] = []
         missed: dict[str, BlockSpec] = {}
         for i, spec in enumerate(specs):
+            if isinstance(spec, Block):
+                results.append({"index": i, **self._block_lookup(device, spec, snapshot)})
+                continue
             answer = self._answer(device, spec, snapshot)
             if answer is None and snapshot is None:
                 answer = self._stale(device, spec)
@@ -201,7 +220,7 @@ class Service:
             "misses": sum(not r["hit"] for r in results),
         }
 
-    def cached_lookup(self, specs: list[BlockSpec], ref: DeviceRef | None, snapshot: str | None) -> dict | None:
+    def cached_lookup(self, specs: list[BlockSpec | Block], ref: DeviceRef | None, snapshot: str | None) -> dict | None:
         """The lookup answer when the device and every spec's hit are in memory (no database, nothing
         that blocks: the event loop may call it); None otherwise."""
         if ref is None:
@@ -225,8 +244,58 @@ class Service:
         self.metrics.lookups.labels("hit").inc(len(results))
         return {"device": device.digest, "snapshot": snapshot, "results": results, "hits": len(results), "misses": 0}
 
-    def _answer(self, device: DeviceFingerprint, spec: BlockSpec, snapshot: str | None) -> dict | None:
-        """The hit for (device, spec), or None. Snapshot hits are cached for good (they never change),
+    def _block_lookup(self, device: DeviceFingerprint, blk: Block, snapshot: str | None) -> dict[str, Any]:
+        """A fused block's answer: its winner (plan and schedules, never source: the client renders them), the
+        winner before an upgrade when live (by settings.stale_answers, as for specs), else a miss. A stored
+        row whose plan or schedules are not legal for its block (db.errors.UntrustedRecord) is a miss."""
+        try:
+            answer = self._answer(device, blk, snapshot)
+            if answer is None and snapshot is None:
+                row = self.store.stale_block_winner(device, blk)
+                if row is not None:
+                    self.metrics.lookups.labels("stale").inc()
+                    answer = self.block_hit(row) if self.settings.stale_answers == "stale" else None
+                    if answer is None:
+                        return {**self._block_miss(blk), "stale": True}
+        except UntrustedRecord as e:
+            log.error("%s", e)
+            answer = None
+        self.metrics.lookups.labels("miss" if answer is None else "hit").inc()
+        return answer or self._block_miss(blk)
+
+    @staticmethod
+    def _block_miss(blk: Block) -> dict[str, Any]:
+        return {"hit": False, "block": blk.to_dict(), "block_digest": blk.digest, "misses": None, "tuning": False}
+
+    def block_hit(self, row: BlockWinnerRow) -> dict[str, Any]:
+        """A block winner as the lookup answers it: plan, one schedule per fused step, plan id, timings, numerics,
+        provenance (stale when measured before an upgrade)."""
+        answer = {
+            "hit": True,
+            "block": row.block.to_dict(),
+            "block_digest": row.block.digest,
+            "plan": row.plan.to_dict(),
+            "plan_description": row.plan.describe(),
+            "schedules": {str(i): s.to_dict() for i, s in sorted(row.schedules.items())},
+            "plan_id": row.plan_id,
+            "timings": {"median_ms": row.median_ms, "spread_ms": row.spread_ms, "reps": row.reps},
+            "numerics": {"max_error": row.max_error},
+            "provenance": {
+                "device": row.device.describe(),
+                "device_digest": row.device.digest,
+                "interpreter": row.device.interpreter,
+                "generator_version": row.device.generator_version,
+                "strategy": row.strategy,
+                "measured_at": row.created_at.isoformat(),
+                "origin": row.origin,
+                "claimed": row.claimed,
+                "snapshot": row.snapshot,
+            },
+        }
+        return {**answer, "stale": True} if row.stale else answer
+
+    def _answer(self, device: DeviceFingerprint, spec: BlockSpec | Block, snapshot: str | None) -> dict | None:
+        """The hit for (device, spec or block), or None. Snapshot hits are cached for good (they never change),
         live hits for settings.live_cache_s; misses are never cached (each one is counted)."""
         key = (device.key, snapshot or "", spec.to_json())
         now = time.monotonic()
@@ -236,10 +305,16 @@ class Service:
                 cached = self._hits.get(key)
             if cached is not None and now - cached[1] < ttl:
                 return cached[0]
-        row = self.store.winner(device.key, spec, snapshot=snapshot)
-        if row is None:
-            return None
-        answer = self.hit(row)
+        if isinstance(spec, Block):
+            brow = self.store.block_winner(device.key, spec, snapshot=snapshot)
+            if brow is None:
+                return None
+            answer = self.block_hit(brow)
+        else:
+            row = self.store.winner(device.key, spec, snapshot=snapshot)
+            if row is None:
+                return None
+            answer = self.hit(row)
         if ttl > 0:
             with self._lock:
                 self._hits[key] = (answer, now)

@@ -40,11 +40,15 @@ def job_json(row: Any) -> dict[str, Any]:
 
 def _check_tuning_names(suite: str | None, strategy: str) -> None:
     """Refuse unknown suite or strategy names now rather than failing the job later."""
+    from tunerd.schedules.block_suites import BLOCK_SUITES
     from tunerd.schedules.strategies import STRATEGIES
     from tunerd.schedules.suites import SUITES
 
-    if suite is not None and suite not in SUITES:
-        raise ApiError(422, f"unknown suite {suite!r}; known: {sorted(SUITES)}")
+    from ...tuning import BLOCK_SUITE
+
+    known = [*SUITES, *(BLOCK_SUITE + name for name in BLOCK_SUITES)]
+    if suite is not None and suite not in known:
+        raise ApiError(422, f"unknown suite {suite!r}; known: {sorted(known)}")
     if strategy not in STRATEGIES:
         raise ApiError(422, f"unknown strategy {strategy!r}; known: {sorted(STRATEGIES)}")
 

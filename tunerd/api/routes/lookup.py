@@ -1,4 +1,5 @@
-"""POST /v1/lookup: tuned kernels for one or many specs on a device; GET /v1/limits: the work limits."""
+"""POST /v1/lookup: tuned kernels for one or many specs (and fused blocks) on a device; GET /v1/limits: the
+work limits."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from tunerd.kernels.block import Block
 from tunerd.kernels.spec import BlockSpec
 
 from ..deps import READ, service
@@ -23,27 +25,27 @@ INLINE_SPECS = 16  # a lookup this small whose answers are all in memory is answ
 
 
 class ParsedSpecs:
-    """Validated BlockSpecs by their request JSON, the most recent `size` kept: a training job asks for the
+    """Validated BlockSpecs and Blocks by their request JSON, the most recent `size` kept: a training job asks for the
     same few specs again and again, and parsing plus limit checks cost more than answering a cached hit."""
 
     def __init__(self, svc: Service, size: int = 4096) -> None:
         self.svc = svc
         self.size = size
-        self._specs: OrderedDict[bytes, list[BlockSpec]] = OrderedDict()
+        self._specs: OrderedDict[bytes, list[BlockSpec | Block]] = OrderedDict()
         self._lock = threading.Lock()  # the thread-pool path reads it too
 
-    def get(self, items: list[Any]) -> list[BlockSpec]:
-        """svc.parse_specs(items) (the same 422s), remembered for valid specs."""
+    def get(self, items: list[Any]) -> list[BlockSpec | Block]:
+        """svc.parse_lookup(items) (the same 422s), remembered for valid specs."""
         try:
             key = orjson.dumps(items, option=orjson.OPT_SORT_KEYS)
-        except (orjson.JSONEncodeError, TypeError):  # e.g. an integer beyond 64 bits: parse_specs says why
-            return self.svc.parse_specs(items, self.svc.settings.max_specs_per_lookup)
+        except (orjson.JSONEncodeError, TypeError):  # e.g. an integer beyond 64 bits: parse_lookup says why
+            return self.svc.parse_lookup(items, self.svc.settings.max_specs_per_lookup)
         with self._lock:
             specs = self._specs.get(key)
             if specs is not None:
                 self._specs.move_to_end(key)
                 return specs
-        specs = self.svc.parse_specs(items, self.svc.settings.max_specs_per_lookup)
+        specs = self.svc.parse_lookup(items, self.svc.settings.max_specs_per_lookup)
         with self._lock:
             self._specs[key] = specs
             if len(self._specs) > self.size:
@@ -55,7 +57,7 @@ class ParsedSpecs:
     "/lookup",
     dependencies=READ,
     responses=responses(LookupResponse, 401, 404, 422),
-    summary="Tuned kernels for one or many specs on a device (per spec: hit or miss)",
+    summary="Tuned kernels for one or many specs or fused blocks on a device (per item: hit or miss)",
 )
 async def lookup(req: LookupRequest, request: Request) -> Response:
     svc: Service = request.app.state.service
@@ -71,7 +73,7 @@ def _lookup(svc: Service, parsed: ParsedSpecs, req: LookupRequest) -> dict:
     if len(req.specs) <= INLINE_SPECS:
         specs = parsed.get(req.specs)
     else:  # a whole model's specs: parsed once, not worth remembering
-        specs = svc.parse_specs(req.specs, svc.settings.max_specs_per_lookup)
+        specs = svc.parse_lookup(req.specs, svc.settings.max_specs_per_lookup)
     return svc.lookup(specs, svc.resolve_device(req.device), req.snapshot)
 
 

@@ -1,4 +1,4 @@
-"""What the store holds: devices and winners (read)."""
+"""What the store holds: devices, winners and fused block winners (read)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
+
+from tunerd.db.rows import BlockWinnerRow
 
 from ..deps import READ, service
 from ..errors import json_response
@@ -45,4 +47,18 @@ def winners(
 ) -> Response:
     fp = None if device is None else svc.resolve_device(device)
     rows = svc.store.winners(fp, snapshot=snapshot)
-    return json_response({"winners": [winner_json(r, include_source) for r in rows], "snapshot": snapshot})
+    blocks = [block_winner_json(b) for b in svc.store.block_winners(fp, snapshot=snapshot)]
+    return json_response(
+        {"winners": [winner_json(r, include_source) for r in rows], "block_winners": blocks, "snapshot": snapshot}
+    )
+
+
+def block_winner_json(row: BlockWinnerRow) -> dict[str, Any]:
+    """A block winner (plan and schedules, no source) as the winners route lists it."""
+    d = row.to_dict()
+    d["device"] = row.device.digest
+    d["device_description"] = row.device.describe()
+    d["block_digest"] = row.block.digest
+    d["description"] = row.describe()
+    d["plan_description"] = row.plan.describe()
+    return d
