@@ -3,7 +3,9 @@
 tune_block() ranks the block's legal plans with the plan cost model (kernels.plan), takes the
 `max_plans` cheapest plus the unfused plan (the baseline), and for each plan searches the tile
 schedules of its costliest fused step (modelled) with a registered strategy (schedules.strategies) under its
-share of the budget; conv steps run their default (or looked-up) schedules, 'op' steps are torch.
+share of the budget; then, for the winning plan, every other fused step's schedule in turn (costliest first,
+the steps already tuned fixed at their best: coordinate descent) under `refine_trials` each. Conv steps run
+their default (or looked-up) schedules, 'op' steps are torch.
 
 Every candidate runs in the harness's isolated worker process (schedules.harness.Sandbox: timeouts,
 crashes and memory limits replace the worker, never the tuner) through the worker's 'block'
@@ -429,6 +431,13 @@ class BlockTuneResult:
         }
 
 
+def _best(trials: list[BlockTrial]) -> BlockTrial | None:
+    """The fastest correct trial (schedules.trial.best_of), or None."""
+    ok = [t for t in trials if t.trial.ok]
+    best_trial = best_of([t.trial for t in ok])
+    return next((t for t in ok if t.trial is best_trial), None)
+
+
 def tune_block(
     block: Block,
     *,
@@ -442,9 +451,11 @@ def tune_block(
     reps: int | None = None,
     max_candidates: int | None = 32,
     on_trial: Callable[[BlockTrial], None] | None = None,
+    refine_trials: int | None = None,
 ) -> BlockTuneResult:
     """Tune block over plan x schedule; see the module doc. budget_trials is shared out evenly over the plans
-    searched (the unfused baseline and each plan's default schedule are always measured)."""
+    searched (the unfused baseline and each plan's default schedule are always measured); refine_trials
+    (default: a plan's share) bounds the search of each further fused step of the winning plan (0: none)."""
     t0 = time.monotonic()
     limits = limits or DeviceLimits.detect()
     r = rates(limits)
@@ -459,9 +470,9 @@ def tune_block(
     full = reps or harness.reps
     trials: list[BlockTrial] = []
 
-    def measure_with(plan: Plan, i: int | None) -> Measure:
+    def measure_with(plan: Plan, i: int | None, fixed: dict[int, Schedule] | None = None) -> Measure:
         def measure(schedule: Schedule, reps: int) -> Trial:
-            scheds = {} if i is None else {i: schedule}
+            scheds = dict(fixed or {}) if i is None else {**(fixed or {}), i: schedule}
             t = harness.measure(block, plan, scheds, reps)
             bt = BlockTrial(plan=plan, schedules=scheds, trial=t, modelled=cost_of[plan])
             trials.append(bt)
@@ -487,13 +498,31 @@ def tune_block(
             strat.search(cands, measure, Budget(trials=None if per_plan is None else per_plan - 1, seconds=left))
             if budget_seconds is not None and time.monotonic() - t0 > budget_seconds:
                 break
-        ok = [t for t in trials if t.trial.ok]
-        best_trial = best_of([t.trial for t in ok])
-        best = next((t for t in ok if t.trial is best_trial), None)
+        best = _best(trials)
+        if best is not None and refine_trials != 0:  # the winning plan's other fused steps, one at a time
+            searched = searched_step(best.plan, block)
+            costs = cost(block, best.plan).steps
+            others = sorted(
+                (j for j, st in enumerate(best.plan.steps) if st.kind in FUSED and j != searched),
+                key=lambda j: (-costs[j].seconds, j),
+            )
+            for j in others:
+                if budget_seconds is not None and time.monotonic() - t0 > budget_seconds:
+                    break
+                fixed = dict(best.schedules)
+                fs = fused.FusedSpec(block, best.plan.steps[j])
+                cands = [c for c in space(fs, max_candidates) if c != fixed.get(j, fused.default_schedule(fs))]
+                fixed.pop(j, None)
+                left = None if budget_seconds is None else max(1e-3, budget_seconds - (time.monotonic() - t0))
+                n = refine_trials if refine_trials is not None else per_plan
+                strat = make(strategy, seed=seed, reps=full, prior=lambda sch, fs=fs: predict(fs, sch, limits))
+                strat.search(cands, measure_with(best.plan, j, fixed), Budget(trials=n, seconds=left))
+                best = _best(trials) or best
         if best is not None and best.trial.reps < full:  # a short-run winner is confirmed at full length
-            measure_with(best.plan, searched_step(best.plan, block))(best.trial.schedule, full)
-            best_trial = best_of([t.trial for t in trials if t.trial.ok])
-            best = next((t for t in trials if t.trial is best_trial), None)
+            fixed = dict(best.schedules)  # all of them: the step searched last is re-set from fixed
+            last = max(fixed) if fixed else None
+            measure_with(best.plan, last, fixed)(fixed[last] if last is not None else best.trial.schedule, full)
+            best = _best(trials)
     finally:
         if own:
             harness.close()

@@ -274,3 +274,37 @@ def test_efficientnet_b0_blocks_cuda():
             with_expand = [p for p in ranked if p.steps[0].kind in ("expand_dw", "mbconv")][:1]
             for plan in _new_kind_plans(blk) + with_expand:
                 _check(blk, plan, device="cuda")
+
+
+def test_tuning_refines_every_fused_step_of_the_winning_plan():
+    """Coordinate descent after the plan search: the winner's other fused steps are searched too, each with
+    the steps already tuned held at their best (a harness whose timings make one schedule per step best)."""
+    from tunerd.schedules.blocks import tune_block
+    from tunerd.schedules.trial import Trial
+
+    blk = B.mbconv(n=1, c=10, k=10, in_size=(5, 6), expansion=4, attention="se", dtype="bfloat16")
+    two = P.best(blk)
+    fused_steps = [i for i, s in enumerate(two.steps) if s.kind in P.FUSED]
+    assert len(fused_steps) == 2
+    defaults = {i: fused.default_schedule(fused.FusedSpec(blk, two.steps[i])) for i in fused_steps}
+
+    class Harness:  # fused plans beat the unfused one; any non-default schedule of a step saves 1 ms
+        reps, device_name = 1, "fake"
+        seen: list = []
+
+        def measure(self, block, plan, schedules, reps):
+            self.seen.append((plan, dict(schedules)))
+            ms = 10.0 if plan == P.unfused(block) else 5.0
+            ms -= sum(1.0 for i, s in schedules.items() if s != defaults.get(i))
+            sched = next(iter(schedules.values()), Schedule())
+            return Trial(sched, f"v{len(self.seen)}", "", "ok", median_ms=ms, reps=reps, rel_error=0.0, max_error=0.0)
+
+        def close(self):
+            pass
+
+    h = Harness()
+    res = tune_block(blk, budget_trials=4, harness=h, max_plans=1, refine_trials=2)
+    assert res.best is not None and res.best.plan == two
+    assert sorted(res.best.schedules) == fused_steps  # both steps carry a tuned schedule
+    assert all(res.best.schedules[i] != defaults[i] for i in fused_steps) and res.best.trial.median_ms == 3.0
+    assert tune_block(blk, budget_trials=4, harness=Harness(), max_plans=1, refine_trials=0).best.trial.median_ms == 4.0
