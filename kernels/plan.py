@@ -50,21 +50,6 @@ from typing import Any
 from .block import GATES, INPUT, Block, Node
 from .spec import Epilogue, SpecError, canonical_json
 
-STEP_KINDS = (
-    "conv",
-    "op",
-    "separable",
-    "mlp",
-    "convnext",
-    "inception",
-    "expand_dw",
-    "mbconv",
-    "se_pw",
-    "aspp",
-    "dw_gate",
-    "pw_gate",
-    "dw_ln",
-)
 FUSED = (
     "separable",
     "mlp",
@@ -78,6 +63,7 @@ FUSED = (
     "pw_gate",
     "dw_ln",
 )
+STEP_KINDS = ("conv", "op", *FUSED)
 LAUNCHES = {"se_pw": 2}  # launches of a step kind (default 1): se_pw runs the gate's map before its GEMM
 MAX_ONCHIP = 256  # padded channels of a row (and of the project GEMM's output) an mlp tile keeps on chip
 MAX_ROW = 2048  # padded channels of a row a dw_ln program keeps in registers

@@ -290,17 +290,11 @@ class StoreLookup:
             self._cache.clear()
 
 
-class StoreBlockLookup:
+class StoreBlockLookup(StoreLookup):
     """tunerd.blocks' block lookup backed by the local store: the block winner for this device (checked and
     rendered by this process: kernels.trust.verify_plan), else None. Cached in memory per (device, block)."""
 
-    def __init__(self, store: Store | None = None, url: str | None = None) -> None:
-        self._store = store
-        self._url = url
-        self._cache: dict[tuple[str, str], trust.TrustedPlan | None] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, block: Block, device: torch.device) -> trust.TrustedPlan | None:
+    def __call__(self, block: Block, device: torch.device) -> trust.TrustedPlan | None:  # type: ignore[override]
         fp = current(device)
         key = (fp.key, block.key)
         with self._lock:
@@ -308,9 +302,7 @@ class StoreBlockLookup:
                 return self._cache[key]
         answer = None
         try:
-            if self._store is None:
-                self._store = Store(self._url)
-            row = self._store.block_winner(fp, block)
+            row = self._open().block_winner(fp, block)
             if row is not None:
                 answer = trust.verify_plan(block, row.plan, row.schedules, claimed_id=row.plan_id)
         except (StoreError, trust.UntrustedSource) as e:
@@ -318,10 +310,6 @@ class StoreBlockLookup:
         with self._lock:
             self._cache[key] = answer
         return answer
-
-    def forget(self) -> None:
-        with self._lock:
-            self._cache.clear()
 
 
 def use_local_store(store: Store | None = None, url: str | None = None) -> StoreLookup:
