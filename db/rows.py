@@ -190,8 +190,40 @@ class TrialRow(_Row):
     created_at: datetime
 
 
+class _Portable(_Row):
+    """A winner row a bundle carries: PORTABLE names the fields that mean the same thing in another store."""
+
+    PORTABLE: tuple[str, ...] = ()
+
+    def portable(self) -> dict[str, Any]:
+        """The fields that mean the same thing in another store (what a bundle carries)."""
+        return {k: jsonable(getattr(self, k)) for k in self.PORTABLE}
+
+    @classmethod
+    def _measurement(cls, kind: str, d: Any) -> dict[str, Any]:
+        """The device and measurement fields every portable winner has, checked (InvalidRecord naming the
+        bad field), after the whole record's field set."""
+        if not isinstance(d, dict):
+            raise InvalidRecord(f"a {kind} must be a JSON object, got {type(d).__name__}")
+        if set(d) != set(cls.PORTABLE):
+            raise InvalidRecord(field_mismatch(kind, cls.PORTABLE, d))
+        if not isinstance(d["reps"], int) or isinstance(d["reps"], bool) or d["reps"] < 1:
+            raise InvalidRecord(f"reps must be an int >= 1, got {d['reps']!r}")
+        if d["strategy"] is not None and not isinstance(d["strategy"], str):
+            raise InvalidRecord("strategy must be a string or null")
+        return {
+            "device": DeviceFingerprint.from_dict(d["device"]),
+            "median_ms": number("median_ms", d["median_ms"], optional=False, positive=True),
+            "spread_ms": number("spread_ms", d["spread_ms"]),
+            "reps": d["reps"],
+            "max_error": number("max_error", d["max_error"]),
+            "strategy": d["strategy"],
+            "created_at": parse_time(d["created_at"], "created_at"),
+        }
+
+
 @dataclass(frozen=True)
-class WinnerRow(_Row):
+class WinnerRow(_Portable):
     """The winning variant for (device, spec), with its source (rendered by the store's tunerd). claimed: its
     timing is an imported claim (origin says where from) that no local measurement has replaced yet."""
 
@@ -234,17 +266,10 @@ class WinnerRow(_Row):
         "created_at",
     )
 
-    def portable(self) -> dict[str, Any]:
-        """The fields that mean the same thing in another store (what a bundle carries)."""
-        return {k: jsonable(getattr(self, k)) for k in self.PORTABLE}
-
     @classmethod
     def from_portable(cls, d: Any) -> WinnerRow:
         """Parse portable() output; raises InvalidRecord naming the bad field."""
-        if not isinstance(d, dict):
-            raise InvalidRecord(f"a winner must be a JSON object, got {type(d).__name__}")
-        if set(d) != set(cls.PORTABLE):
-            raise InvalidRecord(field_mismatch("winner", cls.PORTABLE, d))
+        measured = cls._measurement("winner", d)
         try:
             spec = BlockSpec.from_dict(d["spec"])
             schedule = Schedule.from_dict(d["schedule"])
@@ -253,29 +278,19 @@ class WinnerRow(_Row):
         for name in ("source", "variant_id"):
             if not isinstance(d[name], str) or not d[name]:
                 raise InvalidRecord(f"{name} must be a non-empty string")
-        if not isinstance(d["reps"], int) or isinstance(d["reps"], bool):
-            raise InvalidRecord(f"reps must be an int, got {d['reps']!r}")
-        if d["strategy"] is not None and not isinstance(d["strategy"], str):
-            raise InvalidRecord("strategy must be a string or null")
         return cls(
-            device=DeviceFingerprint.from_dict(d["device"]),
             spec=spec,
             schedule=schedule,
             source=d["source"],
             variant_id=d["variant_id"],
-            median_ms=number("median_ms", d["median_ms"], optional=False, positive=True),
-            spread_ms=number("spread_ms", d["spread_ms"]),
-            reps=d["reps"],
-            max_error=number("max_error", d["max_error"]),
             speedup_vs_default=number("speedup_vs_default", d["speedup_vs_default"], positive=True),
             fraction_of_roofline=number("fraction_of_roofline", d["fraction_of_roofline"], positive=True),
-            strategy=d["strategy"],
-            created_at=parse_time(d["created_at"], "created_at"),
+            **measured,
         )
 
 
 @dataclass(frozen=True)
-class BlockWinnerRow(_Row):
+class BlockWinnerRow(_Portable):
     """The winning plan of a fused block on a device: the plan and one schedule per fused step (kernels.trust
     checked and rendered them when the store read the row), never source. claimed: an imported timing."""
 
@@ -322,18 +337,11 @@ class BlockWinnerRow(_Row):
         "created_at",
     )
 
-    def portable(self) -> dict[str, Any]:
-        """The fields that mean the same thing in another store (what a bundle carries)."""
-        return {k: jsonable(getattr(self, k)) for k in self.PORTABLE}
-
     @classmethod
     def from_portable(cls, d: Any) -> BlockWinnerRow:
         """Parse portable() output (InvalidRecord naming the bad field). The plan must be a legal plan of the
         block; the schedules are checked (and every kernel rendered) by kernels.trust.verify_plan when stored."""
-        if not isinstance(d, dict):
-            raise InvalidRecord(f"a block winner must be a JSON object, got {type(d).__name__}")
-        if set(d) != set(cls.PORTABLE):
-            raise InvalidRecord(field_mismatch("block winner", cls.PORTABLE, d))
+        measured = cls._measurement("block winner", d)
         try:
             block = Block.from_dict(d["block"])
             plan = Plan.from_dict(block, d["plan"])
@@ -341,22 +349,12 @@ class BlockWinnerRow(_Row):
             raise InvalidRecord(str(e)) from None
         if not isinstance(d["plan_id"], str) or not d["plan_id"]:
             raise InvalidRecord("plan_id must be a non-empty string")
-        if not isinstance(d["reps"], int) or isinstance(d["reps"], bool) or d["reps"] < 1:
-            raise InvalidRecord(f"reps must be an int >= 1, got {d['reps']!r}")
-        if d["strategy"] is not None and not isinstance(d["strategy"], str):
-            raise InvalidRecord("strategy must be a string or null")
         return cls(
-            device=DeviceFingerprint.from_dict(d["device"]),
             block=block,
             plan=plan,
             schedules=schedules_of("schedules", d["schedules"]),
             plan_id=d["plan_id"],
-            median_ms=number("median_ms", d["median_ms"], optional=False, positive=True),
-            spread_ms=number("spread_ms", d["spread_ms"]),
-            reps=d["reps"],
-            max_error=number("max_error", d["max_error"]),
-            strategy=d["strategy"],
-            created_at=parse_time(d["created_at"], "created_at"),
+            **measured,
         )
 
 

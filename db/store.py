@@ -659,12 +659,7 @@ class Store(JobQueue):
                 .join(SpecTable, SpecTable.id == W.spec_id)
                 .join(DeviceTable, DeviceTable.id == W.device_id)
             )
-            if snapshot is not None:
-                if s.get(SnapshotTable, snapshot) is None:
-                    raise UnknownSnapshot(f"no snapshot named {snapshot!r}")
-                q = q.where(SnapshotWinnerTable.snapshot == snapshot)
-            if device_key is not None:
-                q = q.where(DeviceTable.key == device_key)
+            q = _scoped(s, q, SnapshotWinnerTable.snapshot, snapshot, device_key)
             if spec_key is not None:
                 q = q.where(SpecTable.key == spec_key)
             return [
@@ -1030,10 +1025,14 @@ class Store(JobQueue):
         rows = self._block_rows(device_key=_device_key(device), block=block, snapshot=snapshot)
         return rows[0] if rows else None
 
-    def block_winners(self, device: DeviceLike | None = None, snapshot: str | None = None) -> list[BlockWinnerRow]:
-        """Every block winner (of device; live or pinned in snapshot), each checked as block_winner's."""
+    def block_winners(
+        self, device: DeviceLike | None = None, snapshot: str | None = None, *, refused: list[str] | None = None
+    ) -> list[BlockWinnerRow]:
+        """Every block winner (of device; live or pinned in snapshot), each checked as block_winner's. A row that
+        fails the check raises UntrustedRecord, or, given a `refused` list, is left out with its reason added
+        there (a listing that shows the rest)."""
         return self._block_rows(
-            device_key=None if device is None else _device_key(device), block=None, snapshot=snapshot
+            device_key=None if device is None else _device_key(device), block=None, snapshot=snapshot, refused=refused
         )
 
     def stale_block_winner(self, device: DeviceFingerprint, block: Block) -> BlockWinnerRow | None:
@@ -1044,16 +1043,13 @@ class Store(JobQueue):
                 return replace(row, stale=True)
         return None
 
-    def _block_rows(self, *, device_key: str | None, block: Block | None, snapshot: str | None) -> list[BlockWinnerRow]:
+    def _block_rows(
+        self, *, device_key: str | None, block: Block | None, snapshot: str | None, refused: list[str] | None = None
+    ) -> list[BlockWinnerRow]:
         W: type[_BlockWinnerColumns] = BlockWinnerTable if snapshot is None else SnapshotBlockWinnerTable
         with self._read() as s:
             q = select(W, DeviceTable.key).join(DeviceTable, DeviceTable.id == W.device_id)
-            if snapshot is not None:
-                if s.get(SnapshotTable, snapshot) is None:
-                    raise UnknownSnapshot(f"no snapshot named {snapshot!r}")
-                q = q.where(SnapshotBlockWinnerTable.snapshot == snapshot)
-            if device_key is not None:
-                q = q.where(DeviceTable.key == device_key)
+            q = _scoped(s, q, SnapshotBlockWinnerTable.snapshot, snapshot, device_key)
             if block is not None:
                 q = q.where(W.block_digest == block.digest)
             found = list(s.execute(q.order_by(DeviceTable.id, W.block_digest)))
@@ -1061,7 +1057,12 @@ class Store(JobQueue):
         for w, dkey in found:
             if block is not None and w.block_key != block.to_json():
                 continue  # another block with the same digest
-            out.append(self._block_row(w, device_of(dkey), snapshot))
+            try:
+                out.append(self._block_row(w, device_of(dkey), snapshot))
+            except UntrustedRecord as e:
+                if refused is None:
+                    raise
+                refused.append(str(e))
         return out
 
     @staticmethod
@@ -1227,6 +1228,18 @@ class Store(JobQueue):
             if miss is not None:
                 s.delete(miss)
             return miss is not None
+
+
+def _scoped(s: Session, q: Any, snapshot_column: Any, snapshot: str | None, device_key: str | None) -> Any:
+    """A winner query narrowed to one snapshot (UnknownSnapshot if there is none by that name; None: the live
+    winners) and to one device key (None: every device)."""
+    if snapshot is not None:
+        if s.get(SnapshotTable, snapshot) is None:
+            raise UnknownSnapshot(f"no snapshot named {snapshot!r}")
+        q = q.where(snapshot_column == snapshot)
+    if device_key is not None:
+        q = q.where(DeviceTable.key == device_key)
+    return q
 
 
 def _shape_free(spec: BlockSpec) -> dict[str, Any]:

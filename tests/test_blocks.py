@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
+from blockcheck import check_plan
 
 from tunerd.kernels import block as B
 from tunerd.kernels import block_reference, fused, reference
 from tunerd.kernels import plan as P
 from tunerd.kernels.schedule import Schedule, ScheduleError, is_pow2
 from tunerd.kernels.spec import SpecError
-
-DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---- descriptions --------------------------------------------------------------------------------
@@ -139,18 +138,6 @@ def test_plan_json_is_checked():
 
 
 # ---- numerics -------------------------------------------------------------------------------------
-def _check(blk, plan, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    params = fused.random_params(blk, "cpu", g)
-    x = torch.randn((blk.n, blk.c, *blk.in_size), generator=g).to(DT[dtype])
-    ref = block_reference.block(blk, params, x)
-    y = fused.run_plan(blk, params, x, plan, poison=True)
-    assert y.shape == ref.shape and y.dtype == x.dtype
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    err = reference.rel_error(y, ref)
-    assert err < reference.tolerance(dtype), (plan.describe(), dtype, err)
-
-
 ODD_BLOCKS = {
     "separable_s2": lambda dt: B.separable(n=2, c=19, k=23, in_size=(7, 9), stride=2, dtype=dt),
     "separable_res": lambda dt: B.separable(
@@ -176,7 +163,7 @@ def test_every_plan_matches_float64_fp32(name):
         plans = ranked[:3] + [next(p for p in ranked if any(s.kind == k for s in p.steps)) for k in sorted(kinds)]
         plans.append(P.unfused(blk))
     for plan in dict.fromkeys(plans):
-        _check(blk, plan, "float32")
+        check_plan(blk, plan)
 
 
 @pytest.mark.parametrize(
@@ -187,14 +174,14 @@ def test_fused_and_unfused_plans_16bit(name, dtype):
     blk = ODD_BLOCKS[name](dtype)
     plans = [P.best(blk), P.unfused(blk)]
     for plan in dict.fromkeys(plans):
-        _check(blk, plan, dtype, seed=1)
+        check_plan(blk, plan, seed=1)
 
 
 def test_mlp_step_and_schedules_bf16():
     blk = B.convnext(n=2, c=24, in_size=(5, 3), expansion=4, dtype="bfloat16")
     two = P.Plan(steps=(P.Step("conv", ("dw",)), P.Step("mlp", tuple(nd.name for nd in blk.nodes[1:]))))
     P.check(blk, two)
-    _check(blk, two, "bfloat16")
+    check_plan(blk, two)
     g = torch.Generator().manual_seed(3)
     params = fused.random_params(blk, "cpu", g)
     x = torch.randn((blk.n, blk.c, *blk.in_size), generator=g).to(torch.bfloat16)

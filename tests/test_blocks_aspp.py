@@ -5,30 +5,13 @@ NaN-poisoned outputs on odd sizes in three dtypes, planner and modelled bytes, s
 import pytest
 import torch
 import torch.nn.functional as F
+from blockcheck import check_plan, inputs
 
 from tunerd.kernels import block as B
-from tunerd.kernels import block_reference, fused, reference
+from tunerd.kernels import block_reference, fused
 from tunerd.kernels import plan as P
 from tunerd.kernels.schedule import Schedule
 from tunerd.kernels.spec import SpecError
-
-DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _inputs(blk, seed, device="cpu"):
-    g = torch.Generator(device=device).manual_seed(seed)
-    params = fused.random_params(blk, device, g)
-    x = torch.randn((blk.n, blk.c, *blk.in_size), generator=g, device=device).to(DT[blk.dtype])
-    return params, x
-
-
-def _check(blk, plan, seed=0, schedules=None, device="cpu"):
-    params, x = _inputs(blk, seed, device)
-    ref = block_reference.block(blk, params, x)
-    y = fused.run_plan(blk, params, x, plan, schedules, poison=True)
-    assert y.shape == ref.shape and y.dtype == x.dtype
-    err = reference.rel_error(y, ref)
-    assert err < reference.tolerance(blk.dtype), (plan.describe(), blk.dtype, err)
 
 
 def _aspp_plan(blk):
@@ -40,7 +23,7 @@ def test_aspp_block_is_torchvision_aspp():
     """The block's float64 reference equals torchvision's ASPP (eval BN folded) on the same weights."""
     blk = B.aspp(n=2, c=12, in_size=(9, 7), k=20, rates=(2, 3, 5))
     assert blk.output.c == 20 and blk.shapes["cat"].c == 5 * 20 and B.Block.from_json(blk.to_json()) == blk
-    params, x = _inputs(blk, 0)
+    params, x = inputs(blk, 0)
     xd = x.double()
     p = {k: v.double() for k, v in params.items()}
 
@@ -100,7 +83,7 @@ def test_planner_and_modelled_bytes():
 def test_aspp_matches_float64(dtype):
     """C = 12 (not a multiple of 16), 20 output channels per branch, 9 x 7 pixels, rates that cross the border."""
     blk = B.aspp(n=2, c=12, in_size=(9, 7), k=20, rates=(2, 3, 5), dtype=dtype)
-    _check(blk, _aspp_plan(blk), seed=1)
+    check_plan(blk, _aspp_plan(blk), seed=1)
 
 
 def test_aspp_schedules_and_no_pooling():
@@ -108,7 +91,7 @@ def test_aspp_schedules_and_no_pooling():
     plan = _aspp_plan(blk)
     assert plan.describe().startswith("aspp[") and plan.launches == 1
     # several pixel tiles, 16-wide channel tiles (two per branch), two input-channel steps
-    _check(blk, plan, seed=2, schedules={0: Schedule(block_m=16, block_n=16, block_k=16, num_warps=4)})
+    check_plan(blk, plan, seed=2, schedules={0: Schedule(block_m=16, block_n=16, block_k=16, num_warps=4)})
 
 
 # ---- compile-validity ------------------------------------------------------------------------------------
@@ -153,4 +136,4 @@ def test_aspp_matches_float64_cuda(dtype):
         B.aspp(n=2, c=12, in_size=(9, 7), k=20, rates=(2, 3, 5), dtype=dtype),
         B.aspp(n=2, c=256, in_size=(33, 33), k=256, dtype=dtype),
     ):
-        _check(blk, _aspp_plan(blk), seed=1, device="cuda")
+        check_plan(blk, _aspp_plan(blk), seed=1, device="cuda")

@@ -16,6 +16,7 @@ import models_zoo  # noqa: F401  (torchvision after tunerd, with torchvision's o
 import pytest
 import torch
 import torch.nn.functional as F
+from blockcheck import check_plan
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
@@ -26,8 +27,6 @@ from tunerd.kernels import plan as P
 from tunerd.kernels.schedule import Schedule
 from tunerd.kernels.spec import SpecError
 from tunerd.patching import patch
-
-DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -98,12 +97,6 @@ class HorNetBlock(nn.Module):  # the official Block's token-mixer half: x + gamm
         return x + self.gamma1.view(C, 1, 1) * self.gnconv(self.norm1(x))
 
 
-def _inputs(blk, seed, device="cpu"):
-    g = torch.Generator(device=device).manual_seed(seed)
-    params = fused.random_params(blk, device, g)
-    return params, torch.randn((blk.n, blk.c, *blk.in_size), generator=g, device=device).to(DT[blk.dtype])
-
-
 def _module_params(m: gnconv) -> dict[str, torch.Tensor]:
     out = {
         f"{k}.{p}": getattr(getattr(m, k), p).detach()
@@ -169,22 +162,13 @@ def test_planner_fuses_the_gates_and_models_the_bytes():
 
 
 # ---- numerics ------------------------------------------------------------------------------------------
-def _check(blk, plan, seed=0, schedules=None, device="cpu"):
-    params, x = _inputs(blk, seed, device)
-    ref = block_reference.block(blk, params, x)
-    y = fused.run_plan(blk, params, x, plan, schedules, poison=True)
-    assert y.shape == ref.shape and y.dtype == x.dtype
-    err = reference.rel_error(y, ref)
-    assert err < reference.tolerance(blk.dtype), (plan.describe(), blk.dtype, err)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_gnconv_matches_float64(dtype):
     """C = 24, order 3 (dims 6, 12, 24: no power of two), 5 x 7 pixels (a partial pixel tile), s = 1/3."""
     blk = B.gnconv(n=1, c=24, in_size=(5, 7), order=3, scale=1 / 3, dtype=dtype)
     plan = P.best(blk)
     assert [s.kind for s in plan.steps] == ["conv", "dw_gate", "pw_gate", "pw_gate", "conv"]
-    _check(blk, plan, seed=1)
+    check_plan(blk, plan, seed=1)
 
 
 def test_gnconv_small_tiles():
@@ -193,7 +177,7 @@ def test_gnconv_small_tiles():
     blk = B.gnconv(n=2, c=24, in_size=(4, 3), order=3, kernel=3, scale=None, dtype="float16")
     plan = P.best(blk)
     s16 = Schedule(block_m=16, block_n=16, block_k=16, num_warps=4)
-    _check(blk, plan, seed=2, schedules={1: s16, 2: s16, 3: s16})
+    check_plan(blk, plan, seed=2, schedules={1: s16, 2: s16, 3: s16})
 
 
 def test_dw_gate_dilated_offset_gate_without_second_output():
@@ -211,7 +195,7 @@ def test_dw_gate_dilated_offset_gate_without_second_output():
     plan = P.best(blk)
     assert plan.describe() == "conv[proj] | dw_gate[src+dw+p+d+m]"
     assert P.step_outputs(blk, plan.steps[1]) == ("m",)
-    _check(blk, plan, seed=3)
+    check_plan(blk, plan, seed=3)
 
 
 def test_gnconv_gradients_match_float64():
@@ -348,4 +332,4 @@ def test_gnconv_matches_float64_cuda(dtype):
         B.gnconv(n=2, c=24, in_size=(5, 7), order=3, scale=1 / 3, dtype=dtype),
         B.gnconv(n=4, c=256, in_size=(14, 14), order=4, scale=1 / 3, dtype=dtype),  # HorNet-T stage 3
     ):
-        _check(blk, P.best(blk), seed=1, device="cuda")
+        check_plan(blk, P.best(blk), seed=1, device="cuda")

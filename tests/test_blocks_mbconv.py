@@ -5,14 +5,14 @@ buffers, on odd sizes, in three dtypes; planner choices and modelled bytes; sm_9
 
 import pytest
 import torch
+from blockcheck import check_plan, inputs
 
 from tunerd.kernels import block as B
-from tunerd.kernels import block_reference, fused, reference
+from tunerd.kernels import block_reference, fused
 from tunerd.kernels import plan as P
 from tunerd.kernels.schedule import Schedule
 from tunerd.kernels.spec import SpecError
 
-DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NEW_KINDS = ("expand_dw", "mbconv", "se_pw")
 
 # C not a multiple of 16, H*W not a multiple of any tile, stride-2 depthwise, expansion 1/4/6, with and without
@@ -32,13 +32,6 @@ def _block(name, dtype):
     return B.mbconv(**CASES[name], dtype=dtype)
 
 
-def _inputs(blk, seed, device="cpu"):
-    g = torch.Generator(device=device).manual_seed(seed)
-    params = fused.random_params(blk, device, g)
-    x = torch.randn((blk.n, blk.c, *blk.in_size), generator=g, device=device).to(DT[blk.dtype])
-    return params, x
-
-
 def _new_kind_plans(blk):
     """The cheapest modelled plan that uses each new step kind, plus the planner's favourite."""
     ranked = [c.plan for c in P.rank(blk)]
@@ -46,16 +39,6 @@ def _new_kind_plans(blk):
     for kind in NEW_KINDS:
         out += [p for p in ranked if any(s.kind == kind for s in p.steps)][:1]
     return list(dict.fromkeys(out))
-
-
-def _check(blk, plan, seed=0, schedules=None, device="cpu"):
-    params, x = _inputs(blk, seed, device)
-    ref = block_reference.block(blk, params, x)
-    y = fused.run_plan(blk, params, x, plan, schedules, poison=True)
-    assert y.shape == ref.shape and y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last)
-    err = reference.rel_error(y, ref)
-    assert err < reference.tolerance(blk.dtype), (plan.describe(), blk.dtype, err)
-    return err
 
 
 # ---- description and planner -------------------------------------------------------------------------------
@@ -146,7 +129,7 @@ def test_fused_plans_match_float64(name, dtype):
     plans = _new_kind_plans(blk)
     assert any(s.kind in NEW_KINDS for p in plans for s in p.steps)
     for plan in plans:
-        _check(blk, plan, seed=len(name))
+        check_plan(blk, plan, seed=len(name))
 
 
 def test_pool_partials_across_tiles_and_schedules(dtype="bfloat16"):
@@ -156,17 +139,17 @@ def test_pool_partials_across_tiles_and_schedules(dtype="bfloat16"):
     plan = P.best(blk)
     assert [s.kind for s in plan.steps] == ["expand_dw", "se_pw"]
     s0, s1 = Schedule(block_m=16, block_k=32, num_warps=4), Schedule(block_m=32, block_n=16, block_k=16)
-    _check(blk, plan, seed=5, schedules={0: s0, 1: s1})
+    check_plan(blk, plan, seed=5, schedules={0: s0, 1: s1})
     v2 = _block("e6_none_res_relu6", dtype)
     assert [s.kind for s in P.best(v2).steps] == ["mbconv"]
-    _check(v2, P.best(v2), seed=6, schedules={0: Schedule(block_m=64, block_n=16, block_k=16, num_warps=4)})
+    check_plan(v2, P.best(v2), seed=6, schedules={0: Schedule(block_m=64, block_n=16, block_k=16, num_warps=4)})
 
 
 def test_pool_buffer_is_required_and_written():
     blk = _block("e6_se_res", "float32")
     fs = fused.FusedSpec(blk, P.best(blk).steps[0])
     assert fused.pooled_output(fs)
-    params, x = _inputs(blk, 0)
+    params, x = inputs(blk, 0)
     with pytest.raises(SpecError, match="pool_buffer"):
         fused.fused_args(fs, params, {"x": x}, torch.empty(0))
     s = fused.resolve(fs, Schedule(block_m=16, block_k=16, num_warps=4))
@@ -258,7 +241,7 @@ def test_tuning_searches_mbconv_plans():
 def test_fused_plans_match_float64_cuda(name, dtype):
     blk = _block(name, dtype)
     for plan in _new_kind_plans(blk):
-        _check(blk, plan, seed=len(name), device="cuda")
+        check_plan(blk, plan, seed=len(name), device="cuda")
 
 
 @pytest.mark.gpu
@@ -273,7 +256,7 @@ def test_efficientnet_b0_blocks_cuda():
             ranked = [c.plan for c in P.rank(blk)]
             with_expand = [p for p in ranked if p.steps[0].kind in ("expand_dw", "mbconv")][:1]
             for plan in _new_kind_plans(blk) + with_expand:
-                _check(blk, plan, device="cuda")
+                check_plan(blk, plan, device="cuda")
 
 
 def test_tuning_refines_every_fused_step_of_the_winning_plan():

@@ -5,6 +5,7 @@ structural re-parameterization of timm's RepVGG / MobileOne / RepLKNet-style blo
 import pytest
 import torch
 import torch.nn.functional as F
+from blockcheck import inputs
 
 from tunerd.kernels import block as B
 from tunerd.kernels import block_reference, fused, reference, reparam
@@ -15,13 +16,6 @@ from tunerd.kernels.spec import SpecError
 
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INCEPTION_T = ((96, 56), (192, 28), (384, 14), (768, 7))  # InceptionNeXt-T stages: dim at resolution
-
-
-def _inputs(blk, seed):
-    g = torch.Generator().manual_seed(seed)
-    params = fused.random_params(blk, "cpu", g)
-    x = torch.randn((blk.n, blk.c, *blk.in_size), generator=g).to(DT[blk.dtype])
-    return params, x
 
 
 # ---- description and planner ---------------------------------------------------------------------
@@ -112,7 +106,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", sorted(DT))
 def test_inception_matches_float64(name, dtype):
     blk = CASES[name](dtype)
-    params, x = _inputs(blk, 0)
+    params, x = inputs(blk, 0)
     ref = block_reference.block(blk, params, x)
     plan = P.best(blk)
     assert plan.steps[0].kind == "inception"
@@ -131,7 +125,7 @@ def test_inception_on_strided_views_writes_in_place():
     """x a channel slice of a wider channels-last tensor, out a channel slice of a wider buffer: read and
     written in place, nothing outside the slice touched."""
     blk = B.inception_dw(n=2, c=21, in_size=(5, 6), band_kernel=3, dtype="float16")
-    params, x = _inputs(blk, 1)
+    params, x = inputs(blk, 1)
     wide = torch.randn(2, 30, 5, 6).to(torch.float16).contiguous(memory_format=torch.channels_last)
     wide[:, 4:25] = x
     xv = wide[:, 4:25]

@@ -11,6 +11,7 @@ from html import unescape
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text as sql
 
 for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
     pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
@@ -18,7 +19,9 @@ for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
 from tunerd.api import ServerThread, create_app
 from tunerd.db.fingerprint import current
 from tunerd.db.store import Store
+from tunerd.kernels import block as B
 from tunerd.kernels import conv_spec, render
+from tunerd.kernels import plan as P
 from tunerd.settings import Settings
 
 CHROMIUM = next(
@@ -95,6 +98,9 @@ def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
     return width, height, rows
 
 
+BLOCKS = (B.convnext(n=1, c=16, in_size=(4, 4)), B.separable(n=1, c=16, k=16, in_size=(4, 4)))
+
+
 @pytest.fixture
 def seeded(tmp_path) -> Store:
     store = Store(f"sqlite:///{tmp_path}/dash.sqlite")
@@ -121,6 +127,11 @@ def seeded(tmp_path) -> Store:
     store.heartbeat(running, "gpu-box-7", {"trials_done": 3, "trials_total": 8})
     for _ in range(4):
         store.record_miss(dev, conv_spec(n=8, c=64, k=64, in_size=(14, 14), kernel=7, padding=3, groups=64))
+    for blk in BLOCKS:
+        store.record_block_winner(dev, blk, P.best(blk), {}, median_ms=0.25, spread_ms=0.01, reps=5, max_error=3e-7)
+    with store._engine.begin() as c:  # a hand-edited row: refused on read, the rest still listed
+        edit = sql("UPDATE block_winners SET plan_id = :v WHERE block_digest = :d")
+        c.execute(edit, {"v": "0" * 24, "d": BLOCKS[1].digest})
     store.create_snapshot("nightly-42")
     yield store
     store.close()
@@ -153,8 +164,14 @@ def test_dashboard_renders_in_headless_chromium(seeded, tmp_path):
         "38%",
         "depthwise2d fwd n8 c64->k64 @14x14 k7x7 g64",
         "nightly-42",
+        BLOCKS[0].describe(),
+        P.best(BLOCKS[0]).describe(),
+        "0.250 ms",
+        "1 stored block winner refused (not shown)",
+        "claimed plan id",
     ):
         assert text in html, f"{text!r} missing from the rendered dashboard"
+    assert 'id="stat-block-winners">1<' in html and f"<td>{BLOCKS[1].describe()}</td>" not in html
     assert 'id="stat-winners">2<' in html and 'id="stat-queue">1<' in html
     assert 'class="pill running"' in html and 'class="pill queued"' in html
     assert "<script" not in html and "http://" not in html.split("<body", 1)[1]  # no external assets

@@ -17,6 +17,7 @@ from functools import partial
 import models_zoo  # noqa: F401  (timm and torchvision after tunerd, with torchvision's ops declared)
 import pytest
 import torch
+from blockcheck import check_gradients
 from timm.layers import LayerNorm, LayerNorm2d
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, SqueezeExcite
 from timm.models._efficientnet_builder import EfficientNetBuilder, decode_arch_def, round_channels
@@ -27,7 +28,7 @@ from torchvision.models.convnext import CNBlock
 
 from tunerd.blocks import BlockTracer, NotABlock, from_graph, last_plan
 from tunerd.kernels import block as B
-from tunerd.kernels import block_autograd, block_reference, fused
+from tunerd.kernels import block_autograd, fused
 from tunerd.kernels import schedule as S
 from tunerd.kernels.conv import set_schedule_lookup
 from tunerd.kernels.plan import FUSED, rank
@@ -60,19 +61,7 @@ def test_fused_block_gradients_match_float64(name, device):
     blk = BLOCKS[name]()
     plan = rank(blk)[0].plan
     assert any(s.kind in FUSED for s in plan.steps), plan.describe()
-    g = torch.Generator().manual_seed(7)
-    params = {k: v.to(device).requires_grad_() for k, v in fused.random_params(blk, "cpu", g).items()}
-    x = torch.randn((blk.n, blk.c, *blk.in_size), generator=g).to(device).requires_grad_()
-    y = block_autograd.block(blk, params, x, plan, poison=True)
-    dy = torch.randn(y.shape, generator=g).to(device)
-    got = torch.autograd.grad(y, [x, *params.values()], dy)
-    x64 = x.detach().double().requires_grad_()
-    p64 = {k: v.detach().double().requires_grad_() for k, v in params.items()}
-    y64 = block_reference.block(blk, p64, x64)
-    want = torch.autograd.grad(y64, [x64, *p64.values()], dy.double())
-    assert rel_error(y, y64) < 1e-5
-    for what, a, b in zip(["input", *params], got, want):
-        assert a.shape == b.shape and rel_error(a, b) < 1e-5, (what, rel_error(a, b))
+    check_gradients(blk, plan, seed=7, device=device)
 
 
 def test_fused_block_saves_only_its_input_and_parameters():

@@ -17,6 +17,7 @@ from functools import partial
 import models_zoo  # noqa: F401  (timm and torchvision after tunerd, with torchvision's ops declared)
 import pytest
 import torch
+from blockcheck import check_gradients
 from timm.layers import EcaModule
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
 from torch import nn
@@ -26,7 +27,7 @@ from torchvision.ops.misc import SqueezeExcitation
 
 from tunerd.blocks import BlockTracer, NotABlock, from_graph, last_plan
 from tunerd.kernels import block as B
-from tunerd.kernels import block_autograd, block_reference, fused
+from tunerd.kernels import block_autograd
 from tunerd.kernels.plan import FUSED, rank
 from tunerd.kernels.reference import rel_error
 from tunerd.patching import patch, unpatch
@@ -186,21 +187,9 @@ def test_mbconv_gradients_match_float64(name, device):
     blk = GRAD_BLOCKS[name]()
     plan = rank(blk)[0].plan
     assert any(s.kind in FUSED for s in plan.steps), plan.describe()
-    g = torch.Generator().manual_seed(5)
-    params = {k: v.to(device).requires_grad_() for k, v in fused.random_params(blk, "cpu", g).items()}
-    x = torch.randn((blk.n, blk.c, *blk.in_size), generator=g).to(device).requires_grad_()
-    y = block_autograd.block(blk, params, x, plan, poison=True)
-    dy = torch.randn(y.shape, generator=g).to(device)
-    got = torch.autograd.grad(y, [x, *params.values()], dy)
-    x64 = x.detach().double().requires_grad_()
-    p64 = {k: v.detach().double().requires_grad_() for k, v in params.items()}
-    y64 = block_reference.block(blk, p64, x64)
-    want = torch.autograd.grad(y64, [x64, *p64.values()], dy.double())
-    assert rel_error(y, y64) < 1e-5
+    params = check_gradients(blk, plan, seed=5, device=device)
     gate = next(nd.name for nd in blk.nodes if nd.op in B.GATES)
     assert any(k.startswith(gate + ".") for k in params)  # the gate's parameters get gradients too
-    for what, a, b in zip(["input", *params], got, want):
-        assert a.shape == b.shape and rel_error(a, b) < 1e-5, (what, rel_error(a, b))
 
 
 def test_report_names_the_blocks_fused_in_eval_and_why_train_falls_back():

@@ -1,4 +1,5 @@
-"""The daemon's dashboard page: devices, winners, jobs with progress, the miss queue."""
+"""The daemon's dashboard page: devices, winners (single convs and fused blocks with their plans), jobs with
+progress, the miss queue."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def render_dashboard(svc: Service) -> tuple[str, int]:
         "error": None,
         "devices": [],
         "winners": [],
+        "block_winners": [],
+        "refused_blocks": [],
         "jobs": [],
         "misses": [],
         "snapshots": [],
@@ -62,6 +65,7 @@ def render_dashboard(svc: Service) -> tuple[str, int]:
     try:
         ctx["devices"] = svc.store.devices()
         ctx["winners"] = svc.store.winners()[:500]
+        ctx["block_winners"] = svc.store.block_winners(refused=ctx["refused_blocks"])[:500]
         ctx["jobs"] = svc.store.jobs(50)
         ctx["misses"] = svc.store.top_misses(25)
         ctx["snapshots"] = svc.store.snapshots()[-10:]

@@ -12,7 +12,7 @@ from typing import Any
 from tunerd.db.errors import InvalidRecord, StoreError, UntrustedRecord
 from tunerd.db.fingerprint import DeviceFingerprint
 from tunerd.db.fingerprint import current as current_device
-from tunerd.db.rows import BlockWinnerRow
+from tunerd.db.rows import BlockWinnerRow, WinnerRow
 from tunerd.kernels import generator, limits, trust
 from tunerd.kernels.block import Block
 from tunerd.kernels.schedule import ScheduleError
@@ -278,19 +278,7 @@ class Service:
             "plan_description": row.plan.describe(),
             "schedules": {str(i): s.to_dict() for i, s in sorted(row.schedules.items())},
             "plan_id": row.plan_id,
-            "timings": {"median_ms": row.median_ms, "spread_ms": row.spread_ms, "reps": row.reps},
-            "numerics": {"max_error": row.max_error},
-            "provenance": {
-                "device": row.device.describe(),
-                "device_digest": row.device.digest,
-                "interpreter": row.device.interpreter,
-                "generator_version": row.device.generator_version,
-                "strategy": row.strategy,
-                "measured_at": row.created_at.isoformat(),
-                "origin": row.origin,
-                "claimed": row.claimed,
-                "snapshot": row.snapshot,
-            },
+            **_measurement(row),
         }
         return {**answer, "stale": True} if row.stale else answer
 
@@ -354,8 +342,7 @@ class Service:
                 "borrowed_from": {
                     "spec": row.spec.to_dict(),
                     "variant_id": row.variant_id,
-                    "timings": {"median_ms": row.median_ms, "spread_ms": row.spread_ms, "reps": row.reps},
-                    "provenance": self.hit(row)["provenance"],
+                    **_measurement(row, trial_id=row.trial_id, job_id=row.job_id),
                 },
             }
         return None
@@ -376,7 +363,7 @@ class Service:
                     self._launch.popitem(last=False)
         return meta
 
-    def hit(self, row: Any) -> dict[str, Any]:
+    def hit(self, row: WinnerRow) -> dict[str, Any]:
         """A winner as the lookup answers it: exact source, launch metadata, timings, numerics, provenance."""
         return {
             "hit": True,
@@ -386,23 +373,9 @@ class Service:
             "variant_id": row.variant_id,
             "source": row.source,
             "launch": self.launch_metadata(row),
-            "timings": {"median_ms": row.median_ms, "spread_ms": row.spread_ms, "reps": row.reps},
-            "numerics": {"max_error": row.max_error},
             "speedup_vs_default": row.speedup_vs_default,
             "fraction_of_roofline": row.fraction_of_roofline,
-            "provenance": {
-                "device": row.device.describe(),
-                "device_digest": row.device.digest,
-                "interpreter": row.device.interpreter,
-                "generator_version": row.device.generator_version,
-                "strategy": row.strategy,
-                "measured_at": row.created_at.isoformat(),
-                "trial_id": row.trial_id,
-                "job_id": row.job_id,
-                "origin": getattr(row, "origin", None),
-                "claimed": getattr(row, "claimed", False),
-                "snapshot": row.snapshot,
-            },
+            **_measurement(row, trial_id=row.trial_id, job_id=row.job_id),
         }
 
     def body_limit(self, scope: dict) -> int:
@@ -414,3 +387,23 @@ class Service:
 def launch_of(v: generator.Variant) -> dict[str, Any]:
     """What a client needs to launch a rendered variant."""
     return {"kernel_name": v.kernel_name, "grid": list(v.grid), "num_warps": v.num_warps, "num_stages": v.num_stages}
+
+
+def _measurement(row: WinnerRow | BlockWinnerRow, **ids: Any) -> dict[str, Any]:
+    """A winner's timings, numerics and provenance as every answer (conv, block, borrowed) gives them."""
+    return {
+        "timings": {"median_ms": row.median_ms, "spread_ms": row.spread_ms, "reps": row.reps},
+        "numerics": {"max_error": row.max_error},
+        "provenance": {
+            "device": row.device.describe(),
+            "device_digest": row.device.digest,
+            "interpreter": row.device.interpreter,
+            "generator_version": row.device.generator_version,
+            "strategy": row.strategy,
+            "measured_at": row.created_at.isoformat(),
+            **ids,
+            "origin": row.origin,
+            "claimed": row.claimed,
+            "snapshot": row.snapshot,
+        },
+    }
