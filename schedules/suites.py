@@ -181,6 +181,19 @@ MAMBA_D_INNER = (1536, 2048, 3072, 4096, 5120)  # 2 x d_model of Mamba 130M .. 2
 MAMBA_LENGTHS = (2048, 4096, 8192, 16384)
 
 
+def repvgg_a0(net: Net) -> None:
+    """RepVGG-A0 (timm repvgg_a0) in its training form: every block runs a 3x3 and a 1x1 conv over the same
+    input, each with BatchNorm (plus an identity BatchNorm where the shapes allow); its inference form is the
+    3x3 alone, the branches merged into its weights (tunerd.blocks.reparameterize)."""
+    size, cin = (224, 224), 3
+    for width, depth in ((48, 1), (48, 2), (96, 4), (192, 14), (1280, 1)):  # the stem, then stages 1-4
+        for i in range(depth):
+            stride = 2 if i == 0 else 1
+            net.conv(cin, width, size, 1, stride=stride, epilogue=BN)
+            size = net.conv(cin, width, size, 3, stride=stride, padding=1, epilogue=BN)
+            cin = width
+
+
 def mamba_short_conv(net: Net) -> None:
     """Mamba's causal depthwise conv1d (k=4, left padding 3) followed by SiLU, over d_inner x length."""
     for d in MAMBA_D_INNER:
@@ -242,6 +255,7 @@ SUITES: dict[str, Suite] = {
     "replknet31b": Suite(replknet31b, 32),
     "resnext50_32x4d": Suite(resnext50_32x4d, 32),
     "inceptionnext_t": Suite(inceptionnext_t, 32),
+    "repvgg_a0": Suite(repvgg_a0, 32),
     "mamba_short_conv": Suite(mamba_short_conv, 8),
     "video_2plus1d": Suite(video_2plus1d, 8),
     "quick": Suite(quick, 1, "float32"),

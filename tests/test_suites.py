@@ -19,11 +19,12 @@ UNIQUE = {
     "convnext_t": 16,
     "replknet31b": 26,
     "inceptionnext_t": 24,
+    "repvgg_a0": 16,
     "mamba_short_conv": 20,
     "video_2plus1d": 25,
     "quick": 6,
 }
-LAYERS = {"resnet50": 53, "resnext50_32x4d": 53, "mobilenetv2": 52, "convnext_t": 58}
+LAYERS = {"resnet50": 53, "resnext50_32x4d": 53, "mobilenetv2": 52, "convnext_t": 58, "repvgg_a0": 44}
 
 
 # ---- independent reference builds (torchvision's layouts), traced with model_specs ------------
@@ -130,6 +131,14 @@ def traced(build, shape, dtype=torch.bfloat16):
 )
 def test_suites_match_traced_reference_models(name, build, shape):
     assert suite(name) == traced(build, shape)
+
+
+def test_repvgg_suite_is_timms_repvgg_a0():
+    """The suite is what timm's own training-form repvgg_a0 runs (its 3x3 and 1x1 branch convs)."""
+    import models_zoo  # noqa: F401  (timm after tunerd, with torchvision's ops declared)
+    import timm
+
+    assert suite("repvgg_a0") == traced(lambda: timm.create_model("repvgg_a0"), (32, 3, 224, 224))
 
 
 @pytest.mark.parametrize("name", sorted(SUITES))
