@@ -54,3 +54,19 @@ def test_a_miss_near_a_tuned_shape_borrows_its_schedule_and_queues_the_exact_sha
         assert snap["misses"] == 2  # every borrowed answer counts toward tuning the exact shape
     (miss,) = store.top_misses(5)
     assert miss.spec == asked and miss.count == 2
+
+
+def test_a_ragged_last_batch_runs_the_layers_kernel_and_queues_nothing(store):
+    """A smaller batch of a tuned layer (an epoch's ragged last batch) borrows the winner's own kernel (the batch
+    is a launch argument: same source, no compile) and is not queued for tuning; a larger batch still is."""
+    tuned = spec_of(n=32, size=8)
+    picked = next(s for s in space(tuned) if s != render(tuned).schedule)
+    vid = seed(store, tuned, 0.5, schedule=picked)
+    ragged, larger = spec_of(n=17, size=8), spec_of(n=64, size=8)
+    with live(store) as (_, http):
+        body = http.post("/v1/lookup", json={"specs": [ragged.to_dict(), larger.to_dict()]}).json()
+    r, big = body["results"]
+    assert r["borrowed"] and r["same_kernel"] and r["variant_id"] == vid and r["misses"] is None
+    assert not r["tuning"] and r["source"] == render(tuned, picked).source
+    assert big["borrowed"] and not big["same_kernel"] and big["misses"] == 1
+    assert [m.spec for m in store.top_misses(5)] == [larger]  # the ragged batch queued nothing

@@ -188,8 +188,10 @@ class Service:
             if answer is None and snapshot is None:
                 answer = self._stale(device, spec)
             if answer is None:
+                borrowed = (snapshot is None and self._borrowed(device, spec)) or {}
+                ragged = borrowed.get("same_kernel", False)  # a smaller batch of a tuned layer: nothing to tune
                 key = spec.to_json()
-                if key not in missed:  # a model repeating a layer counts once per request
+                if key not in missed and not ragged:  # a model repeating a layer counts once per request
                     missed[key] = spec
                     self.misses.add(device, spec)
                 answer = {
@@ -198,9 +200,12 @@ class Service:
                     "spec_digest": spec.digest,
                     "misses": None,
                     "tuning": bool(
-                        self.worker is not None and self.worker.tune_misses and device.key == self.device.key
+                        not ragged
+                        and self.worker is not None
+                        and self.worker.tune_misses
+                        and device.key == self.device.key
                     ),
-                    **((snapshot is None and self._borrowed(device, spec)) or {}),
+                    **borrowed,
                 }
                 self.metrics.lookups.labels("miss").inc()
             else:
@@ -326,7 +331,9 @@ class Service:
         """What a miss near a tuned shape (another batch or spatial size) adds: the nearest winner's schedule
         rendered for spec itself (a client re-renders and checks it like any answer before it launches it),
         marked borrowed, with the timings it won by on the other shape (borrowed_from). It stays a miss: it
-        is counted, so the worker tunes the exact shape."""
+        is counted, so the worker tunes the exact shape; except when spec is a smaller batch of the winner's
+        layer served by the winner's own kernel (same_kernel: the batch is a launch argument), as a ragged last
+        batch is: that would only re-tune a kernel the layer already runs."""
         for row in self.store.nearest_winners(device, spec):
             try:
                 v = generator.render(spec, row.schedule)
@@ -335,6 +342,7 @@ class Service:
             self.metrics.lookups.labels("borrowed").inc()
             return {
                 "borrowed": True,
+                "same_kernel": v.id == row.variant_id and spec.n < row.spec.n,
                 "schedule": v.schedule.to_dict(),
                 "variant_id": v.id,
                 "source": v.source,
