@@ -185,7 +185,8 @@ def repvgg_a0(net: Net) -> None:
     """RepVGG-A0 (timm repvgg_a0) in its training form: every block runs a 3x3 and a 1x1 conv over the same
     input, each with BatchNorm (plus an identity BatchNorm where the shapes allow); its inference form is the
     3x3 alone, the branches merged into its weights (tunerd.blocks.reparameterize)."""
-    size, cin = (224, 224), 3
+    size: tuple[int, ...] = (224, 224)
+    cin = 3
     for width, depth in ((48, 1), (48, 2), (96, 4), (192, 14), (1280, 1)):  # the stem, then stages 1-4
         for i in range(depth):
             stride = 2 if i == 0 else 1
