@@ -28,7 +28,7 @@ from tunerd.kernels.block import Block
 from tunerd.kernels.spec import BlockSpec
 
 from .errors import InvalidRecord, JobNotOwned, UnknownJob
-from .rows import JobRow, TaskRow, json_object, label, number, row_limit, spec_of, target_of
+from .rows import JobRow, TaskRow, json_object, label, number, row_limit, target_of
 from .tables import JOB_STATUSES, JobTable, TaskTable, utcnow
 
 FINISHED = ("done", "failed")
@@ -48,22 +48,23 @@ class JobQueue:
     def enqueue_job(
         self,
         *,
-        specs: list[BlockSpec] | None = None,
+        specs: list[BlockSpec | Block] | None = None,
         suite: str | None = None,
         strategy: str = "model",  # schedules.strategies.DEFAULT (db does not import schedules)
         budget_trials: int | None = None,
         budget_seconds: float | None = None,
         device_key: str | None = None,
     ) -> int:
-        """Queue a tuning job over specs or a named suite (exactly one); returns its id."""
+        """Queue a tuning job over specs (single convs and/or fused blocks) or a named suite (exactly one);
+        returns its id."""
         if (specs is None) == (suite is None):
-            raise InvalidRecord("a job needs exactly one of specs (a list of BlockSpec) or suite (a name)")
+            raise InvalidRecord("a job needs exactly one of specs (a list of BlockSpec or Block) or suite (a name)")
         if specs is not None:
             if not isinstance(specs, (list, tuple)) or not specs:
-                raise InvalidRecord("specs must be a non-empty list of BlockSpec")
+                raise InvalidRecord("specs must be a non-empty list of BlockSpec or Block")
             for sp in specs:
-                if not isinstance(sp, BlockSpec):
-                    raise InvalidRecord(f"each of specs must be a BlockSpec, got {type(sp).__name__}")
+                if not isinstance(sp, (BlockSpec, Block)):
+                    raise InvalidRecord(f"each of specs must be a BlockSpec or Block, got {type(sp).__name__}")
         if budget_trials is not None:
             if not isinstance(budget_trials, Integral) or isinstance(budget_trials, bool) or budget_trials < 1:
                 raise InvalidRecord(f"budget_trials must be a positive int or None, got {budget_trials!r}")
@@ -470,7 +471,7 @@ def job_row(j: JobTable, tasks: Sequence[TaskTable] | None = None) -> JobRow:
     specs = (
         None
         if j.specs is None
-        else tuple(spec_of(json.dumps(d, sort_keys=True, separators=(",", ":"))) for d in json.loads(j.specs))
+        else tuple(target_of(json.dumps(d, sort_keys=True, separators=(",", ":"))) for d in json.loads(j.specs))
     )
     progress = None if j.progress is None else json.loads(j.progress)
     if tasks:

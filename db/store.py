@@ -1035,6 +1035,18 @@ class Store(JobQueue):
             device_key=None if device is None else _device_key(device), block=None, snapshot=snapshot, refused=refused
         )
 
+    def claimed_blocks(self, device: DeviceLike, limit: int = 16) -> list[Block]:
+        """Blocks whose winner on device is an imported claim never measured here (what a verify job takes)."""
+        with self._read() as s:
+            keys = s.scalars(
+                select(BlockWinnerTable.block_key)
+                .join(DeviceTable, DeviceTable.id == BlockWinnerTable.device_id)
+                .where(DeviceTable.key == _device_key(device), BlockWinnerTable.claimed.is_(True))
+                .order_by(BlockWinnerTable.updated_at, BlockWinnerTable.block_digest)
+                .limit(_limit(limit))
+            ).all()
+        return [block_of(k) for k in keys]
+
     def stale_block_winner(self, device: DeviceFingerprint, block: Block) -> BlockWinnerRow | None:
         """block's winner under the newest predecessor of device that has one, marked stale (as stale_winner)."""
         for old in self.predecessors(device):

@@ -355,3 +355,24 @@ def test_a_block_suite_job_fans_out_and_records_block_winners(tmp_path):
     w = s.block_winner(DEV, tiny[0])
     assert w is not None and w.plan.describe() == summary["plan"] and not w.claimed
     assert s.block_winner(DEV, tiny[1]) is None and s.job(job).status == "running"  # its other task is queued
+
+
+def test_the_verify_job_measures_an_imported_block_claim_here(tmp_path):
+    """An imported block winner is a claim (1e-6 ms here); the idle worker queues a verify job for it, measures the
+    claimed plan and schedules and the planner's default with the real harness, and the local measurement
+    replaces the claim."""
+    from tunerd.worker import JobWorker
+
+    src, dest = sqlite(tmp_path, "src"), sqlite(tmp_path, "dest")
+    put(src, P.unfused(BLK), {}, ms=1e-6)
+    assert import_bundle_bytes(dest, bundle_bytes(src, provenance={})).blocks_added == 1
+    assert dest.claimed_blocks(DEV) == [BLK] and dest.block_winner(DEV, BLK).claimed
+    worker = JobWorker(dest, DEV, tune_misses=False, poll_s=0.05, heartbeat_s=1.0, stale_after_s=120.0)
+    job = dest.job(worker.run_once())
+    assert (job.status, job.strategy) == ("done", "verify"), job.error
+    (summary,) = job.result["specs"]
+    assert summary["statuses"] == ["ok", "ok"] and summary["claimed_ms"] == 1e-6  # the claim and the default
+    w = dest.block_winner(DEV, BLK)
+    assert not w.claimed and w.origin is None and w.strategy == "verify" and w.median_ms > 1e-4
+    assert w.plan in (P.unfused(BLK), FUSED) and w.median_ms == summary["best_ms"]
+    assert dest.claimed_blocks(DEV) == [] and worker.run_once() is None  # nothing left to verify

@@ -18,6 +18,7 @@ from tunerd.db.store import Store
 from tunerd.kernels import trust
 from tunerd.kernels.block import Block
 from tunerd.kernels.conv import set_schedule_lookup
+from tunerd.kernels.plan import best as best_plan
 from tunerd.kernels.spec import BlockSpec, SpecError
 from tunerd.schedules import block_suites, strategies, suites
 from tunerd.schedules.blocks import BlockHarness, BlockTuneResult, tune_block
@@ -130,9 +131,11 @@ def job_specs(
     return list(dict.fromkeys(out))
 
 
-def claimed_specs(store: Store, device: DeviceFingerprint, limit: int = 16) -> list[BlockSpec]:
-    """Specs with imported timings on device that were never measured here (what a verify job takes)."""
-    return list(dict.fromkeys(c.spec for c in store.claims(device, limit=8 * limit)))[:limit]
+def claimed_specs(store: Store, device: DeviceFingerprint, limit: int = 16) -> list[BlockSpec | Block]:
+    """Specs and fused blocks with imported timings on device that were never measured here (what a verify job
+    takes)."""
+    specs: list[BlockSpec | Block] = list(dict.fromkeys(c.spec for c in store.claims(device, limit=8 * limit)))
+    return specs[:limit] + store.claimed_blocks(device, limit)
 
 
 def run_job(
@@ -159,7 +162,9 @@ def run_job(
     summary: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
         if isinstance(spec, Block):
-            if not verify and job.strategy != REVALIDATE:  # claims and upgrades are re-measured per conv spec
+            if verify:
+                summary.append(_verify_block(store, device, spec, block_harness))
+            elif job.strategy != REVALIDATE:  # upgrades are re-measured per conv spec
                 summary.append(_tune_block_job(store, device, spec, job, block_harness))
             continue
 
@@ -242,6 +247,56 @@ def _tune_block_job(
         "default_ms": res.default.trial.median_ms,
         "speedup_vs_unfused": res.speedup_vs_unfused,
         "statuses": res.statuses,
+    }
+
+
+def _verify_block(
+    store: Store, device: DeviceFingerprint, block: Block, harness: BlockHarness | None
+) -> dict[str, Any]:
+    """Measure a block's imported winner (its plan and schedules) here, and the planner's default plan beside it;
+    the fastest correct one becomes the block's winner as a local measurement, which replaces the claim. A claim
+    that is wrong on this device loses to the default; when neither is correct the claim stays and the summary
+    says so."""
+    out: dict[str, Any] = {"block": block.key, "describe": block.describe()}
+    try:
+        row = store.block_winner(device, block)
+    except StoreError as e:  # UntrustedRecord: refused on read, never measured
+        return {**out, "error": str(e)}
+    if row is None or not row.claimed:
+        return {**out, "skipped": "measured meanwhile"}
+    default = best_plan(block)
+    candidates = [(row.plan, row.schedules)] + ([(default, {})] if default != row.plan else [])
+    own = harness is None
+    h = harness or BlockHarness()
+    try:
+        trials = [(plan, scheds, h.measure(block, plan, scheds)) for plan, scheds in candidates]
+    finally:
+        if own:
+            h.close()
+    statuses = [t.status for _, _, t in trials]
+    ok = [(plan, scheds, t) for plan, scheds, t in trials if t.ok]
+    if not ok:
+        return {**out, "statuses": statuses, "error": "neither the claim nor the default plan is correct here"}
+    plan, scheds, t = min(ok, key=lambda c: c[2].cost)
+    assert t.median_ms is not None  # an ok trial
+    store.record_block_winner(
+        device,
+        block,
+        plan,
+        scheds,
+        median_ms=t.median_ms,
+        spread_ms=t.spread_ms,
+        reps=t.reps,
+        max_error=t.max_error,
+        strategy=VERIFY,
+    )
+    return {
+        **out,
+        "statuses": statuses,
+        "claimed_ms": row.median_ms,
+        "measured_ms": trials[0][2].median_ms,
+        "plan": plan.describe(),
+        "best_ms": t.median_ms,
     }
 
 
