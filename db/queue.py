@@ -307,8 +307,15 @@ class JobQueue:
             return [job_row(j, tasks.get(j.id)) for j in found]
 
     def queue_depth(self) -> int:
+        """Jobs waiting for a worker (not yet fanned out into tasks)."""
         with self._read() as s:
             return s.execute(select(func.count()).select_from(JobTable).where(JobTable.status == "queued")).scalar_one()
+
+    def queued_tasks(self) -> int:
+        """Tasks of fanned-out jobs waiting for a worker: the fleet's backlog, one per spec or block."""
+        with self._read() as s:
+            queued = select(func.count()).select_from(TaskTable).where(TaskTable.status == "queued")
+            return s.execute(queued).scalar_one()
 
 
 def rowcount(result: Result[Any]) -> int:

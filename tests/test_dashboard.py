@@ -11,10 +11,11 @@ from html import unescape
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text as sql
 
 for _extra in ("fastapi", "sqlalchemy", "httpx", "typer"):
     pytest.importorskip(_extra, reason="needs the service extras (pip install -e .[service])")
+
+from sqlalchemy import text as sql
 
 from tunerd.api import ServerThread, create_app
 from tunerd.db.fingerprint import current

@@ -45,8 +45,10 @@ def test_a_job_fans_out_into_tasks_that_settle_it(store):
     assert (first.job.specs, first.job.budget_trials, first.job.suite) == ((SPECS[0],), 4, None)  # the runner's view
     job = store.job(job_id)
     assert job.status == "running" and job.worker_id is None and job.attempts == 1
+    assert (store.queue_depth(), store.queued_tasks()) == (0, 2)  # the job is fanned out: its tasks wait
     second, third = store.claim_task("w2", expand=expand), store.claim_task("w1", expand=expand)
     assert [second.position, third.position] == [1, 2] and store.claim_task("w3", expand=expand) is None
+    assert store.queued_tasks() == 0
     store.heartbeat_task(second.id, "w2", {"trials_done": 2, "trials_total": 4})
     progress = store.job(job_id).progress
     assert (progress["tasks_total"], progress["tasks_running"], progress["workers"]) == (3, 3, ["w1", "w2"])

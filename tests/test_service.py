@@ -246,7 +246,8 @@ def test_jobs_are_tuned_by_the_worker_and_then_hit(store):
         assert [x["hit"] for x in r.json()["results"]] == [True, True]
         assert r.json()["results"][0]["provenance"]["job_id"] == job["id"]
         listed = http.get("/v1/jobs", params={"status": "done"}).json()
-        assert [j["id"] for j in listed["jobs"]] == [job["id"]] and listed["queue_depth"] == 0
+        assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+        assert (listed["queue_depth"], listed["queued_tasks"]) == (0, 0)
         assert http.get("/v1/jobs/999999").status_code == 404
         assert http.get("/v1/jobs/0").status_code == 422  # ids start at 1 (the schema says so)
         assert http.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
@@ -505,7 +506,7 @@ def test_metrics_count_requests_lookups_queue_and_trials(store):
     assert 'route="/v1/jobs/{job_id}",status="404"' in text  # templates, never raw ids
     assert 'route="<unmatched>",status="404"' in text
     assert "tunerd_http_request_duration_seconds_bucket" in text
-    assert "tunerd_queue_depth 1.0" in text
+    assert "tunerd_queue_depth 1.0" in text and "tunerd_queued_tasks 0.0" in text
     assert 'tunerd_trials{status="ok"} 1.0' in text and 'tunerd_trials{status="crash"} 0.0' in text
 
 

@@ -57,6 +57,7 @@ def render_dashboard(svc: Service) -> tuple[str, int]:
         "misses": [],
         "snapshots": [],
         "queue_depth": None,
+        "queued_tasks": None,
         "trials": {},
     }
     if svc.worker is not None:
@@ -70,6 +71,7 @@ def render_dashboard(svc: Service) -> tuple[str, int]:
         ctx["misses"] = svc.store.top_misses(25)
         ctx["snapshots"] = svc.store.snapshots()[-10:]
         ctx["queue_depth"] = svc.store.queue_depth()
+        ctx["queued_tasks"] = svc.store.queued_tasks()
         ctx["trials"] = svc.store.trial_counts()
     except StoreError as e:
         ctx["error"] = f"{type(e).__name__}: {e}"

@@ -72,6 +72,7 @@ class _StoreCollector:
         up = GaugeMetricFamily("tunerd_store_up", "1 when the database answered this scrape")
         try:
             depth = self.service.store.queue_depth()
+            tasks = self.service.store.queued_tasks()
             trials = self.service.store.trial_counts()
         except StoreError:
             up.add_metric([], 0)
@@ -80,6 +81,7 @@ class _StoreCollector:
             up.add_metric([], 1)
             yield up
             yield GaugeMetricFamily("tunerd_queue_depth", "queued tuning jobs", value=depth)
+            yield GaugeMetricFamily("tunerd_queued_tasks", "queued tasks of fanned-out jobs", value=tasks)
             g = GaugeMetricFamily("tunerd_trials", "trials in the store, by status", labels=["status"])
             for status, n in trials.items():
                 g.add_metric([status], n)

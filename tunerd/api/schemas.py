@@ -224,7 +224,8 @@ class Job(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[Job]
-    queue_depth: int
+    queue_depth: int  # queued jobs
+    queued_tasks: int  # queued tasks of jobs already fanned out (one per spec or block)
 
 
 class CancelResponse(BaseModel):

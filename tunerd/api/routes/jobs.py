@@ -97,7 +97,11 @@ def list_jobs(
     svc: Service = Depends(service),
 ) -> Response:
     return json_response(
-        {"jobs": [job_json(r) for r in svc.store.jobs(limit, status=status)], "queue_depth": svc.store.queue_depth()}
+        {
+            "jobs": [job_json(r) for r in svc.store.jobs(limit, status=status)],
+            "queue_depth": svc.store.queue_depth(),
+            "queued_tasks": svc.store.queued_tasks(),
+        }
     )
 
 
