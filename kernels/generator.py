@@ -300,6 +300,11 @@ def _phases(spec: BlockSpec) -> dict[str, Any]:
     return dict(PH=spec.phases, STEP=step, STEPO=stepo, MMAX=spec.phase_pixels, NTMAX=ntmax, BITS=bits, **tab)
 
 
+def a_load_kw(s: Schedule) -> str:
+    """Extra tl.load arguments of an implicit GEMM's A operand: L1-allocating under l1_load (cp.async.ca)."""
+    return ', cache_modifier=".ca"' if s.l1_load else ""
+
+
 def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     g = geometry(spec, s)
     pointwise = spec.taps == 1 and all(v == 1 for v in spec.stride) and not spec.has_padding
@@ -316,6 +321,8 @@ def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         hoisted=s.k_order == "tap" and not pointwise and (spec.taps <= 64 or not spec.has_padding),
         k_full=spec.cg % s.block_k == 0,  # no partial channel block: no channel mask
         n_full=spec.kg % s.block_n == 0,
+        a_load=a_load_kw(s),
+        tma=s.tma,  # pointwise only (schedule.tma_applies)
     )
     extra = [
         ("NPID_M", "(M + BLOCK_M - 1) // BLOCK_M", None),
@@ -374,6 +381,7 @@ def _conv_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         k_order=s.k_order,
         k_full=spec.kg % s.block_k == 0,  # no partial output-channel block: no channel mask
         c_full=spec.cg % s.block_n == 0,
+        a_load=a_load_kw(s),
     )
     ntaps = _prod(g["NTMAX"])  # per-row tap validity as bits of one word (more taps: per-step index math)
     g.update(tap_bits=32 if ntaps <= 32 else 64 if ntaps <= 64 else 0)
@@ -546,6 +554,7 @@ def render(spec: BlockSpec, schedule: Schedule | dict | None = None) -> Variant[
     return _render(spec, _sched.resolve(spec, schedule))
 
 
+@lru_cache(maxsize=8192)
 def batch_free(spec: BlockSpec) -> BlockSpec:
     """The form a batch_arg template renders spec from: n = 1 (n is its launch argument, so every batch of the
     spec's BatchRange gets the same source, id and compiled kernel)."""

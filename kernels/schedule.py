@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -16,6 +17,8 @@ MAX_BLOCK_W = 16
 # reduction order of implicit GEMM: tap-major channel blocks | flattened (tap, c) | wgrad only: the taps of a
 # kernel row per program (one accumulator each, every dz tile reused by all of them)
 K_ORDERS = ("tap", "flat", "row")
+# bool knobs, left out of Schedule.to_dict when off
+FLAGS = ("space_to_depth", "l1_load", "tma")
 
 
 class ScheduleError(ValueError):
@@ -36,6 +39,12 @@ class Schedule:
       wgrad: block_m pixels per step x block_k taps x block_n channels, pixels split split_k ways.
     space_to_depth (strided small-channel conv fwd, kernels.space_to_depth): the kernel is the stride-1 conv
       over the folded input, and every other knob is that conv's.
+    l1_load (multi-tap conv fwd/dgrad): the A operand (input / output-gradient rows, re-read by every tap of a
+      window) is loaded L1-allocating (cp.async.ca, SASS LDGSTS.E) rather than L2-only (.cg, LDGSTS.E.BYPASS);
+      Triton 3.6 compiles both the same (its pipeliner drops the modifier), 3.9 honors it.
+    tma (1x1 stride-1 conv fwd on 16-byte channel rows, see tma_applies): both operands by Hopper TMA through
+      2-D tensor descriptors made in the kernel (tl.make_tensor_descriptor: Triton >= 3.4; on a GPU the launch
+      needs triton.set_allocator for their scratch), out-of-bounds rows and channels zero-filled.
     """
 
     block_m: int = 64
@@ -47,12 +56,16 @@ class Schedule:
     split_k: int = 1
     k_order: str = "tap"
     space_to_depth: bool = False
+    l1_load: bool = False
+    tma: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """Field dict; space_to_depth appears only when set, so the keys of every other schedule never change."""
+        """Field dict; the flags (space_to_depth, l1_load) appear only when set, so the keys (and ids) of every
+        other schedule never change."""
         d = asdict(self)
-        if not self.space_to_depth:
-            del d["space_to_depth"]
+        for flag in FLAGS:
+            if not d[flag]:
+                del d[flag]
         return d
 
     def to_json(self) -> str:
@@ -69,9 +82,9 @@ class Schedule:
             if name == "k_order":
                 if v not in K_ORDERS:
                     raise ScheduleError(f"k_order must be one of {K_ORDERS}, got {v!r}")
-            elif name == "space_to_depth":
+            elif name in FLAGS:
                 if not isinstance(v, bool):
-                    raise ScheduleError(f"schedule field space_to_depth must be a bool, got {v!r}")
+                    raise ScheduleError(f"schedule field {name} must be a bool, got {v!r}")
             elif not isinstance(v, int) or isinstance(v, bool):
                 raise ScheduleError(f"schedule field {name} must be an int, got {v!r}")
         return cls(**d)
@@ -86,7 +99,10 @@ class Schedule:
     def describe(self) -> str:
         return (
             f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
-            f"s{self.num_stages} sk{self.split_k} {self.k_order}" + (" s2d" if self.space_to_depth else "")
+            f"s{self.num_stages} sk{self.split_k} {self.k_order}"
+            + (" s2d" if self.space_to_depth else "")
+            + (" l1" if self.l1_load else "")
+            + (" tma" if self.tma else "")
         )
 
 
@@ -109,6 +125,25 @@ def uses_dot(spec: BlockSpec) -> bool:
     return spec.kind == "conv"
 
 
+def l1_load_applies(spec: BlockSpec) -> bool:
+    """Whether a schedule's l1_load means something for spec: a conv fwd or dgrad whose taps re-read its A rows."""
+    taps = spec.taps // spec.phases if spec.op == "dgrad" else spec.taps  # dgrad: a stride phase's
+    return spec.kind == "conv" and spec.op in ("fwd", "dgrad") and taps > 1
+
+
+def tma_applies(spec: BlockSpec) -> bool:
+    """Whether spec's forward is a plain GEMM [N*H*W, C/g] x [C/g, K/g] that TMA descriptors can read: one tap,
+    unit stride, no padding; rows (C and C/g channels) 16-byte aligned, as TMA requires of strides and of each
+    group's base; offsets within int32 (the int32 rendering, generator.batch_range); a tensor-core dot (fp32
+    'ieee' dots run on CUDA cores from registers: staged through shared memory they spilled 10 KB on sm_90)."""
+    if spec.kind != "conv" or spec.op != "fwd" or spec.taps != 1 or spec.has_padding or set(spec.stride) != {1}:
+        return False
+    if spec.dtype == "float32" and spec.precision != "tf32":
+        return False
+    largest = max(spec.n * spec.c * math.prod(spec.in_size), spec.out_pixels * spec.k)
+    return all(v * spec.itemsize % 16 == 0 for v in (spec.c, spec.cg)) and largest <= 2**31 - 1
+
+
 def kernel_spec(spec: BlockSpec, s: Schedule) -> BlockSpec:
     """The spec whose kernel the schedule runs: the folded stride-1 conv under space_to_depth, else spec."""
     return space_to_depth.rewrite(spec) if s.space_to_depth else spec
@@ -120,6 +155,10 @@ def canonical(spec: BlockSpec, s: Schedule) -> Schedule:
         if not space_to_depth.applies(spec):
             return canonical(spec, replace(s, space_to_depth=False))
         return replace(canonical(space_to_depth.rewrite(spec), replace(s, space_to_depth=False)), space_to_depth=True)
+    if s.l1_load and not l1_load_applies(spec):
+        s = replace(s, l1_load=False)
+    if s.tma and not tma_applies(spec):
+        s = replace(s, tma=False)
     if spec.kind == "depthwise":
         if spec.op == "wgrad":
             s = replace(s, group_m=1, k_order="tap")
@@ -165,6 +204,10 @@ def check(spec: BlockSpec, s: Schedule) -> None:
         raise ScheduleError(f"k_order must be one of {K_ORDERS}")
     if s.k_order == "row" and (spec.kind != "conv" or spec.op != "wgrad"):
         raise ScheduleError("k_order 'row' (several taps per program) is a conv wgrad order")
+    if s.l1_load and not l1_load_applies(spec):
+        raise ScheduleError("l1_load (L1-allocating A loads) is an option of multi-tap conv fwd and dgrad")
+    if s.tma and not tma_applies(spec):
+        raise ScheduleError("tma (tensor-descriptor loads) is an option of 1x1 stride-1 conv fwd on 16-byte rows")
     if uses_dot(spec):
         for name in ("block_m", "block_n", "block_k"):
             if getattr(s, name) < 16:
@@ -291,8 +334,13 @@ def _default_depthwise(spec: BlockSpec) -> Schedule:
     exists (96 -> 32), 4 warps and 32 fp32 sums per thread: <= 128 registers and no spills up to 31x31 on
     sm_90 (benchmarks.static)."""
     block_n = next((b for b in (32, 16, 8) if spec.k % b == 0), _clamp_pow2(spec.k, 1, 32))
-    # strided rows share fewer input columns between outputs: 4 (a 112-wide 3x3 s2 spills a register at 8)
-    width = outputs_per_thread(spec, Schedule(block_m=MAX_BLOCK_W, block_k=8 if spec.stride[-1] == 1 else 4))
+    # strided rows share fewer input columns between outputs: 4 (a 112-wide 3x3 s2 spills a register at 8);
+    # one tap per kernel row shares none, so a row of <= MAX_BLOCK_W is one group (14-wide k11x1: half the
+    # index math per output, loop FMA share 27% -> 30%, and no spill under ptxas 12.9, which spilled at 8)
+    per_group = 8 if spec.stride[-1] == 1 else 4
+    if spec.kernel[-1] == 1 and spec.out_size[-1] <= MAX_BLOCK_W:
+        per_group = MAX_BLOCK_W
+    width = outputs_per_thread(spec, Schedule(block_m=MAX_BLOCK_W, block_k=per_group))
     groups = spec.out_pixels // spec.out_size[-1] * _cdiv(spec.out_size[-1], width)
     g = max(1, min(4096 // (block_n * width), next_pow2(groups)))
     warps = max(1, min(4, g * block_n // 128))
@@ -317,7 +365,11 @@ def _default_depthwise_wgrad(spec: BlockSpec) -> Schedule:
         block_n=block_n,
         block_k=block_t,
         group_m=1,
-        num_warps=4,
+        # one program of channels and taps (few channels; the split is all the parallelism): 2 warps, 128
+        # products per thread, so each cross-warp sum over pixels serves twice the work (sm_90: 3x3 C=32 and
+        # 1x11 C=12 loop SASS per product 6.1 -> 5.6 and 13.3 -> 8.3 (Triton 3.6); at 4 warps ptxas 12.9
+        # (Triton 3.9) spilled 8 bytes there)
+        num_warps=2 if programs == 1 else 4,
         num_stages=1,
         split_k=_split(programs, _cdiv(spec.out_pixels, block_m)),
     )

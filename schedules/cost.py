@@ -14,7 +14,10 @@ GPU model, per kernel launch:
 - memory time: bytes each program loads (the tiling's re-reads: every output tile re-reads its
   input rows and weight columns) against L2 bandwidth, and compulsory DRAM bytes (plus L2 misses
   when the working set exceeds L2) against DRAM bandwidth;
-- pipelining overlaps math and memory by 1 - 1/num_stages; each wave adds a fixed latency.
+- pipelining overlaps math and memory by 1 - 1/num_stages; each wave adds a fixed latency;
+- l1_load (L1-allocating A loads) and tma (tensor-descriptor loads) are not modelled: L1 hit rates and TMA's
+  gain are unmeasured (no GPU timings yet), so their variants tie with their pointer-path twins and
+  measurement decides.
 
 Interpreter model (DeviceLimits.interpreted): programs x (per-program cost + reduction steps x
 per-step cost, growing with tile elements), since the interpreter runs programs one by one in
@@ -199,7 +202,7 @@ def smem_bytes(spec: BlockSpec, s: Schedule) -> int:
     item, rt = spec.itemsize, wgrad_row_taps(spec, s)
     operands = max(1, s.num_stages) * (s.block_m * s.block_k + rt * s.block_k * s.block_n) * item
     epilogue = s.block_m * s.block_n * (4 if spec.op == "wgrad" else item)
-    return max(operands, epilogue)
+    return max(operands, epilogue) + (8 * max(1, s.num_stages) if s.tma else 0)  # TMA: an mbarrier per stage
 
 
 def registers_per_thread(spec: BlockSpec, s: Schedule) -> int:

@@ -3,7 +3,10 @@
 Enumeration (per kind):
 - conv (implicit GEMM; fwd, dgrad per stride phase, wgrad): block_m x block_n x block_k in powers
   of two (16..256, 16..256, 16..128), num_warps 2/4/8, num_stages 2/3/4, group_m 1/8, k_order
-  tap/flat (wgrad also row: a kernel row's taps per program), split_k 1..32 (wgrad only);
+  tap/flat (wgrad also row: a kernel row's taps per program), split_k 1..32 (wgrad only); multi-tap fwd and
+  dgrad also l1_load (L1-allocating A loads) where the installed Triton keeps the modifier (l1_load_honored);
+  1x1 stride-1 fwd on 16-byte rows also tma (tensor-descriptor loads) where Triton has them (tma_supported),
+  not on the interpreter;
 - depthwise (direct): block_m pixels (4..1024) x block_n channels (4..128), num_warps 1/2/4/8; fwd
   in groups of block_k = 1/2/4/8/16 consecutive outputs along the last dim (register blocking, <= the row);
   wgrad: block_m pixels per step (16..256) x block_k taps (1..32) x block_n channels, split_k.
@@ -19,8 +22,8 @@ counts them):
 - `registers`: cost.registers_per_thread <= limits.max_regs_per_thread (would spill);
 - `warps`: at least 4 accumulator elements per thread (idle warps otherwise);
 - `duplicate`: the same canonical schedule (kernels.schedule.canonical) seen before; on the
-  interpreter also the same tiles with other launch knobs (num_warps, num_stages and group_m do
-  not change what the interpreter executes), so CPU spaces hold one variant per tile shape;
+  interpreter also the same tiles with other launch knobs (num_warps, num_stages, group_m and
+  l1_load do not change what the interpreter executes), so CPU spaces hold one variant per tile shape;
 - strided small-channel stems (kernels.space_to_depth) also get every schedule of their folded stride-1
   conv, with space_to_depth set (pruned by the same rules, on the folded conv);
 - `cap`: when more than `max_candidates` (default 256) survive, keep the cost model's best
@@ -36,6 +39,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import cache
+
+import triton
 
 from tunerd.kernels import schedule as _sched
 from tunerd.kernels import space_to_depth
@@ -95,9 +101,12 @@ def build(
     out: list[Schedule] = []
     seen: set[Schedule] = set()
     seen_tiles: set[tuple] = set()
-    gen = _depthwise(spec) if spec.kind == "depthwise" else _conv(spec)
+    gen = _depthwise(spec) if spec.kind == "depthwise" else _conv(spec, limits.interpreted)
     if space_to_depth.applies(spec):  # stems: also every schedule of the folded stride-1 conv
-        folded = ((replace(s, space_to_depth=True), rule) for s, rule in _conv(space_to_depth.rewrite(spec)))
+        folded = (
+            (replace(s, space_to_depth=True), rule)
+            for s, rule in _conv(space_to_depth.rewrite(spec), limits.interpreted)
+        )
         gen = itertools.chain(gen, folded)
     for s, rule in gen:
         rule = rule or _resource_rule(spec, s, limits)
@@ -120,7 +129,7 @@ def build(
 
 
 def tile_shape(s: Schedule) -> tuple:
-    """What a schedule computes, without its launch knobs (num_warps, num_stages, group_m)."""
+    """What a schedule computes, without its launch knobs (num_warps, num_stages, group_m, l1_load)."""
     return (s.block_m, s.block_n, s.block_k, s.k_order, s.split_k, s.space_to_depth)
 
 
@@ -164,7 +173,7 @@ def _cap(extent: int, lo: int) -> int:
 Candidate = tuple[Schedule, "str | None"]  # a schedule and the enumeration rule it breaks, if any
 
 
-def _conv(spec: BlockSpec) -> Iterator[Candidate]:
+def _conv(spec: BlockSpec, interpreted: bool) -> Iterator[Candidate]:
     g = cost.gemm_view(spec)
     wgrad = spec.op == "wgrad"
     # the flat order helps when one tap's channels (columns for wgrad) do not fill whole block_k steps
@@ -174,6 +183,9 @@ def _conv(spec: BlockSpec) -> Iterator[Candidate]:
     if wgrad and spec.kernel[-1] > 1:  # a kernel row's taps per program, each dz tile reused by all of them
         k_orders += ("row",)
     splits = SPLIT_K if wgrad else (1,)
+    l1_loads = (False, True) if _sched.l1_load_applies(spec) and l1_load_honored() else (False,)
+    # TMA: a GPU path (the interpreter runs it, no faster)
+    tmas = (False, True) if _sched.tma_applies(spec) and tma_supported() and not interpreted else (False,)
     for bm, bn, bk, order, split in itertools.product(CONV_M, CONV_N, CONV_K, k_orders, splits):
         flat = order == "flat"
         if wgrad:  # columns: (tap, C/g) tiles; reduction: the pixels of one split
@@ -189,12 +201,26 @@ def _conv(spec: BlockSpec) -> Iterator[Candidate]:
             continue
         steps = cost.reduction_steps(spec, base)
         swizzle = cost.cdiv(g.m, bm) > 1 and cost.cdiv(n_extent, bn) > 1
-        for warps, stages, group in itertools.product(CONV_WARPS, CONV_STAGES, GROUP_M):
-            s = replace(base, num_warps=warps, num_stages=stages, group_m=group)
+        for warps, stages, group, l1, tma in itertools.product(CONV_WARPS, CONV_STAGES, GROUP_M, l1_loads, tmas):
+            s = replace(base, num_warps=warps, num_stages=stages, group_m=group, l1_load=l1, tma=tma)
             if (group != GROUP_M[0] and not swizzle) or stages > steps + 1:
                 yield s, "order"
             else:
                 yield s, None
+
+
+@cache
+def l1_load_honored() -> bool:
+    """Whether the installed Triton keeps a pipelined load's cache modifier: 3.9 turns l1_load's A loads into
+    cp.async.ca (SASS LDGSTS.E), 3.6 drops it (.cg, LDGSTS.E.BYPASS, the same code as without it)."""
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 9)
+
+
+def tma_supported() -> bool:
+    """Whether the installed Triton makes tensor descriptors in a kernel (tl.make_tensor_descriptor, 3.4+: sm_90
+    UTMALDG under 3.6 and 3.9); else only the pointer path is offered."""
+    return hasattr(triton.language, "make_tensor_descriptor")
 
 
 def _depthwise(spec: BlockSpec) -> Iterator[Candidate]:

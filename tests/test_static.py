@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import static
 from tunerd.kernels import generator
-from tunerd.kernels.schedule import Schedule, vector_rows
+from tunerd.kernels.schedule import Schedule, default, vector_rows
 from tunerd.kernels.spec import BlockSpec, conv_spec
 from tunerd.kernels.validate import compile_check
 from tunerd.schedules import cost
@@ -94,7 +94,14 @@ def test_defaults_that_spilled_in_the_first_audit_stay_in_registers():
         _find("video_2plus1d", lambda s: s.c == 921 and s.in_size[1] == 7),
         _find("video_2plus1d", lambda s: s.c == 256 and s.k == 921, op="dgrad"),
         _find("replknet31b", lambda s: s.kernel == (13, 13)),
+        # the 2026-12-01 audit under Triton 3.9 (ptxas 12.9): 8 bytes (values live across the main loop) in
+        # the depthwise wgrad of few channels (one program of channels and taps) at 4 warps, now 2, and the
+        # 14-wide k11x1 depthwise fwd at two groups of 8 per row, now one of 16
+        _find("mobilenetv2", lambda s: s.kind == "depthwise" and s.c == 32, op="wgrad"),
+        _find("inceptionnext_t", lambda s: s.kind == "depthwise" and s.c == 12 and s.kernel == (1, 11), op="wgrad"),
+        _find("inceptionnext_t", lambda s: s.kind == "depthwise" and s.c == 48 and s.kernel == (11, 1)),
     ]
+    assert [default(s).num_warps for s in specs[-3:]] == [2, 2, 2] and default(specs[-1]).block_k == 16
     results = compile_check([generator.render(s) for s in specs], arch=90)
     for s, r in zip(specs, results):
         assert r["ok"], (s.describe(), r["error"])
