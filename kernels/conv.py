@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -156,6 +156,20 @@ def _check_tensor(name: str, t: Any) -> torch.Tensor:
     return t
 
 
+def _meta(t: Any) -> tuple[Any, ...] | None:
+    """What make_spec's checks read of an argument: a tensor's type, shape, dtype and device; a plain value's
+    type and repr (True and 1 differ)."""
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return (type(t), tuple(t.shape), t.dtype, t.device, t.is_floating_point())
+    return (type(t), repr(t))
+
+
+_SPECS: dict[tuple[Any, ...], BlockSpec] = {}  # make_spec's checked calls by what the checks read
+_SPECS_KEPT = 4096
+
+
 def make_spec(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -170,7 +184,48 @@ def make_spec(
     stats: bool = False,
     save_z: bool = False,
 ) -> BlockSpec:
-    """Validate the torch-style call and describe it as a BlockSpec (stats / save_z: forward options)."""
+    """Validate the torch-style call and describe it as a BlockSpec (stats / save_z: forward options). The
+    checks read only metadata (types, shapes, dtypes, devices, argument values), so a call whose metadata was
+    checked before takes its spec from memory: a conv layer pays for them once, not every step."""
+    try:
+        key: tuple[Any, ...] | None = (
+            ndim,
+            precision,
+            op,
+            stats,
+            save_z,
+            ep.activation,
+            ep.residual_mode,
+            *map(_meta, (x, weight, stride, padding, dilation, groups, ep.bias, ep.scale, ep.shift, ep.residual)),
+            *map(_meta, (ep.layer_scale, ep.starrelu_scale, ep.starrelu_bias)),
+        )
+        spec = _SPECS.get(key)  # type: ignore[arg-type]
+    except TypeError:  # symbolic shapes (torch.compile): not hashable, checked every time
+        key, spec = None, None
+    if spec is not None:
+        return spec
+    spec = _checked_spec(x, weight, ndim, stride, padding, dilation, groups, ep, precision, op, stats, save_z)
+    if key is not None:
+        if len(_SPECS) >= _SPECS_KEPT:
+            _SPECS.clear()
+        _SPECS[key] = spec
+    return spec
+
+
+def _checked_spec(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ndim: int,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: int,
+    ep: EpilogueArgs,
+    precision: str,
+    op: str,
+    stats: bool,
+    save_z: bool,
+) -> BlockSpec:
     # torch's own checks, order, wording and exception types (x must be batched here)
     args = convargs.normalize(ndim, x, weight, ep.bias, stride, padding, dilation, groups, unbatched=False)
     stride, padding, dilation, groups = args.stride, args.padding, args.dilation, args.groups
@@ -435,7 +490,12 @@ def run_forward(
     if spec.epilogue.stats:  # per tile of block_m output pixels, per channel: mean (m0 + c) and M2
         rows = -(-spec.out_pixels // variant.schedule.block_m)
         partial = new_buffer((rows, 3, spec.k), torch.float32, x.device)
-    runtime.launch(variant, forward_args(spec, x, weight, ep, out, z, partial, variant.schedule), x.device)
+    args = forward_args(spec, x, weight, ep, out, z, partial, variant.schedule)
+    if variant.schedule.tma and any(isinstance(t, torch.Tensor) and t.data_ptr() % 16 for t in args.values()):
+        # TMA descriptors need 16-byte aligned bases: a view at an odd storage offset takes the pointer path
+        variant = generator.render(spec, replace(variant.schedule, tma=False))
+        args = forward_args(spec, x, weight, ep, out, z, partial, variant.schedule)
+    runtime.launch(variant, args, x.device)
     res = ForwardResult(y=from_channels_last(out, x) if full is None else in_format_of(full, x), z=z)
     if partial is not None:
         res.mean, m2 = combine_moments(partial, spec.out_pixels, variant.schedule.block_m)

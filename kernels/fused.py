@@ -709,7 +709,20 @@ def grid(fs: FusedSpec, s: Schedule) -> tuple[int, ...]:
 
 def render(fs: FusedSpec, schedule: Schedule | dict | None = None) -> generator.Variant[FusedSpec]:
     """Triton source of a fused step under schedule (default heuristic when None); cached."""
+    if schedule is None or isinstance(schedule, Schedule):
+        return _render(fs, _resolved(fs, schedule))
     return _render(fs, resolve(fs, schedule))
+
+
+@lru_cache(maxsize=1024)
+def _resolved(fs: FusedSpec, schedule: Schedule | None) -> Schedule:
+    return resolve(fs, schedule)
+
+
+@lru_cache(maxsize=1024)
+def fused_spec(block: Block, step: Step) -> FusedSpec:
+    """FusedSpec(block, step), checked once per pair (run_plan builds one per fused step on every call)."""
+    return FusedSpec(block, step)
 
 
 @lru_cache(maxsize=512)
@@ -1071,7 +1084,7 @@ def run_plan(
                     out=buf,
                 )
             else:
-                fs = FusedSpec(block, step)
+                fs = fused_spec(block, step)
                 v = render(fs, schedules.get(i))
                 for name in step_outputs(block, step)[:-1]:  # a dw_gate's depthwise value, read by later steps
                     shape = block.shapes[name]
@@ -1136,7 +1149,7 @@ def random_params(
 
 
 # ---- compile-validity for sm_90 (no GPU) ---------------------------------------------------------
-def _meta_args(fs: FusedSpec) -> dict[str, Any]:
+def meta_args(fs: FusedSpec) -> dict[str, Any]:
     """Kernel arguments on the meta device (types matter to the compiler, not shapes)."""
     block = fs.block
     dt = _conv.SPEC_DTYPES[block.dtype]
@@ -1171,7 +1184,7 @@ def _compile_line(d: dict[str, Any], arch: int) -> dict[str, Any]:
     fs = FusedSpec(block, plan.steps[d["step"]])
     v = render(fs, Schedule.from_dict(d["schedule"]))
     try:
-        k = runtime.aot_compile(v, _meta_args(fs), arch=arch)
+        k = runtime.aot_compile(v, meta_args(fs), arch=arch)
         return {"id": v.id, "ok": True, "shared": int(k.metadata.shared), "error": None, **validate.resources(k)}
     except Exception as e:  # the compiler's own message is the useful part
         return {"id": v.id, "ok": False, "shared": None, "error": f"{type(e).__name__}: {str(e)[-800:]}"}

@@ -45,6 +45,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from .block import GATES, INPUT, Block, Node
@@ -528,7 +529,13 @@ def inception_branches(block: Block, names: list[str]) -> list[Branch] | None:
 
 
 def check(block: Block, plan: Plan) -> None:
-    """SpecError unless plan covers block's nodes once each, in order, with legal steps."""
+    """SpecError unless plan covers block's nodes once each, in order, with legal steps (a legal pair is
+    remembered: patched blocks check their plan on every call)."""
+    _check(block, plan)
+
+
+@lru_cache(maxsize=1024)
+def _check(block: Block, plan: Plan) -> None:
     flat = [n for s in plan.steps for n in s.nodes]
     if flat != [nd.name for nd in block.nodes]:
         raise SpecError(f"plan steps must cover the block's nodes once each in order: got {flat}")

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 from typing import Any
 
 ACTIVATIONS = ("relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish", "sigmoid", "starrelu")
@@ -22,12 +23,17 @@ def canonical_json(value: Any) -> str:
 
 
 class Canonical:
-    """to_json / key / digest for a frozen description that defines to_dict()."""
+    """to_json / key / digest for a frozen description that defines to_dict(). The JSON is computed once per
+    instance (the hot path keys caches and stores by it): a subclass must not change after __post_init__."""
 
     to_dict: Callable[[], dict[str, Any]]
 
     def to_json(self) -> str:
-        return canonical_json(self.to_dict())
+        memo = self.__dict__
+        text = memo.get("_canonical_json")
+        if text is None:
+            text = memo["_canonical_json"] = canonical_json(self.to_dict())  # frozen: write the dict itself
+        return text
 
     @property
     def key(self) -> str:
@@ -351,7 +357,36 @@ def conv_spec(
     op: str = "fwd",
     precision: str = "ieee",
 ) -> BlockSpec:
-    """Build a spec from torch-style arguments; picks the depthwise kind when groups == c."""
+    """Build a spec from torch-style arguments; picks the depthwise kind when groups == c. Cached when every
+    argument is exact (ints, not bools; tuples, not lists): conv calls on the hot path build the same few specs."""
+    args = (n, c, k, in_size, kernel, stride, padding, dilation, groups, dtype, epilogue or Epilogue(), op, precision)
+    return _cached_spec(*args) if _exact(args) else _build_spec(*args)
+
+
+def _exact(value: Any) -> bool:
+    """Whether value is made of exact ints, strings, Epilogues and tuples only: equal only to itself as a cache
+    key (True == 1 and [1] is unhashable; a bool or a list must reach the checks)."""
+    t = type(value)
+    if t is tuple:
+        return all(_exact(v) for v in value)
+    return t is int or t is str or t is Epilogue
+
+
+def _build_spec(
+    n: int,
+    c: int,
+    k: int,
+    in_size: Any,
+    kernel: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: int,
+    dtype: str,
+    epilogue: Epilogue,
+    op: str,
+    precision: str,
+) -> BlockSpec:
     nd = len(in_size)
     kernel_t = _ints("kernel_size", kernel, nd)
     stride_t = _ints("stride", stride, nd)
@@ -370,7 +405,10 @@ def conv_spec(
         dilation=dilation_t,
         groups=groups,
         dtype=dtype,
-        epilogue=epilogue or Epilogue(),
+        epilogue=epilogue,
         op=op,
         precision=precision,
     )
+
+
+_cached_spec = lru_cache(maxsize=8192)(_build_spec)
