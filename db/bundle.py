@@ -13,6 +13,13 @@ step, never source: import re-checks and re-renders it (kernels.trust.verify_pla
 store does. A reader without block winners (an older tunerd) ignores them. With trusted keys pinned,
 only bundles signed by one of them are read: keys given to the importer or the client, else
 $TUNERD_TRUSTED_KEYS (pinned_keys).
+
+Exported with arches (`tunerd export --arch 90`), the payload also holds "binaries": every exported kernel (conv
+winners and the kernels of block winners' plans) compiled ahead of time per arch (kernels.aot.Binary.to_portable:
+Triton's cache files with their sha256, keyed by Triton's cache key, Triton version, arch and the source sha256).
+They are covered by the payload's checksum and signature; a reader without them ignores the key. Binaries are
+executable GPU code no re-rendering can check: a client installs them only from a bundle signed by a pinned key,
+and only where its own rendering and Triton cache key match (tunerd.client.BundleAnswers).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from tunerd.kernels import GENERATOR_VERSION
+from tunerd.kernels import GENERATOR_VERSION, aot, generator, trust
 from tunerd.kernels.runtime import atomic_write_bytes
 
 from .errors import BundleError, InvalidRecord
@@ -46,6 +53,8 @@ MAX_BYTES = 1 << 30  # decompressed size limit: refuse gzip bombs
 SIGNED_CONTEXT = b"tunerd-bundle-v1\x00"  # what a signature covers: this, then the 32-byte payload digest
 _GZIP_MAGIC = b"\x1f\x8b"
 _ENVELOPE = {"format", "version", "sha256", "payload"}
+MAX_BINARIES = 8192  # ahead-of-time binaries a bundle may hold (kernels x arches)
+MAX_BINARY_BYTES = 512 << 20  # their decoded files together
 TRUSTED_KEYS_ENV = "TUNERD_TRUSTED_KEYS"  # a JSON list of public key files, as the daemon's setting reads it
 
 
@@ -60,6 +69,8 @@ class BundleSummary:
     skipped_stale: int = 0  # winners measured with another generator version (their keys are dead)
     path: str | None = None
     block_winners: int = 0
+    binaries: int = 0  # ahead-of-time binaries (kernels x arches)
+    binary_errors: tuple[str, ...] = ()  # kernels that did not compile for an arch: their clients JIT them
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(self.__dict__)
@@ -211,10 +222,11 @@ def bundle_bytes(
     snapshot: str | None = None,
     provenance: dict,
     signing_key: Ed25519PrivateKey | None = None,
+    arches: Sequence[int] = (),
 ) -> bytes:
     """The bundle of the store's winners (one device's, or all; live or as pinned in snapshot), signed with
-    signing_key when given."""
-    return _build(store, device, snapshot, provenance, signing_key)[0]
+    signing_key when given, with their kernels compiled for each of arches."""
+    return _build(store, device, snapshot, provenance, signing_key, arches)[0]
 
 
 def export_bundle(
@@ -225,9 +237,11 @@ def export_bundle(
     snapshot: str | None = None,
     provenance: dict,
     signing_key: Ed25519PrivateKey | None = None,
+    arches: Sequence[int] = (),
 ) -> BundleSummary:
-    """Write the bundle atomically (temp file + os.replace): path holds the old file or the whole new one."""
-    data, sha, rows, blocks, stale = _build(store, device, snapshot, provenance, signing_key)
+    """Write the bundle atomically (temp file + os.replace): path holds the old file or the whole new one.
+    arches: also compile every exported kernel for these CUDA archs (kernels.aot; no GPU needed)."""
+    data, sha, rows, blocks, stale, binaries, errors = _build(store, device, snapshot, provenance, signing_key, arches)
     atomic_write_bytes(Path(path), data)
     return BundleSummary(
         sha256=sha,
@@ -237,6 +251,8 @@ def export_bundle(
         skipped_stale=stale,
         path=str(path),
         block_winners=len(blocks),
+        binaries=binaries,
+        binary_errors=tuple(errors),
     )
 
 
@@ -246,9 +262,11 @@ def _build(
     snapshot: str | None,
     provenance: dict,
     signing_key: Ed25519PrivateKey | None = None,
-) -> tuple[bytes, str, list[WinnerRow], list[BlockWinnerRow], int]:
+    arches: Sequence[int] = (),
+) -> tuple[bytes, str, list[WinnerRow], list[BlockWinnerRow], int, int, list[str]]:
     """(file bytes, payload sha256, exported winners, exported block winners, winners and block winners skipped
-    for an older generator). Every block winner is re-checked as it is read (Store.block_winners)."""
+    for an older generator, binaries, compile errors). Every block winner is re-checked as it is read
+    (Store.block_winners)."""
     if not isinstance(provenance, dict):
         raise BundleError(f"provenance must be a dict, got {type(provenance).__name__}")
     every = store.winners(device=device, snapshot=snapshot)
@@ -263,6 +281,12 @@ def _build(
         "winners": [w.portable() for w in rows],
         "block_winners": [b.portable() for b in blocks],
     }
+    binaries: list[aot.Binary] = []
+    errors: list[str] = []
+    if arches:
+        binaries, errors = aot.build_all(_kernels(rows, blocks), sorted(set(arches)))
+        binaries.sort(key=lambda b: (b.variant_id, b.arch))
+        payload["binaries"] = [b.to_portable() for b in binaries]
     try:
         body = _canonical(payload)
     except (TypeError, ValueError) as e:
@@ -272,7 +296,22 @@ def _build(
     if signing_key is not None:
         envelope["signature"] = _sign(signing_key, sha)
     stale = len(every) - len(rows) + len(every_block) - len(blocks)
-    return _gzip(_canonical(envelope)), sha, rows, blocks, stale
+    return _gzip(_canonical(envelope)), sha, rows, blocks, stale, len(binaries), errors
+
+
+def _kernels(rows: list[WinnerRow], blocks: list[BlockWinnerRow]) -> list[generator.Variant]:
+    """Every kernel the winners launch, as this tunerd renders them (the winners' claims checked again)."""
+    out: dict[str, generator.Variant] = {}
+    try:
+        for r in rows:
+            v = trust.verify(r.spec, r.schedule, r.source, variant_id=r.variant_id)
+            out[v.id] = v
+        for b in blocks:
+            for v in trust.verify_plan(b.block, b.plan, b.schedules, claimed_id=b.plan_id).variants:
+                out[v.id] = v
+    except trust.UntrustedSource as e:
+        raise BundleError(f"a stored winner does not check out, not exporting binaries: {e}") from None
+    return list(out.values())
 
 
 def _gzip(data: bytes) -> bytes:
@@ -334,6 +373,8 @@ def read_bundle(
         raise BundleError("bundle payload has no winners list")
     if not isinstance(payload.get("block_winners", []), list):
         raise BundleError("bundle payload's block_winners is not a list")
+    if not isinstance(payload.get("binaries", []), list):
+        raise BundleError("bundle payload's binaries is not a list")
     gen = payload.get("generator_version")
     if gen != GENERATOR_VERSION:
         raise BundleError(
@@ -378,6 +419,28 @@ def bundle_block_winners(env: dict[str, Any]) -> list[BlockWinnerRow]:
             )
         rows.append(row)
     return rows
+
+
+def bundle_binaries(
+    env: dict[str, Any], *, max_count: int = MAX_BINARIES, max_bytes: int = MAX_BINARY_BYTES
+) -> list[aot.Binary]:
+    """The ahead-of-time binaries of an envelope read_bundle accepted ([] for a bundle without any), every file
+    checked against its sha256 in the manifest; BundleError for too many, too large, malformed or tampered ones.
+    Install one only from a bundle signed by a pinned key (kernels.aot.install checks the rest)."""
+    entries = env["payload"].get("binaries", [])
+    if len(entries) > max_count:
+        raise BundleError(f"bundle holds {len(entries)} binaries, more than the limit of {max_count}; refusing them")
+    out, total = [], 0
+    for i, d in enumerate(entries):
+        try:
+            b = aot.Binary.from_portable(d)
+        except aot.AotError as e:
+            raise BundleError(f"bundle binary {i} refused, no binary of this bundle is used: {e}") from None
+        total += b.size
+        if total > max_bytes:
+            raise BundleError(f"bundle binaries exceed {max_bytes} bytes; refusing them")
+        out.append(b)
+    return out
 
 
 def import_bundle_bytes(store: Store, data: bytes, *, trusted_keys: Sequence[Ed25519PublicKey] = ()) -> ImportReport:

@@ -27,6 +27,7 @@ from .spec import SpecError
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}  # variant id -> JITFunction, or InterpretedFunction when interpreting
 _loads = 0  # kernel sources loaded by this process (distinct variant ids), never reset
+_jit = {"jit_compiles": 0, "jit_cache_hits": 0}  # triton.compile calls: compiled, or found in Triton's cache
 
 _TRITON_TYPES = {
     torch.float32: "fp32",
@@ -97,15 +98,30 @@ def load(variant: Variant) -> Any:
 def compiles() -> dict[str, int]:
     """What this process has built so far: `loaded`, the distinct kernel sources (variant ids) loaded, each a
     JIT function; `binaries`, the compiled GPU binaries Triton's JIT holds for them (one per specialization and
-    device; 0 on the interpreter, which compiles nothing). Counters only grow: compare two readings."""
+    device; 0 on the interpreter, which compiles nothing); `jit_compiles` and `jit_cache_hits`, the calls of
+    triton.compile in this process (any kernel's) that compiled, or found the binary in Triton's cache (an
+    installed ahead-of-time binary: kernels.aot). Counters only grow: compare two readings."""
     with _lock:
         fns = list(_loaded.values())
-        loads = _loads
+        counts = {"loaded": _loads, **_jit}
     binaries = 0
     for fn in fns:
         for cache in getattr(fn, "device_caches", {}).values():  # Triton: device -> (kernel cache, ...)
             binaries += len(cache[0])
-    return {"loaded": loads, "binaries": binaries}
+    return {**counts, "binaries": binaries}
+
+
+def _count_compile(_chained: Any = None, **event: Any) -> None:
+    """Triton's compilation listener (called by triton.compile on a compile and on a cache hit): count, then
+    pass the event on to the listener installed before this one."""
+    with _lock:
+        _jit["jit_cache_hits" if event.get("cache_hit") else "jit_compiles"] += 1
+    if _chained is not None:
+        _chained(**event)
+
+
+if hasattr(triton.knobs.compilation, "listener"):  # Triton >= 3.4
+    triton.knobs.compilation.listener = functools.partial(_count_compile, triton.knobs.compilation.listener)
 
 
 @functools.lru_cache(maxsize=1)
@@ -163,7 +179,10 @@ def launch(variant: Variant, args: dict[str, Any], device: torch.device) -> None
         if interpreting():
             raise RuntimeError("CUDA tensors given while TRITON_INTERPRET=1: unset it to run compiled kernels")
         fn = load(variant)
-        fn[variant.grid](*bind(fn, args), num_warps=variant.num_warps, num_stages=variant.num_stages)
+        if getattr(variant.schedule, "tma", False):
+            _tma_allocator()
+        with torch.cuda.device(device):  # Triton launches on the current device: make it the tensors'
+            fn[variant.grid](*bind(fn, args), num_warps=variant.num_warps, num_stages=variant.num_stages)
     elif device.type == "cpu":
         if not interpreting():
             raise RuntimeError(
@@ -176,6 +195,24 @@ def launch(variant: Variant, args: dict[str, Any], device: torch.device) -> None
         fn[variant.grid](*bind(fn, args))
     else:
         raise RuntimeError(f"unsupported device {device}: tunerd runs on CUDA, or on CPU through the interpreter")
+
+
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global scratch for the TMA descriptors a kernel makes (tl.make_tensor_descriptor), on the current device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_allocator() -> None:
+    """Before a TMA variant's launch: install _tma_scratch as Triton's allocator unless one is set (Triton's default
+    refuses: descriptors made in a kernel need global scratch). Triton keeps it per thread (a ContextVar)."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return  # the application's own, or ours from an earlier launch in this thread
+    except ImportError:  # another Triton layout: set ours
+        pass
+    triton.set_allocator(_tma_scratch)
 
 
 def signature_of(args: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:

@@ -480,6 +480,12 @@ def export_(
     snapshot: str | None = typer.Option(None, help="export a pinned snapshot instead of live winners"),
     name_host: bool = typer.Option(False, help="record this machine's host name in the provenance"),
     sign: Path | None = typer.Option(None, help="ed25519 private key file (PEM or OpenSSH) to sign with"),
+    arch: list[int] | None = typer.Option(
+        None,
+        help="also ship every exported kernel compiled for this CUDA compute capability (90: sm_90); repeatable. "
+        "No GPU needed; clients with the same Triton build load them without compiling (bundle signed by a key "
+        "they pin)",
+    ),
 ) -> None:
     """Write a versioned, checksummed (optionally signed) bundle of winners with their source and provenance."""
     import platform
@@ -500,13 +506,21 @@ def export_(
             snapshot=snapshot,
             provenance=provenance,
             signing_key=key,
+            arches=arch or (),
         )
     except StoreError as e:  # BundleError, an unknown --snapshot
         fail(str(e))
+    except RuntimeError as e:  # the ahead-of-time compiler itself failed
+        fail(f"cannot compile binaries: {e}")
+    binaries = f", {summary.binaries} binaries for sm_{'/'.join(map(str, sorted(set(arch))))}" if arch else ""
     typer.echo(
-        f"wrote {summary.winners} winners and {summary.block_winners} block winners for {summary.devices} device(s) "
-        f"to {out} ({summary.bytes} bytes, sha256 {summary.sha256[:16]})"
+        f"wrote {summary.winners} winners and {summary.block_winners} block winners for {summary.devices} device(s)"
+        f"{binaries} to {out} ({summary.bytes} bytes, sha256 {summary.sha256[:16]})"
     )
+    for err in summary.binary_errors:
+        typer.echo(f"warning: no binary (clients compile it): {err}", err=True)
+    if arch and key is None:
+        typer.echo("warning: unsigned bundle: clients use its winners but never its binaries (--sign)", err=True)
 
 
 @app.command("import")

@@ -18,7 +18,12 @@ the planner's default.
 
 A bundle file (`tunerd export`) can answer too, without a server (BundleAnswers, `bundle=`): it is read
 as `tunerd import` reads it, and with ed25519 keys pinned (`trusted_keys=`, else $TUNERD_TRUSTED_KEYS)
-only a bundle signed by one of them is used; a refused bundle answers nothing and says why.
+only a bundle signed by one of them is used; a refused bundle answers nothing and says why. Its ahead-of-time
+binaries (`tunerd export --arch`) are used only from a bundle signed by a pinned key: a winner's binary is
+installed into Triton's cache when the winner is answered on a GPU (or at once: install_binaries), after this
+process re-rendered the kernel and computed the same Triton cache key (kernels.aot.install), so its first
+launch loads the binary instead of compiling; a binary that does not match is skipped and the JIT compiles.
+A Client with a bundle also installs the bundle's binary of a kernel its server chose.
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import torch
 
 from tunerd.db.errors import StoreError
 from tunerd.db.fingerprint import DeviceFingerprint
 from tunerd.db.fingerprint import current as current_device
+from tunerd.kernels import aot, generator, runtime, trust
 from tunerd.kernels import conv as _conv
-from tunerd.kernels import generator, trust
 from tunerd.kernels.block import Block
 from tunerd.kernels.runtime import atomic_write_text
 from tunerd.kernels.runtime import cache_dir as kernel_cache_dir
@@ -55,6 +61,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from tunerd.db.rows import BlockWinnerRow, WinnerRow
+    from tunerd.kernels.aot import Binary
 
 log = logging.getLogger("tunerd.client")
 
@@ -332,12 +339,13 @@ class BundleAnswers:
     it (format, checksum, generator, and with keys pinned an ed25519 signature by one of them); each
     winner's (spec, schedule) is re-rendered here when it is asked for. A refused bundle (unsigned or
     wrongly signed while keys are pinned, damaged, foreign, or a pinned key that cannot be read) answers
-    nothing: `error` says why, it is logged, and the caller falls back to its defaults.
+    nothing: `error` says why, it is logged, and the caller falls back to its defaults. Its binaries are used
+    only when the bundle is signed by a pinned key (else `binaries_note` says why they are ignored).
 
     trusted_keys: public key files (PEM or OpenSSH) or loaded keys; None: $TUNERD_TRUSTED_KEYS; []: none."""
 
     def __init__(self, bundle: str | os.PathLike[str] | bytes, trusted_keys: KeyArg = None) -> None:
-        from tunerd.db.bundle import bundle_block_winners, bundle_winners, pinned_keys, read_bundle
+        from tunerd.db.bundle import bundle_binaries, bundle_block_winners, bundle_winners, pinned_keys, read_bundle
 
         self.name = "<bytes>" if isinstance(bundle, (bytes, bytearray)) else os.fspath(bundle)
         self.error: str | None = None
@@ -345,6 +353,10 @@ class BundleAnswers:
         self.sha256: str | None = None
         self._rows: dict[tuple[str, str], WinnerRow] = {}
         self._blocks: dict[tuple[str, str], BlockWinnerRow] = {}
+        self._binaries: dict[tuple[str, int], Binary] = {}  # (variant id, arch) -> binary, from a pinned signer
+        self._tried: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self.binaries_note: str | None = None  # why the bundle's binaries are not used, when they are not
         try:
             keys = pinned_keys(trusted_keys)
             data = bytes(bundle) if isinstance(bundle, (bytes, bytearray)) else _read_bundle_file(self.name)
@@ -360,6 +372,73 @@ class BundleAnswers:
             self._rows[(r.device.key, r.spec.to_json())] = r
         for b in blocks:
             self._blocks[(b.device.key, b.block.to_json())] = b
+        if not env["payload"].get("binaries"):
+            return
+        if not keys or env["signed_by"] is None:
+            self.binaries_note = (
+                f"bundle {self.name}'s binaries ignored: it is not signed by a pinned key (trusted_keys or "
+                "$TUNERD_TRUSTED_KEYS); its kernels are compiled here"
+            )
+            log.info("%s", self.binaries_note)
+            return
+        try:
+            for binary in bundle_binaries(env):
+                self._binaries[(binary.variant_id, binary.arch)] = binary
+        except StoreError as e:  # BundleError: a tampered or malformed binary; the winners still answer
+            self.binaries_note = f"bundle {self.name}'s binaries refused, none installed: {e}"
+            log.error("%s", self.binaries_note)
+
+    @property
+    def binaries(self) -> int:
+        """Binaries this bundle may install (signed by a pinned key, every file matching the manifest)."""
+        return len(self._binaries)
+
+    def install(self, v: generator.Variant, target: Any = None) -> bool | None:
+        """Install the bundle's binary of v, a kernel this process rendered (whoever chose its schedule), for
+        target (None: this process's GPU, if it has one); True installed (or already there), False skipped (no
+        match: the JIT compiles), None nothing to do. Logs, never raises."""
+        if not self._binaries:
+            return None
+        if target is None:
+            if runtime.interpreting() or not torch.cuda.is_available():
+                return None
+            major, minor = torch.cuda.get_device_capability()
+            arch = major * 10 + minor
+        else:
+            arch = int(target.arch)
+        binary = self._binaries.get((v.id, arch))
+        if binary is None:
+            return None
+        with self._lock:
+            if (v.id, arch) in self._tried:
+                return None
+            self._tried.add((v.id, arch))
+        try:
+            return aot.install(binary, v, target=target)
+        except (aot.AotError, OSError, RuntimeError, ValueError) as e:
+            log.error("binary of variant %s from bundle %s not installed: %s", v.id, self.name, e)
+            return False
+
+    def install_binaries(self, target: Any = None) -> dict[str, int]:
+        """Install now the binaries of every winner and block winner of the bundle (each re-rendered here) for
+        target (a triton GPUTarget; None: this GPU): counts of `installed` and `skipped` (no match)."""
+        variants: dict[str, generator.Variant] = {}
+        for row in self._rows.values():
+            try:
+                v = trust.verify(row.spec, row.schedule, row.source, variant_id=row.variant_id)
+            except trust.UntrustedSource as e:
+                log.error("not using bundle %s's winner for %s: %s", self.name, row.spec.describe(), e)
+                continue
+            variants[v.id] = v
+        for b in self._blocks.values():
+            try:
+                tp = trust.verify_plan(b.block, b.plan, b.schedules, claimed_id=b.plan_id)
+            except trust.UntrustedSource as e:
+                log.error("not using bundle %s's block winner for %s: %s", self.name, b.block.describe(), e)
+                continue
+            variants.update((v.id, v) for v in tp.variants)
+        done = [self.install(v, target) for v in variants.values()]
+        return {"installed": done.count(True), "skipped": done.count(False)}
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -385,6 +464,7 @@ class BundleAnswers:
         except trust.UntrustedSource as e:
             log.error("not using bundle %s's winner for %s: %s", self.name, spec.describe(), e)
             return None
+        self.install(v)
         return Answer(
             spec=spec,
             hit=True,
@@ -407,10 +487,13 @@ class BundleAnswers:
         if row is None:
             return None
         try:
-            return _row_block_answer(row, "bundle", {"bundle": self.sha256, "signed_by": self.signed_by})
+            a = _row_block_answer(row, "bundle", {"bundle": self.sha256, "signed_by": self.signed_by})
         except trust.UntrustedSource as e:
             log.error("not using bundle %s's block winner for %s: %s", self.name, block.describe(), e)
             return None
+        for v in a.plan.variants if a.plan is not None else ():
+            self.install(v)
+        return a
 
 
 def _read_bundle_file(path: str) -> bytes:
@@ -883,16 +966,23 @@ class RemoteLookup:
         unique = list({s.to_json(): s for s in specs}.values())
         answers = self.client.lookup(unique, device=fp, snapshot=self.snapshot) if unique else []
         counts = {"hits": 0, "misses": 0, "borrowed": 0}
+        chosen: list[generator.Variant | None] = []
         with self._lock:
             self.stats["server_lookups"] += 1
             for a in answers:
                 variant = a.variant()
+                chosen.append(variant)
                 final = variant is not None and not a.borrowed  # a borrowed schedule is asked about again later
                 expires = float("inf") if final else time.monotonic() + self.miss_ttl_s
                 self._memo[(fp.key, a.spec.to_json())] = (variant, expires)
                 counts["borrowed" if a.borrowed else "hits" if variant is not None else "misses"] += 1
             for k in counts:
                 self.stats[k] += counts[k]
+        bundle = self.client.bundle
+        if bundle is not None:  # the bundle's binary of a kernel the server chose, when it ships one
+            for v in chosen:
+                if v is not None:
+                    bundle.install(v)
         return counts
 
     def uninstall(self) -> None:
