@@ -179,9 +179,9 @@ def test_inception_defaults_compile_for_sm90_without_spills():
 
 # ---- structural re-parameterization ------------------------------------------------------------------
 def _timm_blocks():
+    import models_zoo  # noqa: F401  (torchvision's ops declared before timm imports it)
     import timm.models.byobnet as byob
     import timm.models.fastvit as fv
-    from models_zoo import MetaNeXt  # noqa: F401  (torchvision ops before timm)
 
     return {
         "repvgg": lambda: byob.RepVggBlock(12, 12, 3),

@@ -22,6 +22,11 @@ with parallel branches (each conv + BatchNorm) become one tunerd conv with merge
   MobileOneBlock (byobnet and fastvit)    n x (k x k) + 1 x 1 scale + identity BN
   ReparamLargeKernelConv (fastvit)        RepLKNet's large + small kernel
 The merge uses BatchNorm's running statistics: the result computes what the block computes in eval mode.
+
+rep_block(module): the same blocks for training, in place (class swap: parameters, buffers, state_dict keys and
+optimizer identity stay). Each forward is kernels.reparam.train_forward: with batch statistics one stats conv
+over all conv branches, then an elementwise combine or a conv of the statistics-merged weight (by modelled cost,
+or as asked), BatchNorm buffers updated as torch does; with running statistics (eval) one merged conv.
 """
 
 from __future__ import annotations
@@ -71,16 +76,20 @@ class RepConv2d(nn.Module):
         return self.act(self.attn(self.conv(x)))
 
 
-def _is_timm(m: nn.Module) -> bool:
+def is_rep_block(m: nn.Module) -> bool:
+    """Whether m is one of timm's re-parameterizable blocks (REPARAM_BLOCKS)."""
     return type(m).__module__.startswith("timm.") and type(m).__name__ in REPARAM_BLOCKS
+
+
+_is_timm = is_rep_block
 
 
 def _plain(m: nn.Module | None) -> bool:
     return m is None or type(m) is nn.Identity
 
 
-def _conv_bn_branch(branch: nn.Module, where: str) -> reparam.Branch:
-    """timm ConvNormAct (conv -> BN, no act, drop or anti-aliasing) as a Branch."""
+def _linear_branch(branch: nn.Module, where: str) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    """timm ConvNormAct (conv -> BN, no act, drop or anti-aliasing): its conv and BN; SpecError otherwise."""
     conv, bn = getattr(branch, "conv", None), getattr(branch, "bn", None)
     if type(conv) is not nn.Conv2d or not isinstance(bn, nn.BatchNorm2d):
         raise SpecError(f"{where}: expected conv -> BatchNorm2d, got {type(conv).__name__} -> {type(bn).__name__}")
@@ -88,12 +97,23 @@ def _conv_bn_branch(branch: nn.Module, where: str) -> reparam.Branch:
         raise SpecError(f"{where}: only explicit zero padding merges, got {conv.padding!r} ({conv.padding_mode})")
     if not all(_plain(getattr(bn, a, None)) for a in ("act", "drop")) or not _plain(getattr(branch, "aa", None)):
         raise SpecError(f"{where}: the branch applies an activation, dropout or anti-aliasing: not linear")
+    return conv, bn
+
+
+def _conv_bn_branch(branch: nn.Module, where: str) -> reparam.Branch:
+    """timm ConvNormAct as a Branch with its eval BN folded in."""
+    conv, bn = _linear_branch(branch, where)
     return reparam.bn_branch(conv.weight, conv.bias, bn, conv.dilation, conv.padding)
 
 
-def _identity_branch(bn: nn.Module, like: nn.Conv2d, where: str) -> reparam.Branch:
+def _check_identity(bn: nn.Module, where: str) -> None:
     if not isinstance(bn, nn.BatchNorm2d) or not all(_plain(getattr(bn, a, None)) for a in ("act", "drop")):
         raise SpecError(f"{where}: the identity branch must be a plain BatchNorm2d, got {type(bn).__name__}")
+
+
+def _identity_branch(bn: nn.Module, like: nn.Conv2d, where: str) -> reparam.Branch:
+    _check_identity(bn, where)
+    assert isinstance(bn, nn.BatchNorm2d)
     w = reparam.identity_weight(like.out_channels, like.groups, like.weight)
     return reparam.bn_branch(w, None, bn)
 
@@ -170,6 +190,167 @@ def reparameterize(module: nn.Module, *, inplace: bool = False) -> nn.Module:
             if _is_timm(child):
                 setattr(parent, name, merge_block(child))
     return root
+
+
+# ---- the training form, in place -------------------------------------------------------------------
+@dataclass(frozen=True)
+class RepParts:
+    """A timm re-parameterizable block's training form: its conv branches (ConvNormAct submodule names), its
+    identity BatchNorm's name and the attention module between the branch sum and the activation."""
+
+    convs: tuple[str, ...]
+    identity: str | None = None
+    attn: str | None = None
+
+
+def rep_parts(block: nn.Module) -> RepParts:
+    """Where block's (REPARAM_BLOCKS) branches are; SpecError naming why its training form cannot run fused."""
+    name = type(block).__name__
+    if not _is_timm(block):
+        raise SpecError(f"{name} is not a re-parameterizable timm block ({', '.join(REPARAM_BLOCKS)})")
+    if getattr(block, "reparam_conv", None) is not None:
+        raise SpecError(f"{name} is already re-parameterized (reparam_conv): its conv is swapped on its own")
+    identity = None
+    if name == "ReparamLargeKernelConv":
+        convs = ["large_conv"] + (["small_conv"] if getattr(block, "small_conv", None) is not None else [])
+    else:
+        kxk = getattr(block, "conv_kxk", None)
+        convs = [f"conv_kxk.{i}" for i in range(len(kxk))] if isinstance(kxk, nn.ModuleList) else ["conv_kxk"]
+        convs = convs if kxk is not None else []
+        small = "conv_1x1" if name == "RepVggBlock" else "conv_scale"
+        convs += [small] if getattr(block, small, None) is not None else []
+        if getattr(block, "identity", None) is not None:
+            identity = "identity"
+            _check_identity(block.identity, f"{name}.identity")
+    if not convs:
+        raise SpecError(f"{name} has no conv branch")
+    pairs = [_linear_branch(block.get_submodule(c), f"{name}.{c}") for c in convs]
+    if len({(tuple(c.stride), c.groups, c.in_channels, c.out_channels) for c, _ in pairs}) > 1:
+        raise SpecError(f"{name}: branches differ in stride, groups or channels")
+    reparam.merge([reparam.Branch(c.weight.detach(), None, c.dilation, c.padding) for c, _ in pairs])  # centres
+    drop = getattr(block, "drop_path", None)
+    if not _plain(drop) and float(getattr(drop, "drop_prob", 1.0)) > 0:
+        raise SpecError(f"{name}: drop path is active in training, the branch sum is not linear")
+    attn = next((a for a in ("attn", "se") if hasattr(block, a)), None)
+    return RepParts(tuple(convs), identity, attn if attn is not None and not _plain(getattr(block, attn)) else None)
+
+
+class _RepBlock:
+    """A re-parameterizable block whose forward is kernels.reparam.train_forward: in training mode the stats
+    conv of all branches then a combine or a merged conv (form), in eval one conv of the merged weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "reparam_conv", None) is not None or not isinstance(x, torch.Tensor):
+            return super().forward(x)  # type: ignore[misc]
+        if x.dim() != 4 or x.dtype not in TORCH_DTYPES:
+            return super().forward(x)  # type: ignore[misc]
+        return _rep_forward(self, self.__dict__["_tunerd_rep"], x)  # type: ignore[arg-type]
+
+
+def _norm(bn: nn.BatchNorm2d) -> reparam.Norm:
+    """bn as train_forward's Norm: running statistics unless it normalises with the batch's (torch's rule)."""
+    batch = bn.training or bn.running_mean is None or bn.running_var is None
+    running = None if batch else (bn.running_mean, bn.running_var)
+    return reparam.Norm(bn.weight, bn.bias, bn.eps, running)  # type: ignore[arg-type]
+
+
+def _track(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """torch's BatchNorm buffer update from batch (mean, biased var) over count values per channel."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        with torch.no_grad():  # in float64, as torch's CPU kernel
+            bn.running_mean.copy_(factor * mean.double() + (1.0 - factor) * bn.running_mean.double())
+            unbiased = var.double() * (count / (count - 1))
+            bn.running_var.copy_(factor * unbiased + (1.0 - factor) * bn.running_var.double())
+
+
+@lru_cache(maxsize=512)
+def _auto_form(
+    n: int, c: int, k: int, hw: tuple[int, int], out: tuple[int, int], taps: tuple[int, ...], window: int,
+    groups: int, identity: bool, itemsize: int, backward: bool,
+) -> str:  # fmt: skip
+    """The training form with the least modelled time, or 'eager' (the block's own per-branch forward) when that
+    models faster than both: padding a 1 x 1 branch into the k x k stack costs GEMM FLOPs that wide layers feel."""
+    costs = reparam.train_costs(n, c, k, hw, out, taps, window, groups, identity, itemsize, backward)
+    form = reparam.choose_form(costs)
+    return "eager" if costs["eager"].seconds < costs[form].seconds else form
+
+
+def _rep_forward(block: nn.Module, parts: RepParts, x: torch.Tensor) -> torch.Tensor:
+    mods = [block.get_submodule(n) for n in parts.convs]
+    convs, bns = [m.conv for m in mods], [m.bn for m in mods]
+    if parts.identity is not None:
+        bns.append(block.get_submodule(parts.identity))
+    branches = [reparam.Branch(c.weight, c.bias, tuple(c.dilation), tuple(c.padding)) for c in convs]
+    norms = [_norm(bn) for bn in bns]
+    attn = block.get_submodule(parts.attn) if parts.attn is not None else None
+    act = getattr(block, "act", None) or nn.Identity()
+    name = activation_name(act) if attn is None else None
+    form = block.__dict__.get("_tunerd_rep_form")
+    c0 = convs[0]
+    if form is None:
+        out = tuple(
+            (x.shape[2 + d] + 2 * c0.padding[d] - c0.dilation[d] * (c0.kernel_size[d] - 1) - 1) // c0.stride[d] + 1
+            for d in range(2)
+        )
+        windows = [b.window for b in branches]
+        params = [t for b in branches for t in (b.weight, b.bias)] + [t for bn in bns for t in (bn.weight, bn.bias)]
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x, *params])
+        form = _auto_form(
+            x.shape[0], x.shape[1], c0.out_channels, tuple(x.shape[2:]), out,
+            tuple(int(b.weight.shape[2] * b.weight.shape[3]) for b in branches),
+            max(w[0] for w in windows) * max(w[1] for w in windows),
+            c0.groups, parts.identity is not None, x.element_size(), grad,
+        )  # fmt: skip
+    if form == "eager":
+        if any(nm.running is None for nm in norms):  # batch statistics: the block's own forward
+            block.__dict__["_tunerd_rep_last"] = "eager"
+            return block._tunerd_orig_class.forward(block, x)  # type: ignore[operator]
+        form = "merged"  # running statistics only: one merged conv whatever the training form
+    res = reparam.train_forward(
+        x, branches, norms[: len(convs)], norms[len(convs)] if parts.identity else None,
+        tuple(c0.stride), c0.groups, name, form,
+    )  # fmt: skip
+    if res.count == 1 and any(st is not None for st in res.stats):
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    for bn, st in zip(bns, res.stats):
+        if st is not None:
+            _track(bn, st[0], st[1], res.count)
+    block.__dict__["_tunerd_rep_last"] = res.form
+    y = attn(res.y) if attn is not None else res.y
+    return act(y) if name is None else y
+
+
+_REP_CLASSES: dict[type, type] = {}
+
+
+REP_FORMS = (*reparam.FORMS, "eager")  # the training forms a rep_block may run ('eager': its own forward)
+
+
+def rep_block(module: nn.Module, form: str | None = None) -> RepParts:
+    """Make a timm re-parameterizable block run kernels.reparam.train_forward, in place (its class becomes a
+    subclass of its own: parameters, buffers, state_dict keys and optimizer identity stay). form: the training
+    form (REP_FORMS), None to choose per input shape by modelled cost. SpecError (nothing changed) when
+    the block's training form is not a sum of linear branches (rep_parts)."""
+    if form is not None and form not in REP_FORMS:
+        raise SpecError(f"form must be one of {REP_FORMS} or None, got {form!r}")
+    parts = rep_parts(module)
+    base = type(module)
+    cls = _REP_CLASSES.setdefault(base, type(f"RepTrain{base.__name__}", (_RepBlock, base), {"__module__": __name__}))
+    module._tunerd_orig_class = base
+    module.__class__ = cls
+    module.__dict__["_tunerd_rep"] = parts
+    module.__dict__["_tunerd_rep_form"] = form
+    return parts
+
+
+def last_form(module: nn.Module) -> str | None:
+    """The form a rep_block's last forward ran ('combine', 'merged', 'eval': one merged conv, or 'eager': its own
+    per-branch forward, modelled faster for its shape), else None."""
+    return module.__dict__.get("_tunerd_rep_last")
 
 
 # ---- fused blocks ---------------------------------------------------------------------------------

@@ -6,10 +6,13 @@ conv feeds only a BatchNorm (and that BN only an activation module), the three a
 Block modules (tunerd.blocks.FUSED_BLOCKS: ConvNeXt, InceptionNeXt's token mixer, depthwise-separable, MBConv
 / inverted residual with SE or ECA) are traced in training and in eval mode; in each mode whose graph is
 proven to be a block description the whole block runs its fused plan, otherwise (drop path active, BatchNorm
-with batch statistics, an unsupported option) its per-conv kernels, and the report names the reason. With
-example_input the report also says, per conv and block, whether its kernels are tuned winners (the installed
-lookup answered: tunerd.kernels.conv's for convs, tunerd.blocks' block lookup for whole blocks) or default
-schedules, and each block's plan.
+with batch statistics, an unsupported option) its per-conv kernels, and the report names the reason.
+timm's re-parameterizable blocks (RepVGG, MobileOne, RepLKNet's large + small kernel) run their training form as
+a stats conv and a combine or merged conv, and one merged conv in eval (tunerd.blocks.rep_block); blocks whose
+branches are not linear, or with drop path active, keep their own forward and are named. With example_input
+the report also says, per conv and block, whether its kernels are tuned winners (the installed lookup answered:
+tunerd.kernels.conv's for convs, tunerd.blocks' block lookup for whole blocks) or default schedules, and each
+block's plan (a re-parameterized block's form).
 """
 
 from __future__ import annotations
@@ -24,16 +27,22 @@ from torch import nn
 
 from tunerd.kernels.conv import TORCH_DTYPES, schedule_lookup, set_schedule_lookup
 from tunerd.kernels.plan import FUSED
+from tunerd.kernels.spec import SpecError
 
 from .blocks import (
     BlockGraph,
     BlockTracer,
     NotABlock,
+    RepParts,
     from_graph,
     fuse_block,
     is_fusable_block,
+    is_rep_block,
+    last_form,
     last_plan,
     last_tuned,
+    rep_block,
+    rep_parts,
 )
 from .nn import BN_MODES, TUNERD_CONV, activation_name, fuse_conv_bn
 
@@ -166,6 +175,19 @@ def _fusable_blocks(model: nn.Module) -> dict[str, dict[bool, BlockGraph | str]]
     return out
 
 
+def _rep_blocks(model: nn.Module) -> dict[str, RepParts | str]:
+    """Re-parameterizable block name -> its branches when its training form runs fused (tunerd.blocks.rep_parts),
+    else why not; blocks already patched are skipped."""
+    out: dict[str, RepParts | str] = {}
+    for name, m in model.named_modules():
+        if is_rep_block(m) and "_tunerd_orig_class" not in vars(m):
+            try:
+                out[name] = rep_parts(m)
+            except SpecError as e:
+                out[name] = str(e)
+    return out
+
+
 def patch(
     model: nn.Module,
     *,
@@ -173,6 +195,7 @@ def patch(
     bn_mode: str = "train",
     fuse_blocks: bool = True,
     example_input: Any = None,
+    rep_form: str | None = None,
 ) -> PatchReport:
     """Swap every plain torch Conv1d/2d/3d in model for its tunerd twin, in place; return what was done.
 
@@ -181,12 +204,17 @@ def patch(
     the running statistics fused into the conv's epilogue. fuse_blocks: run whole blocks
     (tunerd.blocks.FUSED_BLOCKS) as fused plans where their traced graph proves it exact. example_input (a
     tensor or a tuple of forward arguments) runs one forward (no grad, state restored) so the report says
-    per conv and block which kernels are tuned winners and which plan each block runs.
+    per conv and block which kernels are tuned winners and which plan each block runs. rep_form: the training
+    form of re-parameterizable blocks (tunerd.blocks.REP_FORMS: 'combine', 'merged' or 'eager', the block's own
+    per-branch forward); None picks per input shape by modelled cost.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     report = PatchReport()
     blocks = _fusable_blocks(model) if fuse_blocks else {}
+    reps = _rep_blocks(model) if fuse_blocks else {}
+    # the branch convs of rep blocks: they run in their block's launches
+    inside = {f"{b}.{c}.conv": b for b, parts in reps.items() if isinstance(parts, RepParts) for c in parts.convs}
     chains, trace_note = _fusible_chains(model) if fuse_bn else ({}, None)
     modules = dict(model.named_modules())
     for name, m in modules.items():
@@ -194,6 +222,9 @@ def patch(
             report.left.append((name, f"{type(m).__name__}: tunerd has no transposed-convolution kernel"))
             continue
         if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        if name in inside:
+            report.swapped.append((name, f"computed in the re-parameterized block {inside[name]}'s launches"))
             continue
         if hasattr(m, "_tunerd_orig_class"):
             report.left.append((name, "already patched"))
@@ -227,6 +258,20 @@ def patch(
             report.blocks.append(
                 (name, f"{kind} as a fused block plan in {' and '.join(_MODE[m] for m in proven)} mode")
             )
+    for name, parts in reps.items():
+        kind = type(modules[name]).__name__
+        if isinstance(parts, str):
+            report.left.append((name, f"{kind} runs its own forward (per-conv kernels): {parts}"))
+            continue
+        rep_block(modules[name], rep_form)
+        branches = f"{len(parts.convs)} conv branch(es)" + (" + identity" if parts.identity else "")
+        report.blocks.append(
+            (
+                name,
+                f"{kind} re-parameterized: train mode one stats conv over {branches} then a combine or a merged "
+                "conv, or its own per-branch forward (whichever models fastest), eval mode one merged conv",
+            )
+        )
     if trace_note:
         report.left.append(("<model>", trace_note))
     if example_input is not None:
@@ -256,7 +301,11 @@ def kernel_sources(model: nn.Module, example_input: Any) -> list[tuple[str, str]
         current[0] = None
 
     names = {name: m for name, m in model.named_modules() if "_tunerd_orig_class" in vars(m)}
-    names = {n: m for n, m in names.items() if isinstance(m, nn.modules.conv._ConvNd) or "_tunerd_graphs" in vars(m)}
+    names = {
+        n: m
+        for n, m in names.items()
+        if isinstance(m, nn.modules.conv._ConvNd) or "_tunerd_graphs" in vars(m) or "_tunerd_rep" in vars(m)
+    }
     handles = [
         h for n, m in names.items() for h in (m.register_forward_pre_hook(enter(n)), m.register_forward_hook(leave))
     ]
@@ -265,6 +314,7 @@ def kernel_sources(model: nn.Module, example_input: Any) -> list[tuple[str, str]
     for m in names.values():
         m.__dict__.pop("_tunerd_last", None)
         m.__dict__.pop("_tunerd_last_tuned", None)
+        m.__dict__.pop("_tunerd_rep_last", None)
     set_schedule_lookup(record)
     try:
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
@@ -284,6 +334,16 @@ def kernel_sources(model: nn.Module, example_input: Any) -> list[tuple[str, str]
         inside = next((b for b in ran_fused if name.startswith(b + ".")), None)
         if inside is not None and name not in seen:
             out.append((name, f"computed inside the fused block {inside}"))
+            continue
+        if "_tunerd_rep" in vars(m):
+            form = last_form(m)
+            ran = {
+                "eval": "one merged conv",
+                "combine": "stats conv + combine",
+                "merged": "stats conv + merged conv",
+                "eager": "its own per-branch forward (modelled faster than the fused forms)",
+            }
+            out.append((name, f"{ran.get(form or '', 'its own forward')}: {convs}"))
             continue
         if "_tunerd_graphs" not in vars(m):
             out.append((name, convs))
@@ -327,7 +387,17 @@ def unpatch(model: nn.Module) -> int:
         if orig is None:
             continue
         m.__class__ = orig
-        for attr in ("_tunerd_bn", "bn_mode", "activation", "_tunerd_graphs", "_tunerd_last", "_tunerd_last_tuned"):
+        for attr in (
+            "_tunerd_bn",
+            "bn_mode",
+            "activation",
+            "_tunerd_graphs",
+            "_tunerd_last",
+            "_tunerd_last_tuned",
+            "_tunerd_rep",
+            "_tunerd_rep_form",
+            "_tunerd_rep_last",
+        ):
             m.__dict__.pop(attr, None)
         n += 1
     return n
