@@ -8,6 +8,8 @@ process in its own process group with a time slice; a slice a phase leaves unuse
   pytest   pytest -m gpu -x with a per-test time limit (pytest-timeout), in parallel when pytest-xdist is there
   bench    python -m benchmarks.run --cases representative: bf16 fwd/dgrad/wgrad vs cuDNN and torch.compile,
            with the roofline
+  blocks   python -m benchmarks.blocks: one block per block suite, bf16 fwd then fwd+bwd, vs eager torch and
+           torch.compile, with the modelled HBM bytes
   replay   python -m tunerd.schedules.replay --record: timing tables (a seeded sample of each space; the strategy
            replay on them is CPU work, done by `collect` afterwards, off the lease)
   static   the sm_90 compile audit of the benchmarked layers, compared with the committed audit of this Triton
@@ -16,9 +18,10 @@ A phase past its slice gets SIGINT (pytest writes its report, the benchmark keep
 then SIGKILL. SIGTERM/SIGINT to this process stop the running phase the same way. Everything goes to
 --out as it happens, flat and at most 8 files (what the device tool brings back): summary.json (phases
 with status ok | failed | timed_out | skipped | interrupted, key numbers; rewritten after every step),
-gpu-check.log, pytest.xml, results.json, report.md, speedup.png, tables.tar, static.json.
-`python -m benchmarks.gpu_check collect DIR` files a fetched run under benchmarks/results/<date>-<device>/
-and replays the strategies on its tables.
+gpu-check.log, pytest.xml, results.json, report.md, blocks.json, tables.tar, static.json.
+`python -m benchmarks.gpu_check collect DIR` files a fetched run under benchmarks/results/<date>-<device>/,
+renders what derives from those files (speedup.png, blocks.md, static.md) and replays the strategies on its
+tables.
 
 --dry-run is the same path on CPU (Triton's interpreter, the `quick` subset, tiny tables, a small budget, no
 wheel install) with the service packages made unimportable, as on the box; CI runs it.
@@ -47,9 +50,9 @@ from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = "tunerd-gpu-check/1"
-PHASES = ("pytest", "bench", "replay", "static")
+PHASES = ("pytest", "bench", "blocks", "replay", "static")
 # share of the budget left after install + env, per phase; unused time rolls over to the next phase
-SHARES = {"pytest": 0.38, "bench": 0.40, "replay": 0.12, "static": 0.10}
+SHARES = {"pytest": 0.32, "bench": 0.30, "blocks": 0.20, "replay": 0.10, "static": 0.08}
 # not on the lent GPU box (device KINDS.md); blocked in a dry run so CI sees what the box sees
 BOX_LACKS = (
     "fastapi",
@@ -89,10 +92,11 @@ OUT_FILES = (
     "pytest.xml",
     "results.json",
     "report.md",
-    "speedup.png",
+    "blocks.json",  # the block benchmark's results (its report.md is rendered by collect)
     "tables.tar",
     "static.json",
 )
+DERIVED = ("speedup.png",)  # written by a phase, rendered again by collect: removed from the 8 files returned
 
 
 @dataclass
@@ -106,6 +110,7 @@ class Settings:
     maxfail: int
     workers: int | None  # pytest-xdist workers (None: automatic)
     bench_args: list[str]
+    blocks_args: list[str]
     block: list[str]
     grace: float  # seconds between SIGINT and SIGKILL for a phase past its slice
     min_start: float  # a phase with less time than this left is skipped
@@ -148,6 +153,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "GPU_CHECK_BENCH_ARGS)",
     )
     p.add_argument(
+        "--blocks-args",
+        default=env("GPU_CHECK_BLOCKS_ARGS", ""),
+        help="extra arguments for benchmarks.blocks, later ones win (env GPU_CHECK_BLOCKS_ARGS)",
+    )
+    p.add_argument(
         "--block",
         default=env("GPU_CHECK_BLOCK"),
         help="comma list of modules made unimportable (default: the service packages in a dry run)",
@@ -170,6 +180,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         maxfail=a.maxfail,
         workers=a.workers,
         bench_args=a.bench_args.split(),
+        blocks_args=a.blocks_args.split(),
         block=block,
         grace=10.0 if a.dry_run else 20.0,
         min_start=5.0 if a.dry_run else 20.0,
@@ -451,6 +462,31 @@ def bench_summary(path: Path) -> dict[str, Any] | None:
     }
 
 
+def blocks_argv(s: Settings, out: Path, seconds: float) -> list[str]:
+    """benchmarks.blocks: bf16, every suite's forward first, then fwd+bwd (the planner's default plans: no tuning
+    in this slice); the dry run one tiny block's forward on the interpreter."""
+    argv = [sys.executable, "-m", "benchmarks.blocks", "--json", str(out), "--time-limit", f"{seconds:.0f}"]
+    argv += ["--dtypes", "bf16"]
+    if s.dry_run:
+        argv += ["--small", "--suites", "mobilenetv2", "--passes", "fwd", "--reps", "1", "--rounds", "1"]
+    else:
+        argv += ["--passes", "fwd,fwd+bwd"]
+    return argv + s.blocks_args
+
+
+def blocks_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    stopped = doc.get("stopped") or {}
+    return {
+        "cases": len(doc.get("cases", [])),
+        "not_run": stopped.get("cases_not_run", 0),
+        "summary": doc.get("summary"),
+    }
+
+
 def pack_tables(tables: Path, dest: Path) -> list[str]:
     """tables/*.json into one tar (written whole, then renamed): the device returns at most 8 files."""
     names = sorted(p.name for p in tables.glob("*.json"))
@@ -649,10 +685,21 @@ class Check:
         # backstop for a case that overruns
         limit = min(20.0, left) if self.s.dry_run else max(10.0, 0.85 * left - 10)
         o = self.runner.run(bench_argv(self.s, self.s.out, limit), deadline)
+        for name in DERIVED:  # collect renders it again; the device returns at most 8 files
+            (self.s.out / name).unlink(missing_ok=True)
         res = self.results["bench"] = bench_summary(self.s.out / "results.json")
         if res is None:
             o.status = "failed" if o.status == "ok" else o.status
             return o, "no results.json"
+        return o, f"{res['cases']} cases, {res['not_run']} not run"
+
+    def blocks(self, deadline: float, left: float) -> tuple[Outcome, str]:
+        limit = min(20.0, left) if self.s.dry_run else max(10.0, 0.85 * left - 10)
+        o = self.runner.run(blocks_argv(self.s, self.s.out / "blocks.json", limit), deadline)
+        res = self.results["blocks"] = blocks_summary(self.s.out / "blocks.json")
+        if res is None:
+            o.status = "failed" if o.status == "ok" else o.status
+            return o, "no blocks.json"
         return o, f"{res['cases']} cases, {res['not_run']} not run"
 
     def replay(self, deadline: float, left: float) -> tuple[Outcome, str]:
@@ -788,7 +835,8 @@ def run_check(s: Settings) -> int:
 
 def collect(src: Path, dest_root: Path = ROOT, seeds: int = 5, strategies: list[str] | None = None) -> Path:
     """File a fetched run: its files under the summary's commit_as folder, the timing tables under
-    benchmarks/tables/ and the strategy replay on them (replay.json), static.md rendered from static.json."""
+    benchmarks/tables/ and the strategy replay on them (replay.json); rendered from the JSON files: static.md,
+    blocks.md and speedup.png."""
     summary = json.loads((src / "summary.json").read_text())
     if summary.get("schema") != SCHEMA or not summary.get("commit_as"):
         raise SystemExit(f"{src / 'summary.json'}: not a gpu-check summary with a device")
@@ -816,6 +864,16 @@ def collect(src: Path, dest_root: Path = ROOT, seeds: int = 5, strategies: list[
         from tunerd.kernels.runtime import atomic_write_text
 
         atomic_write_text(dest / "static.md", static.markdown(json.loads((dest / "static.json").read_text())))
+    if (dest / "blocks.json").is_file():
+        from benchmarks import blocks
+        from tunerd.kernels.runtime import atomic_write_text
+
+        atomic_write_text(dest / "blocks.md", blocks.markdown(json.loads((dest / "blocks.json").read_text())))
+    bench = json.loads((dest / "results.json").read_text()) if (dest / "results.json").is_file() else {}
+    if bench.get("schema") == "tunerd-benchmark/1":
+        from benchmarks import report
+
+        report.plot(bench, dest / "speedup.png")
     return dest
 
 

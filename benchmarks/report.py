@@ -174,9 +174,9 @@ def markdown(doc: dict[str, Any]) -> str:
                 problems.setdefault((n, r.get("status", "?"), str(r.get("error") or r.get("reason"))), []).append(where)
     if problems:
         lines += ["", "## Without a time", ""]
-        for (n, status, why), where in problems.items():
-            more = " ..." if len(where) > 6 else ""
-            lines.append(f"- `{n}` {status} in {len(where)} case(s) ({', '.join(where[:6])}{more}): {why}")
+        for (n, status, why), seen in problems.items():
+            more = " ..." if len(seen) > 6 else ""
+            lines.append(f"- `{n}` {status} in {len(seen)} case(s) ({', '.join(seen[:6])}{more}): {why}")
     if doc.get("stopped"):
         lines += ["", f"Not run ({doc['stopped']['reason']}): " + ", ".join(doc["stopped"]["not_run"])]
     if doc.get("e2e"):
@@ -271,12 +271,24 @@ def strict_json(v: Any) -> Any:
     return v
 
 
+def write_json(doc: dict[str, Any], path: Path) -> str:
+    """doc as strict JSON at path, atomically (the parent folder is made); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(strict_json(doc), indent=1, default=str, allow_nan=False) + "\n")
+    return str(path)
+
+
+def write_files(doc: dict[str, Any], md: str, out_dir: Path) -> list[str]:
+    """results.json and report.md (the markdown md) under out_dir, each atomically; returns the paths."""
+    write_json(doc, out_dir / "results.json")
+    atomic_write_text(out_dir / "report.md", md)
+    return [str(out_dir / "results.json"), str(out_dir / "report.md")]
+
+
 def write(doc: dict[str, Any], out_dir: Path, *, final: bool = True) -> dict[str, str]:
     """results.json and report.md (always), speedup.png when final; returns the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "markdown": out_dir / "report.md"}
-    atomic_write_text(paths["json"], json.dumps(strict_json(doc), indent=1, default=str, allow_nan=False) + "\n")
-    atomic_write_text(paths["markdown"], markdown(doc))
+    json_path, md_path = write_files(doc, markdown(doc), out_dir)
+    paths = {"json": json_path, "markdown": md_path}
     if final and plot(doc, out_dir / "speedup.png"):
-        paths["png"] = out_dir / "speedup.png"
-    return {k: str(v) for k, v in paths.items()}
+        paths["png"] = str(out_dir / "speedup.png")
+    return paths

@@ -8,8 +8,8 @@
 #   bash scripts/gpu-check.sh --dry-run --out D   # CPU: the same path on the interpreter, tiny (CI runs it)
 #   bash scripts/gpu-check.sh --collect DIR       # HERE: file a fetched $OUT under benchmarks/results/
 #
-# Other flags: --phases pytest,bench,replay,static --test-timeout S --maxfail N --workers N --bench-args '...'
-# (python -m benchmarks.gpu_check --help).
+# Other flags: --phases pytest,bench,blocks,replay,static --test-timeout S --maxfail N --workers N
+# --bench-args '...' --blocks-args '...' (python -m benchmarks.gpu_check --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

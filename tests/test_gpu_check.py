@@ -48,6 +48,7 @@ def test_dry_run_writes_every_result(tmp_path):
         "env": "ok",
         "pytest": "ok",
         "bench": "ok",
+        "blocks": "ok",
         "replay": "ok",
         "static": "ok",
     }, s["phases"]
@@ -70,6 +71,10 @@ def test_dry_run_writes_every_result(tmp_path):
     ran = len(bench["cases"]) + (bench["stopped"] or {}).get("cases_not_run", 0)
     assert ran == 2 * 3 and s["results"]["bench"]["cases"] == len(bench["cases"])
     assert "| quick |" in (tmp_path / "report.md").read_text()
+    # the block benchmark: one tiny block's forward, every contender checked, flat as blocks.json
+    blocks = json.loads((tmp_path / "blocks.json").read_text())
+    assert blocks["schema"] == "tunerd-block-benchmark/1" and s["results"]["blocks"]["cases"] == len(blocks["cases"])
+    assert blocks["cases"] and blocks["cases"][0]["contenders"]["tunerd"]["status"] == "ok"
     # the timing tables: real tables, a seeded sample of their space
     with tarfile.open(tmp_path / "tables.tar") as tar:
         tables = {m.name: Table.from_dict(json.load(tar.extractfile(m))) for m in tar.getmembers()}
@@ -132,10 +137,10 @@ def test_a_phase_past_its_slice_is_interrupted_then_killed(tmp_path):
 
 def test_slices_are_cumulative_shares_and_the_last_runs_to_the_end():
     d = gpu_check.deadlines(100.0, 600.0, list(gpu_check.PHASES))
-    assert d["pytest"] == pytest.approx(100 + 500 * 0.38) and d["bench"] == pytest.approx(100 + 500 * 0.78)
+    assert d["pytest"] == pytest.approx(100 + 500 * 0.32) and d["bench"] == pytest.approx(100 + 500 * 0.62)
     assert d["static"] == 600.0 and list(d.values()) == sorted(d.values())
     assert gpu_check.deadlines(0.0, 50.0, ["bench", "replay"]) == {
-        "bench": pytest.approx(50 * 0.4 / 0.52),
+        "bench": pytest.approx(50 * 0.3 / 0.4),
         "replay": 50.0,
     }
 
@@ -175,12 +180,15 @@ def test_collect_files_a_fetched_run(tmp_path):
     (src / "report.md").write_text("# report\n")
     audit = next((ROOT / "benchmarks" / "results").glob("*-static-sm90-*/static.json"))
     (src / "static.json").write_bytes(audit.read_bytes())
+    (src / "blocks.json").write_bytes((ROOT / "benchmarks/results/2026-12-02-blocks-cpu/results.json").read_bytes())
     table = next((ROOT / "benchmarks" / "tables").glob("interp_depthwise2d_*.json"))
     with tarfile.open(src / "tables.tar", "w") as tar:
         tar.add(table, arcname=table.name)
     dest = gpu_check.collect(src, repo, seeds=1, strategies=["random", "model"])
     assert dest == repo / "benchmarks/results/2026-12-01-nvidia-h200"
     assert sorted(p.name for p in dest.iterdir()) == [
+        "blocks.json",
+        "blocks.md",
         "replay.json",
         "report.md",
         "static.json",
@@ -188,6 +196,7 @@ def test_collect_files_a_fetched_run(tmp_path):
         "summary.json",
     ]
     assert (dest / "static.md").read_text().startswith("# Static sm_90 audit")
+    assert (dest / "blocks.md").read_text().startswith("# tunerd block benchmark")
     assert (repo / "benchmarks/tables" / table.name).read_bytes() == table.read_bytes()
     report = json.loads((dest / "replay.json").read_text())
     assert set(report["strategies"]) == {"random", "model"} and report["tables"][0]["complete"]
