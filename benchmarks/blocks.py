@@ -48,7 +48,7 @@ from tunerd.schedules import block_suites
 from tunerd.schedules.blocks import BlockHarness, tune_block
 from tunerd.schedules.strategies import STRATEGIES
 
-from . import report
+from . import report, timing
 from .run import _ACT, COMPILE_CPU_SKIP, DTYPES, Skip, _log, fingerprint
 from .timing import Failure, Timing, TimingConfig, compare, describe_error, synchronize
 
@@ -138,8 +138,7 @@ class Config:
         return d
 
 
-def _csv(s: str | None) -> list[str] | None:
-    return [v.strip() for v in s.split(",") if v.strip()] if s else None
+_csv = timing.csv
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -154,12 +153,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--strategy", default="model", help="schedules.strategies name for tune_block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, help="seconds; no case starts that would cross it (default 400)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on with CUDA only")
-    p.add_argument(
-        "--compile-mode",
-        default="max-autotune-no-cudagraphs",
-        help="torch.compile mode (benchmarks/README.md: why not plain max-autotune)",
-    )
+    timing.add_args(p)
     p.add_argument(
         "--graphs",
         choices=("auto", "on", "off"),
@@ -167,10 +161,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="fwd: also time each contender replayed from CUDA graphs, device time without host overhead "
         "(auto: with CUDA)",
     )
-    p.add_argument("--reps", type=int, help="timed calls per contender per round")
-    p.add_argument("--rounds", type=int, help="alternation rounds")
-    p.add_argument("--warmup", type=int, help="untimed calls per contender")
-    p.add_argument("--inputs", type=int, help="rotated input sets per case")
     p.add_argument("--small", action="store_true", help="tiny interpreter-sized blocks (the default without CUDA)")
     p.add_argument("--full", action="store_true", help="the GPU-sized blocks even without CUDA (hours)")
     p.add_argument("--out", help="output directory (default: benchmarks/results/<date>-<device>-blocks/, temp small)")
@@ -210,12 +200,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         compile_mode=a.compile_mode,
         graphs=a.graphs == "on" or (a.graphs == "auto" and cuda),
         n_inputs=a.inputs or (1 if small else 3),
-        timing=TimingConfig(
-            warmup=a.warmup if a.warmup is not None else warm,
-            reps=a.reps or reps,
-            rounds=a.rounds or rounds,
-            flush_bytes=TimingConfig.flush_bytes if cuda else 0,
-        ),
+        timing=timing.config_from_args(a, cuda, warm, reps, rounds),
         out=a.out,
         json=a.json,
     )
@@ -699,22 +684,7 @@ def markdown(doc: dict[str, Any]) -> str:
             + " | ".join([_cell(r.get(n)) for n in names] + [x(s.get(m)) for m in metrics])
             + " |"
         )
-    problems: dict[tuple[str, str, str], list[str]] = {}  # (contender, status, why) -> where
-    for c in doc["cases"]:
-        where = f"{c['suite']}/{c['entry']} {c['pass']} {c['dtype']}"
-        if c.get("error"):
-            problems.setdefault(("whole case", "error", c["error"]), []).append(where)
-        for n, r in c["contenders"].items():
-            if r.get("status") != "ok":
-                why = r.get("error") or r.get("reason") or f"wrong {r.get('wrong')}, rel_error {r.get('rel_error')}"
-                problems.setdefault((n, str(r.get("status")), str(why)), []).append(where)
-    if problems:
-        lines += ["", "## Without a time", ""]
-        for (n, status, why), seen in problems.items():
-            more = " ..." if len(seen) > 6 else ""
-            lines.append(f"- `{n}` {status} in {len(seen)} case(s) ({', '.join(seen[:6])}{more}): {why}")
-    if doc.get("stopped"):
-        lines += ["", f"Not run ({doc['stopped']['reason']}): " + ", ".join(doc["stopped"]["not_run"])]
+    lines += report.problem_lines(doc, lambda c: f"{c['suite']}/{c['entry']} {c['pass']} {c['dtype']}")
     if doc.get("modelled"):
         m = doc["modelled"]
         lines += [

@@ -448,7 +448,8 @@ def bench_argv(s: Settings, out: Path, seconds: float) -> list[str]:
     return argv + s.bench_args
 
 
-def bench_summary(path: Path) -> dict[str, Any] | None:
+def bench_summary(path: Path, keys: tuple[str, ...] = ("peaks", "summary")) -> dict[str, Any] | None:
+    """A benchmark JSON's case counts and its top-level keys (None when it is missing or unreadable)."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -457,8 +458,7 @@ def bench_summary(path: Path) -> dict[str, Any] | None:
     return {
         "cases": len(doc.get("cases", [])),
         "not_run": stopped.get("cases_not_run", 0),
-        "peaks": doc.get("peaks"),
-        "summary": doc.get("summary"),
+        **{k: doc.get(k) for k in keys},
     }
 
 
@@ -475,16 +475,7 @@ def blocks_argv(s: Settings, out: Path, seconds: float) -> list[str]:
 
 
 def blocks_summary(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    stopped = doc.get("stopped") or {}
-    return {
-        "cases": len(doc.get("cases", [])),
-        "not_run": stopped.get("cases_not_run", 0),
-        "summary": doc.get("summary"),
-    }
+    return bench_summary(path, ("summary",))
 
 
 def pack_tables(tables: Path, dest: Path) -> list[str]:

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -164,21 +164,10 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_ms(c, 'torch_unfused')} | {_ms(c, 'torch_compile')} | {_x(vs_torch)} | "
             f"{_x(s.get('tuned_vs_compile'))} | {_pct(c.get('roofline', {}).get('tunerd_tuned'))} |"
         )
-    problems: dict[tuple[str, str, str], list[str]] = {}
-    for c in doc["cases"]:
-        where = f"{c['suite']}#{c['layer']} {c['pass']} {c['dtype']}" + (f" +{c['epilogue']}" if c["fused"] else "")
-        if c.get("error"):
-            problems.setdefault(("whole case", "error", c["error"]), []).append(where)
-        for n, r in c["contenders"].items():
-            if r.get("status") != "ok":
-                problems.setdefault((n, r.get("status", "?"), str(r.get("error") or r.get("reason"))), []).append(where)
-    if problems:
-        lines += ["", "## Without a time", ""]
-        for (n, status, why), seen in problems.items():
-            more = " ..." if len(seen) > 6 else ""
-            lines.append(f"- `{n}` {status} in {len(seen)} case(s) ({', '.join(seen[:6])}{more}): {why}")
-    if doc.get("stopped"):
-        lines += ["", f"Not run ({doc['stopped']['reason']}): " + ", ".join(doc["stopped"]["not_run"])]
+    lines += problem_lines(
+        doc,
+        lambda c: f"{c['suite']}#{c['layer']} {c['pass']} {c['dtype']}" + (f" +{c['epilogue']}" if c["fused"] else ""),
+    )
     if doc.get("e2e"):
         lines += [
             "",
@@ -269,6 +258,28 @@ def strict_json(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [strict_json(x) for x in v]
     return v
+
+
+def problem_lines(doc: dict[str, Any], where: Callable[[dict[str, Any]], str]) -> list[str]:
+    """The report's 'Without a time' section (contenders that failed, were wrong or skipped, grouped by reason,
+    each with the cases it hit: where(case) names one) and what a time limit left unrun."""
+    problems: dict[tuple[str, str, str], list[str]] = {}  # (contender, status, why) -> cases
+    for c in doc["cases"]:
+        if c.get("error"):
+            problems.setdefault(("whole case", "error", c["error"]), []).append(where(c))
+        for n, r in c["contenders"].items():
+            if r.get("status") != "ok":
+                why = r.get("error") or r.get("reason") or f"wrong {r.get('wrong')}, rel_error {r.get('rel_error')}"
+                problems.setdefault((n, str(r.get("status", "?")), str(why)), []).append(where(c))
+    lines = []
+    if problems:
+        lines += ["", "## Without a time", ""]
+        for (n, status, why), seen in problems.items():
+            more = " ..." if len(seen) > 6 else ""
+            lines.append(f"- `{n}` {status} in {len(seen)} case(s) ({', '.join(seen[:6])}{more}): {why}")
+    if doc.get("stopped"):
+        lines += ["", f"Not run ({doc['stopped']['reason']}): " + ", ".join(doc["stopped"]["not_run"])]
+    return lines
 
 
 def write_json(doc: dict[str, Any], path: Path) -> str:

@@ -41,7 +41,7 @@ from tunerd.schedules.harness import Harness
 from tunerd.schedules.strategies import STRATEGIES
 from tunerd.schedules.tuner import tune
 
-from . import networks, report
+from . import networks, report, timing
 from .timing import Failure, Timing, TimingConfig, compare, describe_error, device_peaks, synchronize
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -162,8 +162,7 @@ class Config:
         return d
 
 
-def _csv(s: str | None) -> list[str] | None:
-    return [v.strip() for v in s.split(",") if v.strip()] if s else None
+_csv = timing.csv
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -189,21 +188,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--strategy", default="model", help="schedules.strategies name (default: model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, help="seconds; no new work starts after it, results are written")
-    p.add_argument(
-        "--compile",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="torch.compile contender (auto: on with CUDA, off on the interpreter)",
-    )
-    p.add_argument(
-        "--compile-mode",
-        default="max-autotune-no-cudagraphs",
-        help="torch.compile mode for the layers (README: why not plain max-autotune)",
-    )
-    p.add_argument("--reps", type=int, help="timed calls per contender per round")
-    p.add_argument("--rounds", type=int, help="alternation rounds")
-    p.add_argument("--warmup", type=int, help="untimed calls per contender")
-    p.add_argument("--inputs", type=int, help="rotated input sets per case")
+    timing.add_args(p)
     p.add_argument("--e2e", action="store_true", help="also time training steps of ResNet-50/MobileNetV2/ConvNeXt-T")
     p.add_argument("--e2e-only", action="store_true", help="only the end-to-end part")
     p.add_argument("--e2e-models", help=f"comma list of {', '.join(E2E_MODELS)}")
@@ -258,12 +243,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         compile=a.compile == "on" or (a.compile == "auto" and cuda),
         compile_mode=a.compile_mode,
         n_inputs=a.inputs or (2 if small else 3),
-        timing=TimingConfig(
-            warmup=a.warmup if a.warmup is not None else warm,
-            reps=a.reps or reps,
-            rounds=a.rounds or rounds,
-            flush_bytes=TimingConfig.flush_bytes if cuda else 0,
-        ),
+        timing=timing.config_from_args(a, cuda, warm, reps, rounds),
         e2e=a.e2e or a.e2e_only,
         e2e_models=e2e_models,
         e2e_batch=a.e2e_batch or (2 if small else 64),

@@ -8,6 +8,7 @@ On CPU (Triton's interpreter) a wall clock times each call and nothing is flushe
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +31,40 @@ class TimingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The timing and torch.compile flags every benchmark command shares."""
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile contender (auto: on with CUDA, off on the interpreter)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default="max-autotune-no-cudagraphs",
+        help="torch.compile mode (benchmarks/README.md: why not plain max-autotune)",
+    )
+    p.add_argument("--reps", type=int, help="timed calls per contender per round")
+    p.add_argument("--rounds", type=int, help="alternation rounds")
+    p.add_argument("--warmup", type=int, help="untimed calls per contender")
+    p.add_argument("--inputs", type=int, help="rotated input sets per case")
+
+
+def config_from_args(a: argparse.Namespace, cuda: bool, warmup: int, reps: int, rounds: int) -> TimingConfig:
+    """add_args' timing flags over a command's defaults (the L2 flush on CUDA only)."""
+    return TimingConfig(
+        warmup=a.warmup if a.warmup is not None else warmup,
+        reps=a.reps or reps,
+        rounds=a.rounds or rounds,
+        flush_bytes=TimingConfig.flush_bytes if cuda else 0,
+    )
+
+
+def csv(s: str | None) -> list[str] | None:
+    """A comma list flag's values (None when not given)."""
+    return [v.strip() for v in s.split(",") if v.strip()] if s else None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ from tunerd.db.store import Store
 from tunerd.kernels import trust
 from tunerd.kernels.block import Block
 from tunerd.kernels.conv import set_schedule_lookup
+from tunerd.kernels.plan import Plan
 from tunerd.kernels.plan import best as best_plan
+from tunerd.kernels.schedule import Schedule
 from tunerd.kernels.spec import BlockSpec, SpecError
 from tunerd.schedules import block_suites, strategies, suites
 from tunerd.schedules.blocks import BlockHarness, BlockTuneResult, tune_block
@@ -278,18 +280,7 @@ def _verify_block(
     if not ok:
         return {**out, "statuses": statuses, "error": "neither the claim nor the default plan is correct here"}
     plan, scheds, t = min(ok, key=lambda c: c[2].cost)
-    assert t.median_ms is not None  # an ok trial
-    store.record_block_winner(
-        device,
-        block,
-        plan,
-        scheds,
-        median_ms=t.median_ms,
-        spread_ms=t.spread_ms,
-        reps=t.reps,
-        max_error=t.max_error,
-        strategy=VERIFY,
-    )
+    _record_block(store, device, block, plan, scheds, t, VERIFY)
     return {
         **out,
         "statuses": statuses,
@@ -386,17 +377,29 @@ def tune_block_winner(
         raise ValueError(f"cannot tune for {device.describe()} on {here.describe()}: measurements are per device")
     res = tune_block(block, **tune_options)
     if res.best is not None:
-        t = res.best.trial
-        assert t.median_ms is not None  # an ok trial
-        store.record_block_winner(
-            device,
-            block,
-            res.best.plan,
-            res.best.schedules,
-            median_ms=t.median_ms,
-            spread_ms=t.spread_ms,
-            reps=t.reps,
-            max_error=t.max_error,
-            strategy=label or res.strategy,
-        )
+        _record_block(store, device, block, res.best.plan, res.best.schedules, res.best.trial, label or res.strategy)
     return res
+
+
+def _record_block(
+    store: Store,
+    device: DeviceFingerprint,
+    block: Block,
+    plan: Plan,
+    schedules: dict[int, Schedule],
+    t: Trial,
+    strategy: str,
+) -> None:
+    """An ok trial of (plan, schedules) measured here, offered as block's winner (it beats any imported claim)."""
+    assert t.median_ms is not None  # an ok trial
+    store.record_block_winner(
+        device,
+        block,
+        plan,
+        schedules,
+        median_ms=t.median_ms,
+        spread_ms=t.spread_ms,
+        reps=t.reps,
+        max_error=t.max_error,
+        strategy=strategy,
+    )
