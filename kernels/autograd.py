@@ -71,8 +71,7 @@ def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 # ---- forward op ------------------------------------------------------------------------------------
-@torch.library.custom_op("tunerd::conv", mutates_args=())
-def conv_op(
+def _conv_impl(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -103,6 +102,9 @@ def conv_op(
     if res.mean is None or res.var is None:  # a stats spec always gathers them
         raise RuntimeError(f"the forward of {spec.describe()} returned no batch statistics")
     return y, z, res.mean, res.var
+
+
+conv_op = torch.library.custom_op("tunerd::conv", mutates_args=())(_conv_impl)
 
 
 @conv_op.register_fake
@@ -349,7 +351,38 @@ def _backward(ctx: Any, dy: Tensor, dz: Tensor, dmean: Tensor | None, dvar: Tens
 conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerConv(torch.autograd.Function):
+    """tunerd::conv's autograd for plain eager calls (outside torch.compile and dispatch modes): the op's own
+    forward, setup_context and backward, without torch.library's per-call argument handling (about 0.3 ms of
+    Python per conv on the CPU that launches the GPU's work)."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out = _conv_impl(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple:
+        return _backward(ctx, *grads)
+
+
 # ---- Python entry ----------------------------------------------------------------------------------
+def _eager(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether a call may skip the custom op: plain tensors, no torch.compile tracing, no Python dispatch or
+    torch-function mode (fake, functional or meta tracing need the op and its fake implementation)."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+    ):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # no __torch_function__ of their own (a Parameter's is disabled)
+
+
 def conv(
     input: Tensor,
     weight: Tensor,
@@ -411,9 +444,15 @@ def conv(
     sched = json.dumps(schedule, sort_keys=True) if schedule is not None else None
     tensors = (input, weight, bias, scale, shift, residual, layer_scale, starrelu)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not training and _eager(tensors):  # nothing to differentiate: the kernel without the dispatcher's cost
+        spec = make_spec(input, weight, ndim, stride_t, args.padding, dilation_t, groups, ep, precision, stats=stats)
+        res = run_forward(spec, input, weight, ep, schedule)
+        y = res.y if args.batched else res.y.squeeze(0)
+        return (y, res.mean, res.var) if stats else y  # type: ignore[return-value]
     e = ep.spec(stats=stats)
     save_z = training and _ep.saves_z(e) and not (e.is_identity and stats)
-    y, _, mean, var = torch.ops.tunerd.conv(
+    op = _EagerConv.apply if _eager(tensors) else torch.ops.tunerd.conv
+    y, _, mean, var = op(
         input,
         weight,
         bias,
