@@ -106,7 +106,7 @@ def test_conv_schedules_agree(schedule):
     "schedule", [Schedule(block_m=8, block_n=4), Schedule(block_m=64, block_n=32)], ids=lambda s: s.describe()
 )
 def test_depthwise_schedules_agree(schedule):
-    case = Case(2, 40, 40, (9, 9), 5, padding=2, groups=40, epilogue=BIAS_GELU)
+    case = Case(2, 20, 20, (7, 7), 5, padding=2, groups=20, epilogue=BIAS_GELU)  # partial tiles either way
     assert run_case(case, "float32", schedule=schedule) < 1e-5
 
 
