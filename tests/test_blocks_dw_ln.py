@@ -12,10 +12,11 @@ import models_zoo  # noqa: F401  (timm after tunerd, with torchvision's ops decl
 import pytest
 import torch
 import torch.nn.functional as F
+from blockcheck import check_gradients
 from timm.models.convnext import ConvNeXtBlock
 
 from tunerd.kernels import block as B
-from tunerd.kernels import block_autograd, block_reference, fused, reference, runtime
+from tunerd.kernels import block_reference, fused, reference, runtime
 from tunerd.kernels import plan as P
 from tunerd.kernels.schedule import Schedule, ScheduleError
 from tunerd.kernels.spec import SpecError
@@ -153,19 +154,7 @@ def test_forced_dw_ln_plan_matches_timm_convnext_block():
 
 def test_dw_ln_gradients_match_float64():
     blk = B.convnext(n=1, c=40, in_size=(4, 3), expansion=2)
-    g = torch.Generator().manual_seed(7)
-    params = {k: v.requires_grad_() for k, v in fused.random_params(blk, "cpu", g).items()}
-    x = torch.randn((blk.n, blk.c, *blk.in_size), generator=g).requires_grad_()
-    y = block_autograd.block(blk, params, x, _forced(blk), poison=True)
-    dy = torch.randn(y.shape, generator=g)
-    got = torch.autograd.grad(y, [x, *params.values()], dy)
-    x64 = x.detach().double().requires_grad_()
-    p64 = {k: v.detach().double().requires_grad_() for k, v in params.items()}
-    y64 = block_reference.block(blk, p64, x64)
-    want = torch.autograd.grad(y64, [x64, *p64.values()], dy.double())
-    assert reference.rel_error(y, y64) < 1e-5
-    for what, a, b in zip(["input", *params], got, want):
-        assert a.shape == b.shape and reference.rel_error(a, b) < 1e-5, (what, reference.rel_error(a, b))
+    check_gradients(blk, _forced(blk), seed=7)
 
 
 @pytest.mark.slow

@@ -16,25 +16,19 @@ import models_zoo  # noqa: F401  (torchvision after tunerd, with torchvision's o
 import pytest
 import torch
 import torch.nn.functional as F
-from blockcheck import check_plan
+from blockcheck import check_gradients, check_plan
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from tunerd.blocks import BlockTracer, from_graph, last_plan
 from tunerd.kernels import block as B
-from tunerd.kernels import block_autograd, block_reference, fused, reference
+from tunerd.kernels import block_reference, fused, reference
 from tunerd.kernels import plan as P
 from tunerd.kernels.schedule import Schedule
 from tunerd.kernels.spec import SpecError
 from tunerd.patching import patch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the official gnConv (HorNet, Rao et al. 2022), as its repository writes it (no print; gflayer: a global filter
@@ -201,19 +195,7 @@ def test_dw_gate_dilated_offset_gate_without_second_output():
 def test_gnconv_gradients_match_float64():
     blk = B.gnconv(n=2, c=8, in_size=(4, 3), order=2, kernel=3, scale=0.5)
     plan = P.best(blk)
-    g = torch.Generator().manual_seed(7)
-    params = {k: v.requires_grad_() for k, v in fused.random_params(blk, "cpu", g).items()}
-    x = torch.randn((blk.n, blk.c, *blk.in_size), generator=g).requires_grad_()
-    y = block_autograd.block(blk, params, x, plan, poison=True)
-    dy = torch.randn(y.shape, generator=g)
-    got = torch.autograd.grad(y, [x, *params.values()], dy)
-    x64 = x.detach().double().requires_grad_()
-    p64 = {k: v.detach().double().requires_grad_() for k, v in params.items()}
-    y64 = block_reference.block(blk, p64, x64)
-    want = torch.autograd.grad(y64, [x64, *p64.values()], dy.double())
-    assert reference.rel_error(y, y64) < 1e-5
-    for what, a, b in zip(["input", *params], got, want):
-        assert a.shape == b.shape and reference.rel_error(a, b) < 1e-5, (what, reference.rel_error(a, b))
+    check_gradients(blk, plan, seed=7)
 
 
 # ---- tunerd.patch ----------------------------------------------------------------------------------------

@@ -39,12 +39,7 @@ MATCH = 1e-4  # patched vs unpatched fp32 (the issue's bound)
 FACTOR, FLOOR = 4.0, 1e-5  # a gradient's error vs float64: within FACTOR x torch's own fp32 error, or FLOOR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- block autograd ----------------------------------------------------------------------------------

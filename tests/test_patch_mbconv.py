@@ -32,13 +32,7 @@ from tunerd.kernels.plan import FUSED, rank
 from tunerd.kernels.reference import rel_error
 from tunerd.patching import patch, unpatch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _graph(m: nn.Module, training: bool):

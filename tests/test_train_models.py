@@ -29,13 +29,7 @@ FLOOR = 2e-6  # ... or this (relative), when torch happens to be nearly exact
 MOMENTUM_NONE = {"tv_regnet", "timm_starnet"}  # BatchNorms with cumulative running averages
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: torch's thread pool only adds contention to the interpreter's single thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model: nn.Module, gen: torch.Generator) -> None:
