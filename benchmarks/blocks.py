@@ -585,12 +585,8 @@ def run_case(
 def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per suite (and 'all'), per pass: geometric means and counts of the speedups; the fused/eager bytes ratio
     (geometric mean over the suite's blocks)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for c in cases:
-        groups.setdefault(c["suite"], []).append(c)
-    groups["all"] = list(cases)
     out: dict[str, dict[str, Any]] = {}
-    for suite, cs in groups.items():
+    for suite, cs in report.by_suite(cases).items():
         row: dict[str, Any] = {"cases": len(cs)}
         for op in PASSES:
             sel = [c for c in cs if c["pass"] == op and not c.get("error")]

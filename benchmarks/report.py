@@ -52,14 +52,18 @@ def case_speedups(case: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
-def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per suite (and 'all'): geometric mean and count of every speedup metric, median roofline fraction."""
+def by_suite(cases: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Cases grouped by their suite, in first-seen order, then every case under 'all'."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for c in cases:
         groups.setdefault(c["suite"], []).append(c)
-    groups["all"] = list(cases)
+    return {**groups, "all": list(cases)}
+
+
+def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per suite (and 'all'): geometric mean and count of every speedup metric, median roofline fraction."""
     out: dict[str, dict[str, Any]] = {}
-    for suite, cs in groups.items():
+    for suite, cs in by_suite(cases).items():
         row: dict[str, Any] = {}
         for metric in SPEEDUPS:
             vals = [c["speedups"].get(metric) for c in cs]

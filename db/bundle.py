@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -56,6 +56,7 @@ _ENVELOPE = {"format", "version", "sha256", "payload"}
 MAX_BINARIES = 8192  # ahead-of-time binaries a bundle may hold (kernels x arches)
 MAX_BINARY_BYTES = 512 << 20  # their decoded files together
 TRUSTED_KEYS_ENV = "TUNERD_TRUSTED_KEYS"  # a JSON list of public key files, as the daemon's setting reads it
+_RowT = TypeVar("_RowT", WinnerRow, BlockWinnerRow)
 
 
 @dataclass(frozen=True)
@@ -388,33 +389,27 @@ def read_bundle(
 def bundle_winners(env: dict[str, Any]) -> list[WinnerRow]:
     """The winners of an envelope read_bundle accepted, as rows (BundleError for a malformed one). Their
     sources are still claims: re-render (kernels.trust) before using one."""
-    rows = []
-    for i, d in enumerate(env["payload"]["winners"]):
-        try:
-            row = WinnerRow.from_portable(d)
-        except InvalidRecord as e:
-            raise BundleError(f"bundle winner {i} is malformed: {e}") from None
-        if row.device.generator_version != GENERATOR_VERSION:
-            raise BundleError(
-                f"incompatible bundle: winner {i} was measured with generator "
-                f"{row.device.generator_version!r}, this tunerd's is {GENERATOR_VERSION!r}"
-            )
-        rows.append(row)
-    return rows
+    return _rows(WinnerRow, env["payload"]["winners"], "winner")
 
 
 def bundle_block_winners(env: dict[str, Any]) -> list[BlockWinnerRow]:
     """The fused block winners of an envelope read_bundle accepted (BundleError for a malformed one; a bundle
     without any has none). Still claims: kernels.trust.verify_plan checks each before it is stored or run."""
+    return _rows(BlockWinnerRow, env["payload"].get("block_winners", []), "block winner")
+
+
+def _rows(cls: type[_RowT], items: list[Any], what: str) -> list[_RowT]:
+    """Parse a payload list of portable rows: BundleError naming the malformed one or one measured by another
+    generator version."""
     rows = []
-    for i, d in enumerate(env["payload"].get("block_winners", [])):
+    for i, d in enumerate(items):
         try:
-            row = BlockWinnerRow.from_portable(d)
+            row = cls.from_portable(d)
         except InvalidRecord as e:
-            raise BundleError(f"bundle block winner {i} is malformed: {e}") from None
+            raise BundleError(f"bundle {what} {i} is malformed: {e}") from None
         if row.device.generator_version != GENERATOR_VERSION:
             raise BundleError(
-                f"incompatible bundle: block winner {i} was measured with generator "
+                f"incompatible bundle: {what} {i} was measured with generator "
                 f"{row.device.generator_version!r}, this tunerd's is {GENERATOR_VERSION!r}"
             )
         rows.append(row)

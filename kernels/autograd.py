@@ -428,8 +428,9 @@ def conv(
     input, groups, stride_t, dilation_t = args.input, args.groups, args.stride, args.dilation
     if residual is not None and not args.batched:
         residual = ep.residual = residual.unsqueeze(0)
-    if not torch.compiler.is_compiling():  # clear errors before the dispatcher (the fake checks under compile)
-        make_spec(input, weight, ndim, stride_t, args.padding, dilation_t, groups, ep, precision, stats=stats)
+    spec = None  # clear errors before the dispatcher (the fake implementation checks under compile)
+    if not torch.compiler.is_compiling():
+        spec = make_spec(input, weight, ndim, stride_t, args.padding, dilation_t, groups, ep, precision, stats=stats)
     pads = [v for pair in args.padding for v in pair]
     starrelu = None
     if activation == "starrelu":
@@ -444,8 +445,7 @@ def conv(
     sched = json.dumps(schedule, sort_keys=True) if schedule is not None else None
     tensors = (input, weight, bias, scale, shift, residual, layer_scale, starrelu)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if not training and _eager(tensors):  # nothing to differentiate: the kernel without the dispatcher's cost
-        spec = make_spec(input, weight, ndim, stride_t, args.padding, dilation_t, groups, ep, precision, stats=stats)
+    if spec is not None and not training and _eager(tensors):  # nothing to differentiate: skip the dispatcher
         res = run_forward(spec, input, weight, ep, schedule)
         y = res.y if args.batched else res.y.squeeze(0)
         return (y, res.mean, res.var) if stats else y  # type: ignore[return-value]
