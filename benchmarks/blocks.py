@@ -13,6 +13,14 @@ process on the same input sets, timed side by side by benchmarks.timing.compare:
   torch_compile  torch.compile of that eager function (skipped in the interpreter mode)
   *_graph        fwd on CUDA: each of those replayed from CUDA graphs, the device time without host overhead
 
+Module cases (MODULE_SUITES: repvgg_a0) are timm modules whose training form tunerd runs module based
+(tunerd.blocks.rep_block: BatchNorm on batch statistics, kernels.reparam.train_forward), timed the same way:
+
+  tunerd         rep_block's auto form (the modelled cheapest of combine / merged / the block's own forward)
+  tunerd_<form>  each forced form: tunerd_combine (stats conv + elementwise combine), tunerd_merged (stats conv +
+                 a conv of the statistics-merged weight); the form 'eager' is the eager contender itself
+  eager          the timm module's own forward (cuDNN on GPU, channels_last); torch_compile: torch.compile of it
+
 Every contender's output (and for fwd+bwd the gradients of the input and every parameter) is checked against
 the float64 oracle first; a failing or wrong contender is recorded, never fatal. Beside the times: the modelled
 HBM bytes and launches of the fused plan vs the unfused (eager) plan (kernels.plan.cost; forward only), and
@@ -23,6 +31,7 @@ interpreter mode on tiny blocks, labelled as such: its times mean nothing, its b
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import math
 import re
@@ -54,6 +63,7 @@ from .timing import Failure, Timing, TimingConfig, compare, describe_error, sync
 
 PASSES = ("fwd", "fwd+bwd")
 CONTENDERS = ("tunerd", "eager", "torch_compile")
+FORM_CONTENDERS = ("tunerd_combine", "tunerd_merged")  # module cases: the forced training forms
 GRAPHED = {"tunerd": "tunerd_graph", "eager": "eager_graph", "torch_compile": "compile_graph"}  # fwd, CUDA only
 # speedup metric -> (contender, tunerd's contender it is divided by); graph_*: device time, no host overhead
 METRICS = {
@@ -95,10 +105,78 @@ SMALL: dict[str, Callable[[str], Block]] = {
     "inceptionnext_t": lambda dt: B.inception_dw(n=1, c=32, in_size=(8, 8), dtype=dt),
     "deeplabv3_aspp": lambda dt: B.aspp(n=1, c=16, in_size=(8, 8), k=16, rates=(2, 3), dtype=dt),
     "hornet_t": lambda dt: B.gnconv(n=1, c=16, in_size=(8, 8), order=3, scale=1 / 3, dtype=dt),
+    "ecaresnet50d": lambda dt: B.bottleneck(n=1, c=16, k=16, width=8, in_size=(8, 8), dtype=dt),
     "eca_mobilenetv2": lambda dt: B.mbconv(
         n=1, c=16, k=16, in_size=(8, 8), expansion=2, se_ratio=None, act="relu6", attention="eca", dtype=dt
     ),
 }
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """A module case's block: make() builds it (fp32, random init) for an input of x_shape."""
+
+    name: str
+    kind: str  # e.g. "RepVggBlock c48->96 s2"
+    make: Callable[[], torch.nn.Module]
+    x_shape: tuple[int, int, int, int]
+    count: int  # how many blocks of the network have this shape
+    dtype: str = "float32"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name} {self.x_shape} {self.dtype}"
+
+    def describe(self) -> str:
+        n, _, h, w = self.x_shape
+        return f"{self.kind} n{n} @{h}x{w} {self.dtype}"
+
+
+_SCHEMAS: list[torch.library.Library] = []
+
+
+def _byobnet() -> Any:
+    """timm.models.byobnet; where torchvision's compiled ops did not load over this torch build (a CPU box), its two
+    schemas are declared first, as tests/models_zoo.py does (timm imports torchvision)."""
+    try:
+        import timm.models.byobnet as byob
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        lib = torch.library.Library("torchvision", "DEF")
+        for name in ("nms", "qnms"):
+            lib.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _SCHEMAS.append(lib)  # the schemas live as long as the library object
+        import timm.models.byobnet as byob
+    return byob
+
+
+def _rep_vgg_block(c: int, k: int, stride: int) -> tuple[str, Callable[[], torch.nn.Module]]:
+    return f"RepVggBlock c{c}->{k} s{stride}", lambda: _byobnet().RepVggBlock(c, k, 3, stride=stride)
+
+
+def _repvgg_a0(n: int, dtype: str) -> list[ModuleEntry]:
+    """timm repvgg_a0's RepVggBlocks at 224 x 224 (widths 48, 96, 192, 1280; depths 2, 4, 14, 1; each stage's
+    first block stride 2 without identity, the rest 3x3 + 1x1 + identity BN)."""
+    out = []
+    c, size = 48, 112
+    for i, (k, depth) in enumerate(((48, 2), (96, 4), (192, 14), (1280, 1)), 1):
+        out.append(ModuleEntry(f"stage{i}.0", *_rep_vgg_block(c, k, 2), (n, c, size, size), 1, dtype))
+        c, size = k, size // 2
+        if depth > 1:
+            out.append(ModuleEntry(f"stage{i}.1", *_rep_vgg_block(k, k, 1), (n, k, size, size), depth - 1, dtype))
+    return out
+
+
+MODULE_SUITES: dict[str, Callable[[int, str], list[ModuleEntry]]] = {"repvgg_a0": _repvgg_a0}
+SMALL_MODULES: dict[str, Callable[[str], ModuleEntry]] = {
+    "repvgg_a0": lambda dt: ModuleEntry("small", *_rep_vgg_block(8, 8, 1), (2, 8, 5, 5), 1, dt),
+}
+
+
+def representative_modules(entries: list[ModuleEntry], k: int) -> list[ModuleEntry]:
+    """The k entries that move the most activation traffic (count x input elements)."""
+    return sorted(entries, key=lambda e: -e.count * math.prod(e.x_shape))[:k]
 
 
 def representative(entries: list[block_suites.Entry], k: int) -> list[block_suites.Entry]:
@@ -143,7 +221,7 @@ _csv = timing.csv
 
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(prog="python -m benchmarks.blocks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suites", help=f"comma list of {', '.join(SUITES)} (default: all)")
+    p.add_argument("--suites", help=f"comma list of {', '.join([*SUITES, *MODULE_SUITES])} (default: all)")
     p.add_argument("--passes", help="comma list of fwd,fwd+bwd (default: both)")
     p.add_argument("--dtypes", help="comma list of bf16,fp16,fp32 (default: bf16 on GPU, fp32 small)")
     p.add_argument("--blocks-per-suite", type=int, default=1, help="entries per suite, heaviest traffic first")
@@ -169,9 +247,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
     cuda = torch.cuda.is_available() and not runtime.interpreting()
     small = a.small or (not cuda and not a.full)
-    names = _csv(a.suites) or list(SUITES)
-    if bad := [n for n in names if n not in SUITES]:
-        p.error(f"unknown suites {bad}; choose from {list(SUITES)}")
+    names = _csv(a.suites) or [*SUITES, *MODULE_SUITES]
+    if bad := [n for n in names if n not in SUITES and n not in MODULE_SUITES]:
+        p.error(f"unknown suites {bad}; choose from {[*SUITES, *MODULE_SUITES]}")
     passes = _csv(a.passes) or list(PASSES)
     if bad := [x for x in passes if x not in PASSES]:
         p.error(f"passes must be among {list(PASSES)}, got {bad}")
@@ -212,13 +290,21 @@ class Case:
     suite: str
     entry: str
     count: int  # how many blocks of the network have this shape
-    block: Block
+    block: Block | None  # a block-graph case, or
     op: str  # "fwd" or "fwd+bwd"
     rank: tuple[int, ...]  # run order under a time limit: first dtype, then forward of every suite, ...
+    module: ModuleEntry | None = None  # a module case
+
+    @property
+    def dtype(self) -> str:
+        return self.block.dtype if self.block is not None else self.module.dtype  # type: ignore[union-attr]
 
     @property
     def label(self) -> str:
-        return f"{self.suite}/{self.entry} {self.op} {self.block.dtype}"
+        return f"{self.suite}/{self.entry} {self.op} {self.dtype}"
+
+    def describe(self) -> str:
+        return self.block.describe() if self.block is not None else self.module.describe()  # type: ignore[union-attr]
 
 
 def plan_cases(cfg: Config) -> list[Case]:
@@ -227,6 +313,16 @@ def plan_cases(cfg: Config) -> list[Case]:
     cases = []
     for si, name in enumerate(cfg.suites):
         for di, dtype in enumerate(cfg.dtypes):
+            if name in MODULE_SUITES:
+                mods = (
+                    [SMALL_MODULES[name](dtype)]
+                    if cfg.small
+                    else representative_modules(MODULE_SUITES[name](cfg.batch, dtype), cfg.blocks_per_suite)
+                )
+                for j, m in enumerate(mods):
+                    for pi, op in enumerate(cfg.passes):
+                        cases.append(Case(name, m.name, m.count, None, op, (di, j, pi, si), module=m))
+                continue
             if cfg.small:
                 entries = [block_suites.Entry("small", SMALL[name](dtype), 1)]
             else:
@@ -512,7 +608,10 @@ def run_case(
 ) -> dict[str, Any]:
     """Check and time the contenders of one case; chosen: block key -> (plan, schedules, how), shared by the
     fwd and fwd+bwd cases of a block (tuned once, with harness)."""
+    if case.module is not None:
+        return run_module_case(case, case.module, cfg, device)
     blk = case.block
+    assert blk is not None
     doc: dict[str, Any] = {
         "suite": case.suite,
         "entry": case.entry,
@@ -581,6 +680,135 @@ def run_case(
     return doc
 
 
+# ---- module cases -------------------------------------------------------------------------------------------
+def _module_sets(entry: ModuleEntry, n: int, device: torch.device, seed: int, backward: bool) -> list[InputSet]:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed * 1_000_003 + zlib.crc32(entry.key.encode()))
+    dt, cl = SPEC_DTYPES[entry.dtype], torch.channels_last
+    out = []
+    for _ in range(n):
+        x = torch.randn(entry.x_shape, generator=gen, device=device).to(dt).contiguous(memory_format=cl)
+        dy = None
+        if backward:
+            y_shape = _out_shape(entry)
+            dy = torch.randn(y_shape, generator=gen, device=device).to(dt).contiguous(memory_format=cl)
+        out.append(InputSet(x, {}, dy))
+    return out
+
+
+def _out_shape(entry: ModuleEntry) -> tuple[int, ...]:
+    with torch.device("meta"):
+        return tuple(entry.make()(torch.empty(entry.x_shape)).shape)
+
+
+def _module(entry: ModuleEntry, device: torch.device, seed: int) -> torch.nn.Module:
+    """The case's module (fp32, training mode), its BatchNorm affines away from their init so every branch's
+    scale and shift matter, seeded per entry."""
+    torch.manual_seed(seed * 1_000_003 + zlib.crc32(entry.key.encode()))
+    m = entry.make().train()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.2)
+    return m.to(device)
+
+
+def _module_runner(m: torch.nn.Module, sets: list[InputSet]) -> Run:
+    """m on input set i: forward without gradients, or (with dy) forward then the gradients of x and every
+    parameter (m.parameters() order)."""
+    params = list(m.parameters())
+    if sets[0].dy is None:
+
+        def fwd(i: int) -> Outputs:
+            with torch.no_grad():
+                return (m(sets[i].x),)
+
+        return fwd
+    xs = [s.x.detach().requires_grad_() for s in sets]
+
+    def run(i: int) -> Outputs:
+        y = m(xs[i])
+        return (y.detach(), *torch.autograd.grad(y, [xs[i], *params], sets[i].dy))
+
+    return run
+
+
+def _form_doc(costs: dict[str, Any], form: str) -> dict[str, Any]:
+    c = costs[form]
+    return {"plan": f"rep_block {form}", "launches": c.launches, "bytes": c.bytes}
+
+
+def run_module_case(case: Case, entry: ModuleEntry, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """A module case: the timm block in training mode (BatchNorm on batch statistics) under rep_block's auto form,
+    each forced form, its own forward (eager) and torch.compile of it; each checked against the float64 module
+    first (output and, fwd+bwd, the gradients of x and every parameter), then timed side by side. The bytes are
+    reparam.train_costs' forward for the auto form's pick vs the block's own forward. Module forms allocate their
+    outputs themselves: no NaN poisoning here, the float64 check is the gate."""
+    from tunerd.blocks import last_form, rep_block, rep_costs
+
+    doc: dict[str, Any] = {
+        "suite": case.suite,
+        "entry": case.entry,
+        "count": case.count,
+        "name": entry.describe(),
+        "pass": case.op,
+        "dtype": entry.dtype,
+        "module": {"x_shape": list(entry.x_shape)},
+    }
+    t0 = time.perf_counter()
+    backward = case.op == "fwd+bwd"
+    dt = SPEC_DTYPES[entry.dtype]
+    try:
+        base = _module(entry, device, cfg.seed)
+        sets = _module_sets(entry, cfg.n_inputs, device, cfg.seed, backward)
+        m64 = copy.deepcopy(base).double()
+        ref_sets = [InputSet(s.x.double(), {}, None if s.dy is None else s.dy.double()) for s in sets[:1]]
+        ref = _module_runner(m64, ref_sets)(0)
+        costs, pass_costs = rep_costs(base, sets[0].x, False), rep_costs(base, sets[0].x, backward)
+    except Exception as e:
+        doc.update(error=describe_error(e), contenders={}, speedups={}, seconds=time.perf_counter() - t0)
+        return doc
+    checked: dict[str, tuple[Run, Run] | Skip | Failure] = {}
+    mods: dict[str, torch.nn.Module] = {}
+    for name, form in (("tunerd", None), *((f"tunerd_{f}", f) for f in ("combine", "merged"))):
+        try:
+            mods[name] = copy.deepcopy(base).to(dt).to(memory_format=torch.channels_last)
+            rep_block(mods[name], form)
+            r = _module_runner(mods[name], sets)
+            checked[name] = (r, r)
+        except Exception as e:
+            checked[name] = Failure("setup", describe_error(e))
+    eager_m = copy.deepcopy(base).to(dt).to(memory_format=torch.channels_last)
+    eager = _module_runner(eager_m, sets)
+    checked["eager"] = (eager, eager)
+    if not cfg.compile:
+        checked["torch_compile"] = Skip(
+            COMPILE_CPU_SKIP if cfg.device == "cpu" else "torch.compile off (--compile off)"
+        )
+    else:
+        try:
+            torch._dynamo.reset()
+            comp_m = copy.deepcopy(base).to(dt).to(memory_format=torch.channels_last)
+            comp = _module_runner(torch.compile(comp_m, mode=cfg.compile_mode, dynamic=False), sets)  # type: ignore[arg-type]
+            checked["torch_compile"] = (comp, comp)
+        except Exception as e:
+            checked["torch_compile"] = Failure("setup", describe_error(e))
+    grads = ["x", *(n for n, _ in base.named_parameters())] if backward else []
+    doc["contenders"] = measure(checked, ref, grads, reference.tolerance(entry.dtype), cfg.n_inputs, device, cfg.timing)
+    doc["speedups"] = speedups(doc)
+    form = last_form(mods["tunerd"]) if "tunerd" in mods else None
+    doc["plan"] = {"source": "auto form", "form": form, **_form_doc(costs, form if form in costs else "eager")}
+    doc["plan"]["costs"] = {  # this pass's modelled cost per form (the bytes columns are the forward's)
+        f: {"bytes": c.bytes, "launches": c.launches, "seconds": c.seconds} for f, c in pass_costs.items()
+    }
+    doc["eager_plan"] = _form_doc(costs, "eager")
+    doc["bytes_ratio"] = doc["plan"]["bytes"] / doc["eager_plan"]["bytes"]
+    doc["seconds"] = time.perf_counter() - t0
+    return doc
+
+
 # ---- summary and report -------------------------------------------------------------------------------------
 def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per suite (and 'all'), per pass: geometric means and counts of the speedups; the fused/eager bytes ratio
@@ -636,7 +864,8 @@ def markdown(doc: dict[str, Any]) -> str:
     # the metrics and contenders this run has (graph ones only with --graphs)
     cols = [(op, m) for op in PASSES for m in METRICS if doc["summary"].get("all", {}).get(op, {}).get(m, {}).get("n")]
     cols = cols or [(op, m) for op in PASSES for m in ("vs_eager", "vs_compile")]
-    names = [n for n in [*CONTENDERS, *GRAPHED.values()] if any(n in c.get("contenders", {}) for c in doc["cases"])]
+    every = [*CONTENDERS, *FORM_CONTENDERS, *GRAPHED.values()]
+    names = [n for n in every if any(n in c.get("contenders", {}) for c in doc["cases"])]
     metrics = [m for m in METRICS if any(m in c.get("speedups", {}) for c in doc["cases"])]
     lines += [
         "",
@@ -713,6 +942,9 @@ def modelled_rows(suites: list[str], batch: int, dtype: str = "bfloat16") -> lis
     the small mode's tiny blocks stand for."""
     rows = []
     for name in suites:
+        if name in MODULE_SUITES:
+            rows += _modelled_module_rows(name, batch, dtype)
+            continue
         for e in representative(SUITES[name](batch, dtype), 1):
             best, base = rank(e.block)[0], cost(e.block, unfused(e.block))
             rows.append(
@@ -726,6 +958,35 @@ def modelled_rows(suites: list[str], batch: int, dtype: str = "bfloat16") -> lis
                     "bytes_ratio": best.bytes / base.bytes,
                 }
             )
+    return rows
+
+
+def _modelled_module_rows(name: str, batch: int, dtype: str) -> list[dict[str, Any]]:
+    """A module suite's representative block: the modelled cheapest training form's forward bytes vs the block's own
+    forward (reparam.train_costs on a meta-device module)."""
+    from tunerd.blocks import rep_costs
+
+    rows = []
+    for e in representative_modules(MODULE_SUITES[name](batch, dtype), 1):
+        try:
+            with torch.device("meta"):
+                m = e.make()
+        except ImportError:  # no timm here: the module cases themselves record the error
+            continue
+        costs = rep_costs(m, torch.empty(e.x_shape, dtype=SPEC_DTYPES[dtype], device="meta"), False)
+        form = min(costs, key=lambda f: (costs[f].seconds, costs[f].bytes))
+        plan, base = _form_doc(costs, form), _form_doc(costs, "eager")
+        rows.append(
+            {
+                "suite": name,
+                "entry": e.name,
+                "count": e.count,
+                "name": e.describe(),
+                "plan": plan,
+                "eager_plan": base,
+                "bytes_ratio": plan["bytes"] / base["bytes"],
+            }
+        )
     return rows
 
 
@@ -807,7 +1068,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 }
                 _log(t0, f"time limit reached: {len(cases) - i} cases not run")
                 break
-            _log(t0, f"[{i + 1}/{len(cases)}] {case.label}: {case.block.describe()}")
+            _log(t0, f"[{i + 1}/{len(cases)}] {case.label}: {case.describe()}")
             cdoc = run_case(case, cfg, device, chosen, harness)
             spent.setdefault(case.op, []).append(cdoc["seconds"])
             doc["cases"].append(cdoc)

@@ -38,7 +38,17 @@ from tunerd.schedules.block_suites import BLOCK_SUITES, block_suite
 from tunerd.schedules.device import DeviceLimits
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-SASS_KEYS = ("sass", "tma", "loop_sass", "loop_mma", "loop_fma", "loop_mma_share", "loop_fma_share", "loop_idiv")
+SASS_KEYS = (
+    "sass",
+    "tma",
+    "loop_sass",
+    "loop_unrolled",
+    "loop_mma",
+    "loop_fma",
+    "loop_mma_share",
+    "loop_fma_share",
+    "loop_idiv",
+)
 
 
 def variants(

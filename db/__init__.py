@@ -1,4 +1,4 @@
-"""tunerd's store: device fingerprints, trials, winners, jobs, snapshots, misses and bundles.
+"""tunerd's store: device fingerprints, trials, winners, jobs, snapshots, misses, bundles and kept binaries.
 
 Service-side (sqlalchemy + alembic); imports kernels for spec keys, never schedules or tunerd.
 Names load lazily, so `db.fingerprint` and `db.errors` import on a bare GPU box without sqlalchemy.
@@ -8,6 +8,7 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
+    "binaries": ["BinaryRow"],
     "errors": [
         "BundleError",
         "InvalidRecord",

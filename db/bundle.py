@@ -20,6 +20,12 @@ Triton's cache files with their sha256, keyed by Triton's cache key, Triton vers
 They are covered by the payload's checksum and signature; a reader without them ignores the key. Binaries are
 executable GPU code no re-rendering can check: a client installs them only from a bundle signed by a pinned key,
 and only where its own rendering and Triton cache key match (tunerd.client.BundleAnswers).
+
+The store keeps binaries (db.binaries): an import keeps those of a bundle signed by a pinned key, each of them of
+one of the bundle's kernels as rendered here (never an unsigned or unpinned bundle's); an export with arches takes
+a kept binary where its Triton cache key is the one compiling now would give, compiles and keeps the rest; and
+stored_bundle (GET /v1/bundle?arch=) ships kept binaries only, compiling nothing, and names the kernels it has none
+of (their clients compile them).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import zlib
 from collections.abc import Sequence
@@ -42,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from tunerd.kernels import GENERATOR_VERSION, aot, generator, trust
 from tunerd.kernels.runtime import atomic_write_bytes
 
+from .binaries import COMPILED
 from .errors import BundleError, InvalidRecord
 from .rows import BlockWinnerRow, WinnerRow, jsonable
 from .store import DeviceLike, Store
@@ -56,7 +64,9 @@ _ENVELOPE = {"format", "version", "sha256", "payload"}
 MAX_BINARIES = 8192  # ahead-of-time binaries a bundle may hold (kernels x arches)
 MAX_BINARY_BYTES = 512 << 20  # their decoded files together
 TRUSTED_KEYS_ENV = "TUNERD_TRUSTED_KEYS"  # a JSON list of public key files, as the daemon's setting reads it
+MAX_LISTED = 256  # kernels a provenance names as compiled by clients (the count is always there)
 _RowT = TypeVar("_RowT", WinnerRow, BlockWinnerRow)
+log = logging.getLogger("tunerd.db.bundle")
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,8 @@ class BundleSummary:
     block_winners: int = 0
     binaries: int = 0  # ahead-of-time binaries (kernels x arches)
     binary_errors: tuple[str, ...] = ()  # kernels that did not compile for an arch: their clients JIT them
+    binaries_reused: int = 0  # of binaries: kept in the store, their Triton cache key still the one compiling gives
+    binaries_compiled: int = 0  # of binaries: compiled by this export (and kept)
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(self.__dict__)
@@ -98,6 +110,8 @@ class ImportReport:
     blocks_replaced: int = 0
     blocks_kept: int = 0
     blocks_unchanged: int = 0
+    binaries: int = 0  # ahead-of-time binaries kept in the store (new or already kept)
+    binaries_note: str | None = None  # why a bundle's binaries were not kept, when it has some
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(self.__dict__)
@@ -226,8 +240,8 @@ def bundle_bytes(
     arches: Sequence[int] = (),
 ) -> bytes:
     """The bundle of the store's winners (one device's, or all; live or as pinned in snapshot), signed with
-    signing_key when given, with their kernels compiled for each of arches."""
-    return _build(store, device, snapshot, provenance, signing_key, arches)[0]
+    signing_key when given, with their kernels compiled for each of arches (kept binaries reused)."""
+    return _build(store, device, snapshot, provenance, signing_key, arches, compile=True).data
 
 
 def export_bundle(
@@ -241,20 +255,63 @@ def export_bundle(
     arches: Sequence[int] = (),
 ) -> BundleSummary:
     """Write the bundle atomically (temp file + os.replace): path holds the old file or the whole new one.
-    arches: also compile every exported kernel for these CUDA archs (kernels.aot; no GPU needed)."""
-    data, sha, rows, blocks, stale, binaries, errors = _build(store, device, snapshot, provenance, signing_key, arches)
-    atomic_write_bytes(Path(path), data)
+    arches: also ship every exported kernel compiled for these CUDA archs (kernels.aot; no GPU needed): a binary
+    kept in the store whose Triton cache key still matches is reused, the rest are compiled and kept."""
+    b = _build(store, device, snapshot, provenance, signing_key, arches, compile=True)
+    atomic_write_bytes(Path(path), b.data)
     return BundleSummary(
-        sha256=sha,
-        winners=len(rows),
-        devices=len({r.device_key for r in rows} | {b.device_key for b in blocks}),
-        bytes=len(data),
-        skipped_stale=stale,
+        sha256=b.sha,
+        winners=len(b.rows),
+        devices=len({r.device_key for r in b.rows} | {x.device_key for x in b.blocks}),
+        bytes=len(b.data),
+        skipped_stale=b.stale,
         path=str(path),
-        block_winners=len(blocks),
-        binaries=binaries,
-        binary_errors=tuple(errors),
+        block_winners=len(b.blocks),
+        binaries=b.reused + b.compiled,
+        binary_errors=tuple(b.errors),
+        binaries_reused=b.reused,
+        binaries_compiled=b.compiled,
     )
+
+
+@dataclass(frozen=True)
+class StoredBundle:
+    """What stored_bundle made: the signed bundle, and the (kernel, arch) pairs it has no binary for."""
+
+    data: bytes
+    sha256: str
+    binaries: int
+    missing: tuple[tuple[generator.Variant, int], ...]  # no kept binary: clients compile these
+
+
+def stored_bundle(
+    store: Store,
+    *,
+    device: DeviceLike | None = None,
+    snapshot: str | None = None,
+    provenance: dict,
+    signing_key: Ed25519PrivateKey,
+    arches: Sequence[int],
+) -> StoredBundle:
+    """The bundle of the store's winners with the binaries it keeps for arches: compiles nothing (its cost is
+    rendering the winners' kernels and reading kept binaries). Its provenance names the kernels without one."""
+    if not isinstance(signing_key, Ed25519PrivateKey):
+        raise BundleError("a bundle with binaries is signed: clients use no binary of an unsigned bundle")
+    b = _build(store, device, snapshot, provenance, signing_key, arches, compile=False)
+    return StoredBundle(b.data, b.sha, b.reused, tuple(b.missing))
+
+
+@dataclass
+class _Built:
+    data: bytes
+    sha: str
+    rows: list[WinnerRow]
+    blocks: list[BlockWinnerRow]
+    stale: int  # winners and block winners skipped for an older generator
+    reused: int = 0  # kept binaries in the bundle (all of its binaries, when nothing is compiled)
+    compiled: int = 0
+    errors: list[str] = field(default_factory=list)
+    missing: list[tuple[generator.Variant, int]] = field(default_factory=list)
 
 
 def _build(
@@ -262,18 +319,49 @@ def _build(
     device: DeviceLike | None,
     snapshot: str | None,
     provenance: dict,
-    signing_key: Ed25519PrivateKey | None = None,
-    arches: Sequence[int] = (),
-) -> tuple[bytes, str, list[WinnerRow], list[BlockWinnerRow], int, int, list[str]]:
-    """(file bytes, payload sha256, exported winners, exported block winners, winners and block winners skipped
-    for an older generator, binaries, compile errors). Every block winner is re-checked as it is read
-    (Store.block_winners)."""
+    signing_key: Ed25519PrivateKey | None,
+    arches: Sequence[int],
+    *,
+    compile: bool,
+) -> _Built:
+    """Every block winner is re-checked as it is read (Store.block_winners). compile: compile (and keep) binaries
+    no kept one serves, else ship kept ones only and note the rest as missing."""
     if not isinstance(provenance, dict):
         raise BundleError(f"provenance must be a dict, got {type(provenance).__name__}")
+    try:
+        arches = sorted({aot.check_arch(a) for a in arches})
+    except ValueError as e:
+        raise BundleError(str(e)) from None
     every = store.winners(device=device, snapshot=snapshot)
     rows = [w for w in every if w.device.generator_version == GENERATOR_VERSION]
     every_block = store.block_winners(device=device, snapshot=snapshot)
     blocks = [b for b in every_block if b.device.generator_version == GENERATOR_VERSION]
+    stale = len(every) - len(rows) + len(every_block) - len(blocks)
+    out = _Built(b"", "", rows, blocks, stale)
+    binaries: list[aot.Binary] = []
+    if arches:
+        kernels = _kernels(rows, blocks)
+        kept = _kept(store, kernels, arches)
+        if compile:
+            built = aot.build_or_reuse(kernels, arches, kept)
+            if built.compiled:
+                store.add_binaries(built.compiled, origin=COMPILED)
+            binaries, out.errors = built.binaries, built.errors
+            out.reused, out.compiled = len(built.reused), len(built.compiled)
+        else:
+            binaries, out.missing = _shippable(kernels, arches, kept)
+            out.reused = len(binaries)
+            listed = [f"{v.id}@sm_{a}" for v, a in out.missing]
+            provenance = {
+                **provenance,
+                "binaries": {
+                    "arches": arches,
+                    "shipped": len(binaries),
+                    "clients_compile": len(listed),
+                    "clients_compile_kernels": listed[:MAX_LISTED],
+                },
+            }
+        binaries.sort(key=lambda b: (b.variant_id, b.arch))
     payload = {
         "generator_version": GENERATOR_VERSION,
         "exported_at": utcnow().isoformat(),
@@ -282,22 +370,55 @@ def _build(
         "winners": [w.portable() for w in rows],
         "block_winners": [b.portable() for b in blocks],
     }
-    binaries: list[aot.Binary] = []
-    errors: list[str] = []
     if arches:
-        binaries, errors = aot.build_all(_kernels(rows, blocks), sorted(set(arches)))
-        binaries.sort(key=lambda b: (b.variant_id, b.arch))
         payload["binaries"] = [b.to_portable() for b in binaries]
     try:
         body = _canonical(payload)
     except (TypeError, ValueError) as e:
         raise BundleError(f"provenance is not JSON-serialisable: {e}") from None
-    sha = hashlib.sha256(body).hexdigest()
-    envelope = {"format": FORMAT, "version": VERSION, "sha256": sha, "payload": payload}
+    out.sha = hashlib.sha256(body).hexdigest()
+    envelope = {"format": FORMAT, "version": VERSION, "sha256": out.sha, "payload": payload}
     if signing_key is not None:
-        envelope["signature"] = _sign(signing_key, sha)
-    stale = len(every) - len(rows) + len(every_block) - len(blocks)
-    return _gzip(_canonical(envelope)), sha, rows, blocks, stale, len(binaries), errors
+        envelope["signature"] = _sign(signing_key, out.sha)
+    out.data = _gzip(_canonical(envelope))
+    return out
+
+
+def _kept(
+    store: Store, kernels: list[generator.Variant], arches: Sequence[int]
+) -> dict[tuple[str, int], list[aot.Binary]]:
+    """The store's binaries of kernels for arches, newest first per (variant, arch), each checked against this
+    process's rendering (files, source sha256, metadata); a row that does not check out is logged and skipped."""
+    by_id = {v.id: v for v in kernels}
+    out: dict[tuple[str, int], list[aot.Binary]] = {}
+    for row in store.binaries(by_id, arches):
+        try:
+            if row.binary is None:
+                raise aot.AotError(row.problem or "unreadable")
+            aot.check(row.binary, by_id[row.variant_id])
+        except aot.AotError as e:
+            log.error("kept binary %d (variant %s, sm_%d) not used: %s", row.id, row.variant_id, row.arch, e)
+            continue
+        out.setdefault((row.variant_id, row.arch), []).append(row.binary)
+    return out
+
+
+def _shippable(
+    kernels: list[generator.Variant], arches: Sequence[int], kept: dict[tuple[str, int], list[aot.Binary]]
+) -> tuple[list[aot.Binary], list[tuple[generator.Variant, int]]]:
+    """The newest kept binary of each (kernel, arch) within the bundle limits, and the pairs without one."""
+    shipped: list[aot.Binary] = []
+    missing: list[tuple[generator.Variant, int]] = []
+    total = 0
+    for v in kernels:
+        for a in arches:
+            b = next(iter(kept.get((v.id, a), ())), None)
+            if b is None or len(shipped) >= MAX_BINARIES or total + b.size > MAX_BINARY_BYTES:
+                missing.append((v, a))
+                continue
+            shipped.append(b)
+            total += b.size
+    return shipped, missing
 
 
 def _kernels(rows: list[WinnerRow], blocks: list[BlockWinnerRow]) -> list[generator.Variant]:
@@ -311,7 +432,7 @@ def _kernels(rows: list[WinnerRow], blocks: list[BlockWinnerRow]) -> list[genera
             for v in trust.verify_plan(b.block, b.plan, b.schedules, claimed_id=b.plan_id).variants:
                 out[v.id] = v
     except trust.UntrustedSource as e:
-        raise BundleError(f"a stored winner does not check out, not exporting binaries: {e}") from None
+        raise BundleError(f"a winner does not check out, no binary of it is used: {e}") from None
     return list(out.values())
 
 
@@ -446,8 +567,11 @@ def import_bundle_bytes(store: Store, data: bytes, *, trusted_keys: Sequence[Ed2
     payload = env["payload"]
     rows = bundle_winners(env)
     blocks = bundle_block_winners(env)
+    binaries, note = _importable_binaries(env, rows, blocks, pinned=bool(trusted_keys))
     try:
-        every = store.ingest(rows, origin=f"bundle:{env['sha256']}", blocks=blocks)
+        every = store.ingest(
+            rows, origin=f"bundle:{env['sha256']}", blocks=blocks, binaries=binaries, signed_by=env["signed_by"]
+        )
     except InvalidRecord as e:
         raise BundleError(f"bundle rejected, nothing imported: {e}") from None
     outcomes, block_outcomes = every[: len(rows)], every[len(rows) :]
@@ -469,7 +593,32 @@ def import_bundle_bytes(store: Store, data: bytes, *, trusted_keys: Sequence[Ed2
         blocks_replaced=block_outcomes.count("replaced"),
         blocks_kept=block_outcomes.count("kept"),
         blocks_unchanged=block_outcomes.count("unchanged"),
+        binaries=len(binaries),
+        binaries_note=note,
     )
+
+
+def _importable_binaries(
+    env: dict[str, Any], rows: list[WinnerRow], blocks: list[BlockWinnerRow], *, pinned: bool
+) -> tuple[list[aot.Binary], str | None]:
+    """The binaries an import keeps, and why none are kept when the bundle has some. Only a bundle signed by a
+    pinned key gives any; then every one must pass bundle_binaries and be of one of the bundle's kernels as rendered
+    here (else BundleError: the signer's own bundle is inconsistent, nothing is imported)."""
+    if not env["payload"].get("binaries"):
+        return [], None
+    if not pinned or env["signed_by"] is None:
+        return [], "binaries not kept: the bundle is not signed by a pinned key (--trusted-key, $TUNERD_TRUSTED_KEYS)"
+    binaries = bundle_binaries(env)
+    by_id = {v.id: v for v in _kernels(rows, blocks)}
+    for i, b in enumerate(binaries):
+        v = by_id.get(b.variant_id)
+        try:
+            if v is None:
+                raise aot.AotError(f"variant {b.variant_id} is not one of the bundle's kernels")
+            aot.check(b, v)
+        except aot.AotError as e:
+            raise BundleError(f"bundle binary {i} refused, nothing imported: {e}") from None
+    return binaries, None
 
 
 def import_bundle(

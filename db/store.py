@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, aliased
 
-from tunerd.kernels import generator, limits, trust
+from tunerd.kernels import aot, generator, limits, trust
 from tunerd.kernels.block import Block
 from tunerd.kernels.generator import source_id
 from tunerd.kernels.plan import Plan
@@ -46,6 +46,7 @@ from tunerd.kernels.schedule import Schedule
 from tunerd.kernels.spec import BlockSpec
 
 from . import engine as _engine
+from .binaries import BinaryStore, check_binary
 from .errors import (
     InvalidRecord,
     SnapshotExists,
@@ -211,7 +212,7 @@ class _Ingested:
         self.variants |= later.variants
 
 
-class Store(JobQueue):
+class Store(JobQueue, BinaryStore):
     """The tuning database. Store(url) or Store.open(url); url defaults to db.engine.default_url()."""
 
     def __init__(self, url: str | URL | None = None, *, busy_timeout_s: float = 30.0) -> None:
@@ -769,6 +770,8 @@ class Store(JobQueue):
         *,
         origin: str,
         blocks: Sequence[BlockWinnerRow] = (),
+        binaries: Sequence[aot.Binary] = (),
+        signed_by: str | None = None,
         batch_rows: int = INGEST_BATCH_ROWS,
         batch_s: float = INGEST_BATCH_S,
     ) -> list[str]:
@@ -790,8 +793,14 @@ class Store(JobQueue):
         committed (claims like the rest: re-importing the bundle completes it, verify jobs check them).
         blocks: fused block winners, each checked and rendered (kernels.trust.verify_plan) before anything is
         written, then merged by the same rules in one transaction after the winners (their outcomes follow the
-        winners' in the returned list)."""
+        winners' in the returned list).
+        binaries: ahead-of-time binaries to keep (BinaryStore), with the key_id of the pinned key that signed them;
+        written in that last transaction too (the caller decides whether they may be kept: db.bundle)."""
         origin = _label("origin", origin, 80, optional=False)
+        try:
+            to_keep = [check_binary(b) for b in binaries]
+        except InvalidRecord as e:
+            raise InvalidRecord(f"binary refused: {e}") from None
         checked: list[tuple[WinnerRow, generator.Variant, dict[str, Any]]] = []
         for i, r in enumerate(rows):
             try:
@@ -832,10 +841,11 @@ class Store(JobQueue):
                 outcomes += batch.outcomes
                 if not self._pg and len(outcomes) < len(checked):  # let waiting writers in: SQLite's busy
                     time.sleep(min(batch_s, time.monotonic() - until + batch_s))  # handler polls, no queue
-            if checked_blocks:
+            if checked_blocks or to_keep:
                 with self._write() as s:
                     for b, tp, m in checked_blocks:
                         outcomes.append(self._offer_block(s, b.device, tp, m, origin, b.created_at))
+                    self._add_binaries(s, to_keep, origin, signed_by)
         except BaseException:
             if done.trials:
                 self._take_back(done, batch_rows)

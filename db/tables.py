@@ -260,3 +260,27 @@ class MissTable(Base):
     count: Mapped[int] = mapped_column(Integer)
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class BinaryTable(Base):
+    """One kernel compiled ahead of time for one arch (kernels.aot.Binary), kept so exports and GET /v1/bundle?arch
+    ship it again without compiling. Immutable once written: (variant, arch, Triton cache key) names its bytes."""
+
+    __tablename__ = "binaries"
+    __table_args__ = (UniqueConstraint("variant_id", "arch", "key"), Index(None, "arch", "variant_id"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    variant_id: Mapped[str] = mapped_column(String(24))  # no foreign key: a fused step's kernel has no variants row
+    arch: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(64))  # Triton's cache hash
+    source_sha256: Mapped[str] = mapped_column(String(64))
+    triton_version: Mapped[str] = mapped_column(String(64))
+    ptxas_version: Mapped[str | None] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(150))  # the kernel name, as Triton names its cache files
+    env: Mapped[str] = mapped_column(Text)  # canonical JSON: Triton's cache-invalidating environment
+    signature: Mapped[str] = mapped_column(Text)  # canonical JSON: launch argument types
+    # canonical JSON {file name: {"sha256": hex, "data": base64}}, as in a bundle: checked on every read
+    files: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)  # the decoded files' bytes together
+    origin: Mapped[str] = mapped_column(String(80))  # "compiled": built here; "bundle:<sha256>": imported
+    signed_by: Mapped[str | None] = mapped_column(String(16))  # key_id of the pinned key that signed that bundle
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -12,7 +12,8 @@ artifact's source sha256 and the cache key this process computes for it (its own
 cache-invalidating environment) equals the artifact's: otherwise nothing is written and the JIT compiles as
 usual. Binaries cannot be checked by re-rendering: callers install only those a pinned key signed (db.bundle).
 Triton's key covers its whole installation (its sources and libtriton), so an artifact serves only clients with
-the exporter's exact Triton build.
+the exporter's exact Triton build. build_or_reuse takes a kept artifact (db.binaries) wherever its key is the one
+this process computes, and compiles only the rest.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from .spec import BlockSpec
 log = logging.getLogger("tunerd.kernels.aot")
 
 KEPT = ("json", "cubin")  # the group files a cache hit reads: metadata, binary
+ARCHES = range(70, 200)  # compute capabilities an arch may name (sm_70 .. sm_199): 80, 89, 90, 100, 120
 MAX_FILE_BYTES = 32 << 20  # one cubin or metadata file
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,149}")  # a kernel name, as Triton names its cache files
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -136,6 +138,29 @@ _FIELDS: dict[str, Any] = {
 
 def source_sha256(variant: Variant) -> str:
     return hashlib.sha256(variant.source.encode()).hexdigest()
+
+
+def check_arch(arch: Any) -> int:
+    """arch as a CUDA compute capability int (90: sm_90); ValueError for anything else."""
+    if not isinstance(arch, int) or isinstance(arch, bool) or arch not in ARCHES:
+        raise ValueError(
+            f"arch must be a CUDA compute capability written as an int ({ARCHES.start}..{ARCHES.stop - 1}, "
+            f"e.g. 80, 89, 90, 100), got {arch!r}"
+        )
+    return arch
+
+
+def check(binary: Binary, variant: Variant) -> None:
+    """AotError unless binary is of variant (this process's rendering: id and source sha256) and its metadata names
+    its own cache key and arch: what can be checked without computing a cache key."""
+    if variant.id != binary.variant_id or source_sha256(variant) != binary.source_sha256:
+        raise AotError(
+            f"binary {binary.key[:16]} claims variant {binary.variant_id} with source sha256 "
+            f"{binary.source_sha256[:16]}, which is not this process's rendering of it"
+        )
+    meta = _metadata(binary)
+    if meta.get("hash") != binary.key or (meta.get("target") or {}).get("arch") != binary.arch:
+        raise AotError(f"binary of variant {binary.variant_id}: its metadata names another cache key or arch")
 
 
 def example_args(variant: Variant) -> dict[str, Any]:
@@ -319,13 +344,68 @@ def rendered(d: dict[str, Any]) -> Variant:
     return render_fused(FusedSpec(Block.from_dict(d["block"]), step), schedule)
 
 
+@dataclass(frozen=True)
+class Built:
+    """What build_or_reuse made: stored binaries it took, binaries it compiled, and the compile errors."""
+
+    reused: list[Binary]
+    compiled: list[Binary]
+    errors: list[str]
+
+    @property
+    def binaries(self) -> list[Binary]:
+        return self.reused + self.compiled
+
+
 def build_all(
     variants: Iterable[Variant], arches: Sequence[int], jobs: int | None = None, timeout: float = 3600.0
 ) -> tuple[list[Binary], list[str]]:
-    """Binaries of every variant for every arch, and one message per (variant, arch) that failed to compile.
-    Compiles in child processes with TRITON_INTERPRET=0 (an interpreting process cannot run Triton's compiler),
-    up to `jobs` of them (default: one per core), each re-rendering its variants from (spec, schedule)."""
-    items = [describe(v) | {"id": v.id, "arch": a} for v in dict((v.id, v) for v in variants).values() for a in arches]
+    """Binaries of every variant for every arch, and one message per (variant, arch) that failed to compile."""
+    built = build_or_reuse(variants, arches, jobs=jobs, timeout=timeout)
+    return built.binaries, built.errors
+
+
+def build_or_reuse(
+    variants: Iterable[Variant],
+    arches: Sequence[int],
+    stored: Mapping[tuple[str, int], Collection[Binary]] | None = None,
+    *,
+    jobs: int | None = None,
+    timeout: float = 3600.0,
+) -> Built:
+    """Binaries of every variant for every arch. A (variant, arch) with a stored binary whose Triton cache key
+    equals the one this process computes for it (its Triton, ptxas and cache-invalidating environment, as install
+    computes it) takes that binary; the rest are compiled in child processes with TRITON_INTERPRET=0 (an
+    interpreting process cannot run Triton's compiler), up to `jobs` of them (default: one per core), each
+    re-rendering its variants from (spec, schedule); `timeout` bounds each child."""
+    from triton.backends.compiler import GPUTarget
+
+    reused: list[Binary] = []
+    todo: list[dict[str, Any]] = []
+    for v in dict((v.id, v) for v in variants).values():
+        for a in arches:
+            candidates = (stored or {}).get((v.id, a), ())
+            key = _key_or_none(v, GPUTarget("cuda", a, 32)) if candidates else None
+            hit = next((b for b in candidates if b.key == key), None)
+            if hit is not None:
+                reused.append(hit)
+            else:
+                todo.append(describe(v) | {"id": v.id, "arch": a})
+    compiled, errors = _compile_in_children(todo, jobs, timeout)
+    return Built(reused, compiled, errors)
+
+
+def _key_or_none(variant: Variant, target: Any) -> str | None:
+    try:
+        return cache_key(variant, target=target)
+    except Exception as e:  # no key, no reuse: the child compiling it reports what is wrong
+        log.debug("no Triton cache key for variant %s here (%s): compiling it", variant.id, e)
+        return None
+
+
+def _compile_in_children(
+    items: list[dict[str, Any]], jobs: int | None, timeout: float
+) -> tuple[list[Binary], list[str]]:
     if not items:
         return [], []
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(items)))
@@ -373,7 +453,7 @@ def _build_line(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
-    """Child of build_all: one describe() line (with id and arch) in, one JSON result line out."""
+    """Child of build_or_reuse: one describe() line (with id and arch) in, one JSON result line out."""
     if runtime.interpreting():
         raise SystemExit("tunerd.kernels.aot compiles: run it with TRITON_INTERPRET=0")
     for line in sys.stdin:
@@ -433,9 +513,7 @@ def install(binary: Binary, variant: Variant, args: dict[str, Any] | None = None
         return False
     if installed(binary):
         return True
-    meta = _metadata(binary)
-    if meta.get("hash") != key or (meta.get("target") or {}).get("arch") != binary.arch:
-        raise AotError(f"binary of variant {variant.id}: its metadata names another cache key or arch")
+    check(binary, variant)
     # children first, the group last (each write atomic): a reader sees no group or a complete one
     for fname, data in sorted(binary.files.items()):
         runtime.atomic_write_bytes(d / fname, data)

@@ -484,6 +484,61 @@ def mbconv(
     return Block(n=n, c=c, in_size=tuple(in_size), nodes=tuple(nodes), dtype=dtype)
 
 
+def bottleneck(
+    *,
+    n: int,
+    c: int,
+    k: int,
+    in_size: tuple[int, int],
+    width: int,
+    stride: int = 1,
+    groups: int = 1,
+    act: str = "relu",
+    attention: str | None = "eca",
+    eca_kernel: int | None = None,
+    se_hidden: int | None = None,
+    downsample: bool | None = None,
+    dtype: str = "float32",
+) -> Block:
+    """ResNet bottleneck (timm Bottleneck; ECA-ResNet with attention='eca', SE-ResNet with 'se'): [downsample 1x1
+    (s) -> BN] then conv1 1x1 -> BN -> act -> conv2 3x3 (s, groups) -> BN -> act -> conv3 1x1 -> BN [-> ECA | SE]
+    -> + shortcut -> act. The downsample chain (default: when stride > 1 or c != k) comes first in node order, so
+    the gate, the residual add and the last act are consecutive (one gate_ep step). ECA's kernel defaults to
+    ECA-Net's adaptive size of k; SE's hidden to k // 16 (timm SEModule)."""
+    if attention not in ("se", "eca", None):
+        raise SpecError(f"attention must be 'se', 'eca' or None, got {attention!r}")
+    downsample = stride != 1 or c != k if downsample is None else downsample
+    if not downsample and (stride != 1 or c != k):
+        raise SpecError(f"a bottleneck of stride {stride} from {c} to {k} channels needs a downsample shortcut")
+    nodes: list[Node] = []
+    shortcut = INPUT
+    if downsample:
+        nodes += [
+            node("downsample", "conv", ["x"], out=k, kernel=1, stride=stride),
+            node("downsample_bn", "bn", ["downsample"]),
+        ]
+        shortcut = "downsample_bn"
+    nodes += [
+        node("conv1", "conv", ["x"], out=width, kernel=1),
+        node("bn1", "bn", ["conv1"]),
+        node("act1", "act", ["bn1"], fn=act),
+        node("conv2", "conv", ["act1"], out=width, kernel=3, stride=stride, padding=1, groups=groups),
+        node("bn2", "bn", ["conv2"]),
+        node("act2", "act", ["bn2"], fn=act),
+        node("conv3", "conv", ["act2"], out=k, kernel=1),
+        node("bn3", "bn", ["conv3"]),
+    ]
+    src = "bn3"
+    if attention == "eca":
+        nodes.append(node("attn", "eca", [src], kernel=eca_kernel or adaptive_eca_kernel(k)))
+        src = "attn"
+    elif attention == "se":
+        nodes.append(node("attn", "se", [src], hidden=se_hidden or max(1, k // 16)))
+        src = "attn"
+    nodes += [node("add", "add", [src, shortcut]), node("act3", "act", ["add"], fn=act)]
+    return Block(n=n, c=c, in_size=tuple(in_size), nodes=tuple(nodes), dtype=dtype)
+
+
 def inception_dw(
     *,
     n: int,

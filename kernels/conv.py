@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -60,6 +61,9 @@ def choose_variant(spec: BlockSpec, device: torch.device, schedule: Schedule | d
         return generator.render(spec, schedule)
     if _lookup is not None:
         answer = _lookup(spec, device)
+        if answer is None and spec.is_view:  # a channel-slice view runs its dense layer's tuned schedule
+            dense = _lookup(spec.dense(), device)
+            answer = dense.schedule if isinstance(dense, generator.Variant) else dense
         if isinstance(answer, generator.Variant):
             if answer.spec != spec:
                 raise SpecError(
@@ -287,6 +291,85 @@ def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, *range(2, t.dim()), 1).contiguous()
 
 
+# ---- channel-slice views: tensors the kernels address in place with a pixel stride ----------------------
+VIEW_ALIGN = 16  # bytes: a view's base and pixel stride keep 16-byte vector loads, cp.async and TMA legal
+
+
+def pixel_stride(t: torch.Tensor) -> int | None:
+    """Elements between adjacent pixels of t [N, C, *S] when its channels-last form [N, *S, C] is a packed pixel
+    grid with unit channel stride (C for a dense channels-last tensor; the wider buffer's channels for a channel
+    slice of one), else None. Size-1 dims' strides do not matter."""
+    if t.dim() < 3 or (t.shape[1] > 1 and t.stride(1) != 1):
+        return None
+    p, inner = None, 1
+    for d in (*range(t.dim() - 1, 1, -1), 0):  # innermost spatial dim outwards, then the batch
+        if t.shape[d] > 1:
+            if p is None:
+                if t.stride(d) % inner:
+                    return None
+                p = t.stride(d) // inner
+            elif t.stride(d) != p * inner:
+                return None
+        inner *= t.shape[d]
+    p = t.shape[1] if p is None else p
+    return p if p >= t.shape[1] else None
+
+
+def view_stride(t: torch.Tensor) -> int | None:
+    """The pixel stride a kernel addresses t [N, C, *S] with in place: a channel slice's (pixel_stride > C) when
+    its base and pixel stride are VIEW_ALIGN-byte aligned. None: dense, or a tensor the caller copies (any other
+    layout, or a misaligned slice: a copy keeps the 16-byte vector loads and shares the dense kernel)."""
+    p = pixel_stride(t)
+    if p is None or p == t.shape[1] or (p * t.element_size()) % VIEW_ALIGN or t.data_ptr() % VIEW_ALIGN:
+        return None
+    return p
+
+
+def channels_last_arg(t: torch.Tensor, stride: int | None, name: str) -> torch.Tensor:
+    """t [N, C, *S] as the [N, *S, C] tensor a kernel addresses: to_channels_last (dense) when stride is None,
+    else t itself, checked to have exactly that pixel stride (the kernel's addressing is compiled in)."""
+    if stride is None:
+        return to_channels_last(t)
+    if pixel_stride(t) != stride:
+        raise SpecError(f"{name} is not a channels-last view with pixel stride {stride}, as its spec addresses it")
+    return t.permute(0, *range(2, t.dim()), 1)
+
+
+def in_wider_buffer(t: torch.Tensor, stride: int | None) -> torch.Tensor:
+    """t [N, C, *S] copied into the first C channels of a NaN-filled channels-last buffer of `stride` channels:
+    the channel-slice view a spec with that pixel stride reads (t itself when stride is None)."""
+    if stride is None:
+        return t
+    n, c, *size = t.shape
+    buf = torch.full((n, *size, stride), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf[..., :c].permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+    return view.copy_(t)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] byte address t's elements touch."""
+    last = sum((size - 1) * st for size, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size() - 1
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two [N, C, *S] tensors may share an element. Channel slices of one pixel grid (one pixel stride)
+    whose channel ranges are disjoint do not (a conv writing one branch of a concat it reads another of)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    if a1 < b0 or b1 < a0:
+        return False
+    pa, pb = pixel_stride(a), pixel_stride(b)
+    if pa is None or pa != pb or a.element_size() != b.element_size():
+        return True
+    size, width = a.element_size(), pa * a.element_size()
+    if (a0 - b0) % size:
+        return True
+    ra, rb = (a0 % width) // size, (b0 % width) // size  # each one's first channel within a pixel, mod P
+    return any((r - ra) % pa < a.shape[1] for r in range(rb, rb + b.shape[1]))
+
+
 def from_channels_last(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[N, *S, K] buffer -> [N, K, *S] in the memory format of `like`."""
     out = buf.permute(0, buf.dim() - 1, *range(1, buf.dim() - 1))
@@ -385,7 +468,7 @@ def epilogue_kernel_args(
     if e.affine and want("shift_ptr"):
         args["shift_ptr"] = vec("shift")
     if e.residual and want("res_ptr"):
-        args["res_ptr"] = to_channels_last(ep.need("residual").detach())
+        args["res_ptr"] = channels_last_arg(ep.need("residual").detach(), spec.res_pixel_stride, "residual")
     if e.layer_scale and want("layer_scale_ptr"):
         args["layer_scale_ptr"] = vec("layer_scale")
     if e.activation == "starrelu" and want("starrelu_ptr"):
@@ -408,22 +491,26 @@ def forward_args(
     x: torch.Tensor,
     weight: torch.Tensor,
     ep: EpilogueArgs,
-    out_buf: torch.Tensor,
+    out_buf: torch.Tensor | None,
     z_buf: torch.Tensor | None = None,
     stats_buf: torch.Tensor | None = None,
     schedule: Schedule | None = None,
 ) -> dict[str, Any]:
-    """Kernel arguments of a forward variant; z_buf / stats_buf when its epilogue has save_z / stats.
+    """Kernel arguments of a forward variant; z_buf / stats_buf when its epilogue has save_z / stats; out_buf
+    [N, *out, K] (None under stats_only). A view spec's x, residual and out_buf must have its pixel strides.
     A space_to_depth schedule's kernel reads the folded input and weight (kernels.space_to_depth)."""
     if schedule is not None and schedule.space_to_depth:
         x, weight = space_to_depth.fold_input(x.detach(), spec), space_to_depth.fold_weight(weight.detach(), spec)
         spec = space_to_depth.rewrite(spec)
-    args = {
-        "x_ptr": to_channels_last(x.detach()),
-        "w_ptr": pack_weight(spec, weight),
-        "out_ptr": out_buf,
-        "UPCAST": upcast(x),
-    }
+    args: dict[str, Any] = {"x_ptr": channels_last_arg(x.detach(), spec.x_pixel_stride, "x")}
+    args["w_ptr"] = pack_weight(spec, weight)
+    if not spec.epilogue.stats_only:
+        if out_buf is None:
+            raise SpecError("the forward kernel needs an output buffer")
+        if spec.out_pixel_stride is not None:  # its [N, K, *out] form must have the spec's pixel stride
+            channels_last_arg(out_buf.permute(0, -1, *range(1, out_buf.dim() - 1)), spec.out_pixel_stride, "out")
+        args["out_ptr"] = out_buf
+    args["UPCAST"] = upcast(x)
     if spec.epilogue.save_z:
         args["z_ptr"] = z_buf
     if spec.epilogue.stats:
@@ -436,9 +523,9 @@ def forward_args(
 class ForwardResult:
     """What one forward launch produced.
 
-    y: the output in x's memory format. z: the channels-last [N, *out, K] pre-epilogue conv output
-    (only with epilogue.save_z). mean / var: per-channel fp32 [K] mean and biased variance of z over
-    batch and output positions (only with epilogue.stats).
+    y: the output in x's memory format (empty under epilogue.stats_only). z: the channels-last [N, *out, K]
+    pre-epilogue conv output (only with epilogue.save_z). mean / var: per-channel fp32 [K] mean and biased
+    variance of z over batch and output positions (only with epilogue.stats).
     """
 
     y: torch.Tensor
@@ -476,18 +563,36 @@ def run_forward(
     schedule: Schedule | dict | None = None,
     out: torch.Tensor | None = None,
 ) -> ForwardResult:
-    """Launch the forward variant of an already validated spec (see make_spec)."""
-    variant = choose_variant(spec, x.device, schedule)
+    """Launch the forward variant of an already validated spec (see make_spec).
+
+    x and the residual may be channel slices of wider channels-last buffers, and out (the [N, *out, K] buffer
+    to write) one of a wider [N, *out, K_total] buffer (writing one branch of a concat in place): aligned
+    slices are addressed in place (the spec gets their pixel strides: view_stride), other layouts are copied."""
+    e = spec.epilogue
     shape = (spec.n, *spec.out_size, spec.k)
-    full = None
-    if out is None:
+    full = target = None
+    if e.stats_only:
+        if out is not None:
+            raise SpecError("a stats_only conv writes no output: out must be None")
+    elif out is None:
         full = new_channels_last((spec.n, spec.k, *spec.out_size), x.dtype, x.device)
         out = to_channels_last(full)
-    elif tuple(out.shape) != shape or not out.is_contiguous() or out.dtype != x.dtype or out.device != x.device:
-        raise SpecError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
-    z = new_buffer(shape, x.dtype, x.device) if spec.epilogue.save_z else None
+    else:
+        _check_out(out, shape, x, ep.residual)
+        dense = out.is_contiguous() or pixel_stride(_nchw(out)) == spec.k
+        if not dense and view_stride(_nchw(out)) is None:  # computed densely, then copied in
+            target, out = out, new_buffer(shape, x.dtype, x.device)
+    views = (
+        view_stride(x),
+        view_stride(_nchw(out)) if out is not None and target is None else None,
+        view_stride(ep.residual) if e.residual and ep.residual is not None else None,
+    )
+    if views != (None, None, None):
+        spec = _with_views(spec, *views)
+    variant = choose_variant(spec, x.device, schedule)
+    z = new_buffer(shape, x.dtype, x.device) if e.save_z else None
     partial = None
-    if spec.epilogue.stats:  # per tile of block_m output pixels, per channel: mean (m0 + c) and M2
+    if e.stats:  # per tile of block_m output pixels, per channel: mean (m0 + c) and M2
         rows = -(-spec.out_pixels // variant.schedule.block_m)
         partial = new_buffer((rows, 3, spec.k), torch.float32, x.device)
     args = forward_args(spec, x, weight, ep, out, z, partial, variant.schedule)
@@ -496,11 +601,48 @@ def run_forward(
         variant = generator.render(spec, replace(variant.schedule, tma=False))
         args = forward_args(spec, x, weight, ep, out, z, partial, variant.schedule)
     runtime.launch(variant, args, x.device)
-    res = ForwardResult(y=from_channels_last(out, x) if full is None else in_format_of(full, x), z=z)
+    if out is None:
+        y = x.new_empty((0,))
+    elif target is not None:
+        y = from_channels_last(target.copy_(out), x)
+    else:
+        y = from_channels_last(out, x) if full is None else in_format_of(full, x)
+    res = ForwardResult(y=y, z=z)
     if partial is not None:
         res.mean, m2 = combine_moments(partial, spec.out_pixels, variant.schedule.block_m)
         res.var = m2 / spec.out_pixels
     return res
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """A [N, *S, K] buffer seen as [N, K, *S] (a view)."""
+    return t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+
+
+@lru_cache(maxsize=4096)
+def _with_views(spec: BlockSpec, x: int | None, out: int | None, res: int | None) -> BlockSpec:
+    """spec with the pixel strides of the channel-slice views it runs on (None: dense)."""
+    return spec.with_(x_pixel_stride=x, out_pixel_stride=out, res_pixel_stride=res)
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], x: torch.Tensor, residual: torch.Tensor | None) -> None:
+    """SpecError unless out can take the forward's result: the [N, *out, K] shape, x's dtype and device, no element
+    written twice, none that x (or, unless it is out itself, the residual) holds."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise SpecError(
+            f"out must be a {x.dtype} tensor of shape {shape} (channels-last [N, *out, K]) on {x.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise SpecError(f"out has overlapping elements (strides {out.stride()}): it cannot be written in place")
+    if _overlap(_nchw(out), x):
+        raise SpecError("out overlaps the input x: write to a buffer the conv does not read")
+    if residual is not None and _overlap(_nchw(out), residual):
+        same = residual.data_ptr() == out.data_ptr() and residual.stride() == _nchw(out).stride()
+        if not same:  # the residual read and overwritten element by element is fine; a shifted one is not
+            raise SpecError("out overlaps the residual at other positions: write to a separate buffer")
 
 
 def conv_forward(
@@ -519,7 +661,9 @@ def conv_forward(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = epilogue(conv(x, weight)) with torch.nn.functional semantics; returns y in x's memory format.
 
-    `out`, if given, is the [N, *out_spatial, K] channels-last buffer to write (tests poison it).
+    `out`, if given, is the [N, *out_spatial, K] channels-last buffer to write (tests poison it), or a channel
+    slice of a wider one (one branch of a concat, written in place; see run_forward). x and the residual may be
+    channel slices of channels-last tensors too (read in place, no copy).
     stats=True returns (y, mean, var): per-channel fp32 [K] mean and biased variance over N and the
     output positions of the pre-epilogue conv output z (no bias), as BatchNorm's batch statistics.
     No autograd here: kernels.autograd.conv differentiates through y, mean and var.
@@ -532,3 +676,30 @@ def conv_forward(
     if res.mean is None or res.var is None:  # a stats spec always gathers them
         raise RuntimeError(f"the forward of {spec.describe()} returned no batch statistics")
     return res.y, res.mean, res.var
+
+
+def conv_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ndim: int,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    schedule: Schedule | dict | None = None,
+    precision: str = "ieee",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel fp32 [K] (mean, biased var) of conv(x, weight) over N and the output positions, the conv's
+    output itself never written (epilogue.stats_only: no output buffer). No autograd: the gradient of these
+    statistics needs the conv output, which kernels.autograd.conv(..., stats=True) keeps."""
+    ep = EpilogueArgs()
+    spec = _stats_only(make_spec(x, weight, ndim, stride, padding, dilation, groups, ep, precision, stats=True))
+    res = run_forward(spec, x, weight, ep, schedule)
+    if res.mean is None or res.var is None:  # a stats spec always gathers them
+        raise RuntimeError(f"the forward of {spec.describe()} returned no batch statistics")
+    return res.mean, res.var
+
+
+@lru_cache(maxsize=1024)
+def _stats_only(spec: BlockSpec) -> BlockSpec:
+    return spec.with_(epilogue=replace(spec.epilogue, stats_only=True))

@@ -33,6 +33,8 @@ from .block_reference import Params, apply_node
 from .block_reference import gate as _gate
 from .plan import (
     FUSED,
+    GATED,
+    POOLING,
     AsppBranch,
     Branch,
     GateParts,
@@ -51,13 +53,14 @@ from .plan import (
     tail_epilogue,
 )
 from .schedule import UNROLL_TAPS, Schedule, ScheduleError, is_pow2
-from .spec import BlockSpec, Epilogue, SpecError, canonical_json
+from .spec import BlockSpec, Epilogue, SpecError, canonical_json, conv_spec
 
 
 @dataclass(frozen=True)
 class FusedSpec:
     """One fused launch: a step of kind separable / mlp / convnext / inception / expand_dw / mbconv / se_pw / aspp
-    / dw_gate / pw_gate / dw_ln of block (se_pw: the GEMM launch; the gate's map before it is torch)."""
+    / dw_gate / pw_gate / dw_ln / pw_pool / gate_ep of block (se_pw, gate_ep: the kernel launch; the gate's map
+    before it is torch)."""
 
     block: Block
     step: Step
@@ -95,6 +98,14 @@ class FusedSpec:
         if self.step.kind == "se_pw":  # + gate
             out.update(gate=b.node(names[0]), pw=b.node(names[1]), tail_nodes=names[2:])
             out["tail"] = tail_epilogue(b, names[2:], out["pw"]["bias"])
+            return out
+        if self.step.kind == "pw_pool":
+            out.update(
+                pw=b.node(names[0]), tail_nodes=names[1:], tail=tail_epilogue(b, names[1:], b.node(names[0])["bias"])
+            )
+            return out
+        if self.step.kind == "gate_ep":  # + gate; no GEMM (pw None)
+            out.update(gate=b.node(names[0]), pw=None, tail_nodes=names[1:], tail=tail_epilogue(b, names[1:], False))
             return out
         if self.step.kind == "separable":
             i = next(i for i, n in enumerate(names) if i > 0 and b.node(n).op == "conv")
@@ -139,9 +150,14 @@ class FusedSpec:
 
     @property
     def out_spec(self) -> BlockSpec:
-        """The last GEMM (expand_dw: the depthwise) as a single-conv spec carrying the step's tail epilogue
-        (epilogue args come from it)."""
+        """The last GEMM (expand_dw: the depthwise; gate_ep: a 1x1 map of the gate's channels) as a single-conv
+        spec carrying the step's tail epilogue (epilogue args come from it)."""
         p = self.parts()
+        if self.step.kind == "gate_ep":
+            s = self.block.shapes[self.step.nodes[0]]
+            return conv_spec(
+                n=self.block.n, c=s.c, k=s.c, in_size=s.size, kernel=1, dtype=self.dtype, epilogue=p["tail"]
+            )
         return self.block.conv_spec(p["pw"] or p["dw"], epilogue=p["tail"])
 
     @property
@@ -233,8 +249,14 @@ def default_schedule(fs: FusedSpec) -> Schedule:
         # fp32 (CUDA-core dots) 64 x 64 on 4 warps: 186 registers on sm_90 where the reduction is one step; 48 on 8
         warps = 8 if bm * bn >= (64 * 64 if spec.itemsize == 4 else 128 * 64) else 4
         return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=1, num_warps=warps)
-    if fs.step.kind in ("separable", "se_pw"):
+    if fs.step.kind == "gate_ep":  # elementwise: block_m pixels x block_n channels, block_k unused
+        return Schedule(
+            block_m=bm, block_n=_clamp_pow2(fs.out_spec.k, 16, 64), block_k=16, group_m=1, num_warps=4, num_stages=1
+        )
+    if fs.step.kind in ("separable", "se_pw", "pw_pool"):
         spec = fs.out_spec
+        if fs.step.kind == "pw_pool":  # tiles hold pixels of one image (the pool's partial sums are per image)
+            bm = _clamp_pow2(spec.out_pixels // spec.n, 16, 64)
         bn = _clamp_pow2(spec.k, 16, 128)
         bk = _clamp_pow2(spec.c, 16, 32 if spec.itemsize == 4 or spec.c > 256 else 64)
         warps = 8 if bm * bn >= 128 * 64 else 4
@@ -269,9 +291,11 @@ def canonical(fs: FusedSpec, s: Schedule) -> Schedule:
     s = replace(s, group_m=1, split_k=1, k_order="tap")
     if fs.step.kind == "dw_ln":
         return replace(s, block_n=dw_ln_row(fs), block_k=16, num_stages=1)
-    if fs.step.kind in ("inception", "dw_gate"):
+    if fs.step.kind in ("inception", "dw_gate", "gate_ep"):
         return replace(s, block_k=16)
-    return s if fs.step.kind in ("separable", "mbconv", "se_pw", "aspp", "pw_gate") else replace(s, block_n=16)
+    return (
+        s if fs.step.kind in ("separable", "mbconv", "se_pw", "aspp", "pw_gate", "pw_pool") else replace(s, block_n=16)
+    )
 
 
 def check_schedule(fs: FusedSpec, s: Schedule) -> None:
@@ -319,6 +343,8 @@ TEMPLATE_FILES = {
     "expand_dw": "block_mbconv.py.j2",
     "mbconv": "block_mbconv.py.j2",
     "se_pw": "block_gated_pw.py.j2",
+    "pw_pool": "block_gated_pw.py.j2",
+    "gate_ep": "block_gate_ep.py.j2",
     "aspp": "block_aspp.py.j2",
     "separable": "block_separable.py.j2",
     "mlp": "block_mlp.py.j2",
@@ -459,26 +485,33 @@ def _mbconv_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
 
 
 def pooled_output(fs: FusedSpec) -> bool:
-    """Whether an expand_dw step also writes its output's per-image partial sums (it feeds an se / eca gate)."""
-    return fs.step.kind == "expand_dw" and any(
-        fs.block.node(c).op in GATES for c in fs.block.consumers(fs.step.nodes[-1])
-    )
+    """Whether an expand_dw / pw_pool step also writes its output's per-image partial sums (it feeds an se / eca
+    gate; a pw_pool step always does)."""
+    return fs.step.kind in POOLING and any(fs.block.node(c).op in GATES for c in fs.block.consumers(fs.step.nodes[-1]))
 
 
 def _gated_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
+    """se_pw: the gated GEMM; pw_pool: the plain GEMM over tiles of one image, with the pool's partial sums;
+    gate_ep: the elementwise gate and epilogue chain."""
     p = fs.parts()
     out = fs.out_spec
     src = _step_input(fs)
+    pq = out.out_pixels // out.n
     return dict(
         M=out.out_pixels,
-        PQ=out.out_pixels // out.n,
+        PQ=pq,
+        TPI=_cdiv(pq, s.block_m),
         C=out.c,
         K=out.k,
         BM=s.block_m,
         BN=s.block_n,
         BK=s.block_k,
         NPID_N=_cdiv(out.k, s.block_n),
-        gate=p["gate"].op.upper(),
+        gated=fs.step.kind == "se_pw",
+        pool=fs.step.kind == "pw_pool",
+        gate=p["gate"].op.upper() if p.get("gate") is not None else None,
+        desc="+".join(fs.step.nodes),
+        round_gate=bool(p["tail_nodes"]),
         BF16=fs.dtype == "bfloat16",
         ep=out.epilogue,
         ep_args=_ep.arg_names(out.epilogue),
@@ -636,7 +669,7 @@ def _context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
         return _inception_context(fs, s)
     if fs.step.kind in ("expand_dw", "mbconv"):
         return _mbconv_context(fs, s)
-    if fs.step.kind == "se_pw":
+    if fs.step.kind in ("se_pw", "pw_pool", "gate_ep"):
         return _gated_context(fs, s)
     if fs.step.kind == "aspp":
         return _aspp_context(fs, s)
@@ -693,8 +726,11 @@ def grid(fs: FusedSpec, s: Schedule) -> tuple[int, ...]:
         return (fs.block.n * _cdiv(pq, s.block_m) * _cdiv(fs.out_spec.k, s.block_k),)
     if fs.step.kind == "aspp":
         return (m * sum(_cdiv(b.size, max(16, min(s.block_n, next_pow2(b.size)))) for b in fs.aspp_branches),)
-    if fs.step.kind in ("mbconv", "se_pw"):
+    if fs.step.kind in ("mbconv", "se_pw", "gate_ep"):
         return (m * _cdiv(fs.out_spec.k, s.block_n),)
+    if fs.step.kind == "pw_pool":  # (image, pixel tile of the image, channel tile), channel tiles fastest
+        pq = fs.pixels // fs.block.n
+        return (fs.block.n * _cdiv(pq, s.block_m) * _cdiv(fs.out_spec.k, s.block_n),)
     if fs.step.kind == "dw_gate":  # (pixel tile of row runs, depthwise channel tile), channel tiles fastest
         lo, hi = gate_channels(fs)
         r = dw_gate_run(fs)
@@ -753,15 +789,16 @@ def _bn_vectors(block: Block, names: Iterable[str], params: Params) -> tuple[tor
 
 
 def gate_of(fs: FusedSpec, params: Params, x: torch.Tensor, pool: torch.Tensor | None = None) -> torch.Tensor:
-    """An se_pw step's gate [N, C] (fp32, contiguous) of its input x: the gate's map (block_reference.gate) of
-    the per-channel means, from pool ([N, tiles, C] partial sums an expand_dw step wrote) or x itself."""
+    """An se_pw / gate_ep step's gate [N, C] (fp32, contiguous) of its input x: the gate's map
+    (block_reference.gate) of the per-channel means, from pool ([N, tiles, C] partial sums an expand_dw / pw_pool
+    step wrote) or x itself."""
     nd = fs.nodes[0]
     pooled = pool.sum(dim=1) / (x.shape[2] * x.shape[3]) if pool is not None else x.float().mean(dim=(2, 3))
     return _gate(nd, pooled.float(), params).float().contiguous()
 
 
 def pool_buffer(fs: FusedSpec, s: Schedule, device: torch.device) -> torch.Tensor:
-    """The [N, tiles per image, C] fp32 partial sums an expand_dw step under s writes beside its output."""
+    """The [N, tiles per image, C] fp32 partial sums an expand_dw / pw_pool step under s writes beside its output."""
     pq = fs.pixels // fs.block.n
     return torch.empty((fs.block.n, _cdiv(pq, s.block_m), fs.out_spec.k), dtype=torch.float32, device=device)
 
@@ -783,8 +820,10 @@ def fused_args(
         return aspp_args(fs, params, vals, out)
     if fs.step.kind in ("dw_gate", "pw_gate"):
         return gnconv_args(fs, params, vals, out)
-    if fs.step.kind in ("expand_dw", "mbconv", "se_pw"):
+    if fs.step.kind in ("expand_dw", "mbconv", "se_pw", "pw_pool"):
         return _mbconv_args(fs, params, vals, out, pool, gate)
+    if fs.step.kind == "gate_ep":
+        return gate_ep_args(fs, params, vals, out, gate)
     p = fs.parts()
     first = fs.nodes[0]
     x = vals[first.inputs[0]]
@@ -825,7 +864,7 @@ def _mbconv_args(
     pool: torch.Tensor | None,
     gate: torch.Tensor | None,
 ) -> dict[str, Any]:
-    """Arguments of expand_dw / mbconv / se_pw steps (see fused_args)."""
+    """Arguments of expand_dw / mbconv / se_pw / pw_pool steps (see fused_args)."""
     p = fs.parts()
     b = fs.block
     x = vals[fs.nodes[0].inputs[0]]
@@ -852,15 +891,33 @@ def _mbconv_args(
     if p["pw"] is not None:
         args["w_ptr"] = _gemm_weight(params[f"{p['pw'].name}.weight"])
     args["out_ptr"] = out
-    if fs.step.kind == "expand_dw":
-        if pooled_output(fs):
-            if pool is None:
-                raise SpecError(f"{fs.describe()} writes its gate's pool: pass pool=fused.pool_buffer(...)")
-            args["pool_ptr"] = pool
-    else:
+    if pooled_output(fs):
+        if pool is None:
+            raise SpecError(f"{fs.describe()} writes its gate's pool: pass pool=fused.pool_buffer(...)")
+        args["pool_ptr"] = pool
+    if fs.step.kind != "expand_dw":
         ep = epilogue_args(b, p["pw"], p["tail_nodes"], params, vals)
         args.update(_conv.epilogue_kernel_args(fs.out_spec, ep, x.device))
     args["UPCAST"] = _conv.upcast(x)
+    return args
+
+
+def gate_ep_args(
+    fs: FusedSpec, params: Params, vals: dict[str, torch.Tensor], out: torch.Tensor, gate: torch.Tensor | None
+) -> dict[str, Any]:
+    """Arguments of a gate_ep step: the gate's input y, its gate [N, C] (gate_of, from y when None), out and the
+    epilogue chain's tensors (the shortcut of an add)."""
+    nd = fs.nodes[0]
+    y = vals[nd.inputs[0]]
+    p = fs.parts()
+    args: dict[str, Any] = {
+        "y_ptr": _conv.to_channels_last(y.detach()),
+        "gate_ptr": gate if gate is not None else gate_of(fs, params, y),
+        "out_ptr": out,
+    }
+    ep = epilogue_args(fs.block, nd, p["tail_nodes"], params, vals)
+    args.update(_conv.epilogue_kernel_args(fs.out_spec, ep, y.device))
+    args["UPCAST"] = _conv.upcast(y)
     return args
 
 
@@ -976,11 +1033,12 @@ def epilogue_args(
     block: Block, gemm: Node, tail: list[str], params: Params, vals: dict[str, torch.Tensor]
 ) -> _conv.EpilogueArgs:
     """Runtime tensors of the epilogue chain formed by a conv/GEMM node and the tail nodes after it."""
-    ep = tail_epilogue(block, tail, gemm["bias"])
+    bias = gemm.op == "conv" and gemm["bias"]  # a gate (gate_ep) has none
+    ep = tail_epilogue(block, tail, bias)
     if ep is None:
         raise SpecError(f"nodes {tail} after {gemm.name} do not form an epilogue chain")
     args = _conv.EpilogueArgs(
-        bias=params.get(f"{gemm.name}.bias") if gemm["bias"] else None,
+        bias=params.get(f"{gemm.name}.bias") if bias else None,
         activation=ep.activation,
         residual_mode=ep.residual or "post",
     )
@@ -1046,8 +1104,9 @@ def run_plan(
 
     schedules: step index -> Schedule for conv and fused steps (defaults otherwise). poison fills every
     buffer a kernel writes with NaN first (the correctness gate), the gate pools' partial sums included.
-    An expand_dw step feeding an se / eca gate leaves its partial sums for the se_pw step that applies it; a
-    dw_gate step also writes the depthwise value's channels that later steps read (plan.step_outputs)."""
+    An expand_dw / pw_pool step feeding an se / eca gate leaves its partial sums for the se_pw / gate_ep step
+    that applies it; a dw_gate step also writes the depthwise value's channels that later steps read
+    (plan.step_outputs)."""
     check_inputs(block, params, x)
     plan = plan or rank(block)[0].plan
     check(block, plan)
@@ -1096,7 +1155,7 @@ def run_plan(
                     pool = pool_buffer(fs, v.schedule, x.device)
                     if poison:
                         pool.fill_(float("nan"))
-                elif step.kind == "se_pw":
+                elif step.kind in GATED:
                     src = first.inputs[0]
                     gate = gate_of(fs, params, vals[src], pools.get(src))
                 runtime.launch(v, fused_args(fs, params, vals, buf, pool, gate), x.device)

@@ -58,7 +58,7 @@ class BatchRange:
 def batch_range(spec: BlockSpec) -> BatchRange:
     """The batch range whose rendering serves spec.n: n <= INT32_LIMIT // (the largest tensor's elements per
     image) with int32 offsets, the int64 form above that (its derived sizes are computed in int64 too)."""
-    per_image = max(spec.c * _prod(spec.in_size), _prod(spec.out_size) * spec.k)
+    per_image = spec.spanned_per_image  # a channel-slice view spans its wider buffer
     cap = INT32_LIMIT // per_image
     return BatchRange(1, cap, False) if spec.n <= cap else BatchRange(cap + 1, None, True)
 
@@ -127,10 +127,11 @@ class Context(dict):
 
 
 def geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
-    """Shape constants every template shares: NHWC strides and window geometry."""
+    """Shape constants every template shares: NHWC strides and window geometry. XP, YP, RP: pixel strides of x,
+    the output and the residual (C, K, K unless a tensor is a channel slice: BlockSpec.x_pixel_stride ...)."""
     nd = spec.ndim
-    sx = [spec.c * _prod(spec.in_size[d + 1 :]) for d in range(nd)]
-    largest = max(spec.n * spec.c * _prod(spec.in_size), spec.out_pixels * spec.k)
+    sx = [spec.x_pix * _prod(spec.in_size[d + 1 :]) for d in range(nd)]
+    largest = max(spec.n * spec.c * _prod(spec.in_size), spec.out_pixels * spec.k, spec.spanned_elements)
     return dict(
         ndim=nd,
         dims=list(range(nd)),
@@ -149,7 +150,11 @@ def geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         TAPS=spec.taps,
         M=spec.out_pixels,
         SX=sx,
-        SXN=spec.c * _prod(spec.in_size),
+        SXN=spec.x_pix * _prod(spec.in_size),
+        XP=spec.x_pix,
+        YP=spec.out_pix,
+        RP=spec.res_pix,
+        views=dict(x=spec.x_pixel_stride, out=spec.out_pixel_stride, res=spec.res_pixel_stride),
         padded=spec.has_padding,
         i64=largest > INT32_LIMIT,
         BM=s.block_m,
@@ -176,6 +181,8 @@ def activation(name: str | None, grad: bool = False) -> Callable[[str], str]:
 
 
 AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # spatial axis letters in constant names
+# (tensor, constant name, its dense stride's name) of the pixel strides of channel-slice views
+_PIXEL_NAMES = (("x", "X_PIX", "C"), ("out", "OUT_PIX", "K"), ("res", "RES_PIX", "K"))
 
 
 def named(g: dict[str, Any], spec: BlockSpec, extra: Sequence[tuple[str, Any, Any]] = ()) -> dict[str, Any]:
@@ -201,12 +208,17 @@ def named(g: dict[str, Any], spec: BlockSpec, extra: Sequence[tuple[str, Any, An
     for key, fmt in (("IN", "{}_IN"), ("OUT", "{}_OUT"), ("KS", "K{}"), ("ST", "STRIDE_{}"), ("PAD", "PAD_{}")):
         consts += [(fmt.format(ax[d]), g[key][d], g[key][d]) for d in dims]
     consts += [(f"DIL_{ax[d]}", g["DIL"][d], g["DIL"][d]) for d in dims]
+    # pixel strides of channel-slice views (spec.x_pixel_stride ...): named only when set, so dense renders keep
+    # C and K
+    views = g.get("views", {})
+    pix = {t: name if views.get(t) else dense for t, name, dense in _PIXEL_NAMES}
+    consts += [(name, views[t], views[t]) for t, name, _ in _PIXEL_NAMES if views.get(t)]
     consts += [
         ("TAPS", " * ".join(f"K{a}" for a in ax), g["TAPS"]),
         ("M", " * ".join([BATCH_ARG] + [f"{a}_OUT" for a in ax]), None),
-        ("SX_N", " * ".join([f"{a}_IN" for a in ax] + ["C"]), g["SXN"]),
+        ("SX_N", " * ".join([f"{a}_IN" for a in ax] + [pix["x"]]), g["SXN"]),
     ]
-    consts += [(f"SX_{ax[d]}", " * ".join([f"{a}_IN" for a in ax[d + 1 :]] + ["C"]), g["SX"][d]) for d in dims]
+    consts += [(f"SX_{ax[d]}", " * ".join([f"{a}_IN" for a in ax[d + 1 :]] + [pix["x"]]), g["SX"][d]) for d in dims]
     consts += [("BLOCK_M", g["BM"], g["BM"]), ("BLOCK_N", g["BN"], g["BN"]), ("BLOCK_K", g["BK"], g["BK"])]
     consts += [("GROUP_M", g["GROUP_M"], g["GROUP_M"])]
     consts += list(extra)
@@ -228,6 +240,9 @@ def named(g: dict[str, Any], spec: BlockSpec, extra: Sequence[tuple[str, Any, An
         M="M",
         SXN="SX_N",
         SX=[f"SX_{a}" for a in ax],
+        XP=pix["x"],
+        YP=pix["out"],
+        RP=pix["res"],
         BM="BLOCK_M",
         BN="BLOCK_N",
         BK="BLOCK_K",
@@ -322,20 +337,37 @@ def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         k_full=spec.cg % s.block_k == 0,  # no partial channel block: no channel mask
         n_full=spec.kg % s.block_n == 0,
         a_load=a_load_kw(s),
-        tma=s.tma,  # pointwise only (schedule.tma_applies)
+        tma=s.tma and pointwise,  # 2-D descriptors
+        SPLIT=s.split_k,
     )
-    extra = [
-        ("NPID_M", "(M + BLOCK_M - 1) // BLOCK_M", None),
+    # tma, k x k: a tile is a box of output pixels of one image (schedule.tma_box), boxes counted per image
+    box = _sched.tma_box(spec, s.block_m) if s.tma and not pointwise else None
+    ax = AXES[spec.ndim]
+    g.update(tma_box=box, BOX=[f"BOX_{a}" for a in ax], BOXES_D=[f"BOXES_{a}" for a in ax])
+    extra: list[tuple[str, Any, Any]] = [
+        ("NPID_M", f"{BATCH_ARG} * BOXES" if box else "(M + BLOCK_M - 1) // BLOCK_M", None),
         ("NPID_N", "(KG + BLOCK_N - 1) // BLOCK_N", g["NPID_N"]),
         ("NCB", "(CG + BLOCK_K - 1) // BLOCK_K", g["NCB"]),
         ("KTOT", "CG * TAPS", g["KTOT"]),
     ]
+    if box:
+        counts = [_cdiv(o, b) for o, b in zip(spec.out_size, box)]
+        extra += [(f"BOX_{a}", b, b) for a, b in zip(ax, box)]
+        extra += [(f"BOXES_{a}", f"({a}_OUT + BOX_{a} - 1) // BOX_{a}", c) for a, c in zip(ax, counts)]
+        extra.append(("BOXES", " * ".join(f"BOXES_{a}" for a in ax), _prod(counts)))
+    if s.split_k > 1:
+        steps = ("(KTOT + BLOCK_K - 1) // BLOCK_K", _cdiv(g["KTOT"], s.block_k))
+        if s.k_order != "flat":
+            steps = ("TAPS * NCB", spec.taps * g["NCB"])
+        extra += [("SPLIT", s.split_k, s.split_k), ("STEPS", *steps)]
+        extra.append(("CHUNK", "(STEPS + SPLIT - 1) // SPLIT", _cdiv(steps[1], s.split_k)))
     g.update(named(g, spec, extra))
     return g
 
 
 def _conv_fwd_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
-    return (_cdiv(spec.out_pixels, s.block_m) * _cdiv(spec.kg, s.block_n), spec.groups)
+    """(output tiles (schedule.gemm_tiles), groups x split_k)."""
+    return (_sched.gemm_tiles(spec, s), spec.groups * s.split_k)
 
 
 def _depthwise_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
@@ -391,12 +423,15 @@ def _conv_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         ("NKB", "(KG + BLOCK_K - 1) // BLOCK_K", g["NKB"]),
         ("NPID_M", f"({BATCH_ARG} * PH_PIX + BLOCK_M - 1) // BLOCK_M", None),
     ]
+    if s.split_k > 1:
+        extra.append(("SPLIT", s.split_k, s.split_k))
     g.update(named(g, spec, extra))
     return g
 
 
 def _conv_dgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
-    return (_cdiv(spec.phase_pixels, s.block_m) * _cdiv(spec.cg, s.block_n), spec.groups, spec.phases)
+    """(tiles of the largest phase (schedule.gemm_tiles), groups x split_k, phases)."""
+    return (_sched.gemm_tiles(spec, s), spec.groups * s.split_k, spec.phases)
 
 
 def _wgrad_cols(spec: BlockSpec, s: Schedule) -> int:
@@ -593,3 +628,17 @@ def _source(tpl: Template, spec: BlockSpec, s: Schedule, name: str, batch: Batch
         )
     source = environment().get_template(tpl.file).render(v=ctx)
     return "\n".join(line.rstrip() for line in source.splitlines()) + "\n"
+
+
+def reduction_steps(spec: BlockSpec, s: Schedule) -> int | None:
+    """Steps of an implicit-GEMM fwd or dgrad reduction loop (the first phase's for a strided dgrad); None for
+    other kernels. The SASS audit needs it when the compiler unrolled the loop whole (kernels.sass.mix)."""
+    if s.space_to_depth:
+        return reduction_steps(space_to_depth.rewrite(spec), replace(s, space_to_depth=False))
+    if spec.kind != "conv" or spec.op not in ("fwd", "dgrad"):
+        return None
+    if spec.op == "dgrad":
+        return _prod(_phases(spec)["NTMAX"]) * _cdiv(spec.kg, s.block_k) if s.k_order == "tap" else None
+    if s.tma and _sched.pointwise(spec):
+        return _cdiv(spec.cg, s.block_k)
+    return spec.taps * _cdiv(spec.cg, s.block_k) if s.k_order == "tap" else _cdiv(spec.cg * spec.taps, s.block_k)

@@ -56,10 +56,12 @@ def tensor_elements(spec: BlockSpec) -> dict[str, int]:
 
 def estimated_bytes(spec: BlockSpec) -> int:
     """Memory one measurement of spec holds: the tensors in spec.dtype (a residual and save_z count as one
-    more output each), plus the float64 reference's inputs and output."""
+    more output each; channel-slice views as their wider buffers), plus the float64 reference's inputs and
+    output."""
     e = tensor_elements(spec)
-    outputs = 1 + bool(spec.epilogue.residual) + bool(spec.epilogue.save_z)
-    native = (e["input"] + e["weight"] + outputs * e["output"]) * spec.itemsize
+    x = spec.n * prod(spec.in_size) * spec.x_pix
+    out = spec.out_pixels * (spec.out_pix + (spec.res_pix if spec.epilogue.residual else 0))
+    native = (x + e["weight"] + out + e["output"] * spec.epilogue.save_z) * spec.itemsize
     return native + 8 * (e["input"] + e["weight"] + e["output"])
 
 
@@ -67,6 +69,9 @@ def check(spec: BlockSpec, limits: Limits = DEFAULT) -> None:
     """Raise LimitExceeded naming the first limit spec exceeds; cheap (no rendering)."""
     for name, n in tensor_elements(spec).items():
         _within(f"{name} elements", "max_tensor_elements", n, limits.max_tensor_elements)
+    if spec.is_view:  # a channel slice addresses its whole wider buffer
+        _within("elements a pixel-strided view spans", "max_tensor_elements", spec.spanned_elements,
+                limits.max_tensor_elements)  # fmt: skip
     _within("kernel taps", "max_taps", spec.taps, limits.max_taps)
     _within("stride", "max_stride", max(spec.stride), limits.max_stride)
     _within("stride phases (product of strides)", "max_phases", spec.phases, limits.max_phases)

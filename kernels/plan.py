@@ -21,7 +21,13 @@ A Step is one launch and names its kind:
              one launch (MBConv without attention): neither the expanded nor the depthwise tensor touches HBM
   se_pw      an se / eca gate -> pointwise GEMM + its epilogue chain: the gate's small map (SE MLP or ECA
              conv1d, torch ops on [N, C]) from the pooled sums, then the GEMM with the gate applied to its A
-             operand as it is loaded (two launches; the pool is a torch mean unless an expand_dw step took it)
+             operand as it is loaded (two launches; the pool is a torch mean unless an expand_dw or pw_pool
+             step took it)
+  pw_pool    pointwise GEMM + its epilogue chain whose output feeds an se / eca gate: it also writes per-image
+             partial sums of that output (the gate's global pool), as expand_dw does (ECA-ResNet's conv3 + bn3)
+  gate_ep    an se / eca gate -> the elementwise epilogue chain after it ([bn] [add] [act] [scale] [add]): the
+             gate's small map once per image (torch ops on [N, C], from a pw_pool / expand_dw step's sums or a
+             torch mean), then one launch y * gate + shortcut -> act (ECA-ResNet's attention, residual, act3)
   aspp       parallel convs of one input (1x1 and dilated k x k, each [bn] [act], stride 1, same size) and
              broadcasts of 1 x 1 maps (ASPP's image pooling), concatenated: one launch, one program per
              (pixel tile, branch channel tile), the channel tiles of a pixel tile adjacent so they share the
@@ -63,9 +69,13 @@ FUSED = (
     "dw_gate",
     "pw_gate",
     "dw_ln",
+    "pw_pool",
+    "gate_ep",
 )
 STEP_KINDS = ("conv", "op", *FUSED)
-LAUNCHES = {"se_pw": 2}  # launches of a step kind (default 1): se_pw runs the gate's map before its GEMM
+LAUNCHES = {"se_pw": 2, "gate_ep": 2}  # launches of a step kind (default 1): the gate's map before the kernel
+POOLING = ("expand_dw", "pw_pool")  # steps that write their output's per-image partial sums when a gate reads it
+GATED = ("se_pw", "gate_ep")  # steps that apply a gate: its map runs on the pooled sums a POOLING step wrote
 MAX_ONCHIP = 256  # padded channels of a row (and of the project GEMM's output) an mlp tile keeps on chip
 MAX_ROW = 2048  # padded channels of a row a dw_ln program keeps in registers
 
@@ -204,6 +214,12 @@ def matches(block: Block, step: Step) -> bool:
         if len(names) < 2 or block.node(names[0]).op not in GATES or not _is_pointwise(block, block.node(names[1])):
             return False
         return tail_epilogue(block, names[2:], block.node(names[1])["bias"]) is not None
+    if step.kind == "gate_ep":
+        return block.node(names[0]).op in GATES and tail_epilogue(block, names[1:], False) is not None
+    if step.kind == "pw_pool":  # the pool exists for the gate: the step's output must feed one
+        gated = [block.node(c).op for c in block.consumers(names[-1])] in (["se"], ["eca"])
+        first = block.node(names[0])
+        return gated and _is_pointwise(block, first) and tail_epilogue(block, names[1:], first["bias"]) is not None
     nds = [block.node(n) for n in names]
     first = nds[0]
     if step.kind == "op":
@@ -632,8 +648,8 @@ ONCHIP_TILE = {"separable": 128, "mbconv": 128, "expand_dw": 64}  # output chann
 
 
 def step_cost(block: Block, step: Step, rates: Rates = Rates(), pooled: bool = False) -> StepCost:
-    """Modelled HBM bytes and issue time of one step (pooled: an se_pw step's gate input arrives with its
-    per-image sums, taken by the expand_dw step that wrote it)."""
+    """Modelled HBM bytes and issue time of one step (pooled: an se_pw / gate_ep step's gate input arrives with
+    its per-image sums, taken by the expand_dw / pw_pool step that wrote it)."""
     if step.kind == "op" and block.node(step.nodes[0]).op == "split":
         return StepCost(step=step, bytes=0, mma_flops=0.0, flops=0.0, seconds=0.0, launch=0)
     item = block.itemsize
@@ -678,7 +694,9 @@ def step_cost(block: Block, step: Step, rates: Rates = Rates(), pooled: bool = F
             mma += ex.flops * (dw.taps * _prod(dw.out_size) / _prod(dw.in_size) * recompute - 1)
         read += (recompute - 1) * _elems(block, first.inputs[0])
         if step.kind == "expand_dw" and any(block.node(c).op in GATES for c in block.consumers(step.nodes[-1])):
-            extra += block.n * -(-_prod(dw.out_size) // 64) * dw.k * 4  # per-image partial sums, 64-pixel tiles
+            extra += _pool_bytes(block, step.nodes[-1])
+    if step.kind == "pw_pool":
+        extra += _pool_bytes(block, step.nodes[-1])
     if step.kind == "dw_gate":  # the depthwise value's channels that later steps read: a second output
         g = gate_parts(block, list(step.nodes), step.kind)
         if g is not None and g.written is not None:
@@ -686,9 +704,9 @@ def step_cost(block: Block, step: Step, rates: Rates = Rates(), pooled: bool = F
             extra += block.n * h * w * (g.written[1] - g.written[0]) * item
     if step.kind == "op" and first.op in GATES:
         read *= 2  # pool, then scale: two passes over the input
-    if step.kind == "se_pw":
+    if step.kind in GATED:
         c = block.shapes[first.name].c
-        extra += 2 * block.n * c * 4  # the gate, written by its map and read by the GEMM's programs
+        extra += 2 * block.n * c * 4  # the gate, written by its map and read by the kernel's programs
         if not pooled:
             read += _elems(block, first.inputs[0])  # the pool: a pass of its own over the gate's input
     out = _elems(block, step.nodes[-1])
@@ -697,6 +715,12 @@ def step_cost(block: Block, step: Step, rates: Rates = Rates(), pooled: bool = F
     launches = LAUNCHES.get(step.kind, 1)
     t = max(nbytes / rates.dram_bw, mma / mma_rate + flops / rates.fp32_flops) + launches * rates.launch_s
     return StepCost(step=step, bytes=int(nbytes), mma_flops=mma, flops=flops, seconds=t, launch=launches)
+
+
+def _pool_bytes(block: Block, name: str) -> int:
+    """The per-image partial sums (64-pixel tiles, fp32) a pooling step writes beside its output name."""
+    s = block.shapes[name]
+    return block.n * -(-_prod(s.size) // 64) * s.c * 4
 
 
 def _read_elems(block: Block, name: str, inside: set[str]) -> int:
@@ -715,8 +739,8 @@ def _prod(xs: tuple[int, ...]) -> int:
 
 
 def pooled_by(plan: Plan) -> set[str]:
-    """Nodes whose per-image sums a step of plan takes as it writes them (expand_dw outputs)."""
-    return {s.nodes[-1] for s in plan.steps if s.kind == "expand_dw"}
+    """Nodes whose per-image sums a step of plan takes as it writes them (expand_dw / pw_pool outputs)."""
+    return {s.nodes[-1] for s in plan.steps if s.kind in POOLING}
 
 
 def cost(
@@ -727,7 +751,7 @@ def cost(
     memo = {} if memo is None else memo
     steps = []
     for s in plan.steps:
-        key = (s, s.kind == "se_pw" and block.node(s.nodes[0]).inputs[0] in pooled)
+        key = (s, s.kind in GATED and block.node(s.nodes[0]).inputs[0] in pooled)
         if key not in memo:
             memo[key] = step_cost(block, s, rates, pooled=key[1])
         steps.append(memo[key])

@@ -13,7 +13,10 @@ and gathers per-channel mean and biased variance in its epilogue; the identity b
 torch.var_mean of x. Then either "combine" (one elementwise pass: sum_b s_b z_b + s_id x + t, act) or "merged"
 (online re-parameterization: a second conv of x with the statistics-merged weight, t and the activation in its
 epilogue). Both are differentiable pieces (the conv custom op's y, mean and var, torch ops on [K]-sized tensors
-and weights), so gradients flow through the statistics exactly. train_costs() models both against eager.
+and weights), so gradients flow through the statistics exactly. Without gradients (a precise-BN pass in train
+mode) the merged form's stats pass writes only the statistics (conv.conv_stats, epilogue.stats_only: the stacked
+output is never stored); with gradients it keeps z, which the statistics' gradient reads (d var / d z =
+2 (z - mean) / count). train_costs() models both against eager.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import cast
 import torch
 
 from . import autograd
+from .conv import conv_stats
 from .epilogue import activation_torch
 from .plan import Rates
 from .prologue import fold_bn
@@ -193,11 +197,15 @@ def train_forward(
     stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(batch)
     count, convs = 0, 0
     if any(batch[:p]):  # the stats pass: every conv branch in one launch
-        z, mean, var = autograd.conv(
-            x, stack_grouped(padded, groups), None, stride, padding, 1, groups, ndim=2, stats=True
-        )
+        stacked = stack_grouped(padded, groups)
+        grad = torch.is_grad_enabled() and (x.requires_grad or stacked.requires_grad)
+        if form == "merged" and not grad:  # only the statistics: the stacked output is never written
+            mean, var = conv_stats(x, stacked, 2, stride, padding, 1, groups)
+        else:  # combine reads z; gradients through the statistics need z (d var / d z = 2 (z - mean) / count)
+            z, mean, var = autograd.conv(x, stacked, None, stride, padding, 1, groups, ndim=2, stats=True)
         mean, var = split_grouped(mean, p, groups), split_grouped(var, p, groups)
-        count, convs = z.numel() // z.shape[1], 1
+        out = [(x.shape[2 + d] + 2 * padding[d] - stacked.shape[2 + d]) // stride[d] + 1 for d in range(2)]
+        count, convs = x.shape[0] * out[0] * out[1], 1
         stats[:p] = [(mean[i], var[i]) if batch[i] else None for i in range(p)]
     if identity is not None and batch[p]:
         var_x, mean_x = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
@@ -304,14 +312,19 @@ def train_costs(
     tiny = [kern(0)] * 10  # the BN affines from the statistics: [P + I, K]-sized launches
     prologue = [kern(w * window_taps)] * (p + 4 + 5 * ident)  # the merged weight: pad, stack, scale, sum, eye, cast
     stack = [kern((x + p * z) * a + p * w * window_taps, window_taps, p)]
-    stats = stack + [kern(x * a + x * (a + f) * half)] * ident  # var_mean of x (16-bit: a cast to fp32 first)
+    ident_stats = [kern(x * a + x * (a + f) * half)] * ident  # var_mean of x (16-bit: a cast to fp32 first)
+    stats = stack + ident_stats
+    # merged without backward: the stats pass is stats_only (no stacked output written); with backward it keeps
+    # z, which the statistics' gradient reads
+    stack_stats_only = [kern(x * a + p * w * window_taps, window_taps, p)]
+    merged_stats = stats if backward else stack_stats_only + ident_stats
     ks: dict[str, list[tuple[float, float]]] = {}
     ks["eager"] = [kern((x + z) * a + w * t, t) for t in taps]
     ks["eager"] += [kern(z * a), kern(3 * z * a)] * p + [kern(x * a), kern(3 * x * a)] * ident  # BN stats, apply
     ks["eager"] += [kern(3 * z * a)] * (p + ident - 1) + [kern(2 * z * a)]  # adds, act
     ks["combine"] = stats + tiny + [kern(z * (a + f))] + [kern(z * (a + 2 * f))] * (p + ident - 1)  # addcmuls
     ks["combine"] += [kern(2 * z * f)] + [kern(z * (f + a))] * half  # act, cast
-    ks["merged"] = stats + tiny + prologue + [kern((x + z) * a + w * window_taps, window_taps)]
+    ks["merged"] = merged_stats + tiny + prologue + [kern((x + z) * a + w * window_taps, window_taps)]
     if backward:
         stack_bwd = [kern((2 * p * z + x) * a, window_taps, p)] * 2  # dgrad, wgrad: dy and z, x
         ident_bwd = [kern(x * (a + f) + x * (a + f) * half)] * ident  # var_mean's, its cast's

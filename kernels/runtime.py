@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -157,9 +158,28 @@ def bind(fn: Any, args: dict[str, Any]) -> list[Any]:
     return [args[n] for n in names]
 
 
+def split_workspace(variant: Variant, args: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """ws_ptr and cnt_ptr of a conv fwd or dgrad variant whose reduction is split (schedule.split_k > 1; none
+    otherwise), on the device of its tensors: the fp32 partial tiles [programs, block_m * block_n] (one per
+    program of the grid, whose axis 1 counts the splits) and one zeroed int32 arrival counter per output tile,
+    which the kernel leaves zeroed."""
+    spec, s = variant.spec, variant.schedule
+    if s.split_k == 1 or getattr(spec, "kind", None) != "conv" or getattr(spec, "op", None) not in ("fwd", "dgrad"):
+        return {}
+    device = next(t.device for t in args.values() if isinstance(t, torch.Tensor))
+    programs = math.prod(variant.grid)
+    return {
+        "ws_ptr": torch.empty(programs * s.block_m * s.block_n, dtype=torch.float32, device=device),
+        "cnt_ptr": torch.zeros(programs // s.split_k, dtype=torch.int32, device=device),
+    }
+
+
 def kernel_args(variant: Variant, args: dict[str, Any]) -> dict[str, Any]:
     """args plus the launch's batch size `n` (the variant's spec.n) for a kernel that takes it, checked against
-    the batch range its source was rendered for (int32 offsets hold only up to its bound)."""
+    the batch range its source was rendered for (int32 offsets hold only up to its bound), and a split
+    reduction's workspace (split_workspace) unless args bring their own."""
+    if "ws_ptr" not in args:
+        args = {**args, **split_workspace(variant, args)}
     batch = variant.batch
     if batch is None:
         return args

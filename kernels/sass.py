@@ -7,10 +7,15 @@ and the kernel-row or tap loop of a direct depthwise conv. Its body size is the 
 iteration; the FMA and MMA shares say how much of that issue is arithmetic. Runtime integer
 divisions show up as I2F.U32.RP (the reciprocal-based sequence); divisions by constants as
 IMAD.HI.U32 (multiply-high by a magic number). TMA loads are UTMALDG.
+
+A reduction with a small constant trip count may be unrolled whole (Triton 3.6 does so with a 3x3 64-channel
+dgrad's nine steps): no loop is left. Given the variant's step count, mix() then measures one step as the
+distance between the first math instruction of consecutive steps (loop_unrolled: True).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import tempfile
@@ -92,23 +97,40 @@ def main_loop(code: list[Instruction]) -> tuple[int, int] | None:
     return max(inner, key=work, default=None)
 
 
-def mix(code: list[Instruction]) -> dict[str, Any]:
+def unrolled(code: list[Instruction], steps: int) -> tuple[int, int] | None:
+    """(first, end) indices spanning steps - 1 whole steps of a fully unrolled reduction: from the first
+    math instruction (MMA, else FMA) of the first step to that of the last, when the math splits evenly
+    into `steps` groups; None otherwise."""
+    kinds = MMA if _count(code, MMA) else FMA
+    idx = [i for i, ins in enumerate(code) if ins.base in kinds]
+    if steps < 2 or not idx or len(idx) % steps:
+        return None
+    return idx[0], idx[len(idx) - len(idx) // steps]
+
+
+def mix(code: list[Instruction], steps: int | None = None) -> dict[str, Any]:
     """Main-loop figures of a kernel: loop_sass (instructions per iteration), loop_mma, loop_fma and
     their shares, loop_idiv (runtime integer divisions), loop_mulhi (divisions by constants), and over
-    the whole kernel sass (instruction count) and tma (TMA loads)."""
+    the whole kernel sass (instruction count) and tma (TMA loads). Without a loop and with the reduction's
+    step count, the same figures per step of the unrolled reduction (see unrolled)."""
     out: dict[str, Any] = {"sass": len(code), "tma": _count(code, ("UTMALDG",))}
-    span = main_loop(code)
+    span, per = main_loop(code), 1
+    if span is None and steps is not None:
+        whole = unrolled(code, steps)
+        if whole is not None:
+            span, per = (whole[0], whole[1] - 1), steps - 1
+            out["loop_unrolled"] = True
     if span is None:
         return out | {"loop_sass": None}
     body = code[span[0] : span[1] + 1]
     n = len(body)
     mma, fma = _count(body, MMA), _count(body, FMA)
     return out | {
-        "loop_sass": n,
-        "loop_mma": mma,
-        "loop_fma": fma,
+        "loop_sass": round(n / per),
+        "loop_mma": round(mma / per),
+        "loop_fma": round(fma / per),
         "loop_mma_share": round(mma / n, 3),
         "loop_fma_share": round(fma / n, 3),
-        "loop_idiv": sum(ins.opcode.startswith("I2F.U32.RP") for ins in body),
-        "loop_mulhi": sum(ins.opcode.startswith("IMAD.HI") for ins in body),
+        "loop_idiv": math.ceil(sum(ins.opcode.startswith("I2F.U32.RP") for ins in body) / per),
+        "loop_mulhi": math.ceil(sum(ins.opcode.startswith("IMAD.HI") for ins in body) / per),
     }

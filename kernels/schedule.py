@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -42,9 +44,15 @@ class Schedule:
     l1_load (multi-tap conv fwd/dgrad): the A operand (input / output-gradient rows, re-read by every tap of a
       window) is loaded L1-allocating (cp.async.ca, SASS LDGSTS.E) rather than L2-only (.cg, LDGSTS.E.BYPASS);
       Triton 3.6 compiles both the same (its pipeliner drops the modifier), 3.9 honors it.
-    tma (1x1 stride-1 conv fwd on 16-byte channel rows, see tma_applies): both operands by Hopper TMA through
-      2-D tensor descriptors made in the kernel (tl.make_tensor_descriptor: Triton >= 3.4; on a GPU the launch
-      needs triton.set_allocator for their scratch), out-of-bounds rows and channels zero-filled.
+    tma (stride-1 conv fwd on 16-byte channel rows, see tma_applies): both operands by Hopper TMA through
+      tensor descriptors made in the kernel (tl.make_tensor_descriptor: Triton >= 3.4; on a GPU the launch
+      needs triton.set_allocator for their scratch), out-of-bounds rows and channels zero-filled. 1x1 without
+      padding: 2-D [pixels, C/g]. Otherwise a block_m tile is a box of output pixels of one image (tma_box) and
+      each tap's A tile the [1, *box, block_k] box of the NHWC input at the window's origin: the zero fill of
+      coordinates outside x is the padding.
+    split_k (conv fwd and dgrad): the reduction (taps x channel blocks) split split_k ways, program_id(1) =
+      group * split_k + split; each split writes its fp32 partial tile, the last to arrive sums them in split
+      order (bitwise reproducible) and runs the epilogue once (runtime.kernel_args adds the workspace).
     """
 
     block_m: int = 64
@@ -131,17 +139,65 @@ def l1_load_applies(spec: BlockSpec) -> bool:
     return spec.kind == "conv" and spec.op in ("fwd", "dgrad") and taps > 1
 
 
+def pointwise(spec: BlockSpec) -> bool:
+    """One tap, unit stride, no padding: the forward is a plain GEMM [N*H*W, C/g] x [C/g, K/g]."""
+    return spec.taps == 1 and set(spec.stride) == {1} and not spec.has_padding
+
+
 def tma_applies(spec: BlockSpec) -> bool:
-    """Whether spec's forward is a plain GEMM [N*H*W, C/g] x [C/g, K/g] that TMA descriptors can read: one tap,
-    unit stride, no padding; rows (C and C/g channels) 16-byte aligned, as TMA requires of strides and of each
-    group's base; offsets within int32 (the int32 rendering, generator.batch_range); a tensor-core dot (fp32
-    'ieee' dots run on CUDA cores from registers: staged through shared memory they spilled 10 KB on sm_90)."""
-    if spec.kind != "conv" or spec.op != "fwd" or spec.taps != 1 or spec.has_padding or set(spec.stride) != {1}:
+    """Whether TMA descriptors can read spec's forward operands: unit stride (a pointwise GEMM's 2-D rows, or
+    NHWC boxes of one image per tap: 3 to 5 dims, TMA's most); rows (C and C/g channels) 16-byte
+    aligned, as TMA requires of strides and of each group's base; offsets within int32 (the int32 rendering,
+    generator.batch_range); a tensor-core dot (fp32 'ieee' dots run on CUDA cores from registers: staged
+    through shared memory they spilled 10 KB on sm_90). Box sizes (<= 256 per dim, >= 16 bytes innermost)
+    hold for every compile-valid tile: block_k >= 16, block_m <= 256."""
+    if spec.kind != "conv" or spec.op != "fwd" or set(spec.stride) != {1}:
         return False
     if spec.dtype == "float32" and spec.precision != "tf32":
         return False
-    largest = max(spec.n * spec.c * math.prod(spec.in_size), spec.out_pixels * spec.k)
-    return all(v * spec.itemsize % 16 == 0 for v in (spec.c, spec.cg)) and largest <= 2**31 - 1
+    largest = max(spec.n * spec.c * math.prod(spec.in_size), spec.out_pixels * spec.k, spec.spanned_elements)
+    return all(v * spec.itemsize % 16 == 0 for v in (spec.c, spec.x_pix, spec.cg)) and largest <= 2**31 - 1
+
+
+def tma_box(spec: BlockSpec, block_m: int) -> tuple[int, ...]:
+    """The output pixels of a k x k tma tile: a box of one image, powers of two per spatial dim with product
+    block_m, the one that pads the output least (56x56 at 64: 8x8, none), then the widest rows."""
+    return _box(spec.out_size, block_m)
+
+
+@functools.lru_cache(maxsize=4096)
+def _box(out_size: tuple[int, ...], block_m: int) -> tuple[int, ...]:
+    best: tuple[tuple[int, tuple[int, ...]], tuple[int, ...]] | None = None
+    for box in itertools.product(*[[1 << e for e in range(block_m.bit_length())]] * len(out_size)):
+        if math.prod(box) != block_m:
+            continue
+        key = (math.prod(_cdiv(o, b) * b for o, b in zip(out_size, box)), tuple(-b for b in reversed(box)))
+        if best is None or key < best[0]:
+            best = (key, box)
+    assert best is not None
+    return best[1]
+
+
+def gemm_tiles(spec: BlockSpec, s: Schedule) -> int:
+    """Output tiles of one group of a conv fwd (block_m pixels, or a k x k tma's pixel boxes of each image, x
+    block_n channels) or of one group and stride phase of a conv dgrad (the largest phase's): the grid's axis 0."""
+    if spec.op == "dgrad":
+        return _cdiv(spec.phase_pixels, s.block_m) * _cdiv(spec.cg, s.block_n)
+    rows = _cdiv(spec.out_pixels, s.block_m)
+    if s.tma and not pointwise(spec):
+        rows = spec.n * math.prod(_cdiv(o, b) for o, b in zip(spec.out_size, tma_box(spec, s.block_m)))
+    return rows * _cdiv(spec.kg, s.block_n)
+
+
+def split_steps(spec: BlockSpec, s: Schedule) -> int:
+    """Reduction steps of one conv fwd / dgrad program before splitting (dgrad: its largest phase's)."""
+    if spec.op == "dgrad":
+        # the largest stride phase's taps: along each dim, the taps of one residue modulo stride / gcd
+        steps = (st // math.gcd(st, d) for st, d in zip(spec.stride, spec.dilation))
+        taps, inner = math.prod(_cdiv(k, st) for k, st in zip(spec.kernel, steps)), spec.kg
+    else:
+        taps, inner = spec.taps, spec.cg
+    return _cdiv(taps * inner, s.block_k) if s.k_order == "flat" else taps * _cdiv(inner, s.block_k)
 
 
 def kernel_spec(spec: BlockSpec, s: Schedule) -> BlockSpec:
@@ -159,6 +215,8 @@ def canonical(spec: BlockSpec, s: Schedule) -> Schedule:
         s = replace(s, l1_load=False)
     if s.tma and not tma_applies(spec):
         s = replace(s, tma=False)
+    if s.tma:  # TMA boxes load A in tap order, no cache modifier
+        s = replace(s, k_order="tap", l1_load=False)
     if spec.kind == "depthwise":
         if spec.op == "wgrad":
             s = replace(s, group_m=1, k_order="tap")
@@ -167,8 +225,6 @@ def canonical(spec: BlockSpec, s: Schedule) -> Schedule:
         else:
             s = replace(s, block_k=Schedule.block_k, group_m=1, split_k=1, k_order="tap")
     else:
-        if spec.op != "wgrad":
-            s = replace(s, split_k=1)
         if spec.taps == 1 or (s.k_order == "row" and spec.kernel[-1] == 1):  # one tap (per row): the same loop
             s = replace(s, k_order="tap")
     return s
@@ -207,7 +263,11 @@ def check(spec: BlockSpec, s: Schedule) -> None:
     if s.l1_load and not l1_load_applies(spec):
         raise ScheduleError("l1_load (L1-allocating A loads) is an option of multi-tap conv fwd and dgrad")
     if s.tma and not tma_applies(spec):
-        raise ScheduleError("tma (tensor-descriptor loads) is an option of 1x1 stride-1 conv fwd on 16-byte rows")
+        raise ScheduleError("tma (tensor-descriptor loads) is an option of stride-1 conv fwd on 16-byte rows")
+    if s.tma and spec.epilogue.stats and not pointwise(spec):
+        box = tma_box(spec, s.block_m)
+        if any(o % b for o, b in zip(spec.out_size, box)):  # stats rows assume full tiles but the last
+            raise ScheduleError(f"tma with BatchNorm statistics needs pixel boxes {box} that tile {spec.out_size}")
     if uses_dot(spec):
         for name in ("block_m", "block_n", "block_k"):
             if getattr(s, name) < 16:
@@ -216,6 +276,13 @@ def check(spec: BlockSpec, s: Schedule) -> None:
         raise ScheduleError("tile larger than 256x256 elements")
     if s.split_k > 1024:
         raise ScheduleError("split_k must be <= 1024")
+    if s.split_k > 1 and spec.kind == "conv" and spec.op != "wgrad":
+        steps = split_steps(spec, s)
+        if s.split_k > steps:
+            raise ScheduleError(f"split_k={s.split_k} exceeds the {steps} reduction steps of block_k={s.block_k}")
+        programs = gemm_tiles(spec, s) * spec.groups * (spec.phases if spec.op == "dgrad" else 1) * s.split_k
+        if programs * s.block_m * s.block_n > 2**31 - 1:
+            raise ScheduleError("split_k's fp32 partials exceed int32 offsets: split only small grids")
     if spec.kind == "depthwise" and spec.op == "wgrad" and s.block_m * s.block_n * s.block_k > 32768:
         raise ScheduleError("depthwise wgrad tile block_m * block_k * block_n exceeds 32768 elements")
 

@@ -62,6 +62,7 @@ def rewrite(spec: BlockSpec) -> BlockSpec:
         kernel=kernel,
         stride=(1, 1),
         padding=((0, 0), (0, 0)),
+        x_pixel_stride=None,  # the folded input is a fresh dense buffer
     )
 
 

@@ -59,7 +59,8 @@ class Epilogue:
 
     Two training options (forward specs) change what else a kernel writes, not y:
     save_z stores the pre-epilogue conv output z for the backward kernels; stats emits per-tile,
-    per-channel mean and M2 of z (BatchNorm batch statistics, merged on the host). On dgrad/wgrad specs the chain
+    per-channel mean and M2 of z (BatchNorm batch statistics, merged on the host); stats_only (with stats,
+    an identity chain) writes those statistics and nothing else. On dgrad/wgrad specs the chain
     names the forward epilogue whose gradient the kernel applies to dy as it loads it, and stats
     adds the gradients of those statistics.
     """
@@ -71,15 +72,18 @@ class Epilogue:
     layer_scale: bool = False  # per-channel gamma
     stats: bool = False  # per-channel mean and M2 (sum of squared deviations) of z, per tile
     save_z: bool = False  # also store z (forward of a training step)
+    stats_only: bool = False  # with stats: only the statistics, no output y (the kernel takes no out_ptr)
 
     def __post_init__(self) -> None:
         if self.activation is not None and self.activation not in ACTIVATIONS:
             raise SpecError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if self.residual not in RESIDUAL:
             raise SpecError(f"residual must be None, 'pre' or 'post', got {self.residual!r}")
-        for name in ("bias", "affine", "layer_scale", "stats", "save_z"):
+        for name in ("bias", "affine", "layer_scale", "stats", "save_z", "stats_only"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"epilogue.{name} must be a bool")
+        if self.stats_only and not (self.stats and self.is_identity and not self.save_z):
+            raise SpecError("epilogue.stats_only needs stats, no save_z and an identity chain (nothing else is stored)")
 
     @property
     def is_identity(self) -> bool:
@@ -95,7 +99,7 @@ class Epilogue:
         return d
 
 
-_OPTIONAL_FLAGS = ("stats", "save_z")
+_OPTIONAL_FLAGS = ("stats", "save_z", "stats_only")
 
 
 def _ints(name: str, value: Any, ndim: int) -> tuple[int, ...]:
@@ -115,6 +119,11 @@ class BlockSpec(Canonical):
     Shapes follow torch: input [n, c, *in_size], weight [k, c // groups, *kernel].
     padding holds (low, high) per spatial dim, so 'same' with even kernels and causal
     padding are exact. Kernels read and write channels-last tensors (layout).
+
+    Pixel strides (forward only): elements between adjacent pixels of x, the output and the residual when
+    they are channel slices of wider channels-last buffers (a split's chunk, one branch of a concat). None
+    is the dense stride (c for x, k for the others); a dense value is stored as None, so dense specs keep
+    their canonical JSON.
     """
 
     kind: str
@@ -132,6 +141,9 @@ class BlockSpec(Canonical):
     op: str = "fwd"
     layout: str = "channels_last"
     precision: str = "ieee"
+    x_pixel_stride: int | None = None
+    out_pixel_stride: int | None = None
+    res_pixel_stride: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -171,6 +183,7 @@ class BlockSpec(Canonical):
             )
         if self.kind == "depthwise" and self.groups != self.c:
             raise SpecError("a depthwise spec needs groups == in_channels")
+        self._check_pixel_strides()
         for i in range(nd):
             span = self.dilation[i] * (self.kernel[i] - 1) + 1
             padded = self.in_size[i] + sum(self.padding[i])
@@ -180,7 +193,64 @@ class BlockSpec(Canonical):
                     f"the padded input {padded} along spatial dim {i}"
                 )
 
+    def _check_pixel_strides(self) -> None:
+        if self.epilogue.stats_only and self.op != "fwd":
+            raise SpecError("epilogue.stats_only is a forward option; backward specs must not set it")
+        for name, dense in (("x_pixel_stride", self.c), ("out_pixel_stride", self.k), ("res_pixel_stride", self.k)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise SpecError(f"{name} must be an int or None, got {v!r}")
+            if v < dense:
+                raise SpecError(f"{name} {v} is smaller than the {dense} channels it holds (pixels would overlap)")
+            if self.op != "fwd":
+                raise SpecError(f"{name} is a forward option (backward kernels read dense buffers)")
+            if name == "res_pixel_stride" and not self.epilogue.residual:
+                raise SpecError("res_pixel_stride needs an epilogue with a residual")
+            if name == "out_pixel_stride" and self.epilogue.stats_only:
+                raise SpecError("out_pixel_stride with epilogue.stats_only: there is no output")
+            if v == dense:
+                object.__setattr__(self, name, None)  # the dense stride: one spec, one key
+
     # ---- derived shapes -------------------------------------------------------------
+    @property
+    def x_pix(self) -> int:
+        """Elements between adjacent input pixels (c unless x is a channel slice)."""
+        return self.x_pixel_stride or self.c
+
+    @property
+    def out_pix(self) -> int:
+        """Elements between adjacent output pixels (k unless the output is a channel slice)."""
+        return self.out_pixel_stride or self.k
+
+    @property
+    def res_pix(self) -> int:
+        """Elements between adjacent residual pixels (k unless the residual is a channel slice)."""
+        return self.res_pixel_stride or self.k
+
+    @property
+    def is_view(self) -> bool:
+        """Whether any tensor is addressed with a non-dense pixel stride."""
+        return bool(self.x_pixel_stride or self.out_pixel_stride or self.res_pixel_stride)
+
+    def dense(self) -> BlockSpec:
+        """The same conv on dense buffers (what a view's schedule is tuned for)."""
+        return (
+            replace(self, x_pixel_stride=None, out_pixel_stride=None, res_pixel_stride=None) if self.is_view else self
+        )
+
+    @property
+    def spanned_per_image(self) -> int:
+        """The largest element span one image of any tensor covers (a view's spans its wider buffer's pixels)."""
+        out = _prod(self.out_size) * max(self.out_pix, self.res_pix if self.epilogue.residual else 0)
+        return max(_prod(self.in_size) * self.x_pix, out)
+
+    @property
+    def spanned_elements(self) -> int:
+        """The largest element span any tensor's addressing covers: n * spanned_per_image."""
+        return self.n * self.spanned_per_image
+
     @property
     def ndim(self) -> int:
         return len(self.in_size)
@@ -253,6 +323,9 @@ class BlockSpec(Canonical):
             elif isinstance(v, tuple):
                 v = [list(p) if isinstance(p, tuple) else p for p in v]
             d[f.name] = v
+        for name in _OPTIONAL_FIELDS:
+            if d[name] is None:
+                del d[name]
         return d
 
     @classmethod
@@ -305,7 +378,17 @@ class BlockSpec(Canonical):
             s += " d" + "x".join(map(str, self.dilation))
         if self.groups != 1:
             s += f" g{self.groups}"
+        views = [
+            f"{t}/{p}"
+            for t, p in (("x", self.x_pixel_stride), ("out", self.out_pixel_stride), ("res", self.res_pixel_stride))
+            if p
+        ]
+        if views:
+            s += " pixel-strides " + ",".join(views)
         return s + f" {self.dtype}"
+
+
+_OPTIONAL_FIELDS = ("x_pixel_stride", "out_pixel_stride", "res_pixel_stride")  # in the JSON only when set
 
 
 def _prod(xs: tuple[int, ...]) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from . import sass
-from .generator import Variant, render
+from .generator import Variant, reduction_steps, render
 from .schedule import Schedule
 from .spec import BlockSpec
 
@@ -49,7 +49,9 @@ def example_args(spec: BlockSpec) -> dict[str, Any]:
         activation=e.activation,
         residual_mode=e.residual or "post",
     )
-    args = {"x_ptr": t(), "w_ptr": t(), "out_ptr": t(), "UPCAST": False}
+    args = {"x_ptr": t(), "w_ptr": t(), "UPCAST": False}
+    if not e.stats_only:
+        args["out_ptr"] = t()
     if e.save_z:
         args["z_ptr"] = t()
     if e.stats:
@@ -76,11 +78,12 @@ def mma_kind(ptx: str) -> str:
     return next((kind for needle, kind in _MMA_KINDS if needle in ptx), "fma")
 
 
-def resources(kernel: Any) -> dict[str, Any]:
+def resources(kernel: Any, steps: int | None = None) -> dict[str, Any]:
     """What the compiled kernel costs and uses, read from its cubin (cuobjdump) and PTX: registers per
     thread, spill bytes (stack + local), the MMA its dots became (see mma_kind), cp.async copies
     (software pipelining) and the widest of them, and the widest plain global load/store in bytes
-    (vectorization; 0 when every read is a cp.async copy), and the main loop's SASS mix (kernels.sass.mix)."""
+    (vectorization; 0 when every read is a cp.async copy), and the main loop's SASS mix (kernels.sass.mix;
+    steps: the reduction's step count, which measures a loop the compiler unrolled whole)."""
     import triton
 
     out: dict[str, Any] = {"regs": None, "spill_bytes": None}
@@ -94,7 +97,7 @@ def resources(kernel: Any) -> dict[str, Any]:
         m = _RESOURCES.search(usage.stdout)
         if m:
             out.update(regs=int(m.group(1)), spill_bytes=int(m.group(2)) + int(m.group(3)))
-    out.update(sass.mix(sass.disassemble(cubin, tool)) if cubin else {"loop_sass": None})
+    out.update(sass.mix(sass.disassemble(cubin, tool), steps) if cubin else {"loop_sass": None})
     ptx = kernel.asm.get("ptx", "")
     widest = {"ld": 0, "st": 0}
     for op, vec, bits in _GLOBAL_ACCESS.findall(ptx):
@@ -115,7 +118,8 @@ def compile_one(variant: Variant, arch: int = 90) -> dict[str, Any]:
 
     try:
         k = runtime.aot_compile(variant, example_args(variant.spec), arch=arch)
-        return {"id": variant.id, "ok": True, "shared": int(k.metadata.shared), "error": None, **resources(k)}
+        steps = reduction_steps(variant.spec, variant.schedule)
+        return {"id": variant.id, "ok": True, "shared": int(k.metadata.shared), "error": None, **resources(k, steps)}
     except Exception as e:  # the compiler's own message is the useful part
         return {"id": variant.id, "ok": False, "shared": None, "error": f"{type(e).__name__}: {str(e)[-800:]}"}
 

@@ -4,8 +4,9 @@ Each suite lists the blocks (kernels.block graphs) one forward pass of the netwo
 distinct shape, with how many times the network repeats it. The shapes follow the reference models at
 224x224: ConvNeXt-T (timm convnext_tiny), EfficientNet-B0 (timm efficientnet_b0), MobileNetV2
 (torchvision mobilenet_v2), InceptionNeXt-T (timm inception_next_tiny token mixers), the ASPP head of
-DeepLabV3 (torchvision: rates 12/24/36 at output stride 8; the paper's 6/12/18 at output stride 16) and HorNet-T
-7x7's gnConv token mixers (official hornet_tiny_7x7: orders 2-5, s = 1/3).
+DeepLabV3 (torchvision: rates 12/24/36 at output stride 8; the paper's 6/12/18 at output stride 16), HorNet-T
+7x7's gnConv token mixers (official hornet_tiny_7x7: orders 2-5, s = 1/3) and ECA-ResNet-50-D's bottlenecks (timm
+ecaresnet50d; its stride-2 blocks, whose shortcut average-pools, are not blocks the compiler describes).
 
     python -m tunerd.schedules.block_suites [--batch 32] [--dtype bfloat16]
 
@@ -130,6 +131,17 @@ def _hornet_t(n: int, dtype: str) -> list[Entry]:
     ]
 
 
+def _ecaresnet50d(n: int, dtype: str) -> list[Entry]:
+    """Stages of (width, out channels, size, blocks) after the deep stem (64 channels at 56 x 56): the first block of
+    stage 1 (a 1x1 downsample shortcut) and the stride-1 blocks of every stage, ECA kernel adaptive to out channels."""
+    stages = ((64, 256, 56, 3), (128, 512, 28, 4), (256, 1024, 14, 6), (512, 2048, 7, 3))
+    out = [Entry("layer1.0", _block.bottleneck(n=n, c=64, k=256, width=64, in_size=(56, 56), dtype=dtype), 1)]
+    for i, (w, k, s, d) in enumerate(stages, 1):
+        blk = _block.bottleneck(n=n, c=k, k=k, width=w, in_size=(s, s), dtype=dtype)
+        out.append(Entry(f"layer{i}.1", blk, d - 1))
+    return out
+
+
 BLOCK_SUITES: dict[str, Callable[[int, str], list[Entry]]] = {
     "convnext_t": _convnext_t,
     "efficientnet_b0": _efficientnet_b0,
@@ -137,6 +149,7 @@ BLOCK_SUITES: dict[str, Callable[[int, str], list[Entry]]] = {
     "inceptionnext_t": _inceptionnext_t,
     "deeplabv3_aspp": _deeplabv3_aspp,
     "hornet_t": _hornet_t,
+    "ecaresnet50d": _ecaresnet50d,
 }
 
 

@@ -6,7 +6,9 @@ its fraction of the roofline.
 
 GPU model, per kernel launch:
 - programs = output tiles x groups (x split_k); the reduction is padded to whole block_k steps,
-  output tiles to whole block_m x block_n tiles (tile quantization is paid as extra math);
+  output tiles to whole block_m x block_n tiles (tile quantization is paid as extra math; a k x k tma fwd
+  tiles each image in pixel boxes, kernels.schedule.tma_box); a split fwd / dgrad reduction (split_k) runs
+  split_k times the programs with 1/split_k of the steps each, and writes and re-reads fp32 partials;
 - math time: padded FLOPs at the dtype's peak (tensor cores for fp16/bf16/tf32, CUDA cores for
   fp32 'ieee' and direct depthwise kernels), scaled by wave quantization (programs per resident
   slot, rounded up) and a small-tile/few-warp efficiency; direct depthwise fwd kernels issue-bound:
@@ -15,9 +17,9 @@ GPU model, per kernel launch:
   input rows and weight columns) against L2 bandwidth, and compulsory DRAM bytes (plus L2 misses
   when the working set exceeds L2) against DRAM bandwidth;
 - pipelining overlaps math and memory by 1 - 1/num_stages; each wave adds a fixed latency;
-- l1_load (L1-allocating A loads) and tma (tensor-descriptor loads) are not modelled: L1 hit rates and TMA's
-  gain are unmeasured (no GPU timings yet), so their variants tie with their pointer-path twins and
-  measurement decides.
+- l1_load (L1-allocating A loads) and tma (tensor-descriptor loads) are not modelled beyond tma's pixel
+  boxes: L1 hit rates and TMA's gain are unmeasured (no GPU timings yet), so their variants tie with their
+  pointer-path twins where the tiles agree and measurement decides.
 
 Interpreter model (DeviceLimits.interpreted): programs x (per-program cost + reduction steps x
 per-step cost, growing with tile elements), since the interpreter runs programs one by one in
@@ -30,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from tunerd.kernels import space_to_depth
-from tunerd.kernels.schedule import Schedule, outputs_per_thread, vector_rows
+from tunerd.kernels.schedule import Schedule, gemm_tiles, outputs_per_thread, vector_rows
 from tunerd.kernels.spec import BlockSpec
 
 from .device import DeviceLimits
@@ -162,10 +164,14 @@ def work(spec: BlockSpec, s: Schedule) -> Work:
         # split-K: each program writes its partial; the last of a tile's splits reads them all and writes the sum
         out = rt * bm * bn * (2 if s.split_k > 1 else 1)
         return Work(progs, steps, 2.0 * bm * bn * bk * rt, loads, out, loads + rt * bm * bn)
-    else:
-        progs = cdiv(g.m, bm) * cdiv(g.n, bn) * g.groups
-        steps = cdiv(g.red, bk) if s.k_order == "flat" else g.taps * cdiv(g.inner, bk)
-    return Work(progs, steps, 2.0 * bm * bn * bk, (bm + bn) * bk, bm * bn, bm * bk + bk * bn + bm * bn)
+    # fwd (a k x k tma tiles each image in pixel boxes: schedule.gemm_tiles) and dgrad (groups x phases)
+    progs = (gemm_tiles(spec, s) if spec.op == "fwd" else cdiv(g.m, bm) * cdiv(g.n, bn)) * g.groups
+    steps = cdiv(g.red, bk) if s.k_order == "flat" else g.taps * cdiv(g.inner, bk)
+    out = bm * bn
+    if s.split_k > 1:  # each split writes its fp32 partial, the last reads all of them and writes the tile
+        progs, steps = progs * s.split_k, cdiv(steps, s.split_k)
+        out = int(bm * bn * (8 / spec.itemsize + 1 / s.split_k))
+    return Work(progs, steps, 2.0 * bm * bn * bk, (bm + bn) * bk, out, bm * bk + bk * bn + bm * bn)
 
 
 def wgrad_row_taps(spec: BlockSpec, s: Schedule) -> int:

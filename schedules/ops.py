@@ -106,15 +106,19 @@ def reference_epilogue(inp: Inputs) -> dict[str, Any]:
 
 # ---- forward --------------------------------------------------------------------------
 def _fwd_inputs(spec: BlockSpec, device: torch.device, gen: torch.Generator) -> Inputs:
+    """x (and the residual) as channel slices of wider buffers where the spec has their pixel strides."""
     dt = torch_dtype(spec)
-    x = randn(gen, (spec.n, spec.c, *spec.in_size), device).to(dt)
+    x = _conv.in_wider_buffer(randn(gen, (spec.n, spec.c, *spec.in_size), device).to(dt), spec.x_pixel_stride)
     w = randn(gen, (spec.k, spec.cg, *spec.kernel), device, scale=(spec.cg * spec.taps) ** -0.5).to(dt)
-    return {"x": x, "w": w, **epilogue_inputs(spec, device, gen)}
+    inp = {"x": x, "w": w, **epilogue_inputs(spec, device, gen)}
+    if "residual" in inp:
+        inp["residual"] = _conv.in_wider_buffer(inp["residual"], spec.res_pixel_stride)
+    return inp
 
 
 def _fwd_output(v: Variant, inp: Inputs) -> torch.Tensor:
     spec = v.spec
-    return poisoned((spec.n, *spec.out_size, spec.k), torch_dtype(spec), inp["x"].device)
+    return poisoned((spec.n, *spec.out_size, spec.out_pix), torch_dtype(spec), inp["x"].device)[..., : spec.k]
 
 
 def _fwd_args(v: Variant, inp: Inputs, out: torch.Tensor) -> dict[str, Any]:

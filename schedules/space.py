@@ -3,10 +3,10 @@
 Enumeration (per kind):
 - conv (implicit GEMM; fwd, dgrad per stride phase, wgrad): block_m x block_n x block_k in powers
   of two (16..256, 16..256, 16..128), num_warps 2/4/8, num_stages 2/3/4, group_m 1/8, k_order
-  tap/flat (wgrad also row: a kernel row's taps per program), split_k 1..32 (wgrad only); multi-tap fwd and
-  dgrad also l1_load (L1-allocating A loads) where the installed Triton keeps the modifier (l1_load_honored);
-  1x1 stride-1 fwd on 16-byte rows also tma (tensor-descriptor loads) where Triton has them (tma_supported),
-  not on the interpreter;
+  tap/flat (wgrad also row: a kernel row's taps per program), split_k 1..32 (wgrad; fwd and dgrad only for
+  tilings whose grid is smaller than the SM count, see `order`); multi-tap fwd and dgrad also l1_load
+  (L1-allocating A loads) where the installed Triton keeps the modifier (l1_load_honored); stride-1 fwd on
+  16-byte rows also tma (tensor-descriptor loads) where Triton has them (tma_supported), not on the interpreter;
 - depthwise (direct): block_m pixels (4..1024) x block_n channels (4..128), num_warps 1/2/4/8; fwd
   in groups of block_k = 1/2/4/8/16 consecutive outputs along the last dim (register blocking, <= the row);
   wgrad: block_m pixels per step (16..256) x block_k taps (1..32) x block_n channels, split_k.
@@ -16,7 +16,9 @@ counts them):
 - `problem`: tiles no larger than the problem (block <= next_pow2(extent), at least the minimum);
 - `order`: flat k_order only for multi-tap specs whose channel groups do not fill a block_k step
   (C/g < 64 or not a multiple of 64); group_m varies only when there are several tiles both ways;
-  num_stages no more than the reduction's steps + 1; split_k keeps >= 2 block_k steps per split;
+  num_stages no more than the reduction's steps + 1; split_k keeps >= 2 block_k steps per split; a fwd or
+  dgrad split only where the unsplit grid has fewer programs than the device has SMs and the split one 1/2 to 2
+  per SM (split_candidate), with group_m 8 only (one wave: the swizzle does not matter);
 - `check`: kernels.schedule.check (powers of two, tl.dot dims >= 16, tile <= 256x256);
 - `smem`: cost.smem_bytes (fitted to Triton's sm_90 output) <= limits.smem_per_block;
 - `registers`: cost.registers_per_thread <= limits.max_regs_per_thread (would spill);
@@ -101,12 +103,9 @@ def build(
     out: list[Schedule] = []
     seen: set[Schedule] = set()
     seen_tiles: set[tuple] = set()
-    gen = _depthwise(spec) if spec.kind == "depthwise" else _conv(spec, limits.interpreted)
+    gen = _depthwise(spec) if spec.kind == "depthwise" else _conv(spec, limits)
     if space_to_depth.applies(spec):  # stems: also every schedule of the folded stride-1 conv
-        folded = (
-            (replace(s, space_to_depth=True), rule)
-            for s, rule in _conv(space_to_depth.rewrite(spec), limits.interpreted)
-        )
+        folded = ((replace(s, space_to_depth=True), rule) for s, rule in _conv(space_to_depth.rewrite(spec), limits))
         gen = itertools.chain(gen, folded)
     for s, rule in gen:
         rule = rule or _resource_rule(spec, s, limits)
@@ -173,7 +172,21 @@ def _cap(extent: int, lo: int) -> int:
 Candidate = tuple[Schedule, "str | None"]  # a schedule and the enumeration rule it breaks, if any
 
 
-def _conv(spec: BlockSpec, interpreted: bool) -> Iterator[Candidate]:
+def split_candidate(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> bool:
+    """Whether a fwd / dgrad split s.split_k > 1 is worth a candidate: the unsplit grid leaves SMs idle (fewer
+    programs than SMs, late ResNet stages at small batch) and the split grid fills them, with 1/2 to 2 programs
+    per SM (at most two splits per tiling: the space stays small), each split with >= 2 block_k steps."""
+    base = replace(s, split_k=1)
+    programs, sms = cost.programs(spec, base), limits.sm_count
+    return (
+        programs < sms
+        and sms < 2 * programs * s.split_k <= 4 * sms
+        and cost.reduction_steps(spec, base) >= 2 * s.split_k
+    )
+
+
+def _conv(spec: BlockSpec, limits: DeviceLimits) -> Iterator[Candidate]:
+    interpreted = limits.interpreted
     g = cost.gemm_view(spec)
     wgrad = spec.op == "wgrad"
     # the flat order helps when one tap's channels (columns for wgrad) do not fill whole block_k steps
@@ -182,7 +195,7 @@ def _conv(spec: BlockSpec, interpreted: bool) -> Iterator[Candidate]:
     k_orders: tuple[str, ...] = ("tap", "flat") if flat_ok else ("tap",)
     if wgrad and spec.kernel[-1] > 1:  # a kernel row's taps per program, each dz tile reused by all of them
         k_orders += ("row",)
-    splits = SPLIT_K if wgrad else (1,)
+    splits = SPLIT_K if wgrad or not interpreted else (1,)  # fwd / dgrad: small grids only (split_candidate)
     l1_loads = (False, True) if _sched.l1_load_applies(spec) and l1_load_honored() else (False,)
     # TMA: a GPU path (the interpreter runs it, no faster)
     tmas = (False, True) if _sched.tma_applies(spec) and tma_supported() and not interpreted else (False,)
@@ -196,14 +209,18 @@ def _conv(spec: BlockSpec, interpreted: bool) -> Iterator[Candidate]:
         if bm > _cap(g.m, 16) or bn > _cap(n_extent, 16) or bk > _cap(k_extent, 16):
             yield base, "problem"
             continue
-        if wgrad and split > 1 and k_extent < 2 * bk:
+        # (a k x k tma tiles in pixel boxes, never fewer programs than without: split_candidate checks it again)
+        if split > 1 and (k_extent < 2 * bk if wgrad else not split_candidate(spec, base, limits)):
             yield base, "order"
             continue
         steps = cost.reduction_steps(spec, base)
         swizzle = cost.cdiv(g.m, bm) > 1 and cost.cdiv(n_extent, bn) > 1
         for warps, stages, group, l1, tma in itertools.product(CONV_WARPS, CONV_STAGES, GROUP_M, l1_loads, tmas):
             s = replace(base, num_warps=warps, num_stages=stages, group_m=group, l1_load=l1, tma=tma)
-            if (group != GROUP_M[0] and not swizzle) or stages > steps + 1:
+            # a split grid (<= 2 programs per SM) runs in about one wave: no swizzle order to choose
+            if (group != GROUP_M[0] and (not swizzle or (split > 1 and not wgrad))) or stages > steps + 1:
+                yield s, "order"
+            elif split > 1 and tma and not split_candidate(spec, s, limits):
                 yield s, "order"
             else:
                 yield s, None

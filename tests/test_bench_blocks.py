@@ -47,6 +47,27 @@ def test_small_mode_times_every_contender_and_records_bytes(tmp_path):
     assert "interpreter" in md and "| mobilenetv2 |" in md and "mbconv[" in md
 
 
+def test_module_case_checks_every_form_and_eager_against_float64(tmp_path):
+    """repvgg_a0's small module case: the auto form, each forced form and the timm module's own forward, output and
+    every gradient within tolerance of the float64 module; the auto form's pick and the modelled bytes recorded."""
+    blocks.main(["--small", "--suites", "repvgg_a0", "--passes", "fwd+bwd", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [c["pass"] for c in data["cases"]] == ["fwd+bwd"]
+    for c in data["cases"]:
+        got = c["contenders"]
+        assert set(got) == {*blocks.CONTENDERS, *blocks.FORM_CONTENDERS}
+        for name in ("tunerd", "eager", *blocks.FORM_CONTENDERS):
+            assert got[name]["status"] == "ok" and got[name]["rel_error"] < reference.tolerance("float32"), got[name]
+        assert c["plan"]["form"] in ("combine", "merged", "eager") and c["plan"]["plan"].startswith("rep_block ")
+        assert set(c["plan"]["costs"]) == {"combine", "merged", "eager"} and c["eager_plan"]["bytes"] > 0
+    bwd = data["cases"][0]["contenders"]
+    names = {"x", "conv_kxk.conv.weight", "conv_1x1.bn.bias", "identity.weight"}
+    for name in ("tunerd", "tunerd_combine", "tunerd_merged"):
+        assert names <= set(bwd[name]["grad_rel_error"]) and bwd[name]["grad_rel_error_max"] < 1e-5
+    assert data["modelled"]["rows"][0]["suite"] == "repvgg_a0"
+    assert "tunerd_combine" in (tmp_path / "report.md").read_text()
+
+
 def _outs(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.clone() for t in ts)
 
@@ -108,11 +129,12 @@ def test_eager_contender_matches_float64_on_every_family(dtype, passes):
 def test_cases_run_every_suite_forward_first_on_its_heaviest_block():
     cfg = blocks.parse_args(["--full", "--dtypes", "bf16,fp32", "--batch", "8"])
     cases = blocks.plan_cases(cfg)
-    assert len(cases) == len(blocks.SUITES) * 2 * 2
-    first = cases[: len(blocks.SUITES)]
-    assert {c.suite for c in first} == set(blocks.SUITES) and {(c.op, c.block.dtype) for c in first} == {
-        ("fwd", "bfloat16")
-    }
-    assert all(c.block.n == 8 for c in cases)
+    suites = {*blocks.SUITES, *blocks.MODULE_SUITES}
+    assert len(cases) == len(suites) * 2 * 2
+    first = cases[: len(suites)]
+    assert {c.suite for c in first} == suites and {(c.op, c.dtype) for c in first} == {("fwd", "bfloat16")}
+    assert all(c.block.n == 8 for c in cases if c.block is not None)
+    rep = [c for c in cases if c.module is not None]  # repvgg_a0's heaviest block: stage 1's stride-2 one
+    assert {c.suite for c in rep} == {"repvgg_a0"} and all(c.module.x_shape == (8, 48, 112, 112) for c in rep)
     convnext = next(c for c in cases if c.suite == "convnext_t")  # 3 blocks at 56x56 move more than 9 at 14x14
     assert convnext.entry == "stage1" and convnext.count == 3

@@ -131,6 +131,31 @@ def test_eval_is_one_merged_conv_and_forms_are_checked():
         )  # fmt: skip
 
 
+def test_merged_form_without_gradients_writes_only_statistics(monkeypatch):
+    """No gradients (a precise-BN pass in train mode): the merged form's stats conv is stats_only (no stacked
+    output written, no out_ptr); with gradients it keeps z, which the statistics' gradient reads."""
+    monkeypatch.setattr(kconv, "POISON_OUTPUTS", True)
+    seen = []
+    real = kconv.runtime.launch
+    monkeypatch.setattr(kconv.runtime, "launch", lambda v, a, d: (seen.append((v, a)), real(v, a, d)))
+    leaves, running, shape = _case("repvgg_grouped", torch.float32, seed=5)
+    with torch.no_grad():
+        res = _ours(leaves, running, shape, "merged")
+    ref = _reference([t.double() for t in leaves], running, shape)
+    assert res.form == "merged" and rel_error(res.y, ref) < tolerance("float32")
+    (stats_v, stats_args), (merged_v, _) = seen
+    assert stats_v.spec.epilogue.stats_only and "out_ptr" not in stats_args
+    assert not merged_v.spec.epilogue.stats
+    x64, p = leaves[0].double(), shape[0]
+    for i in range(p):
+        w = leaves[1 + i].double()
+        var, mean = torch.var_mean(F.conv2d(x64, w, None, 1, w.shape[-1] // 2, 1, 3), dim=(0, 2, 3), unbiased=False)
+        assert rel_error(res.stats[i][0], mean) < tolerance("float32") and rel_error(res.stats[i][1], var) < 1e-5
+    seen.clear()
+    _ours([t.detach().requires_grad_() for t in leaves], running, shape, "merged")
+    assert not seen[0][0].spec.epilogue.stats_only and "out_ptr" in seen[0][1]
+
+
 def test_stack_grouped_keeps_each_group():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 6, 5, 5, generator=g, dtype=torch.float64)
@@ -257,6 +282,13 @@ def test_cost_model_of_the_forms_on_repvgg_a0():
     assert merged.bytes < eager.bytes < comb.bytes
     fwd = reparam.train_costs(32, 192, 192, (14, 14), (14, 14), (9, 1), 9, 1, True, 2, backward=False)
     assert fwd["merged"].launches < merged.launches and fwd["merged"].bytes < merged.bytes
+    # forward only, the merged form's stats pass is stats_only: of the stacked branches' 2 outputs nothing is
+    # written, so it moves fewer bytes than combine's stats pass by those outputs
+    x = z = 32 * 192 * 14 * 14  # elements (fp16: 2 bytes; the identity's var_mean casts x to fp32 first)
+    w = 192 * 192 * 2  # bytes of one tap's weights
+    stats_only, ident = 2 * x + 2 * w * 9, 2 * x + 6 * x
+    prologue = w * 9 * (2 + 4 + 5)
+    assert fwd["merged"].bytes == stats_only + ident + prologue + 2 * (x + z) + w * 9
     stem = reparam.train_costs(32, 3, 48, (224, 224), (112, 112), (9, 1), 9, 1, False, 2, backward=True)
     assert stem["merged"].seconds < stem["eager"].seconds < stem["combine"].seconds
     for costs in (s3, fwd, stem):

@@ -67,3 +67,48 @@ def test_mix_counts_the_main_loop_and_the_kernel():
     m = sass.mix(outer_only)
     assert (m["loop_sass"], m["loop_idiv"], m["loop_mulhi"]) == (8, 1, 1)
     assert sass.mix([]) == {"sass": 0, "tma": 0, "loop_sass": None}
+
+
+# A reduction unrolled whole: three steps of two MMAs each, 4 instructions apart, between a prologue and an
+# epilogue, and no loop; one runtime division in the second step.
+UNROLLED = "\n".join(
+    f"        /*{a:04x}*/                   {op} ;"
+    for a, op in enumerate(
+        ["S2R R0, SR_CTAID.X", "MOV R1, R2"]
+        + ["HGMMA.64x64x16.F32.BF16 R56, gdesc[UR16], R56", "HGMMA.64x64x16.F32.BF16 R56, gdesc[UR12], R56"]
+        + ["LDGSTS.E.128 [R3], [R4.64]", "IADD3 R0, R0, 0x1, RZ"]
+        + ["HGMMA.64x64x16.F32.BF16 R56, gdesc[UR16], R56", "HGMMA.64x64x16.F32.BF16 R56, gdesc[UR12], R56"]
+        + ["I2F.U32.RP R5, R4", "IADD3 R0, R0, 0x1, RZ"]
+        + ["HGMMA.64x64x16.F32.BF16 R56, gdesc[UR16], R56", "HGMMA.64x64x16.F32.BF16 R56, gdesc[UR12], R56"]
+        + ["STG.E.128 [R2.64], R8", "EXIT"]
+    )
+)
+
+
+def test_an_unrolled_reduction_is_measured_per_step_given_its_step_count():
+    code = sass.parse(UNROLLED)
+    assert sass.main_loop(code) is None and sass.mix(code) == {"sass": 14, "tma": 0, "loop_sass": None}
+    assert sass.unrolled(code, 3) == (2, 10)  # first MMA of the first step .. first MMA of the last
+    m = sass.mix(code, steps=3)
+    assert m["loop_unrolled"] and (m["loop_sass"], m["loop_mma"], m["loop_mma_share"]) == (4, 2, 0.5)
+    assert m["loop_idiv"] == 1  # a division in any step counts, never averaged away
+    assert sass.unrolled(code, 4) is None and sass.mix(code, steps=4)["loop_sass"] is None  # 6 MMAs, not 4 groups
+    assert sass.unrolled(code, 1) is None
+    looped = sass.mix(sass.parse(SASS), steps=3)  # a real loop wins over the step count
+    assert looped["loop_sass"] == 4 and "loop_unrolled" not in looped
+
+
+def test_reduction_steps_counts_the_implicit_gemm_loop():
+    from tunerd.kernels.generator import reduction_steps
+    from tunerd.kernels.schedule import Schedule
+    from tunerd.kernels.spec import conv_spec
+
+    s = Schedule(block_m=128, block_n=64, block_k=32)
+    spec = conv_spec(n=8, c=64, k=48, in_size=(14, 14), kernel=3, padding=1, dtype="bfloat16")
+    assert reduction_steps(spec, s) == 9 * 2  # taps x channel blocks
+    assert reduction_steps(spec.with_(op="dgrad"), s) == 9 * 2  # stride 1: one phase, every tap; 48 -> 2 blocks
+    strided = conv_spec(n=8, c=64, k=48, in_size=(14, 14), kernel=3, padding=1, stride=2, op="dgrad")
+    assert reduction_steps(strided, s) == 4 * 2  # the largest phase's 2x2 taps
+    assert reduction_steps(spec.with_(op="wgrad"), s) is None
+    dw = conv_spec(n=8, c=64, k=64, in_size=(14, 14), kernel=7, padding=3, groups=64)
+    assert reduction_steps(dw, s) is None

@@ -107,7 +107,8 @@ def test_knob_variety_and_rules():
     assert {s.group_m for s in cands} == {1, 8}
     pointwise = conv_spec(n=2, c=64, k=64, in_size=(8, 8), kernel=1)  # one tap: tap order only, 1 step
     pw = space.space(pointwise, H100, max_candidates=None)
-    assert {s.k_order for s in pw} == {"tap"} and all(s.split_k == 1 for s in pw)
+    assert {s.k_order for s in pw} == {"tap"}
+    assert all(s.split_k == 1 or space.split_candidate(pointwise, s, H100) for s in pw)  # splits: small grids
     assert all(s.num_stages <= cost.reduction_steps(pointwise, s) + 1 for s in pw)
 
 

@@ -10,7 +10,8 @@ tensors is a mul node and of a constant a scalar node (HorNet's gnConv); channel
 and activations, interpolated to the input's size, are gap -> ... -> broadcast (torchvision's ASPP pooling)), so
 the description is proven to compute what the module computes; anything else is refused with the reason.
 canonical() gives a graph the node names of the seed block it equals (kernels.block: convnext, inception_dw,
-separable, mbconv, gnconv, aspp). Candidates are FUSED_BLOCKS' classes and, by their submodules, gnConvs. A
+separable, mbconv, gnconv, aspp, bottleneck). Candidates are FUSED_BLOCKS' classes, GATED_BLOCKS' with a channel
+gate (ECA-ResNet) and, by their submodules, gnConvs. A
 module patched with fuse_block() runs its block under the planner's plan (kernels.block_autograd: fused
 forward, recomputing backward) in each training mode whose graph converted, and its own forward (per-conv
 kernels) otherwise.
@@ -279,6 +280,31 @@ def _auto_form(
     return "eager" if costs["eager"].seconds < costs[form].seconds else form
 
 
+def _form_args(block: nn.Module, parts: RepParts, x: torch.Tensor) -> tuple[Any, ...]:
+    """reparam.train_costs' shape arguments for x: n, c, k, in size, out size, taps per branch, the widest
+    window's taps, groups, identity."""
+    convs = [block.get_submodule(n).conv for n in parts.convs]
+    c0 = convs[0]
+    out = tuple(
+        (x.shape[2 + d] + 2 * c0.padding[d] - c0.dilation[d] * (c0.kernel_size[d] - 1) - 1) // c0.stride[d] + 1
+        for d in range(2)
+    )
+    windows = [tuple(c.dilation[d] * (c.kernel_size[d] - 1) + 1 for d in range(2)) for c in convs]
+    return (
+        x.shape[0], x.shape[1], c0.out_channels, tuple(x.shape[2:]), out,
+        tuple(int(c.kernel_size[0] * c.kernel_size[1]) for c in convs),
+        max(w[0] for w in windows) * max(w[1] for w in windows),
+        c0.groups, parts.identity is not None,
+    )  # fmt: skip
+
+
+def rep_costs(module: nn.Module, x: torch.Tensor, backward: bool) -> dict[str, reparam.FormCost]:
+    """The modelled cost of each training form of a re-parameterizable block (rep_parts) on input x, forward or
+    forward + backward: 'combine', 'merged' and 'eager' (its own per-branch forward), as the auto form weighs them."""
+    parts = module.__dict__.get("_tunerd_rep") or rep_parts(module)
+    return reparam.train_costs(*_form_args(module, parts, x), x.element_size(), backward)
+
+
 def _rep_forward(block: nn.Module, parts: RepParts, x: torch.Tensor) -> torch.Tensor:
     mods = [block.get_submodule(n) for n in parts.convs]
     convs, bns = [m.conv for m in mods], [m.bn for m in mods]
@@ -292,19 +318,9 @@ def _rep_forward(block: nn.Module, parts: RepParts, x: torch.Tensor) -> torch.Te
     form = block.__dict__.get("_tunerd_rep_form")
     c0 = convs[0]
     if form is None:
-        out = tuple(
-            (x.shape[2 + d] + 2 * c0.padding[d] - c0.dilation[d] * (c0.kernel_size[d] - 1) - 1) // c0.stride[d] + 1
-            for d in range(2)
-        )
-        windows = [b.window for b in branches]
         params = [t for b in branches for t in (b.weight, b.bias)] + [t for bn in bns for t in (bn.weight, bn.bias)]
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x, *params])
-        form = _auto_form(
-            x.shape[0], x.shape[1], c0.out_channels, tuple(x.shape[2:]), out,
-            tuple(int(b.weight.shape[2] * b.weight.shape[3]) for b in branches),
-            max(w[0] for w in windows) * max(w[1] for w in windows),
-            c0.groups, parts.identity is not None, x.element_size(), grad,
-        )  # fmt: skip
+        form = _auto_form(*_form_args(block, parts, x), x.element_size(), grad)
     if form == "eager":
         if any(nm.running is None for nm in norms):  # batch statistics: the block's own forward
             block.__dict__["_tunerd_rep_last"] = "eager"
@@ -365,6 +381,10 @@ FUSED_BLOCKS = (
     ("torchvision", "MBConv"),
     ("torchvision", "ASPP"),
 )
+# (library, class name) of blocks patch() tries only when they have a channel gate (their `se`: timm's ECA-ResNet and
+# SE-ResNet): the gate's pool and scale fuse into the conv3 and residual steps (pw_pool, gate_ep); a block without
+# one keeps its per-conv kernels, which already take each conv's BN and activation
+GATED_BLOCKS = (("timm", "Bottleneck"),)
 # submodules by which a module of any class is tried as HorNet's gnConv (the official code's names): the traced
 # graph must then prove it (kernels.block.gnconv)
 GNCONV_PARTS = {"proj_in": nn.Conv2d, "dwconv": nn.Conv2d, "proj_out": nn.Conv2d, "pws": nn.ModuleList}
@@ -385,11 +405,13 @@ _MUL = (operator.mul, operator.imul, torch.mul)
 
 
 def is_fusable_block(m: nn.Module) -> bool:
-    """Whether m's class is one of FUSED_BLOCKS or m has gnConv's submodules (GNCONV_PARTS); from_graph proves
-    the structure."""
+    """Whether m's class is one of FUSED_BLOCKS, one of GATED_BLOCKS with a gate, or m has gnConv's submodules
+    (GNCONV_PARTS); from_graph proves the structure."""
     lib = type(m).__module__.split(".")[0]
     if (lib, type(m).__name__) in FUSED_BLOCKS:
         return True
+    if (lib, type(m).__name__) in GATED_BLOCKS:
+        return getattr(m, "se", None) is not None
     return all(type(getattr(m, k, None)) is t for k, t in GNCONV_PARTS.items())
 
 
@@ -999,6 +1021,22 @@ def _seeds(g: BlockGraph, family: str | None = None) -> list[Block]:
             )
         )
     gates = [nd for nd in g.nodes if nd.op in B.GATES]
+    if len(convs) in (3, 4) and len(gates) == 1 and g.nodes[-1].op == "act" and "add" in has:  # gated bottleneck
+        gate = gates[0]
+        out.append(
+            lambda: B.bottleneck(
+                **kw,
+                k=convs[2]["out"],
+                width=convs[0]["out"],
+                stride=convs[1]["stride"],
+                groups=convs[1]["groups"],
+                act=acts[0],
+                attention=gate.op,
+                eca_kernel=gate["kernel"] if gate.op == "eca" else None,
+                se_hidden=gate["hidden"] if gate.op == "se" else None,
+                downsample=len(convs) == 4,
+            )
+        )
     if len(convs) in (2, 3) and acts and "bn" in has and len(gates) <= 1 and isinstance(convs[-2]["kernel"], int):
         dw, gate = convs[-2], (gates[0] if gates else None)
         (first if family == "mbconv" else out).append(

@@ -484,7 +484,8 @@ def export_(
         None,
         help="also ship every exported kernel compiled for this CUDA compute capability (90: sm_90); repeatable. "
         "No GPU needed; clients with the same Triton build load them without compiling (bundle signed by a key "
-        "they pin)",
+        "they pin). Binaries kept in the store are reused where their Triton cache key still matches; the rest "
+        "are compiled and kept",
     ),
 ) -> None:
     """Write a versioned, checksummed (optionally signed) bundle of winners with their source and provenance."""
@@ -512,7 +513,12 @@ def export_(
         fail(str(e))
     except RuntimeError as e:  # the ahead-of-time compiler itself failed
         fail(f"cannot compile binaries: {e}")
-    binaries = f", {summary.binaries} binaries for sm_{'/'.join(map(str, sorted(set(arch))))}" if arch else ""
+    binaries = (
+        f", {summary.binaries} binaries for sm_{'/'.join(map(str, sorted(set(arch))))} ({summary.binaries_reused} "
+        f"reused from the store, {summary.binaries_compiled} compiled)"
+        if arch
+        else ""
+    )
     typer.echo(
         f"wrote {summary.winners} winners and {summary.block_winners} block winners for {summary.devices} device(s)"
         f"{binaries} to {out} ({summary.bytes} bytes, sha256 {summary.sha256[:16]})"
@@ -550,11 +556,14 @@ def import_(
         if r.block_winners
         else ""
     )
+    binaries = f"; {r.binaries} binaries kept" if r.binaries else ""
     typer.echo(
         f"imported {path}{signed}: {r.added} added, {r.replaced} replaced (a slower claim), {r.kept} kept "
-        f"(measured here or faster), {r.unchanged} unchanged{blocks}; imported timings are claims until measured "
-        f"here"
+        f"(measured here or faster), {r.unchanged} unchanged{blocks}{binaries}; imported timings are claims until "
+        f"measured here"
     )
+    if r.binaries_note:
+        typer.echo(f"warning: {r.binaries_note}", err=True)
 
 
 _SERVE_HELP = {

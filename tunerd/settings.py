@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     # When set, POST /v1/bundle reads only bundles signed by one of these ed25519 public keys (PEM or OpenSSH
     # files; TUNERD_TRUSTED_KEYS='["/etc/tunerd/ci.pub"]'), as `tunerd import --trusted-key` does.
     trusted_keys: list[str] = Field(default_factory=list, description="public key files bundles must be signed by")
+    # GET /v1/bundle?arch=90 ships the ahead-of-time binaries the store keeps, signed with this ed25519 private key
+    # (clients use no binary of an unsigned bundle); it compiles nothing: the idle worker compiles what was asked
+    # for and is missing, at most aot_batch kernels per step, each step bounded by aot_timeout_s.
+    signing_key: str | None = Field(None, description="ed25519 private key file GET /v1/bundle?arch= signs with")
+    aot_batch: int = Field(16, ge=1, le=1024, description="kernels the idle worker compiles ahead of time per step")
+    aot_timeout_s: float = Field(600.0, gt=0, description="wall-time limit of one ahead-of-time compile step")
 
     # Request limits, checked before a body is parsed.
     max_body_bytes: int = Field(1 * MiB, ge=1024)

@@ -5,7 +5,8 @@ job fans out into one task per spec, the store hands each task to exactly one wo
 FOR UPDATE SKIP LOCKED), so the workers of a fleet tune one suite side by side; the worker
 heartbeats while it tunes, and any worker requeues tasks whose holder stopped heartbeating. When
 the queue is empty the worker tunes the specs clients asked for most and nobody has tuned yet
-(the miss queue), for its own device only.
+(the miss queue), for its own device only; before that it compiles ahead of time the kernels a
+GET /v1/bundle?arch= found no kept binary of (want_binaries), a bounded batch per step, and keeps them.
 
 A cancelled job (or one requeued away from this worker, or a daemon stopping) ends within seconds:
 the measurement that is running is killed (schedules.harness.guard), not left to finish.
@@ -17,11 +18,12 @@ import logging
 import math
 import os
 import socket
+import subprocess
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tunerd.db.errors import JobNotOwned, StoreError, StoreUnavailable
@@ -34,6 +36,7 @@ log = logging.getLogger("tunerd.worker")
 # run_job(store, job, device, on_progress) -> result summary; tunerd.tuning.run_job by default. It is called
 # once per task, with the task's job narrowed to the task's spec (TaskRow.job).
 JobRunner = Callable[[Any, Any, DeviceFingerprint, Callable[[dict], None]], dict]
+MAX_AOT_PENDING = 4096  # (kernel, arch) pairs waiting to be compiled ahead of time; more requests wait their turn
 
 
 class JobLost(Exception):
@@ -79,6 +82,8 @@ class JobWorker:
         trial_timeout_s: float = 120.0,
         verify_claims: bool = True,
         revalidate: bool = True,
+        aot_batch: int = 16,
+        aot_timeout_s: float = 600.0,
     ) -> None:
         if stale_after_s <= heartbeat_s:
             raise ValueError(f"stale_after_s ({stale_after_s}) must exceed heartbeat_s ({heartbeat_s})")
@@ -104,6 +109,10 @@ class JobWorker:
         self._verify_tried: dict[str, float] = {}  # spec key -> when this worker last queued its claims' verify
         self.revalidate = revalidate  # when idle, re-measure winners from before an upgrade of this device
         self._revalidate_tried: dict[str, float] = {}  # spec key -> when this worker last queued its re-validation
+        self.aot_batch = aot_batch  # kernels compiled ahead of time per idle step ...
+        self.aot_timeout_s = aot_timeout_s  # ... within this wall time
+        self._aot_pending: dict[tuple[str, int], Any] = {}  # (variant id, arch) -> the Variant, rendered here
+        self._aot_tried: dict[tuple[str, int], float] = {}  # (variant id, arch) -> when this worker compiled it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -129,6 +138,8 @@ class JobWorker:
             miss_min_count=settings.miss_min_count,
             trial_memory_bytes=settings.trial_memory_bytes,
             trial_timeout_s=settings.trial_timeout_s,
+            aot_batch=settings.aot_batch,
+            aot_timeout_s=settings.aot_timeout_s,
         )
         kw.update(overrides)
         return cls(store, **kw)
@@ -173,6 +184,7 @@ class JobWorker:
                 "jobs_done": self.jobs_done,
                 "jobs_failed": self.jobs_failed,
                 "last_error": self.last_error,
+                "binaries_pending": len(self._aot_pending),
             }
 
     def _loop(self) -> None:
@@ -212,6 +224,8 @@ class JobWorker:
             task = self._claim()
         if task is None and self.revalidate and self._queue_revalidation():
             task = self._claim()
+        if task is None and self._compile_binaries():
+            return None
         if task is None and self.tune_misses and self._queue_top_miss():
             task = self._claim()
         if task is None:
@@ -259,6 +273,54 @@ class JobWorker:
         self._revalidate_tried.update((s.to_json(), now) for s in specs)
         self.store.enqueue_job(specs=specs, strategy=REVALIDATE, device_key=self.device.key)
         log.info("queued a re-validation job for %d winner(s) from before an upgrade", len(specs))
+        return True
+
+    def want_binaries(self, pairs: Sequence[tuple[Any, int]]) -> int:
+        """Queue (kernel, arch) pairs, kernels this process rendered (kernels.generator.Variant), for the idle worker
+        to compile ahead of time and keep in the store; a pair compiled within miss_retry_s is not queued again.
+        Returns how many pairs wait now."""
+        now = time.monotonic()
+        with self._lock:
+            for v, arch in pairs:
+                k = (v.id, arch)
+                if k in self._aot_pending or now - self._aot_tried.get(k, -1e18) < self.miss_retry_s:
+                    continue
+                if len(self._aot_pending) >= MAX_AOT_PENDING:
+                    break
+                self._aot_pending[k] = v
+            return len(self._aot_pending)
+
+    def _compile_binaries(self) -> bool:
+        """Compile up to aot_batch queued kernels (want_binaries) within aot_timeout_s and keep them; True if any
+        were queued. A pair is not retried within miss_retry_s, whatever the outcome."""
+        from tunerd.kernels import aot
+
+        with self._lock:
+            batch = list(self._aot_pending.items())[: self.aot_batch]
+            for k, _ in batch:
+                del self._aot_pending[k]
+            now = time.monotonic()
+            self._aot_tried = {k: t for k, t in self._aot_tried.items() if now - t < self.miss_retry_s}
+            self._aot_tried.update((k, now) for k, _ in batch)
+        if not batch:
+            return False
+        by_arch: dict[int, list[Any]] = {}
+        for (_, arch), v in batch:
+            by_arch.setdefault(arch, []).append(v)
+        deadline = time.monotonic() + self.aot_timeout_s
+        for arch, variants in sorted(by_arch.items()):
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise subprocess.TimeoutExpired("aot", self.aot_timeout_s)
+                built = aot.build_or_reuse(variants, [arch], timeout=left)
+                self.store.add_binaries(built.compiled)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                self._note_error(f"compiling {len(variants)} kernel(s) for sm_{arch} ahead of time: {e}")
+                continue
+            for err in built.errors:
+                log.warning("no binary (clients compile it): %s", err)
+            log.info("compiled and kept %d kernel(s) for sm_%d ahead of time", len(built.compiled), arch)
         return True
 
     def _queue_top_miss(self) -> bool:

@@ -1,5 +1,10 @@
 """Bundles: export (read) and import (admin) in the CLI's `tunerd export` format.
 
+An export with arch (GET /v1/bundle?arch=90, repeatable) ships the ahead-of-time binaries the store keeps, signed
+with the daemon's signing_key (422 without one: clients use no binary of an unsigned bundle). It never compiles:
+kernels without a kept binary are named in the X-Tunerd-Clients-Compile header and the provenance, and handed to
+the idle worker, which compiles and keeps them for the next request.
+
 An import must be application/octet-stream (a browser's simple request or a rebinding page cannot
 post one), its gzip stream may expand to at most max_bundle_expanded_bytes (measured by streaming
 before anything is parsed), and imports run one at a time, in a thread: lookups only read, so a long
@@ -25,6 +30,7 @@ from ..state import API, Service
 router = APIRouter(prefix=API, tags=["bundles"])
 _import_lock = threading.Lock()
 BUNDLE_TYPE = "application/octet-stream"
+MAX_ARCHES = 8  # arches one export may name
 
 
 def expanded_size(data: bytes, limit: int, chunk: int = 1 << 20) -> int:
@@ -55,16 +61,28 @@ def expanded_size(data: bytes, limit: int, chunk: int = 1 << 20) -> int:
         **responses(None, 401, 404, 422),
         200: {"content": {BUNDLE_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
     },
-    summary="Export winners (with source) as a bundle, the CLI's `tunerd export` format",
+    summary="Export winners (with source) as a bundle, the CLI's `tunerd export` format; with arch, signed and with "
+    "the ahead-of-time binaries the store keeps",
 )
 def export_bundle(
     device: str | None = Query(None, max_length=4096, description=DEVICE_DOC),
     snapshot: str | None = Query(None, max_length=64),
     name_host: bool = Query(False, description="record this server's host name in the provenance"),
+    arch: list[int] = Query(
+        [],
+        max_length=MAX_ARCHES,
+        description="CUDA compute capability (90: sm_90) whose kept binaries to ship; repeatable. Needs the daemon's "
+        "signing_key; compiles nothing (kernels without a binary: header X-Tunerd-Clients-Compile)",
+    ),
     svc: Service = Depends(service),
 ) -> Response:
     from tunerd.db import bundle
+    from tunerd.kernels import aot
 
+    try:
+        arches = sorted({aot.check_arch(a) for a in arch})
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
     fp = None if device is None else svc.resolve_device(device)
     provenance = {
         "exported_by": f"tunerd {version()} daemon",
@@ -73,10 +91,32 @@ def export_bundle(
     }
     if name_host:
         provenance["host"] = platform.node()
-    data = bundle.bundle_bytes(svc.store, device=fp, snapshot=snapshot, provenance=provenance)
-    return Response(
-        data, media_type=BUNDLE_TYPE, headers={"Content-Disposition": 'attachment; filename="tunerd.bundle"'}
+    headers = {"Content-Disposition": 'attachment; filename="tunerd.bundle"'}
+    if not arches:
+        data = bundle.bundle_bytes(svc.store, device=fp, snapshot=snapshot, provenance=provenance)
+        return Response(data, media_type=BUNDLE_TYPE, headers=headers)
+    if svc.settings.signing_key is None:
+        raise ApiError(
+            422,
+            "this daemon has no signing key (TUNERD_SIGNING_KEY, an ed25519 private key file): it ships binaries only "
+            "in a signed bundle, because clients refuse the binaries of an unsigned one; export without arch",
+        )
+    try:
+        key = bundle.load_signing_key(svc.settings.signing_key)
+    except bundle.BundleError as e:
+        raise ApiError(503, f"this daemon's signing key cannot be used: {e}") from None
+    out = bundle.stored_bundle(
+        svc.store, device=fp, snapshot=snapshot, provenance=provenance, signing_key=key, arches=arches
     )
+    queued = svc.worker.want_binaries(out.missing) if svc.worker is not None and out.missing else 0
+    headers.update(
+        {
+            "X-Tunerd-Binaries": str(out.binaries),
+            "X-Tunerd-Clients-Compile": str(len(out.missing)),
+            "X-Tunerd-Binaries-Queued": str(queued),
+        }
+    )
+    return Response(out.data, media_type=BUNDLE_TYPE, headers=headers)
 
 
 @router.post(
