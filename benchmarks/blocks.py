@@ -105,7 +105,9 @@ SMALL: dict[str, Callable[[str], Block]] = {
     "inceptionnext_t": lambda dt: B.inception_dw(n=1, c=32, in_size=(8, 8), dtype=dt),
     "deeplabv3_aspp": lambda dt: B.aspp(n=1, c=16, in_size=(8, 8), k=16, rates=(2, 3), dtype=dt),
     "hornet_t": lambda dt: B.gnconv(n=1, c=16, in_size=(8, 8), order=3, scale=1 / 3, dtype=dt),
-    "ecaresnet50d": lambda dt: B.bottleneck(n=1, c=16, k=16, width=8, in_size=(8, 8), dtype=dt),
+    "ecaresnet50d": lambda dt: B.bottleneck(  # a stride-2 block: ResNet-D's average-pool shortcut too
+        n=1, c=16, k=32, width=8, in_size=(9, 9), stride=2, avg_down=True, dtype=dt
+    ),
     "eca_mobilenetv2": lambda dt: B.mbconv(
         n=1, c=16, k=16, in_size=(8, 8), expansion=2, se_ratio=None, act="relu6", attention="eca", dtype=dt
     ),

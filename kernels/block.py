@@ -13,6 +13,10 @@ Node ops (every node has one output; `inputs` name earlier nodes or "x", the blo
   eca     efficient channel attention: x * sigmoid(conv1d_k(mean_hw(x)) over channels), kernel k odd, zero
           padding (k-1)/2, no bias (param weight [k])
   gap     global average pool to 1 x 1
+  avgpool average pool (nn.AvgPool2d): kernel, stride, padding (square ints), ceil_mode, count_include_pad;
+          output sizes and window divisors exactly as torch's (ceil_mode edge windows may hold fewer elements;
+          count_include_pad False divides by the elements inside the input). timm's ResNet-D shortcut pools
+          AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False): 7 x 7 -> 4 x 4, edge windows of 1 or 2
   broadcast  a 1 x 1 map repeated to size [H, W] (bilinear upsampling of a 1 x 1 map, as DeepLab's ASPP pooling)
   scale   layer scale: x * gamma per channel (param gamma)
   scalar  x * value, one constant float for every element (gnConv's depthwise scale s)
@@ -52,6 +56,7 @@ ATTRS: dict[str, dict[str, Any]] = {
     "se": {"hidden": _REQUIRED, "act": "relu"},
     "eca": {"kernel": _REQUIRED},
     "gap": {},
+    "avgpool": {"kernel": _REQUIRED, "stride": _REQUIRED, "padding": 0, "ceil_mode": False, "count_include_pad": True},
     "broadcast": {"size": _REQUIRED},
     "scale": {},
     "scalar": {"value": _REQUIRED},
@@ -166,6 +171,15 @@ def _check_attrs(node: str, op: str, a: dict[str, Any]) -> None:
         _pos_int(node, "kernel", a["kernel"])
         if a["kernel"] % 2 == 0:
             raise SpecError(f"node {node!r}: eca kernel must be odd (same-size conv1d), got {a['kernel']}")
+    elif op == "avgpool":
+        _pos_int(node, "kernel", a["kernel"])
+        _pos_int(node, "stride", a["stride"])
+        _pos_int(node, "padding", a["padding"], 0)
+        if a["padding"] > a["kernel"] // 2:
+            raise SpecError(f"node {node!r}: avgpool padding {a['padding']} exceeds half the kernel {a['kernel']}")
+        for flag in ("ceil_mode", "count_include_pad"):
+            if not isinstance(a[flag], bool):
+                raise SpecError(f"node {node!r}: {flag} must be a bool, got {a[flag]!r}")
     elif op == "broadcast":
         if not isinstance(a["size"], tuple) or len(a["size"]) != 2:
             raise SpecError(f"node {node!r}: broadcast size must be [H, W], got {a['size']!r}")
@@ -239,6 +253,11 @@ class Block(Canonical):
             return s
         if nd.op == "gap":
             return Shape(s.c, (1, 1))
+        if nd.op == "avgpool":
+            size = tuple(pool_out(v, a["kernel"], a["stride"], a["padding"], a["ceil_mode"]) for v in s.size)
+            if min(size) < 1:
+                raise SpecError(f"node {nd.name!r}: avgpool {a['kernel']}/{a['stride']} of a {s.size} input is empty")
+            return Shape(s.c, size)
         if nd.op == "broadcast":
             if s.size != (1, 1):
                 raise SpecError(f"node {nd.name!r}: broadcast needs a 1 x 1 input, got {s.size}")
@@ -375,6 +394,15 @@ class Block(Canonical):
         return f"block n{self.n} c{self.c}->{self.output.c} @{self.in_size[0]}x{self.in_size[1]} {ops} {self.dtype}"
 
 
+def pool_out(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of an average pool along one dimension, as torch computes it (a ceil_mode window must start
+    inside the input or its left padding)."""
+    out = (size + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
 def node(name: str, op: str, inputs: list[str] | tuple[str, ...], **attrs: Any) -> Node:
     return Node(name=name, op=op, inputs=tuple(inputs), attrs=tuple(attrs.items()))
 
@@ -498,13 +526,15 @@ def bottleneck(
     eca_kernel: int | None = None,
     se_hidden: int | None = None,
     downsample: bool | None = None,
+    avg_down: bool = False,
     dtype: str = "float32",
 ) -> Block:
     """ResNet bottleneck (timm Bottleneck; ECA-ResNet with attention='eca', SE-ResNet with 'se'): [downsample 1x1
     (s) -> BN] then conv1 1x1 -> BN -> act -> conv2 3x3 (s, groups) -> BN -> act -> conv3 1x1 -> BN [-> ECA | SE]
     -> + shortcut -> act. The downsample chain (default: when stride > 1 or c != k) comes first in node order, so
-    the gate, the residual add and the last act are consecutive (one gate_ep step). ECA's kernel defaults to
-    ECA-Net's adaptive size of k; SE's hidden to k // 16 (timm SEModule)."""
+    the gate, the residual add and the last act are consecutive (one gate_ep step). avg_down: ResNet-D's shortcut
+    (timm downsample_avg), AvgPool2d(2, s, ceil_mode=True, count_include_pad=False) when s > 1 -> 1x1 -> BN. ECA's
+    kernel defaults to ECA-Net's adaptive size of k; SE's hidden to k // 16 (timm SEModule)."""
     if attention not in ("se", "eca", None):
         raise SpecError(f"attention must be 'se', 'eca' or None, got {attention!r}")
     downsample = stride != 1 or c != k if downsample is None else downsample
@@ -513,8 +543,13 @@ def bottleneck(
     nodes: list[Node] = []
     shortcut = INPUT
     if downsample:
+        src, conv_stride = "x", stride
+        if avg_down and stride > 1:
+            nodes.append(node("down_pool", "avgpool", ["x"], kernel=2, stride=stride, ceil_mode=True,
+                              count_include_pad=False))  # fmt: skip
+            src, conv_stride = "down_pool", 1
         nodes += [
-            node("downsample", "conv", ["x"], out=k, kernel=1, stride=stride),
+            node("downsample", "conv", [src], out=k, kernel=1, stride=conv_stride),
             node("downsample_bn", "bn", ["downsample"]),
         ]
         shortcut = "downsample_bn"

@@ -4,7 +4,8 @@ block() runs a Block under a plan (kernels.fused.run_plan) inside a torch.autogr
 the block input and its parameters. Backward recomputes the block through the unfused differentiable path,
 unfused(): every conv node through tunerd's own conv autograd (kernels.autograd: the forward kernel, then
 dgrad / wgrad kernels), every other node through block_reference.apply_node in torch (LayerNorm, activation,
-BN affine, the se / eca gates with their pooling, scale, scalar, add, mul, split, concat, in fp32 as
+BN affine, the se / eca gates with their pooling, average pooling (F.avg_pool2d's own gradient: each output's
+gradient spread over its window / divisor), scale, scalar, add, mul, split, concat, in fp32 as
 run_plan's 'op' steps do), and returns the gradient of the input and of every parameter autograd asks for. No
 intermediate of the block is kept between forward and backward: activation memory per block is its input.
 """

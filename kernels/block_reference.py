@@ -36,6 +36,8 @@ def apply_node(nd: Node, ins: list[torch.Tensor], params: Params) -> torch.Tenso
         return x * gate(nd, x.mean(dim=(2, 3)), params)[:, :, None, None]
     if nd.op == "gap":
         return x.mean(dim=(2, 3), keepdim=True)
+    if nd.op == "avgpool":
+        return F.avg_pool2d(x, nd["kernel"], nd["stride"], nd["padding"], nd["ceil_mode"], nd["count_include_pad"])
     if nd.op == "broadcast":
         return x.expand(-1, -1, *nd["size"])
     if nd.op == "scale":

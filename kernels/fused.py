@@ -48,6 +48,7 @@ from .plan import (
     matches,
     mbconv_parts,
     next_pow2,
+    pool_pw_parts,
     rank,
     step_outputs,
     tail_epilogue,
@@ -59,8 +60,8 @@ from .spec import BlockSpec, Epilogue, SpecError, canonical_json, conv_spec
 @dataclass(frozen=True)
 class FusedSpec:
     """One fused launch: a step of kind separable / mlp / convnext / inception / expand_dw / mbconv / se_pw / aspp
-    / dw_gate / pw_gate / dw_ln / pw_pool / gate_ep of block (se_pw, gate_ep: the kernel launch; the gate's map
-    before it is torch)."""
+    / dw_gate / pw_gate / dw_ln / pw_pool / gate_ep / pool_pw of block (se_pw, gate_ep: the kernel launch; the gate's
+    map before it is torch)."""
 
     block: Block
     step: Step
@@ -103,6 +104,11 @@ class FusedSpec:
             out.update(
                 pw=b.node(names[0]), tail_nodes=names[1:], tail=tail_epilogue(b, names[1:], b.node(names[0])["bias"])
             )
+            return out
+        if self.step.kind == "pool_pw":  # + pool: the average pool the GEMM's A operand loads
+            pp = pool_pw_parts(b, names)
+            assert pp is not None
+            out.update(pool=pp[0], pw=pp[1], tail=pp[2], tail_nodes=names[2:])
             return out
         if self.step.kind == "gate_ep":  # + gate; no GEMM (pw None)
             out.update(gate=b.node(names[0]), pw=None, tail_nodes=names[1:], tail=tail_epilogue(b, names[1:], False))
@@ -253,13 +259,15 @@ def default_schedule(fs: FusedSpec) -> Schedule:
         return Schedule(
             block_m=bm, block_n=_clamp_pow2(fs.out_spec.k, 16, 64), block_k=16, group_m=1, num_warps=4, num_stages=1
         )
-    if fs.step.kind in ("separable", "se_pw", "pw_pool"):
+    if fs.step.kind in ("separable", "se_pw", "pw_pool", "pool_pw"):
         spec = fs.out_spec
-        if fs.step.kind == "pw_pool":  # tiles hold pixels of one image (the pool's partial sums are per image)
+        if pooled_output(fs):  # tiles hold pixels of one image (the pool's partial sums are per image)
             bm = _clamp_pow2(spec.out_pixels // spec.n, 16, 64)
         bn = _clamp_pow2(spec.k, 16, 128)
         bk = _clamp_pow2(spec.c, 16, 32 if spec.itemsize == 4 or spec.c > 256 else 64)
         warps = 8 if bm * bn >= 128 * 64 else 4
+        if fs.step.kind == "pool_pw" and spec.itemsize == 4 and bm * bn >= 64 * 64:
+            warps = 8  # fp32 64 x 64 with a 3x3 window's offsets on 4 warps: 255 registers, spilled on sm_90
         return Schedule(block_m=bm, block_n=bn, block_k=bk, group_m=1, num_warps=warps, num_stages=2)
     # spill-free on sm_90 (benchmarks: fused.compile_check): 16-bit rows of <= 128 channels take 64-row wgmma
     # tiles, 256-channel rows 32; fp32 (CUDA-core dots) half that, with 16 hidden channels per chunk
@@ -294,7 +302,9 @@ def canonical(fs: FusedSpec, s: Schedule) -> Schedule:
     if fs.step.kind in ("inception", "dw_gate", "gate_ep"):
         return replace(s, block_k=16)
     return (
-        s if fs.step.kind in ("separable", "mbconv", "se_pw", "aspp", "pw_gate", "pw_pool") else replace(s, block_n=16)
+        s
+        if fs.step.kind in ("separable", "mbconv", "se_pw", "aspp", "pw_gate", "pw_pool", "pool_pw")
+        else replace(s, block_n=16)
     )
 
 
@@ -344,6 +354,7 @@ TEMPLATE_FILES = {
     "mbconv": "block_mbconv.py.j2",
     "se_pw": "block_gated_pw.py.j2",
     "pw_pool": "block_gated_pw.py.j2",
+    "pool_pw": "block_gated_pw.py.j2",
     "gate_ep": "block_gate_ep.py.j2",
     "aspp": "block_aspp.py.j2",
     "separable": "block_separable.py.j2",
@@ -485,18 +496,32 @@ def _mbconv_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
 
 
 def pooled_output(fs: FusedSpec) -> bool:
-    """Whether an expand_dw / pw_pool step also writes its output's per-image partial sums (it feeds an se / eca
-    gate; a pw_pool step always does)."""
+    """Whether an expand_dw / pw_pool / pool_pw step also writes its output's per-image partial sums (it feeds an
+    se / eca gate; a pw_pool step always does)."""
     return fs.step.kind in POOLING and any(fs.block.node(c).op in GATES for c in fs.block.consumers(fs.step.nodes[-1]))
 
 
 def _gated_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
     """se_pw: the gated GEMM; pw_pool: the plain GEMM over tiles of one image, with the pool's partial sums;
-    gate_ep: the elementwise gate and epilogue chain."""
+    pool_pw: the GEMM whose A operand averages each output pixel's window of the step input (avg: its geometry),
+    tiled per image when it writes a gate's sums; gate_ep: the elementwise gate and epilogue chain."""
     p = fs.parts()
     out = fs.out_spec
     src = _step_input(fs)
     pq = out.out_pixels // out.n
+    pool = p.get("pool")
+    avg = None
+    if pool is not None:
+        avg = dict(
+            H=src.size[0],
+            W=src.size[1],
+            P=out.in_size[0],
+            Q=out.in_size[1],
+            KS=pool["kernel"],
+            S=pool["stride"],
+            PAD=pool["padding"],
+            count_pad=pool["count_include_pad"],
+        )
     return dict(
         M=out.out_pixels,
         PQ=pq,
@@ -508,7 +533,8 @@ def _gated_context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
         BK=s.block_k,
         NPID_N=_cdiv(out.k, s.block_n),
         gated=fs.step.kind == "se_pw",
-        pool=fs.step.kind == "pw_pool",
+        pool=pooled_output(fs),
+        avg=avg,
         gate=p["gate"].op.upper() if p.get("gate") is not None else None,
         desc="+".join(fs.step.nodes),
         round_gate=bool(p["tail_nodes"]),
@@ -669,7 +695,7 @@ def _context(fs: FusedSpec, s: Schedule) -> dict[str, Any]:
         return _inception_context(fs, s)
     if fs.step.kind in ("expand_dw", "mbconv"):
         return _mbconv_context(fs, s)
-    if fs.step.kind in ("se_pw", "pw_pool", "gate_ep"):
+    if fs.step.kind in ("se_pw", "pw_pool", "pool_pw", "gate_ep"):
         return _gated_context(fs, s)
     if fs.step.kind == "aspp":
         return _aspp_context(fs, s)
@@ -726,11 +752,12 @@ def grid(fs: FusedSpec, s: Schedule) -> tuple[int, ...]:
         return (fs.block.n * _cdiv(pq, s.block_m) * _cdiv(fs.out_spec.k, s.block_k),)
     if fs.step.kind == "aspp":
         return (m * sum(_cdiv(b.size, max(16, min(s.block_n, next_pow2(b.size)))) for b in fs.aspp_branches),)
-    if fs.step.kind in ("mbconv", "se_pw", "gate_ep"):
-        return (m * _cdiv(fs.out_spec.k, s.block_n),)
-    if fs.step.kind == "pw_pool":  # (image, pixel tile of the image, channel tile), channel tiles fastest
+    if fs.step.kind in ("pw_pool", "pool_pw") and pooled_output(fs):
+        # (image, pixel tile of the image, channel tile), channel tiles fastest
         pq = fs.pixels // fs.block.n
         return (fs.block.n * _cdiv(pq, s.block_m) * _cdiv(fs.out_spec.k, s.block_n),)
+    if fs.step.kind in ("mbconv", "se_pw", "gate_ep", "pool_pw"):
+        return (m * _cdiv(fs.out_spec.k, s.block_n),)
     if fs.step.kind == "dw_gate":  # (pixel tile of row runs, depthwise channel tile), channel tiles fastest
         lo, hi = gate_channels(fs)
         r = dw_gate_run(fs)
@@ -820,7 +847,7 @@ def fused_args(
         return aspp_args(fs, params, vals, out)
     if fs.step.kind in ("dw_gate", "pw_gate"):
         return gnconv_args(fs, params, vals, out)
-    if fs.step.kind in ("expand_dw", "mbconv", "se_pw", "pw_pool"):
+    if fs.step.kind in ("expand_dw", "mbconv", "se_pw", "pw_pool", "pool_pw"):
         return _mbconv_args(fs, params, vals, out, pool, gate)
     if fs.step.kind == "gate_ep":
         return gate_ep_args(fs, params, vals, out, gate)
@@ -864,7 +891,8 @@ def _mbconv_args(
     pool: torch.Tensor | None,
     gate: torch.Tensor | None,
 ) -> dict[str, Any]:
-    """Arguments of expand_dw / mbconv / se_pw / pw_pool steps (see fused_args)."""
+    """Arguments of expand_dw / mbconv / se_pw / pw_pool / pool_pw steps (see fused_args; pool_pw reads the pool's
+    input)."""
     p = fs.parts()
     b = fs.block
     x = vals[fs.nodes[0].inputs[0]]

@@ -28,6 +28,13 @@ A Step is one launch and names its kind:
   gate_ep    an se / eca gate -> the elementwise epilogue chain after it ([bn] [add] [act] [scale] [add]): the
              gate's small map once per image (torch ops on [N, C], from a pw_pool / expand_dw step's sums or a
              torch mean), then one launch y * gate + shortcut -> act (ECA-ResNet's attention, residual, act3)
+  pool_pw    average pool -> pointwise GEMM + its epilogue chain (ResNet-D's shortcut AvgPool2d(2, 2, ceil_mode) ->
+             1x1 -> BN; timm's AvgPool2d anti-aliasing before conv3): the GEMM's A operand is the pool, each output
+             pixel's window (<= MAX_POOL_TAPS input pixels, edge windows clipped, torch's divisor) summed as it is
+             loaded, so the pooled tensor never touches HBM. Per block, against op[avgpool] | conv[1x1 ...] (the pool
+             a pass of its own, as an unfused or a standalone pooling kernel would be): the pooled tensor's write
+             and read, 2 * N * P * Q * C elements (half the input's bytes at stride 2), and one launch fewer. When
+             its output feeds an se / eca gate it also writes the gate's partial sums, as pw_pool does
   aspp       parallel convs of one input (1x1 and dilated k x k, each [bn] [act], stride 1, same size) and
              broadcasts of 1 x 1 maps (ASPP's image pooling), concatenated: one launch, one program per
              (pixel tile, branch channel tile), the channel tiles of a pixel tile adjacent so they share the
@@ -71,13 +78,16 @@ FUSED = (
     "dw_ln",
     "pw_pool",
     "gate_ep",
+    "pool_pw",
 )
 STEP_KINDS = ("conv", "op", *FUSED)
 LAUNCHES = {"se_pw": 2, "gate_ep": 2}  # launches of a step kind (default 1): the gate's map before the kernel
-POOLING = ("expand_dw", "pw_pool")  # steps that write their output's per-image partial sums when a gate reads it
+POOLING = ("expand_dw", "pw_pool", "pool_pw")  # steps that write their output's per-image partial sums when a gate
+# reads it
 GATED = ("se_pw", "gate_ep")  # steps that apply a gate: its map runs on the pooled sums a POOLING step wrote
 MAX_ONCHIP = 256  # padded channels of a row (and of the project GEMM's output) an mlp tile keeps on chip
 MAX_ROW = 2048  # padded channels of a row a dw_ln program keeps in registers
+MAX_POOL_TAPS = 16  # window elements a pool_pw step sums per output pixel (unrolled loads of its A operand)
 
 
 def next_pow2(v: int) -> int:
@@ -217,9 +227,14 @@ def matches(block: Block, step: Step) -> bool:
     if step.kind == "gate_ep":
         return block.node(names[0]).op in GATES and tail_epilogue(block, names[1:], False) is not None
     if step.kind == "pw_pool":  # the pool exists for the gate: the step's output must feed one
-        gated = [block.node(c).op for c in block.consumers(names[-1])] in (["se"], ["eca"])
         first = block.node(names[0])
-        return gated and _is_pointwise(block, first) and tail_epilogue(block, names[1:], first["bias"]) is not None
+        return (
+            feeds_gate(block, names[-1])
+            and _is_pointwise(block, first)
+            and tail_epilogue(block, names[1:], first["bias"]) is not None
+        )
+    if step.kind == "pool_pw":
+        return pool_pw_parts(block, names) is not None
     nds = [block.node(n) for n in names]
     first = nds[0]
     if step.kind == "op":
@@ -254,6 +269,23 @@ def matches(block: Block, step: Step) -> bool:
             return False
         return tail_epilogue(block, names[4:], nds[3]["bias"]) is not None
     return False
+
+
+def feeds_gate(block: Block, name: str) -> bool:
+    """Whether name's only reader is an se / eca gate (a pooling step then writes its partial sums)."""
+    return [block.node(c).op for c in block.consumers(name)] in (["se"], ["eca"])
+
+
+def pool_pw_parts(block: Block, names: list[str]) -> tuple[Node, Node, Epilogue] | None:
+    """A pool_pw step's average pool, its pointwise conv and the conv's tail Epilogue, or None unless names (a
+    chain) are avgpool -> pointwise conv [epilogue chain] with a window of <= MAX_POOL_TAPS elements."""
+    if len(names) < 2:
+        return None
+    pool, pw = block.node(names[0]), block.node(names[1])
+    if pool.op != "avgpool" or pool["kernel"] ** 2 > MAX_POOL_TAPS or not _is_pointwise(block, pw):
+        return None
+    tail = tail_epilogue(block, names[2:], pw["bias"])
+    return None if tail is None else (pool, pw, tail)
 
 
 def dw_epilogue(block: Block, names: list[str]) -> Epilogue | None:
@@ -294,8 +326,7 @@ def mbconv_parts(block: Block, names: list[str], kind: str) -> dict[str, Any] | 
         return None
     if kind == "expand_dw":
         # without an expand the step exists for the gate's pool; its output must feed a gate
-        gated = [block.node(c).op for c in block.consumers(names[-1])] in (["se"], ["eca"])
-        return out if j == len(names) and (out["expand"] is not None or gated) else None
+        return out if j == len(names) and (out["expand"] is not None or feeds_gate(block, names[-1])) else None
     if out["expand"] is None or j >= len(names) or not _is_pointwise(block, block.node(names[j])):
         return None
     pw = block.node(names[j])
@@ -677,6 +708,8 @@ def step_cost(block: Block, step: Step, rates: Rates = Rates(), pooled: bool = F
                 flops += 3 * e + 4 * block.n * nd["hidden"] * block.shapes[name].c
             elif nd.op == "eca":
                 flops += 3 * e + 2 * block.n * nd["kernel"] * block.shapes[name].c
+            elif nd.op == "avgpool":
+                flops += nd["kernel"] ** 2 * e
     first = block.node(step.nodes[0])
     read = sum(_read_elems(block, n, inside) for n in external)
     extra = 0  # bytes beyond activations and parameters (pool partial sums, gates)
@@ -695,7 +728,7 @@ def step_cost(block: Block, step: Step, rates: Rates = Rates(), pooled: bool = F
         read += (recompute - 1) * _elems(block, first.inputs[0])
         if step.kind == "expand_dw" and any(block.node(c).op in GATES for c in block.consumers(step.nodes[-1])):
             extra += _pool_bytes(block, step.nodes[-1])
-    if step.kind == "pw_pool":
+    if step.kind == "pw_pool" or (step.kind == "pool_pw" and feeds_gate(block, step.nodes[-1])):
         extra += _pool_bytes(block, step.nodes[-1])
     if step.kind == "dw_gate":  # the depthwise value's channels that later steps read: a second output
         g = gate_parts(block, list(step.nodes), step.kind)
@@ -739,7 +772,7 @@ def _prod(xs: tuple[int, ...]) -> int:
 
 
 def pooled_by(plan: Plan) -> set[str]:
-    """Nodes whose per-image sums a step of plan takes as it writes them (expand_dw / pw_pool outputs)."""
+    """Nodes whose per-image sums a step of plan takes as it writes them (expand_dw / pw_pool / pool_pw outputs)."""
     return {s.nodes[-1] for s in plan.steps if s.kind in POOLING}
 
 

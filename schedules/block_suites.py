@@ -6,7 +6,7 @@ distinct shape, with how many times the network repeats it. The shapes follow th
 (torchvision mobilenet_v2), InceptionNeXt-T (timm inception_next_tiny token mixers), the ASPP head of
 DeepLabV3 (torchvision: rates 12/24/36 at output stride 8; the paper's 6/12/18 at output stride 16), HorNet-T
 7x7's gnConv token mixers (official hornet_tiny_7x7: orders 2-5, s = 1/3) and ECA-ResNet-50-D's bottlenecks (timm
-ecaresnet50d; its stride-2 blocks, whose shortcut average-pools, are not blocks the compiler describes).
+ecaresnet50d, its stride-2 blocks with ResNet-D's average-pool shortcut included).
 
     python -m tunerd.schedules.block_suites [--batch 32] [--dtype bfloat16]
 
@@ -133,10 +133,16 @@ def _hornet_t(n: int, dtype: str) -> list[Entry]:
 
 def _ecaresnet50d(n: int, dtype: str) -> list[Entry]:
     """Stages of (width, out channels, size, blocks) after the deep stem (64 channels at 56 x 56): the first block of
-    stage 1 (a 1x1 downsample shortcut) and the stride-1 blocks of every stage, ECA kernel adaptive to out channels."""
+    each stage (stage 1: a 1x1 downsample shortcut; stages 2-4: stride 2, ResNet-D's AvgPool2d(2, 2, ceil_mode) ->
+    1x1 -> BN shortcut) and its stride-1 blocks, ECA kernel adaptive to out channels."""
     stages = ((64, 256, 56, 3), (128, 512, 28, 4), (256, 1024, 14, 6), (512, 2048, 7, 3))
     out = [Entry("layer1.0", _block.bottleneck(n=n, c=64, k=256, width=64, in_size=(56, 56), dtype=dtype), 1)]
     for i, (w, k, s, d) in enumerate(stages, 1):
+        if i > 1:
+            down = _block.bottleneck(
+                n=n, c=k // 2, k=k, width=w, in_size=(2 * s, 2 * s), stride=2, avg_down=True, dtype=dtype
+            )
+            out.append(Entry(f"layer{i}.0", down, 1))
         blk = _block.bottleneck(n=n, c=k, k=k, width=w, in_size=(s, s), dtype=dtype)
         out.append(Entry(f"layer{i}.1", blk, d - 1))
     return out

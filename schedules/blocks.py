@@ -81,11 +81,11 @@ def space(fs: fused.FusedSpec, max_candidates: int | None = 32) -> list[Schedule
     elif fs.step.kind == "mbconv":  # pixels x output channels, hidden channels per chunk
         ns = [v for v in (16, 32, 64, 128) if v <= max(16, fused.next_pow2(fs.out_spec.k))]
         ks = [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(fs.depthwise().k))]
-    elif fs.step.kind in ("separable", "se_pw", "pw_pool", "gate_ep"):  # gate_ep: pixels x channels, no reduction
+    elif fs.step.kind in ("separable", "se_pw", "pw_pool", "pool_pw", "gate_ep"):  # gate_ep: no reduction
         out = fs.out_spec
         ns = [v for v in (16, 32, 64, 128) if v <= max(16, fused.next_pow2(out.k))]
         ks = [16] if fs.step.kind == "gate_ep" else [v for v in (16, 32, 64) if v <= max(16, fused.next_pow2(out.c))]
-        if fs.step.kind == "pw_pool":  # pixels of one image per program
+        if fused.pooled_output(fs):  # pixels of one image per program
             ms = [v for v in (16, 32, 64, 128) if v <= max(16, min(128, fused.next_pow2(m // fs.block.n)))]
     elif fs.step.kind in ("dw_gate", "pw_gate"):  # pixels x depthwise channels; pixels x GEMM outputs, inputs per step
         conv = fs.block.conv_spec(fs.block.node(fs.gate.conv))
@@ -187,12 +187,14 @@ def predict(fs: fused.FusedSpec, s: Schedule, limits: DeviceLimits) -> float:
         progs = fused.grid(fs, s)[0]
         work = progs * s.block_m * s.block_n * 8 / limits.fp32_flops
         nbytes = step_cost(fs.block, fs.step).bytes
-    elif fs.step.kind in ("se_pw", "pw_pool"):  # the (gated) A operand re-read per output-channel tile
+    elif fs.step.kind in ("se_pw", "pw_pool", "pool_pw"):  # the (gated, pooled) A operand re-read per channel tile
         tiles_n = fused._cdiv(out.k, s.block_n)
         progs = fused.grid(fs, s)[0]
         cpad = fused._cdiv(out.c, s.block_k) * s.block_k
-        work = progs * s.block_m * cpad * 2 * s.block_n / mma_rate
-        nbytes = (tiles_n * m * out.c + m * out.k) * item
+        window = fs.parts()["pool"]["kernel"] ** 2 if fs.step.kind == "pool_pw" else 0  # window sums, CUDA cores
+        work = progs * s.block_m * cpad * (2 * s.block_n / mma_rate + window / limits.fp32_flops)
+        a_elems = fs.block.n * out.c * math.prod(fs.block.shapes[fs.nodes[0].inputs[0]].size) if window else m * out.c
+        nbytes = (tiles_n * a_elems + m * out.k) * item
     elif fs.step.kind == "separable":
         tiles_n = fused._cdiv(out.k, s.block_n)
         progs = progs_m * tiles_n

@@ -105,7 +105,6 @@ def test_traced_blocks_are_the_seed_blocks():
         (lambda: CNBlock(16, 1e-6, 0.2), True, "StochasticDepth stochastic_depth (p=0.2) is active in training"),
         (lambda: DepthwiseSeparableConv(8, 8), True, "batch statistics in training mode"),
         (lambda: ConvNeXtBlock(16, use_grn=True), False, "has no block node"),
-        (lambda: ConvNeXtBlock(16, 32, stride=2), False, "has no block node"),
     ],
 )
 def test_unprovable_blocks_name_the_reason(module, training, reason):

@@ -3,7 +3,8 @@
 Fused blocks. from_graph() turns the torch.fx graph of a block module into a kernels.block description: every
 graph node must map to a block node (conv, Linear between channels-last permutes as a pointwise conv,
 LayerNorm over channels, activation, eval BatchNorm as an affine, layer-scale multiply, residual add, channel
-split / concat; identities, inactive dropout and drop path vanish; a channel gate, x times a gate of x's
+split / concat, average pool (nn.AvgPool2d, F.avg_pool2d: ResNet-D's and ConvNeXt's downsample shortcuts, timm's
+create_aa); identities, inactive dropout and drop path vanish; a channel gate, x times a gate of x's
 spatial mean, becomes an se node (fc -> act -> fc -> sigmoid: timm SqueezeExcite, torchvision
 SqueezeExcitation) or an eca node (conv1d over channels -> sigmoid: timm EcaModule); a product of two block
 tensors is a mul node and of a constant a scalar node (HorNet's gnConv); channel means through 1x1 convs, BN
@@ -532,6 +533,7 @@ _IN_SHAPE, _IN_SIZE = object(), object()  # the block input's x.shape and its x.
 TRACE_SIZE = (8, 8)  # the spatial size graphs are checked and keyed at (BlockGraph.block substitutes the input's)
 _HW = ((2, 3), (3, 2), (-2, -1), (-1, -2))  # the spatial dims of [N, C, H, W]
 _SE_ACTS = ("relu", "silu", "gelu", "hardswish")  # the se node's hidden activations
+_AVG_DEFAULTS = (None, None, 0, False, True, None)  # F.avg_pool2d's arguments after the input
 
 
 def _arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
@@ -603,6 +605,11 @@ class _Converter:
         x = self.val(ins[0], n.target)
         if type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1)) and not x.nhwc:
             return _Pooled(x, "nc11", at=n.name)
+        if type(m) is nn.AvgPool2d:
+            stride = m.stride if m.stride is not None else m.kernel_size
+            return self.avg_pool(
+                n, x, m.kernel_size, stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
+            )
         if type(m) is nn.Conv2d:
             if x.nhwc or m.padding_mode != "zeros" or isinstance(m.padding, str):
                 raise NotABlock(f"Conv2d {n.target}: only zero padding given as sizes, on an [N, C, H, W] tensor")
@@ -647,6 +654,34 @@ class _Converter:
         if act is not None:
             return self.emit(n, "act", [x], x.c, x.nhwc, fn=act)
         raise NotABlock(f"{kind} {n.target} has no block node")
+
+    def avg_pool(
+        self, n: fx.Node, x: _Val, kernel: Any, stride: Any, padding: Any, ceil: bool, count_pad: bool, divisor: Any
+    ) -> _Val:
+        """nn.AvgPool2d / F.avg_pool2d of an [N, C, H, W] tensor: an avgpool node (square windows, no divisor
+        override)."""
+        ks, ss, ps = (_pair(v if isinstance(v, (tuple, list)) else (v, v)) for v in (kernel, stride or kernel, padding))
+        if x.nhwc or divisor is not None or not all(isinstance(v, int) for v in (ks, ss, ps)):
+            raise NotABlock(
+                f"{n.name}: average pool other than a square one without a divisor override on [N, C, H, W]"
+            )
+        c = self.c_in if x.name == INPUT else x.c
+        if c is None:
+            raise NotABlock(f"{n.name}: an average pool of the block input before any conv says its channels")
+        try:
+            return self.emit(
+                n,
+                "avgpool",
+                [x],
+                c,
+                kernel=ks,
+                stride=ss,
+                padding=ps,
+                ceil_mode=bool(ceil),
+                count_include_pad=bool(count_pad),
+            )
+        except SpecError as e:
+            raise NotABlock(str(e)) from None
 
     def gate_module(self, n: fx.Node, m: nn.Module, p: _Pooled) -> _Pooled:
         """A module applied to pooled channel means: a gate's 1 x 1 conv (fc), conv1d over channels, activation."""
@@ -763,6 +798,12 @@ class _Converter:
             return self.pooled(n, ins[0], (2, 3), True)
         if f is torch.mean and len(ins) >= 2:
             return self.pooled(n, ins[0], ins[1], kw.get("keepdim", bool(_at(ins, 2))))
+        if f is F.avg_pool2d:
+            names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+            got = [
+                kw.get(k, ins[i + 1] if len(ins) > i + 1 else d) for i, (k, d) in enumerate(zip(names, _AVG_DEFAULTS))
+            ]
+            return self.avg_pool(n, self.val(ins[0], n.name), *got)
         if isinstance(_at(ins, 0), _Pooled) and (f in _ACT_FNS or f is torch.sigmoid) and len(ins) == 1:
             return ins[0].then("act", _ACT_FNS.get(f, "sigmoid"))
         if f is operator.getitem and isinstance(ins[0], _Chunks):
@@ -1035,6 +1076,7 @@ def _seeds(g: BlockGraph, family: str | None = None) -> list[Block]:
                 eca_kernel=gate["kernel"] if gate.op == "eca" else None,
                 se_hidden=gate["hidden"] if gate.op == "se" else None,
                 downsample=len(convs) == 4,
+                avg_down="avgpool" in has,
             )
         )
     if len(convs) in (2, 3) and acts and "bn" in has and len(gates) <= 1 and isinstance(convs[-2]["kernel"], int):
