@@ -30,6 +30,7 @@ from . import runtime
 from .conv import (
     SPEC_DTYPES,
     EpilogueArgs,
+    channels_last_arg,
     choose_variant,
     epilogue_kernel_args,
     from_channels_last,
@@ -39,6 +40,7 @@ from .conv import (
     pack_weight,
     to_channels_last,
     upcast,
+    view_stride,
 )
 from .generator import Variant
 from .schedule import Schedule
@@ -78,8 +80,9 @@ class Grads:
 
 
 def grad_spec(spec: BlockSpec, op: str) -> BlockSpec:
-    """The dgrad/wgrad spec of a forward spec: same geometry, the chain reduced to what the op reads."""
-    return spec.with_(op=op, epilogue=_ep.grad_epilogue(spec.epilogue, op))
+    """The dgrad/wgrad spec of a forward spec: same geometry on dense buffers (a wgrad of a channel-slice input
+    gets x's pixel stride at launch), the chain reduced to what the op reads."""
+    return spec.dense().with_(op=op, epilogue=_ep.grad_epilogue(spec.epilogue, op))
 
 
 def _chain_args(
@@ -155,7 +158,8 @@ def wgrad_args(
     the channels-last buffer for d residual ('pre'), or None to skip writing it; counters: wgrad_counters()
     (conv only, required there).
     """
-    args: dict[str, Any] = {"dy_ptr": dy, "x_ptr": to_channels_last(x.detach()), "dw_ptr": dw, "UPCAST": upcast(dy)}
+    x_cl = channels_last_arg(x.detach(), gspec.x_pixel_stride, "x")  # a view spec reads x in place
+    args: dict[str, Any] = {"dy_ptr": dy, "x_ptr": x_cl, "dw_ptr": dw, "UPCAST": upcast(dy)}
     if gspec.kind == "conv":
         if counters is None:
             raise ValueError("a conv wgrad variant needs its split-K arrival counters (wgrad_counters)")
@@ -207,6 +211,9 @@ def _launch_wgrad(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """(weight gradient, per-channel chain sums by name, d residual for 'pre' or None)."""
     gspec = grad_spec(spec, "wgrad")
+    stride = view_stride(x)  # a channel slice of a wider channels-last buffer: addressed in place, not copied
+    if stride is not None:
+        gspec = gspec.with_(x_pixel_stride=stride)
     plan = _ep.grad_plan(gspec.epilogue, "wgrad")
     variant = choose_variant(gspec, dy.device, schedule)
     split = variant.schedule.split_k

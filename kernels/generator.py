@@ -157,6 +157,7 @@ def geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         views=dict(x=spec.x_pixel_stride, out=spec.out_pixel_stride, res=spec.res_pixel_stride),
         padded=spec.has_padding,
         i64=largest > INT32_LIMIT,
+        STREAMK=s.stream_k,  # stream-K programs (conv fwd), 0: off
         BM=s.block_m,
         BN=s.block_n,
         BK=s.block_k,
@@ -339,6 +340,7 @@ def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         a_load=a_load_kw(s),
         tma=s.tma and pointwise,  # 2-D descriptors
         SPLIT=s.split_k,
+        ranged=s.split_k > 1 or s.stream_k > 0,  # the reduction runs steps lo..hi
     )
     # tma, k x k: a tile is a box of output pixels of one image (schedule.tma_box), boxes counted per image
     box = _sched.tma_box(spec, s.block_m) if s.tma and not pointwise else None
@@ -355,18 +357,22 @@ def _conv_fwd_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         extra += [(f"BOX_{a}", b, b) for a, b in zip(ax, box)]
         extra += [(f"BOXES_{a}", f"({a}_OUT + BOX_{a} - 1) // BOX_{a}", c) for a, c in zip(ax, counts)]
         extra.append(("BOXES", " * ".join(f"BOXES_{a}" for a in ax), _prod(counts)))
+    steps = ("(KTOT + BLOCK_K - 1) // BLOCK_K", _cdiv(g["KTOT"], s.block_k))
+    if s.k_order != "flat":
+        steps = ("TAPS * NCB", spec.taps * g["NCB"])
     if s.split_k > 1:
-        steps = ("(KTOT + BLOCK_K - 1) // BLOCK_K", _cdiv(g["KTOT"], s.block_k))
-        if s.k_order != "flat":
-            steps = ("TAPS * NCB", spec.taps * g["NCB"])
         extra += [("SPLIT", s.split_k, s.split_k), ("STEPS", *steps)]
         extra.append(("CHUNK", "(STEPS + SPLIT - 1) // SPLIT", _cdiv(steps[1], s.split_k)))
+    elif s.stream_k:
+        extra += [("STREAMK", s.stream_k, s.stream_k), ("STEPS", *steps)]
     g.update(named(g, spec, extra))
     return g
 
 
 def _conv_fwd_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
-    """(output tiles (schedule.gemm_tiles), groups x split_k)."""
+    """(output tiles (schedule.gemm_tiles), groups x split_k); stream-K: (its programs, 1)."""
+    if s.stream_k:
+        return (s.stream_k, 1)
     return (_sched.gemm_tiles(spec, s), spec.groups * s.split_k)
 
 
@@ -414,6 +420,7 @@ def _conv_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         k_full=spec.kg % s.block_k == 0,  # no partial output-channel block: no channel mask
         c_full=spec.cg % s.block_n == 0,
         a_load=a_load_kw(s),
+        ranged=s.split_k > 1 or s.stream_k > 0,  # the reduction runs steps lo..hi
     )
     ntaps = _prod(g["NTMAX"])  # per-row tap validity as bits of one word (more taps: per-step index math)
     g.update(tap_bits=32 if ntaps <= 32 else 64 if ntaps <= 64 else 0)
@@ -425,12 +432,21 @@ def _conv_dgrad_context(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     ]
     if s.split_k > 1:
         extra.append(("SPLIT", s.split_k, s.split_k))
+    elif s.stream_k:  # the walk's steps per tile: the largest phase's
+        ntmax = _prod(g["NTMAX"])
+        steps = ("TAPS_MAX * NKB", ntmax * g["NKB"])
+        if s.k_order == "flat":
+            steps = ("(TAPS_MAX * KG + BLOCK_K - 1) // BLOCK_K", _cdiv(ntmax * spec.kg, s.block_k))
+        extra += [("PHASES", spec.phases, spec.phases), ("TAPS_MAX", ntmax, ntmax)]
+        extra += [("STREAMK", s.stream_k, s.stream_k), ("STEPS", *steps)]
     g.update(named(g, spec, extra))
     return g
 
 
 def _conv_dgrad_grid(spec: BlockSpec, s: Schedule) -> tuple[int, ...]:
-    """(tiles of the largest phase (schedule.gemm_tiles), groups x split_k, phases)."""
+    """(tiles of the largest phase (schedule.gemm_tiles), groups x split_k, phases); stream-K: (its programs, 1, 1)."""
+    if s.stream_k:
+        return (s.stream_k, 1, 1)
     return (_sched.gemm_tiles(spec, s), spec.groups * s.split_k, spec.phases)
 
 

@@ -8,6 +8,7 @@ of a layer shares one source, one loaded kernel and one JIT compile; compiles() 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -16,6 +17,8 @@ import re
 import sys
 import tempfile
 import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import torch
 import triton
 
 from .generator import BATCH_ARG, Variant
+from .schedule import gemm_tiles
 from .spec import SpecError
 
 _lock = threading.Lock()
@@ -158,20 +162,137 @@ def bind(fn: Any, args: dict[str, Any]) -> list[Any]:
     return [args[n] for n in names]
 
 
-def split_workspace(variant: Variant, args: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """ws_ptr and cnt_ptr of a conv fwd or dgrad variant whose reduction is split (schedule.split_k > 1; none
-    otherwise), on the device of its tensors: the fp32 partial tiles [programs, block_m * block_n] (one per
-    program of the grid, whose axis 1 counts the splits) and one zeroed int32 arrival counter per output tile,
-    which the kernel leaves zeroed."""
+def workspace_sizes(variant: Variant) -> tuple[int, int] | None:
+    """(fp32 partial elements, int32 counters) of a conv fwd or dgrad variant whose reduction is split
+    (schedule.split_k > 1): one block_m x block_n partial tile per program of the grid (whose axis 1 counts the
+    splits) and one arrival counter per output tile; or of a stream-K fwd or dgrad (two partial tiles per program,
+    a counter per tile of every group and phase); None for every other variant."""
     spec, s = variant.spec, variant.schedule
-    if s.split_k == 1 or getattr(spec, "kind", None) != "conv" or getattr(spec, "op", None) not in ("fwd", "dgrad"):
-        return {}
-    device = next(t.device for t in args.values() if isinstance(t, torch.Tensor))
+    if getattr(spec, "kind", None) != "conv" or getattr(spec, "op", None) not in ("fwd", "dgrad"):
+        return None
+    if getattr(s, "stream_k", 0):  # two slots per program (its first and last tile's partials), a counter per tile
+        phases = spec.phases if spec.op == "dgrad" else 1
+        return 2 * s.stream_k * s.block_m * s.block_n, gemm_tiles(spec, s) * spec.groups * phases
+    if s.split_k == 1:
+        return None
     programs = math.prod(variant.grid)
-    return {
-        "ws_ptr": torch.empty(programs * s.block_m * s.block_n, dtype=torch.float32, device=device),
-        "cnt_ptr": torch.zeros(programs // s.split_k, dtype=torch.int32, device=device),
-    }
+    return programs * s.block_m * s.block_n, programs // s.split_k
+
+
+class _Workspace:
+    """One (device, stream)'s split-K buffers, grown as needed: partials (torch.empty: each split writes its tile
+    before the sum reads it) and counters, zeroed once when allocated and left zeroed by every kernel that
+    completes. suspect: a launch that used them raised, so they are zeroed before the next use."""
+
+    def __init__(self) -> None:
+        self.partials: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None
+        self.suspect = False
+
+
+_WORKSPACES_MAX = 32  # (device, stream) entries kept; an evicted one's memory returns to its stream's pool
+_workspaces: OrderedDict[tuple[str, int | None, int], _Workspace] = OrderedDict()
+_ws_lock = threading.Lock()
+_ws_stats = {"allocations": 0, "zeroed_after_failure": 0, "repaired": 0}
+
+
+def _stream_key(device: torch.device) -> tuple[str, int | None, int] | None:
+    """The cache key of the stream a launch on device runs on; None when the workspace must not be cached: the
+    meta device (AOT compiles), or a CUDA graph being captured (its allocations belong to the graph's pool)."""
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        with torch.cuda.device(index):
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            return ("cuda", index, torch.cuda.current_stream().cuda_stream)
+    # the interpreter runs a launch in the calling thread: a thread is a CPU stream
+    return ("cpu", None, threading.get_ident()) if device.type == "cpu" else None
+
+
+def _workspace(key: tuple[str, int | None, int], device: torch.device, elements: int, tiles: int) -> _Workspace:
+    """key's workspace holding at least elements partials and tiles zeroed counters (call under _ws_lock)."""
+    ws = _workspaces.pop(key, None) or _Workspace()
+    _workspaces[key] = ws  # most recently used last
+    while len(_workspaces) > _WORKSPACES_MAX:
+        _workspaces.popitem(last=False)
+    if ws.partials is None or ws.partials.numel() < elements:
+        ws.partials = torch.empty(
+            max(elements, 2 * (0 if ws.partials is None else ws.partials.numel())), dtype=torch.float32, device=device
+        )
+        _ws_stats["allocations"] += 1
+    if ws.counters is None or ws.counters.numel() < tiles:
+        # grown zeroed; a suspect old buffer is dropped whole
+        ws.counters = torch.zeros(
+            max(tiles, 2 * (0 if ws.counters is None else ws.counters.numel())), dtype=torch.int32, device=device
+        )
+        ws.suspect = False
+        _ws_stats["allocations"] += 1
+    if ws.suspect:
+        ws.counters.zero_()
+        ws.suspect = False
+        _ws_stats["zeroed_after_failure"] += 1
+    if device.type == "cpu" and bool(ws.counters.any()):  # free to verify off the GPU (no device sync)
+        ws.counters.zero_()
+        _ws_stats["repaired"] += 1
+    return ws
+
+
+def split_workspace(variant: Variant, args: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """ws_ptr and cnt_ptr of a split conv fwd or dgrad variant (workspace_sizes; none for other variants), on the
+    device of its tensors. Cached per (device, stream), so a launch costs no allocation and no memset: launches
+    on one stream run in order and each leaves the counters zeroed; launches on another stream get their own.
+    A launch that raised marks its stream's counters suspect (launch), and they are zeroed before their next use;
+    CPU (interpreter) launches also verify them zero before each use. Under CUDA graph capture, and on the meta
+    device, fresh buffers (the zeroing is captured with the graph)."""
+    sizes = workspace_sizes(variant)
+    if sizes is None:
+        return {}
+    elements, tiles = sizes
+    device = next(t.device for t in args.values() if isinstance(t, torch.Tensor))
+    key = _stream_key(device)
+    if key is None:
+        return {
+            "ws_ptr": torch.empty(elements, dtype=torch.float32, device=device),
+            "cnt_ptr": torch.zeros(tiles, dtype=torch.int32, device=device),
+        }
+    with _ws_lock:
+        ws = _workspace(key, device, elements, tiles)
+        assert ws.partials is not None and ws.counters is not None
+        return {"ws_ptr": ws.partials[:elements], "cnt_ptr": ws.counters[:tiles]}
+
+
+def _mark_suspect(device: torch.device) -> None:
+    """After a launch on device's current stream raised: its cached counters may be left non-zero."""
+    key = _stream_key(device)
+    with _ws_lock:
+        ws = _workspaces.get(key) if key is not None else None
+        if ws is not None:
+            ws.suspect = True
+
+
+def verify_workspaces() -> int:
+    """Check every cached split-K counter buffer is zero (a device sync per CUDA stream) and zero those that are
+    not; returns how many were repaired. For a CUDA application to call after it caught a launch error."""
+    repaired = 0
+    with _ws_lock:
+        for ws in _workspaces.values():
+            if ws.counters is not None and bool(ws.counters.any()):
+                ws.counters.zero_()
+                repaired += 1
+        _ws_stats["repaired"] += repaired
+    return repaired
+
+
+def workspace_stats() -> dict[str, int]:
+    """Counts since start: buffer allocations, zeroings after a failed launch, repaired non-zero counters."""
+    with _ws_lock:
+        return {**_ws_stats, "cached": len(_workspaces)}
+
+
+def clear_workspaces() -> None:
+    """Drop every cached split-K workspace."""
+    with _ws_lock:
+        _workspaces.clear()
 
 
 def kernel_args(variant: Variant, args: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +322,7 @@ def launch(variant: Variant, args: dict[str, Any], device: torch.device) -> None
         fn = load(variant)
         if getattr(variant.schedule, "tma", False):
             _tma_allocator()
-        with torch.cuda.device(device):  # Triton launches on the current device: make it the tensors'
+        with torch.cuda.device(device), _failure_marks(variant, device):  # Triton launches on the current device
             fn[variant.grid](*bind(fn, args), num_warps=variant.num_warps, num_stages=variant.num_stages)
     elif device.type == "cpu":
         if not interpreting():
@@ -212,9 +333,21 @@ def launch(variant: Variant, args: dict[str, Any], device: torch.device) -> None
             )
         _check_interpreter()
         fn = load(variant)
-        fn[variant.grid](*bind(fn, args))
+        with _failure_marks(variant, device):
+            fn[variant.grid](*bind(fn, args))
     else:
         raise RuntimeError(f"unsupported device {device}: tunerd runs on CUDA, or on CPU through the interpreter")
+
+
+@contextlib.contextmanager
+def _failure_marks(variant: Variant, device: torch.device) -> Iterator[None]:
+    """Marks the stream's split-K counters suspect when the launch in the block raises (split_workspace)."""
+    try:
+        yield
+    except BaseException:
+        if workspace_sizes(variant) is not None:
+            _mark_suspect(device)
+        raise
 
 
 def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:

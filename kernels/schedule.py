@@ -53,6 +53,12 @@ class Schedule:
     split_k (conv fwd and dgrad): the reduction (taps x channel blocks) split split_k ways, program_id(1) =
       group * split_k + split; each split writes its fp32 partial tile, the last to arrive sums them in split
       order (bitwise reproducible) and runs the epilogue once (runtime.kernel_args adds the workspace).
+    stream_k (conv fwd and dgrad; 0: off): a persistent grid of stream_k programs (one per resident slot: the
+      tuner picks it from the device's SM count, schedules.space.stream_k_programs), each walking a contiguous range
+      of the (output tile, reduction step) iteration space. A tile whose steps span programs is summed by the last
+      of them to arrive, in program order (deterministic), through the split-K workspace; every tile's epilogue
+      runs once. For wave-quantized and small grids. dgrad: the tiles of every stride phase, each walked in steps
+      of the largest phase's reduction (clipped to its own).
     """
 
     block_m: int = 64
@@ -62,18 +68,21 @@ class Schedule:
     num_warps: int = 4
     num_stages: int = 2
     split_k: int = 1
+    stream_k: int = 0
     k_order: str = "tap"
     space_to_depth: bool = False
     l1_load: bool = False
     tma: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """Field dict; the flags (space_to_depth, l1_load) appear only when set, so the keys (and ids) of every
-        other schedule never change."""
+        """Field dict; the flags (space_to_depth, l1_load, tma) and stream_k appear only when set, so the keys (and
+        ids) of every other schedule never change."""
         d = asdict(self)
         for flag in FLAGS:
             if not d[flag]:
                 del d[flag]
+        if not d["stream_k"]:
+            del d["stream_k"]
         return d
 
     def to_json(self) -> str:
@@ -111,6 +120,7 @@ class Schedule:
             + (" s2d" if self.space_to_depth else "")
             + (" l1" if self.l1_load else "")
             + (" tma" if self.tma else "")
+            + (f" streamk{self.stream_k}" if self.stream_k else "")
         )
 
 
@@ -157,6 +167,11 @@ def tma_applies(spec: BlockSpec) -> bool:
         return False
     largest = max(spec.n * spec.c * math.prod(spec.in_size), spec.out_pixels * spec.k, spec.spanned_elements)
     return all(v * spec.itemsize % 16 == 0 for v in (spec.c, spec.x_pix, spec.cg)) and largest <= 2**31 - 1
+
+
+def stream_k_applies(spec: BlockSpec) -> bool:
+    """Whether a schedule's stream_k means something for spec: an implicit-GEMM conv fwd or dgrad."""
+    return spec.kind == "conv" and spec.op in ("fwd", "dgrad")
 
 
 def tma_box(spec: BlockSpec, block_m: int) -> tuple[int, ...]:
@@ -215,6 +230,8 @@ def canonical(spec: BlockSpec, s: Schedule) -> Schedule:
         s = replace(s, l1_load=False)
     if s.tma and not tma_applies(spec):
         s = replace(s, tma=False)
+    if s.stream_k and not stream_k_applies(spec):
+        s = replace(s, stream_k=0)
     if s.tma:  # TMA boxes load A in tap order, no cache modifier
         s = replace(s, k_order="tap", l1_load=False)
     if spec.kind == "depthwise":
@@ -283,6 +300,14 @@ def check(spec: BlockSpec, s: Schedule) -> None:
         programs = gemm_tiles(spec, s) * spec.groups * (spec.phases if spec.op == "dgrad" else 1) * s.split_k
         if programs * s.block_m * s.block_n > 2**31 - 1:
             raise ScheduleError("split_k's fp32 partials exceed int32 offsets: split only small grids")
+    if s.stream_k:
+        if s.stream_k < 0 or s.stream_k > 4096:
+            raise ScheduleError(f"stream_k={s.stream_k} must be 0 (off) or 1..4096 programs")
+        if not stream_k_applies(spec) or s.split_k > 1 or s.tma:
+            raise ScheduleError("stream_k is an option of conv fwd and dgrad without split_k or tma")
+        tiles = gemm_tiles(spec, s) * spec.groups * (spec.phases if spec.op == "dgrad" else 1)
+        if tiles * split_steps(spec, s) > 2**31 - 1 or 2 * s.stream_k * s.block_m * s.block_n > 2**31 - 1:
+            raise ScheduleError("stream_k's iteration space or partials exceed int32")
     if spec.kind == "depthwise" and spec.op == "wgrad" and s.block_m * s.block_n * s.block_k > 32768:
         raise ScheduleError("depthwise wgrad tile block_m * block_k * block_n exceeds 32768 elements")
 
@@ -350,9 +375,25 @@ def _default_conv(spec: BlockSpec) -> Schedule:
     bm, bn, bk, warps = _gemm_tiles(
         m, n, spec.cg * spec.taps if flat else spec.cg, spec.itemsize, scalar=flat or not vector_rows(spec)
     )
+    bm, warps = _stats_tile(spec, bm, bn, warps)
     return Schedule(
         block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=3, k_order="flat" if flat else "tap"
     )
+
+
+def _stats_tile(spec: BlockSpec, block_m: int, block_n: int, warps: int) -> tuple[int, int]:
+    """block_m, num_warps of a fwd whose epilogue gathers BatchNorm statistics and stores a 16-bit output: at most
+    32 fp32 sums per thread (more warps up to 8, then fewer rows). At 64 per thread sm_90 builds spilled
+    (255 registers + 8 bytes, Triton 3.9: RepVGG's stacked 3x3 stats conv, bf16/fp16); at 32, 143-158, none."""
+    e = spec.epilogue
+    if not e.stats or e.stats_only or spec.itemsize != 2:
+        return block_m, warps
+    while block_m * block_n > 32 * 32 * warps:
+        if warps < 8:
+            warps *= 2
+        else:
+            block_m //= 2
+    return block_m, warps
 
 
 def _default_conv_dgrad(spec: BlockSpec) -> Schedule:

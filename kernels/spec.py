@@ -204,8 +204,8 @@ class BlockSpec(Canonical):
                 raise SpecError(f"{name} must be an int or None, got {v!r}")
             if v < dense:
                 raise SpecError(f"{name} {v} is smaller than the {dense} channels it holds (pixels would overlap)")
-            if self.op != "fwd":
-                raise SpecError(f"{name} is a forward option (backward kernels read dense buffers)")
+            if self.op != "fwd" and not (self.op == "wgrad" and name == "x_pixel_stride"):
+                raise SpecError(f"{name} is a forward option (backward kernels read dense buffers; wgrad reads x's)")
             if name == "res_pixel_stride" and not self.epilogue.residual:
                 raise SpecError("res_pixel_stride needs an epilogue with a residual")
             if name == "out_pixel_stride" and self.epilogue.stats_only:

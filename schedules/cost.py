@@ -8,7 +8,8 @@ GPU model, per kernel launch:
 - programs = output tiles x groups (x split_k); the reduction is padded to whole block_k steps,
   output tiles to whole block_m x block_n tiles (tile quantization is paid as extra math; a k x k tma fwd
   tiles each image in pixel boxes, kernels.schedule.tma_box); a split fwd / dgrad reduction (split_k) runs
-  split_k times the programs with 1/split_k of the steps each, and writes and re-reads fp32 partials;
+  split_k times the programs with 1/split_k of the steps each, and writes and re-reads fp32 partials; a stream-K
+  fwd (stream_k programs) an equal share of all tiles' steps per program, plus about one partial tile each;
 - math time: padded FLOPs at the dtype's peak (tensor cores for fp16/bf16/tf32, CUDA cores for
   fp32 'ieee' and direct depthwise kernels), scaled by wave quantization (programs per resident
   slot, rounded up) and a small-tile/few-warp efficiency; direct depthwise fwd kernels issue-bound:
@@ -16,7 +17,8 @@ GPU model, per kernel launch:
 - memory time: bytes each program loads (the tiling's re-reads: every output tile re-reads its
   input rows and weight columns) against L2 bandwidth, and compulsory DRAM bytes (plus L2 misses
   when the working set exceeds L2) against DRAM bandwidth;
-- pipelining overlaps math and memory by 1 - 1/num_stages; each wave adds a fixed latency;
+- pipelining overlaps math and memory by 1 - 1/num_stages; each wave adds a fixed latency (stream-K: each
+  tile segment a program runs, about tiles / programs + 1);
 - l1_load (L1-allocating A loads) and tma (tensor-descriptor loads) are not modelled beyond tma's pixel
   boxes: L1 hit rates and TMA's gain are unmeasured (no GPU timings yet), so their variants tie with their
   pointer-path twins where the tiles agree and measurement decides.
@@ -171,6 +173,11 @@ def work(spec: BlockSpec, s: Schedule) -> Work:
     if s.split_k > 1:  # each split writes its fp32 partial, the last reads all of them and writes the tile
         progs, steps = progs * s.split_k, cdiv(steps, s.split_k)
         out = int(bm * bn * (8 / spec.itemsize + 1 / s.split_k))
+    elif s.stream_k:  # stream_k programs, an equal share of the tile-steps each; about one split tile per program,
+        # its fp32 partial written and read once
+        tiles, total = progs, progs * steps
+        progs, steps = min(s.stream_k, total), cdiv(total, s.stream_k)
+        out = int(bm * bn * (tiles / progs + 8 / spec.itemsize))
     return Work(progs, steps, 2.0 * bm * bn * bk, (bm + bn) * bk, out, bm * bk + bk * bn + bm * bn)
 
 
@@ -354,7 +361,10 @@ def estimate(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> Estimate:
         t_math = max(t_math, t_issue)
     overlap = 1.0 - 1.0 / max(1, s.num_stages) if spec.kind == "conv" else 0.5
     body = max(t_math, t_mem) + (1.0 - overlap) * min(t_math, t_mem)
-    secs = limits.launch_s + waves * limits.wave_s + body
+    fills = float(waves)  # pipeline fills and drains, one per wave
+    if s.stream_k:  # a program runs its share of tiles one after another, each segment filling the pipeline
+        fills = programs(spec, replace(s, stream_k=0)) / progs + 1.0
+    secs = limits.launch_s + fills * limits.wave_s + body
     return Estimate(secs, progs, waves, occ, padded_flops, l2, dram, t_math, t_mem, t_issue)
 
 

@@ -7,6 +7,8 @@ Enumeration (per kind):
   tilings whose grid is smaller than the SM count, see `order`); multi-tap fwd and dgrad also l1_load
   (L1-allocating A loads) where the installed Triton keeps the modifier (l1_load_honored); stride-1 fwd on
   16-byte rows also tma (tensor-descriptor loads) where Triton has them (tma_supported), not on the interpreter;
+  fwd, not on the interpreter, also stream_k (one program per resident slot) for tilings whose grid quantizes
+  badly (stream_k_programs), with split_k 1, group_m 8, no tma;
 - depthwise (direct): block_m pixels (4..1024) x block_n channels (4..128), num_warps 1/2/4/8; fwd
   in groups of block_k = 1/2/4/8/16 consecutive outputs along the last dim (register blocking, <= the row);
   wgrad: block_m pixels per step (16..256) x block_k taps (1..32) x block_n channels, split_k.
@@ -128,7 +130,7 @@ def build(
 
 
 def tile_shape(s: Schedule) -> tuple:
-    """What a schedule computes, without its launch knobs (num_warps, num_stages, group_m, l1_load)."""
+    """What a schedule computes, without its launch knobs (num_warps, num_stages, group_m, l1_load, stream_k)."""
     return (s.block_m, s.block_n, s.block_k, s.k_order, s.split_k, s.space_to_depth)
 
 
@@ -185,8 +187,21 @@ def split_candidate(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> bool:
     )
 
 
+def stream_k_programs(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> int:
+    """The stream-K grid worth a candidate for s's tiling (0: none): one program per resident slot (SMs x
+    occupancy), where the tile grid quantizes badly: fewer tiles than slots, or at most 4 waves with a part-empty
+    last (160 tiles on 132 SMs), and each program still runs >= 2 reduction steps."""
+    base = replace(s, split_k=1, stream_k=0)
+    slots = limits.sm_count * cost.occupancy(spec, base, limits)
+    tiles = cost.programs(spec, base)
+    if tiles % slots == 0 or tiles > 4 * slots or tiles * cost.reduction_steps(spec, base) < 2 * slots:
+        return 0
+    return slots
+
+
 def _conv(spec: BlockSpec, limits: DeviceLimits) -> Iterator[Candidate]:
     interpreted = limits.interpreted
+    stream_k = _sched.stream_k_applies(spec) and not interpreted  # a GPU option (wave quantization)
     g = cost.gemm_view(spec)
     wgrad = spec.op == "wgrad"
     # the flat order helps when one tap's channels (columns for wgrad) do not fill whole block_k steps
@@ -224,6 +239,10 @@ def _conv(spec: BlockSpec, limits: DeviceLimits) -> Iterator[Candidate]:
                 yield s, "order"
             else:
                 yield s, None
+                if stream_k and split == 1 and not tma and group == GROUP_M[0]:
+                    programs = stream_k_programs(spec, s, limits)
+                    if programs:
+                        yield replace(s, stream_k=programs), None
 
 
 @cache

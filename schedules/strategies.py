@@ -224,12 +224,13 @@ def knob_values(cands: list[Schedule]) -> dict[str, list[Any]]:
 
 
 def distance(a: Schedule, b: Schedule) -> float:
-    """Knob distance: |log2 ratio| per numeric knob, 1 per differing k_order or space_to_depth."""
+    """Knob distance: |log2 ratio| per numeric knob, 1 per differing k_order or space_to_depth (or stream_k on / off:
+    0 is off)."""
     d = 0.0
     for k in KNOBS:
         x, y = getattr(a, k), getattr(b, k)
         if x != y:
-            d += 1.0 if isinstance(x, (str, bool)) else abs(math.log2(x / y))
+            d += 1.0 if isinstance(x, (str, bool)) or min(x, y) <= 0 else abs(math.log2(x / y))
     return d
 
 

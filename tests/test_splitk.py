@@ -6,6 +6,7 @@ model prefers it only there."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import pytest
@@ -160,3 +161,73 @@ def test_cost_model_prefers_it_only_when_it_helps():
     assert cost.predict(EARLY, e, h100) < cost.predict(EARLY, replace(e, split_k=2), h100)
     assert cost.programs(LATE, replace(s, split_k=4)) == 4 * cost.programs(LATE, s)
     assert Epilogue() == LATE.epilogue
+
+
+def _split_case():
+    spec = conv_spec(n=1, c=16, k=24, in_size=(5, 6), kernel=3, padding=1)
+    s = Schedule(block_m=16, block_n=16, block_k=16, split_k=3)
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(1, 16, 5, 6, generator=g), torch.randn(24, 16, 3, 3, generator=g) / 12
+    want = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    return spec, s, x, w, want
+
+
+def _cached_counters(spec, s):
+    v = generator.render(spec, s)
+    return runtime.split_workspace(v, {"x": torch.empty(0)})["cnt_ptr"]
+
+
+def test_workspace_is_cached_per_stream_without_a_memset():
+    """Launches on one stream (a thread, on the interpreter) reuse one counter buffer the kernels leave zeroed: no
+    allocation and no fill per launch; another thread gets its own."""
+    spec, s, x, w, want = _split_case()
+    runtime.clear_workspaces()
+    for i in range(3):
+        y = conv.conv_forward(x, w, 2, padding=1, schedule=s)
+        assert reference.rel_error(y, want) < 1e-5
+        if i == 0:
+            before = runtime.workspace_stats()
+    after = runtime.workspace_stats()
+    assert after == before and after["cached"] == 1
+    cnt = _cached_counters(spec, s)
+    assert cnt.tolist() == [0] * cnt.numel()
+    other = {}
+    t = threading.Thread(target=lambda: other.update(cnt=_cached_counters(spec, s)))
+    t.start()
+    t.join()
+    assert other["cnt"].data_ptr() != cnt.data_ptr() and runtime.workspace_stats()["cached"] == 2
+
+
+def test_non_zero_counters_are_repaired():
+    """A counter left non-zero (forced here) is zeroed before the next launch trusts it, and a launch that raised
+    marks its stream's counters suspect: zeroed before the next use."""
+    spec, s, x, w, want = _split_case()
+    runtime.clear_workspaces()
+    conv.conv_forward(x, w, 2, padding=1, schedule=s)
+    _cached_counters(spec, s)[1] = 2  # a tile whose counter says two splits already arrived
+    repaired = runtime.workspace_stats()["repaired"]
+    assert reference.rel_error(conv.conv_forward(x, w, 2, padding=1, schedule=s), want) < 1e-5
+    assert runtime.workspace_stats()["repaired"] == repaired + 1
+
+    real = runtime.load(generator.render(spec, s))
+
+    class Failing:  # counts one arrival on every tile, then fails, as a launch interrupted mid-way
+        arg_names = real.arg_names
+
+        def __getitem__(self, grid):
+            def run(*args):
+                args[self.arg_names.index("cnt_ptr")].add_(1)
+                raise RuntimeError("launch failed")
+
+            return run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runtime, "load", lambda v: Failing())
+        with pytest.raises(RuntimeError, match="launch failed"):
+            conv.conv_forward(x, w, 2, padding=1, schedule=s)
+    zeroed = runtime.workspace_stats()["zeroed_after_failure"]
+    assert reference.rel_error(conv.conv_forward(x, w, 2, padding=1, schedule=s), want) < 1e-5
+    stats = runtime.workspace_stats()
+    assert stats["zeroed_after_failure"] == zeroed + 1 and stats["repaired"] == repaired + 1
+    cnt = _cached_counters(spec, s)
+    assert cnt.tolist() == [0] * cnt.numel()

@@ -203,8 +203,8 @@ def test_bad_outputs_get_clear_errors():
 
 
 def test_gradients_of_a_view_input_land_in_its_slice():
-    """Autograd through a channel-slice input (dgrad/wgrad read dense copies): the input buffer's gradient is the
-    float64 one inside the slice and zero outside it."""
+    """Autograd through a channel-slice input (wgrad reads it in place, dgrad writes a dense dx): the input buffer's
+    gradient is the float64 one inside the slice and zero outside it."""
     base = _cl(2, 40, 5, 6).requires_grad_()
     w = (torch.randn(12, 16, 3, 3) * 0.2).requires_grad_()
     lo, hi = 8, 24
@@ -217,6 +217,33 @@ def test_gradients_of_a_view_input_land_in_its_slice():
     rx, rw = torch.autograd.grad(ref, (base64, w64), dy)
     assert rel_error(gx, rx) < tolerance("float32") and rel_error(gw, rw) < tolerance("float32")
     assert gx[:, :lo].eq(0).all() and gx[:, hi:].eq(0).all()
+
+
+@pytest.mark.parametrize(
+    "groups, k, dtype, act",
+    [(1, 12, torch.float32, "gelu"), (2, 12, torch.bfloat16, None), (16, 16, torch.float32, "relu")],
+    ids=["conv-gelu", "grouped-bf16", "depthwise-relu"],
+)
+def test_wgrad_reads_a_view_input_in_place(launches, groups, k, dtype, act):
+    """The weight gradient of a conv over a channel slice: the wgrad kernel addresses x in the wider buffer with its
+    pixel stride (spec x_pixel_stride, no copy of x) and matches float64."""
+    base = _cl(2, 40, 5, 7, dtype)
+    x = base[:, 8:24]  # 16 of 40 channels
+    w = (torch.randn(k, 16 // groups, 3, 3) * 0.2).to(dtype).requires_grad_()
+    y = autograd_conv(x, w, None, 1, 1, 1, groups, ndim=2, activation=act)
+    x64, w64 = x.detach().double(), w.detach().double().requires_grad_()
+    ref = F.conv2d(x64, w64, None, 1, 1, 1, groups)
+    ref = {"gelu": F.gelu, "relu": F.relu, None: lambda t: t}[act](ref)
+    dy = torch.randn(ref.shape, dtype=torch.float64)
+    (gw,) = torch.autograd.grad(y, (w,), dy.to(dtype))
+    (rw,) = torch.autograd.grad(ref, (w64,), dy)
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    assert rel_error(gw, rw) < tolerance(name)
+    (variant, args), *_ = [(v, a) for v, a in launches if v.spec.op == "wgrad"]
+    assert variant.spec.x_pixel_stride == 40 and args["x_ptr"].data_ptr() == x.data_ptr()  # in place
+    dense = generator.render(variant.spec.with_(x_pixel_stride=None), variant.schedule).source
+    assert variant.source != dense and "X_PIX" not in dense
+    assert ("X_PIX: tl.constexpr = 40" in variant.source) == (groups != 16)  # depthwise kernels take literals
 
 
 def test_pixel_strides_in_spec_keys_limits_and_trust():
@@ -237,6 +264,7 @@ def test_pixel_strides_in_spec_keys_limits_and_trust():
         (dict(out_pixel_stride=True), "must be an int"),
         (dict(res_pixel_stride=64), "needs an epilogue with a residual"),
         (dict(x_pixel_stride=80, op="dgrad"), "forward option"),
+        (dict(out_pixel_stride=80, op="wgrad"), "forward option"),
     ]:
         with pytest.raises(SpecError, match=match):
             dense.with_(**bad)
