@@ -129,9 +129,9 @@ def wgrad_partials(gspec: BlockSpec, split_k: int, device: torch.device) -> torc
 
 
 def wgrad_counters(variant: Variant, device: torch.device) -> torch.Tensor:
-    """The zeroed int32 arrival counters of a conv wgrad variant's in-kernel split-K sum, one per output tile
-    (the kernel leaves them zeroed, so a buffer serves any number of launches of one stream)."""
-    return torch.zeros(variant.grid[0] * variant.grid[1], dtype=torch.int32, device=device)
+    """The zeroed int32 arrival counters of a conv wgrad variant's in-kernel split-K sum, one per output tile: the
+    kernel leaves them zeroed, so they come from runtime's per-stream cache (runtime.arrival_counters)."""
+    return runtime.arrival_counters(device, variant.grid[0] * variant.grid[1])
 
 
 def wgrad_sums(gspec: BlockSpec, partials: torch.Tensor) -> torch.Tensor:

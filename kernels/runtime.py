@@ -215,7 +215,7 @@ def _workspace(key: tuple[str, int | None, int], device: torch.device, elements:
     _workspaces[key] = ws  # most recently used last
     while len(_workspaces) > _WORKSPACES_MAX:
         _workspaces.popitem(last=False)
-    if ws.partials is None or ws.partials.numel() < elements:
+    if elements and (ws.partials is None or ws.partials.numel() < elements):
         ws.partials = torch.empty(
             max(elements, 2 * (0 if ws.partials is None else ws.partials.numel())), dtype=torch.float32, device=device
         )
@@ -259,6 +259,19 @@ def split_workspace(variant: Variant, args: dict[str, Any]) -> dict[str, torch.T
         ws = _workspace(key, device, elements, tiles)
         assert ws.partials is not None and ws.counters is not None
         return {"ws_ptr": ws.partials[:elements], "cnt_ptr": ws.counters[:tiles]}
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """count zeroed int32 arrival counters for a kernel's in-kernel split sum (wgrad's), from the same per-(device,
+    stream) cache as split_workspace: no allocation and no memset per launch; fresh ones under CUDA graph capture
+    and on the meta device."""
+    key = _stream_key(device)
+    if key is None:
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    with _ws_lock:
+        ws = _workspace(key, device, 0, count)
+        assert ws.counters is not None
+        return ws.counters[:count]
 
 
 def _mark_suspect(device: torch.device) -> None:
@@ -322,7 +335,7 @@ def launch(variant: Variant, args: dict[str, Any], device: torch.device) -> None
         fn = load(variant)
         if getattr(variant.schedule, "tma", False):
             _tma_allocator()
-        with torch.cuda.device(device), _failure_marks(variant, device):  # Triton launches on the current device
+        with torch.cuda.device(device), _failure_marks(args, device):  # Triton launches on the current device
             fn[variant.grid](*bind(fn, args), num_warps=variant.num_warps, num_stages=variant.num_stages)
     elif device.type == "cpu":
         if not interpreting():
@@ -333,19 +346,20 @@ def launch(variant: Variant, args: dict[str, Any], device: torch.device) -> None
             )
         _check_interpreter()
         fn = load(variant)
-        with _failure_marks(variant, device):
+        with _failure_marks(args, device):
             fn[variant.grid](*bind(fn, args))
     else:
         raise RuntimeError(f"unsupported device {device}: tunerd runs on CUDA, or on CPU through the interpreter")
 
 
 @contextlib.contextmanager
-def _failure_marks(variant: Variant, device: torch.device) -> Iterator[None]:
-    """Marks the stream's split-K counters suspect when the launch in the block raises (split_workspace)."""
+def _failure_marks(args: dict[str, Any], device: torch.device) -> Iterator[None]:
+    """Marks the stream's cached arrival counters suspect when the launch in the block raises and used them
+    (split_workspace, arrival_counters)."""
     try:
         yield
     except BaseException:
-        if workspace_sizes(variant) is not None:
+        if "cnt_ptr" in args:
             _mark_suspect(device)
         raise
 

@@ -85,6 +85,25 @@ def test_in_kernel_split_sum_is_deterministic_and_leaves_counters_zeroed(device)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def test_wgrad_counters_come_from_the_per_stream_cache():
+    """No allocation or memset per backward: the counters are the stream's cached ones (shared with split fwd /
+    dgrad launches, which leave them zeroed too); a raised launch marks them suspect, zeroed before the next use."""
+    spec = conv_spec(n=2, c=16, k=16, in_size=(5, 6), kernel=3, padding=1, op="wgrad")
+    v = generator.render(spec, resolve(spec, _sched("row", 3)))
+    runtime.clear_workspaces()
+    first = wgrad_counters(v, torch.device("cpu"))
+    allocations = runtime.workspace_stats()["allocations"]
+    again = wgrad_counters(v, torch.device("cpu"))
+    assert again.data_ptr() == first.data_ptr() and runtime.workspace_stats()["allocations"] == allocations
+    assert not again.any()
+    with pytest.raises(RuntimeError, match="boom"), runtime._failure_marks({"cnt_ptr": again}, torch.device("cpu")):
+        again[0] = 1  # as a launch interrupted after one arrival
+        raise RuntimeError("boom")
+    zeroed = runtime.workspace_stats()["zeroed_after_failure"]
+    assert not wgrad_counters(v, torch.device("cpu")).any()
+    assert runtime.workspace_stats()["zeroed_after_failure"] == zeroed + 1
+
+
 def test_conv_wgrad_needs_counters():
     spec = conv_spec(n=1, c=16, k=16, in_size=(4, 4), kernel=3, padding=1, op="wgrad")
     t = torch.zeros(1)
