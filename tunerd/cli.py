@@ -84,8 +84,9 @@ def check(
         f"{r['shared']} B shared memory, MMA {r['mma']}, " + (", ".join(reads) or "no global loads")
     )
     if r.get("loop_sass"):
+        per = "step of its reduction (unrolled whole)" if r.get("loop_unrolled") else "iteration"
         typer.echo(
-            f"main loop: {r['loop_sass']} SASS per iteration, {r['loop_mma']} MMA ({r['loop_mma_share']:.0%}), "
+            f"main loop: {r['loop_sass']} SASS per {per}, {r['loop_mma']} MMA ({r['loop_mma_share']:.0%}), "
             f"{r['loop_fma']} FMA ({r['loop_fma_share']:.0%}), {r['loop_idiv']} runtime integer divisions; "
             f"{r['sass']} SASS in all, {r['tma']} TMA loads"
         )
