@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from tunerd.kernels import aot
 
+from .engine import Transactional
 from .errors import InvalidRecord
 from .rows import label
 from .tables import BinaryTable, utcnow
@@ -60,16 +60,10 @@ def check_binary(b: Any) -> aot.Binary:
         raise InvalidRecord(str(e)) from None
 
 
-class BinaryStore:
+class BinaryStore(Transactional):
     """Binary operations; the class using it provides the transactions and the dialect's insert."""
 
     _upsert: Any
-
-    def _read(self) -> AbstractContextManager[Session]:  # pragma: no cover - provided by Store
-        raise NotImplementedError
-
-    def _write(self) -> AbstractContextManager[Session]:  # pragma: no cover - provided by Store
-        raise NotImplementedError
 
     def add_binaries(
         self, binaries: Sequence[aot.Binary], *, origin: str = COMPILED, signed_by: str | None = None

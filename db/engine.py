@@ -18,7 +18,7 @@ import sqlite3
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,6 +29,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, exc, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from tunerd.kernels.runtime import cache_dir
@@ -42,6 +43,17 @@ _PG_MIGRATION_LOCK = 0x74756E6572  # pg_advisory_xact_lock key held while migrat
 MIN_FREE_BYTES = 1 << 20  # a SQLite store's disk with less free space than this is full
 POOL_TIMEOUT_S = 10.0  # waiting for a pooled connection longer than this is StoreUnavailable (503)
 _files: weakref.WeakKeyDictionary[Engine, _File] = weakref.WeakKeyDictionary()
+
+
+class Transactional:
+    """Base of the store's operation mixins (db.queue.JobQueue, db.binaries.BinaryStore): db.store.Store provides
+    the read and write transactions they run in."""
+
+    def _read(self) -> AbstractContextManager[Session]:  # pragma: no cover - provided by Store
+        raise NotImplementedError
+
+    def _write(self) -> AbstractContextManager[Session]:  # pragma: no cover - provided by Store
+        raise NotImplementedError
 
 
 class _File:

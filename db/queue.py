@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from datetime import timedelta
 from numbers import Integral, Real
 from typing import Any, cast
@@ -27,6 +26,7 @@ from sqlalchemy.orm import Session
 from tunerd.kernels.block import Block
 from tunerd.kernels.spec import BlockSpec
 
+from .engine import Transactional
 from .errors import InvalidRecord, JobNotOwned, UnknownJob
 from .rows import JobRow, TaskRow, json_object, label, number, row_limit, target_of
 from .tables import JOB_STATUSES, JobTable, TaskTable, utcnow
@@ -36,14 +36,8 @@ FINISHED = ("done", "failed")
 Expand = Callable[[JobRow], Sequence[BlockSpec | Block]]
 
 
-class JobQueue:
+class JobQueue(Transactional):
     """Queue operations; the class using it provides the read and write transactions."""
-
-    def _read(self) -> AbstractContextManager[Session]:  # pragma: no cover - provided by Store
-        raise NotImplementedError
-
-    def _write(self) -> AbstractContextManager[Session]:  # pragma: no cover - provided by Store
-        raise NotImplementedError
 
     def enqueue_job(
         self,
