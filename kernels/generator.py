@@ -648,10 +648,11 @@ def _source(tpl: Template, spec: BlockSpec, s: Schedule, name: str, batch: Batch
 
 def reduction_steps(spec: BlockSpec, s: Schedule) -> int | None:
     """Steps of an implicit-GEMM fwd or dgrad reduction loop (the first phase's for a strided dgrad); None for
-    other kernels. The SASS audit needs it when the compiler unrolled the loop whole (kernels.sass.mix)."""
+    other kernels, and for split-K / stream-K ones (their bounds are runtime values: never unrolled whole). The SASS
+    audit needs it when the compiler unrolled the loop whole (kernels.sass.mix)."""
     if s.space_to_depth:
         return reduction_steps(space_to_depth.rewrite(spec), replace(s, space_to_depth=False))
-    if spec.kind != "conv" or spec.op not in ("fwd", "dgrad"):
+    if spec.kind != "conv" or spec.op not in ("fwd", "dgrad") or s.split_k > 1 or s.stream_k:
         return None
     if spec.op == "dgrad":
         return _prod(_phases(spec)["NTMAX"]) * _cdiv(spec.kg, s.block_k) if s.k_order == "tap" else None

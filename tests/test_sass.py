@@ -99,6 +99,8 @@ def test_an_unrolled_reduction_is_measured_per_step_given_its_step_count():
 
 
 def test_reduction_steps_counts_the_implicit_gemm_loop():
+    from dataclasses import replace
+
     from tunerd.kernels.generator import reduction_steps
     from tunerd.kernels.schedule import Schedule
     from tunerd.kernels.spec import conv_spec
@@ -110,5 +112,7 @@ def test_reduction_steps_counts_the_implicit_gemm_loop():
     strided = conv_spec(n=8, c=64, k=48, in_size=(14, 14), kernel=3, padding=1, stride=2, op="dgrad")
     assert reduction_steps(strided, s) == 4 * 2  # the largest phase's 2x2 taps
     assert reduction_steps(spec.with_(op="wgrad"), s) is None
+    assert reduction_steps(spec, replace(s, split_k=2)) is None  # runtime loop bounds: a loop is always left
+    assert reduction_steps(spec, replace(s, stream_k=8)) is None
     dw = conv_spec(n=8, c=64, k=64, in_size=(14, 14), kernel=7, padding=3, groups=64)
     assert reduction_steps(dw, s) is None
