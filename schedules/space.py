@@ -7,8 +7,9 @@ Enumeration (per kind):
   tilings whose grid is smaller than the SM count, see `order`); multi-tap fwd and dgrad also l1_load
   (L1-allocating A loads) where the installed Triton keeps the modifier (l1_load_honored); stride-1 fwd on
   16-byte rows also tma (tensor-descriptor loads) where Triton has them (tma_supported), not on the interpreter;
-  fwd, not on the interpreter, also stream_k (one program per resident slot) for tilings whose grid quantizes
-  badly (stream_k_programs), with split_k 1, group_m 8, no tma;
+  fwd and dgrad, not on the interpreter, also stream_k (one program per resident slot) for tilings whose grid
+  quantizes badly and where the cost model prices it >= 10% faster than the tiling unsplit (stream_k_programs),
+  with split_k 1, group_m 8, no tma;
 - depthwise (direct): block_m pixels (4..1024) x block_n channels (4..128), num_warps 1/2/4/8; fwd
   in groups of block_k = 1/2/4/8/16 consecutive outputs along the last dim (register blocking, <= the row);
   wgrad: block_m pixels per step (16..256) x block_k taps (1..32) x block_n channels, split_k.
@@ -187,14 +188,20 @@ def split_candidate(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> bool:
     )
 
 
+STREAM_K_GAIN = 0.9  # a stream-K candidate must be modelled at most this fraction of its tiling's unsplit time
+
+
 def stream_k_programs(spec: BlockSpec, s: Schedule, limits: DeviceLimits) -> int:
     """The stream-K grid worth a candidate for s's tiling (0: none): one program per resident slot (SMs x
     occupancy), where the tile grid quantizes badly: fewer tiles than slots, or at most 4 waves with a part-empty
-    last (160 tiles on 132 SMs), and each program still runs >= 2 reduction steps."""
+    last (160 tiles on 132 SMs), each program still runs >= 2 reduction steps, and the cost model prices it at
+    most STREAM_K_GAIN of the same tiling unsplit (a fix-up that buys less is not worth a compile and a timing)."""
     base = replace(s, split_k=1, stream_k=0)
     slots = limits.sm_count * cost.occupancy(spec, base, limits)
     tiles = cost.programs(spec, base)
     if tiles % slots == 0 or tiles > 4 * slots or tiles * cost.reduction_steps(spec, base) < 2 * slots:
+        return 0
+    if cost.predict(spec, replace(base, stream_k=slots), limits) > STREAM_K_GAIN * cost.predict(spec, base, limits):
         return 0
     return slots
 

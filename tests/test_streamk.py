@@ -154,6 +154,15 @@ def test_space_offers_it_where_the_grid_quantizes():
     for s in sk[:50]:
         tiles = cost.programs(WAVES.with_(n=10), replace(s, stream_k=0))
         assert tiles % s.stream_k and tiles <= 4 * s.stream_k
+        # offered only where the model prices the fix-up a clear gain over the same tiling unsplit
+        assert cost.predict(WAVES.with_(n=10), s, H100) <= space.STREAM_K_GAIN * cost.predict(
+            WAVES.with_(n=10), replace(s, stream_k=0), H100
+        )
+    # 512 tiles of 256x128 on 132 SMs: the last of 4 waves is 88% full; a fix-up cannot buy the 10% it must
+    big = Schedule(block_m=256, block_n=128, block_k=32, num_warps=8, num_stages=4)
+    assert cost.occupancy(WAVES, big, H100) == 1 and cost.programs(WAVES.with_(n=32), big) == 512
+    assert space.stream_k_programs(WAVES.with_(n=10), big, H100) == 132
+    assert space.stream_k_programs(WAVES.with_(n=32), big, H100) == 0
     assert not any(s.stream_k for s in space.space(LATE, DeviceLimits.interpreter(), max_candidates=None))
     assert any(s.stream_k for s in space.space(LATE.with_(op="dgrad"), H100, max_candidates=None))
     assert not any(s.stream_k for s in space.space(LATE.with_(op="wgrad"), H100, max_candidates=None))
