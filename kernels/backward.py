@@ -15,6 +15,10 @@ Scheme (kernels.epilogue.GradPlan has the formulas):
   multiply touches an inserted zero; dilation and asymmetric padding are part of the phase tables.
 - Only with a frozen weight (no wgrad launch) but trainable chain parameters do the chain's
   gradients come from torch autograd over kernels.epilogue.apply_torch on the saved z.
+- dy that is a channel slice of a wider channels-last gradient (torch.cat's backward hands each branch one) is
+  read in place by dgrad and wgrad (spec dy_pixel_stride, conv.view_stride's alignment rule; other layouts are
+  copied), as wgrad reads a channel-slice x. dx is always a dense buffer of its own: no caller hands dgrad a
+  slice to write into (autograd, block recomputation and a split's backward all take a fresh dx).
 Residual 'post' has gradient dy itself; the caller passes dy through.
 """
 
@@ -79,10 +83,17 @@ class Grads:
     starrelu: torch.Tensor | None = None
 
 
-def grad_spec(spec: BlockSpec, op: str) -> BlockSpec:
-    """The dgrad/wgrad spec of a forward spec: same geometry on dense buffers (a wgrad of a channel-slice input
-    gets x's pixel stride at launch), the chain reduced to what the op reads."""
-    return spec.dense().with_(op=op, epilogue=_ep.grad_epilogue(spec.epilogue, op))
+def grad_spec(spec: BlockSpec, op: str, dy_stride: int | None = None) -> BlockSpec:
+    """The dgrad/wgrad spec of a forward spec: same geometry on dense buffers but dy's pixel stride (a wgrad of a
+    channel-slice input also gets x's at launch), the chain reduced to what the op reads."""
+    return spec.dense().with_(op=op, epilogue=_ep.grad_epilogue(spec.epilogue, op), dy_pixel_stride=dy_stride)
+
+
+def _dy_arg(gspec: BlockSpec, dy: torch.Tensor) -> torch.Tensor:
+    """dy, the channels-last [N, *out, K] gradient, checked to have the pixel stride a view spec addresses it with."""
+    if gspec.dy_pixel_stride is not None:
+        channels_last_arg(dy.permute(0, dy.dim() - 1, *range(1, dy.dim() - 1)), gspec.dy_pixel_stride, "dy")
+    return dy
 
 
 def _chain_args(
@@ -109,11 +120,12 @@ def dgrad_args(
 ) -> dict[str, Any]:
     """Kernel arguments of a dgrad variant.
 
-    dy: channels-last [N, *out, K]; dx: the channels-last [N, *in, C] buffer it writes; ep / z /
+    dy: channels-last [N, *out, K] (a view spec's: a slice with its dy_pixel_stride); dx: the dense channels-last
+    [N, *in, C] buffer it writes; ep / z /
     dstats: the forward chain's tensors, saved z and the [3, K] stats gradient (stats_grad), where the plan
     reads them.
     """
-    args = {"dy_ptr": dy, "w_ptr": pack_weight(gspec, weight), "dx_ptr": dx, "UPCAST": upcast(dy)}
+    args = {"dy_ptr": _dy_arg(gspec, dy), "w_ptr": pack_weight(gspec, weight), "dx_ptr": dx, "UPCAST": upcast(dy)}
     args.update(_chain_args(gspec, ep or EpilogueArgs(), z, dstats, dy.device))
     return args
 
@@ -159,7 +171,7 @@ def wgrad_args(
     (conv only, required there).
     """
     x_cl = channels_last_arg(x.detach(), gspec.x_pixel_stride, "x")  # a view spec reads x in place
-    args: dict[str, Any] = {"dy_ptr": dy, "x_ptr": x_cl, "dw_ptr": dw, "UPCAST": upcast(dy)}
+    args: dict[str, Any] = {"dy_ptr": _dy_arg(gspec, dy), "x_ptr": x_cl, "dw_ptr": dw, "UPCAST": upcast(dy)}
     if gspec.kind == "conv":
         if counters is None:
             raise ValueError("a conv wgrad variant needs its split-K arrival counters (wgrad_counters)")
@@ -190,8 +202,9 @@ def _launch_dgrad(
     dstats: torch.Tensor | None,
     like: torch.Tensor,
     schedule: Schedule | dict | None,
+    dy_stride: int | None = None,
 ) -> torch.Tensor:
-    gspec = grad_spec(spec, "dgrad")
+    gspec = grad_spec(spec, "dgrad", dy_stride)
     variant = choose_variant(gspec, dy.device, schedule)
     dx = new_channels_last((spec.n, spec.c, *spec.in_size), dy.dtype, dy.device)
     runtime.launch(variant, dgrad_args(gspec, dy, weight, to_channels_last(dx), ep, z, dstats), dy.device)
@@ -208,9 +221,10 @@ def _launch_wgrad(
     dstats: torch.Tensor | None,
     want_dres: bool,
     schedule: Schedule | dict | None,
+    dy_stride: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """(weight gradient, per-channel chain sums by name, d residual for 'pre' or None)."""
-    gspec = grad_spec(spec, "wgrad")
+    gspec = grad_spec(spec, "wgrad", dy_stride)
     stride = view_stride(x)  # a channel slice of a wider channels-last buffer: addressed in place, not copied
     if stride is not None:
         gspec = gspec.with_(x_pixel_stride=stride)
@@ -331,14 +345,17 @@ def conv_backward(
     if z is None and _ep.saves_z(e) and (needs.input or needs.weight or needs.chain or e.residual == "pre"):
         raise ValueError("this epilogue's backward needs z, the pre-epilogue output saved by the forward")
     schedules = schedules or {}
-    dy_cl = to_channels_last(dy)
+    dy_stride = view_stride(dy)  # an aligned channel slice (a concat's gradient): read in place, not copied
+    dy_cl = channels_last_arg(dy, dy_stride, "dy")
     dstats = stats_grad(spec, dmean, dvar, mean, dy.device) if e.stats else None
     out = Grads()
     if needs.input:
-        out.input = _launch_dgrad(spec, dy_cl, weight, ep, z, dstats, x, schedules.get("dgrad"))
+        out.input = _launch_dgrad(spec, dy_cl, weight, ep, z, dstats, x, schedules.get("dgrad"), dy_stride)
     res_pre = needs.residual and e.residual == "pre"
     if needs.weight:
-        out.weight, sums, dres = _launch_wgrad(spec, dy_cl, x, weight, ep, z, dstats, res_pre, schedules.get("wgrad"))
+        out.weight, sums, dres = _launch_wgrad(
+            spec, dy_cl, x, weight, ep, z, dstats, res_pre, schedules.get("wgrad"), dy_stride
+        )
         if res_pre:
             out.residual = dres
         if "dshift" in sums:
@@ -399,7 +416,7 @@ def example_args(spec: BlockSpec, fwd: dict[str, Any]) -> dict[str, Any]:
         activation=e.activation,
         residual_mode=e.residual or "post",
     )
-    dy, dstats = meta(n, *out, k), meta(3, k, dtype=f32)
+    dy, dstats = meta(n, *out, spec.dy_pix)[..., :k], meta(3, k, dtype=f32)  # a view spec's dy: a slice
     if spec.op == "dgrad":
         return dgrad_args(spec, dy, meta(k, spec.cg, *spec.kernel), meta(n, *spec.in_size, spec.c), ep, dy, dstats)
     return wgrad_args(

@@ -43,8 +43,8 @@ def unfused(block: Block, params: Params, x: torch.Tensor) -> torch.Tensor:
                 spec.groups,
                 ndim=2,
             )
-        elif nd.op == "split":
-            y = apply_node(nd, ins, params)
+        elif nd.op in ("split", "concat"):  # exact in any dtype: no fp32 round trip, and a concat's gradient
+            y = apply_node(nd, ins, params)  # reaches each branch conv as a channel slice it reads in place
         else:
             y = apply_node(nd, [t.float() for t in ins], params).to(x.dtype)
         vals[nd.name] = y

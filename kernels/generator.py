@@ -127,8 +127,8 @@ class Context(dict):
 
 
 def geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
-    """Shape constants every template shares: NHWC strides and window geometry. XP, YP, RP: pixel strides of x,
-    the output and the residual (C, K, K unless a tensor is a channel slice: BlockSpec.x_pixel_stride ...)."""
+    """Shape constants every template shares: NHWC strides and window geometry. XP, YP, RP, DYP: pixel strides of
+    x, the output, the residual and dy (C, K, K, K unless a tensor is a channel slice: BlockSpec.x_pixel_stride ...)."""
     nd = spec.ndim
     sx = [spec.x_pix * _prod(spec.in_size[d + 1 :]) for d in range(nd)]
     largest = max(spec.n * spec.c * _prod(spec.in_size), spec.out_pixels * spec.k, spec.spanned_elements)
@@ -154,7 +154,8 @@ def geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
         XP=spec.x_pix,
         YP=spec.out_pix,
         RP=spec.res_pix,
-        views=dict(x=spec.x_pixel_stride, out=spec.out_pixel_stride, res=spec.res_pixel_stride),
+        DYP=spec.dy_pix,
+        views=spec.pixel_strides,
         padded=spec.has_padding,
         i64=largest > INT32_LIMIT,
         STREAMK=s.stream_k,  # stream-K programs (conv fwd), 0: off
@@ -183,7 +184,7 @@ def activation(name: str | None, grad: bool = False) -> Callable[[str], str]:
 
 AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # spatial axis letters in constant names
 # (tensor, constant name, its dense stride's name) of the pixel strides of channel-slice views
-_PIXEL_NAMES = (("x", "X_PIX", "C"), ("out", "OUT_PIX", "K"), ("res", "RES_PIX", "K"))
+_PIXEL_NAMES = (("x", "X_PIX", "C"), ("out", "OUT_PIX", "K"), ("res", "RES_PIX", "K"), ("dy", "DY_PIX", "K"))
 
 
 def named(g: dict[str, Any], spec: BlockSpec, extra: Sequence[tuple[str, Any, Any]] = ()) -> dict[str, Any]:
@@ -244,6 +245,7 @@ def named(g: dict[str, Any], spec: BlockSpec, extra: Sequence[tuple[str, Any, An
         XP=pix["x"],
         YP=pix["out"],
         RP=pix["res"],
+        DYP=pix["dy"],
         BM="BLOCK_M",
         BN="BLOCK_N",
         BK="BLOCK_K",
@@ -261,9 +263,12 @@ def _grad_geometry(spec: BlockSpec, s: Schedule) -> dict[str, Any]:
     """Shared context of backward templates: geometry plus the plan of the chain's gradient."""
     g = geometry(spec, s)
     ep = spec.epilogue
+    plan = _ep.grad_plan(ep, spec.op)
     g.update(
         gep=ep,
-        plan=_ep.grad_plan(ep, spec.op),
+        plan=plan,
+        # dy a channel slice: z and the residual (dense) are addressed apart from it (grad_tile's zoffs)
+        z_apart=spec.dy_pixel_stride is not None and (plan.load_z or "res_ptr" in plan.params),
         SPLIT=s.split_k,
         act_grad=activation(ep.activation, grad=True),
         SO=[_prod(spec.out_size[d + 1 :]) for d in range(spec.ndim)],

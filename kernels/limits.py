@@ -60,7 +60,8 @@ def estimated_bytes(spec: BlockSpec) -> int:
     output."""
     e = tensor_elements(spec)
     x = spec.n * prod(spec.in_size) * spec.x_pix
-    out = spec.out_pixels * (spec.out_pix + (spec.res_pix if spec.epilogue.residual else 0))
+    y_pix = spec.out_pix if spec.op == "fwd" else spec.dy_pix  # the output's buffer, or dy's for a backward pass
+    out = spec.out_pixels * (y_pix + (spec.res_pix if spec.epilogue.residual else 0))
     native = (x + e["weight"] + out + e["output"] * spec.epilogue.save_z) * spec.itemsize
     return native + 8 * (e["input"] + e["weight"] + e["output"])
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
-ACTIVATIONS = ("relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish", "sigmoid", "starrelu")
+ACTIVATIONS = ("relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish", "sigmoid", "leaky_relu", "starrelu")
 DTYPES = ("float32", "float16", "bfloat16")
 KINDS = ("conv", "depthwise")  # implicit GEMM | direct per-channel kernel
 OPS = ("fwd", "dgrad", "wgrad")
@@ -120,10 +120,10 @@ class BlockSpec(Canonical):
     padding holds (low, high) per spatial dim, so 'same' with even kernels and causal
     padding are exact. Kernels read and write channels-last tensors (layout).
 
-    Pixel strides (forward only): elements between adjacent pixels of x, the output and the residual when
-    they are channel slices of wider channels-last buffers (a split's chunk, one branch of a concat). None
-    is the dense stride (c for x, k for the others); a dense value is stored as None, so dense specs keep
-    their canonical JSON.
+    Pixel strides: elements between adjacent pixels of x, the output and the residual (forward; wgrad: x) and of
+    dy (dgrad, wgrad) when they are channel slices of wider channels-last buffers (a split's chunk, one branch of
+    a concat, its gradient). None is the dense stride (c for x, k for the others); a dense value is stored as
+    None, so dense specs keep their canonical JSON.
     """
 
     kind: str
@@ -144,6 +144,7 @@ class BlockSpec(Canonical):
     x_pixel_stride: int | None = None
     out_pixel_stride: int | None = None
     res_pixel_stride: int | None = None
+    dy_pixel_stride: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -196,7 +197,12 @@ class BlockSpec(Canonical):
     def _check_pixel_strides(self) -> None:
         if self.epilogue.stats_only and self.op != "fwd":
             raise SpecError("epilogue.stats_only is a forward option; backward specs must not set it")
-        for name, dense in (("x_pixel_stride", self.c), ("out_pixel_stride", self.k), ("res_pixel_stride", self.k)):
+        for name, dense in (
+            ("x_pixel_stride", self.c),
+            ("out_pixel_stride", self.k),
+            ("res_pixel_stride", self.k),
+            ("dy_pixel_stride", self.k),
+        ):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -204,8 +210,11 @@ class BlockSpec(Canonical):
                 raise SpecError(f"{name} must be an int or None, got {v!r}")
             if v < dense:
                 raise SpecError(f"{name} {v} is smaller than the {dense} channels it holds (pixels would overlap)")
-            if self.op != "fwd" and not (self.op == "wgrad" and name == "x_pixel_stride"):
-                raise SpecError(f"{name} is a forward option (backward kernels read dense buffers; wgrad reads x's)")
+            if name == "dy_pixel_stride" and self.op == "fwd":
+                raise SpecError("dy_pixel_stride is a backward option (dgrad and wgrad read dy)")
+            read = ("dy_pixel_stride", "x_pixel_stride") if self.op == "wgrad" else ("dy_pixel_stride",)
+            if self.op != "fwd" and name not in read:
+                raise SpecError(f"{name} is a forward option (backward kernels read dy's; wgrad reads x's)")
             if name == "res_pixel_stride" and not self.epilogue.residual:
                 raise SpecError("res_pixel_stride needs an epilogue with a residual")
             if name == "out_pixel_stride" and self.epilogue.stats_only:
@@ -230,20 +239,29 @@ class BlockSpec(Canonical):
         return self.res_pixel_stride or self.k
 
     @property
+    def dy_pix(self) -> int:
+        """Elements between adjacent pixels of dy (k unless dy is a channel slice of a wider gradient)."""
+        return self.dy_pixel_stride or self.k
+
+    @property
+    def pixel_strides(self) -> dict[str, int | None]:
+        """The pixel stride of each tensor that may be a channel slice (x, out, res, dy); None where dense."""
+        return {name.removesuffix("_pixel_stride"): getattr(self, name) for name in _OPTIONAL_FIELDS}
+
+    @property
     def is_view(self) -> bool:
         """Whether any tensor is addressed with a non-dense pixel stride."""
-        return bool(self.x_pixel_stride or self.out_pixel_stride or self.res_pixel_stride)
+        return any(getattr(self, name) for name in _OPTIONAL_FIELDS)
 
     def dense(self) -> BlockSpec:
         """The same conv on dense buffers (what a view's schedule is tuned for)."""
-        return (
-            replace(self, x_pixel_stride=None, out_pixel_stride=None, res_pixel_stride=None) if self.is_view else self
-        )
+        dense: dict[str, Any] = dict.fromkeys(_OPTIONAL_FIELDS)
+        return replace(self, **dense) if self.is_view else self
 
     @property
     def spanned_per_image(self) -> int:
         """The largest element span one image of any tensor covers (a view's spans its wider buffer's pixels)."""
-        out = _prod(self.out_size) * max(self.out_pix, self.res_pix if self.epilogue.residual else 0)
+        out = _prod(self.out_size) * max(self.out_pix, self.res_pix if self.epilogue.residual else 0, self.dy_pix)
         return max(_prod(self.in_size) * self.x_pix, out)
 
     @property
@@ -378,17 +396,13 @@ class BlockSpec(Canonical):
             s += " d" + "x".join(map(str, self.dilation))
         if self.groups != 1:
             s += f" g{self.groups}"
-        views = [
-            f"{t}/{p}"
-            for t, p in (("x", self.x_pixel_stride), ("out", self.out_pixel_stride), ("res", self.res_pixel_stride))
-            if p
-        ]
+        views = [f"{t}/{p}" for t, p in self.pixel_strides.items() if p]
         if views:
             s += " pixel-strides " + ",".join(views)
         return s + f" {self.dtype}"
 
 
-_OPTIONAL_FIELDS = ("x_pixel_stride", "out_pixel_stride", "res_pixel_stride")  # in the JSON only when set
+_OPTIONAL_FIELDS = ("x_pixel_stride", "out_pixel_stride", "res_pixel_stride", "dy_pixel_stride")  # in JSON when set
 
 
 def _prod(xs: tuple[int, ...]) -> int:

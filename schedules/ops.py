@@ -145,9 +145,15 @@ def _plain_chain(spec: BlockSpec) -> None:
         )
 
 
+def _forward_of(spec: BlockSpec) -> BlockSpec:
+    return spec.with_(op="fwd", dy_pixel_stride=None)
+
+
 def _bwd_inputs(spec: BlockSpec, device: torch.device, gen: torch.Generator) -> Inputs:
-    inp = _fwd_inputs(spec.with_(op="fwd"), device, gen)
-    inp["dy"] = randn(gen, (spec.n, spec.k, *spec.out_size), device).to(torch_dtype(spec))
+    """The forward's inputs and dy (a channel slice of a wider gradient where the spec has its pixel stride)."""
+    inp = _fwd_inputs(_forward_of(spec), device, gen)
+    dy = randn(gen, (spec.n, spec.k, *spec.out_size), device).to(torch_dtype(spec))
+    inp["dy"] = _conv.in_wider_buffer(dy, spec.dy_pixel_stride)
     return inp
 
 
@@ -156,9 +162,13 @@ def _bwd_reference(spec: BlockSpec, inp: Inputs) -> torch.Tensor:
     x = inp["x"].to(torch.float64).requires_grad_(spec.op == "dgrad")
     w = inp["w"].to(torch.float64).requires_grad_(spec.op == "wgrad")
     with torch.enable_grad():
-        y = reference.conv(spec.with_(op="fwd"), x, w)
+        y = reference.conv(_forward_of(spec), x, w)
         (grad,) = torch.autograd.grad(y, [x if spec.op == "dgrad" else w], inp["dy"].to(torch.float64))
     return grad
+
+
+def _dy_arg(spec: BlockSpec, inp: Inputs) -> torch.Tensor:
+    return _conv.channels_last_arg(inp["dy"], spec.dy_pixel_stride, "dy")
 
 
 def _dgrad_output(v: Variant, inp: Inputs) -> torch.Tensor:
@@ -167,7 +177,7 @@ def _dgrad_output(v: Variant, inp: Inputs) -> torch.Tensor:
 
 
 def _dgrad_args(v: Variant, inp: Inputs, out: torch.Tensor) -> dict[str, Any]:
-    return _bwd.dgrad_args(v.spec, _conv.to_channels_last(inp["dy"]), inp["w"], out)
+    return _bwd.dgrad_args(v.spec, _dy_arg(v.spec, inp), inp["w"], out)
 
 
 def _wgrad_output(v: Variant, inp: Inputs) -> torch.Tensor:
@@ -176,7 +186,7 @@ def _wgrad_output(v: Variant, inp: Inputs) -> torch.Tensor:
 
 def _wgrad_args(v: Variant, inp: Inputs, out: torch.Tensor) -> dict[str, Any]:
     cnt = _bwd.wgrad_counters(v, out.device) if v.spec.kind == "conv" else None
-    return _bwd.wgrad_args(v.spec, _conv.to_channels_last(inp["dy"]), inp["x"], out, counters=cnt)
+    return _bwd.wgrad_args(v.spec, _dy_arg(v.spec, inp), inp["x"], out, counters=cnt)
 
 
 def _wgrad_result(v: Variant, inp: Inputs, out: torch.Tensor) -> torch.Tensor:

@@ -185,6 +185,23 @@ def test_the_harness_feeds_a_view_spec_views():
     assert out.stride()[-2] == 24 and rel_error(b.result(v, inp, out), b.reference(view, inp)) < tolerance("float32")
 
 
+@pytest.mark.parametrize("op", ["dgrad", "wgrad"])
+def test_the_harness_feeds_a_dy_view_spec_a_dy_slice(op):
+    """The tuner's dgrad / wgrad bindings give a dy-view spec dy as a slice of a wider gradient (wgrad also x as
+    a slice where its spec says so), gated against float64 like a dense one."""
+    from tunerd.schedules import ops
+
+    spec = conv_spec(n=2, c=16, k=16, in_size=(5, 7), kernel=3, padding=1, stride=2 if op == "dgrad" else 1, op=op)
+    view = spec.with_(dy_pixel_stride=40, **({"x_pixel_stride": 24} if op == "wgrad" else {}))
+    b, v = ops.binding(op), generator.render(view)
+    inp = b.make_inputs(view, torch.device("cpu"), torch.Generator().manual_seed(5))
+    assert kconv.pixel_stride(inp["dy"]) == 40
+    assert op == "dgrad" or kconv.pixel_stride(inp["x"]) == 24
+    out = b.output(v, inp)
+    runtime.launch(v, b.kernel_args(v, inp, out), torch.device("cpu"))
+    assert rel_error(b.result(v, inp, out), b.reference(view, inp)) < tolerance("float32")
+
+
 def test_bad_outputs_get_clear_errors():
     buf = _cl(2, 48, 5, 6)
     x = buf[:, :16]
@@ -298,17 +315,27 @@ def test_stats_only_epilogue_writes_no_output(launches):
 @pytest.mark.slow
 def test_view_and_stats_only_variants_compile_for_sm90():
     """The real compiler (sm_90, ptxas) accepts a bf16 3x3 conv on aligned channel-slice views and keeps its
-    16-byte cp.async copies, and a stats_only conv."""
+    16-byte cp.async copies, and a stats_only conv; a dgrad reading a dy slice compiles to the dense one's
+    registers and main loop (dy's row offset is hoisted: only its constant differs)."""
+    from tunerd.kernels.backward import grad_spec
     from tunerd.kernels.validate import compile_check
 
     spec = conv_spec(n=8, c=64, k=64, in_size=(14, 14), kernel=3, padding=1, dtype="bfloat16")
     view = spec.with_(x_pixel_stride=192, out_pixel_stride=128)
     stats = conv_spec(n=8, c=64, k=96, in_size=(14, 14), kernel=3, padding=1, dtype="bfloat16",
                       epilogue=Epilogue(stats=True, stats_only=True))  # fmt: skip
-    results = compile_check([generator.render(view), generator.render(stats)], arch=90)
+    dgrad = generator.render(grad_spec(spec, "dgrad"))
+    dgrad_view = generator.render(grad_spec(spec, "dgrad", 192), dgrad.schedule)
+    variants = [generator.render(view), generator.render(stats), dgrad, dgrad_view]
+    results = compile_check(variants, arch=90)
     assert all(r["ok"] for r in results), [r["error"] for r in results]
     assert results[0]["cp_async"] > 0 and results[0]["max_copy_bytes"] == 16
-    assert results[0]["spill_bytes"] == 0 and results[1]["spill_bytes"] == 0
+    assert all(r["spill_bytes"] == 0 for r in results)
+    dense, dy_view = results[2:]
+    assert dy_view["max_copy_bytes"] == dense["max_copy_bytes"] == 16
+    assert (dy_view["regs"], dy_view["loop_sass"], dy_view["loop_mma"]) == (
+        dense["regs"], dense["loop_sass"], dense["loop_mma"]
+    ), (dense, dy_view)  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -326,3 +353,161 @@ def test_views_on_the_gpu_read_and_write_in_place(kernel, groups):
     ref = F.conv2d(x.double(), w.double(), None, 1, kernel // 2, 1, groups)
     assert rel_error(y, ref) < tolerance("bfloat16") and y.data_ptr() == out.data_ptr()
     assert _rest_untouched(obuf, 32, 96)
+
+
+# ---- dy as a channel slice: the backward of a concat (each branch's gradient is a slice of the concat's) -------
+def _dy_slice(shape: tuple[int, ...], total: int, lo: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy [N, K, *S] (float64 values) and the same values as channels lo:lo+K of a NaN-filled channels-last
+    [N, *S, total] gradient buffer, seen as [N, K, *S]: a kernel that reads a wrong channel gets NaN."""
+    n, k, *size = shape
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype).double()
+    buf = torch.full((n, *size, total), float("nan"), dtype=dtype)
+    view = buf[..., lo : lo + k].permute(0, len(shape) - 1, *range(1, len(shape) - 1))
+    return dy, view.copy_(dy)
+
+
+@pytest.mark.parametrize(
+    "c,k,kernel,stride,pad,groups,dtype,chain,total,lo",
+    [
+        (12, 20, 3, 1, 1, 1, torch.float32, "relu", 36, 8),  # z read at K beside dy at 36
+        (12, 12, 3, 2, 1, 3, torch.float32, "bias", 20, 4),  # grouped, stride-2 phases
+        (24, 24, (1, 11), 1, (0, 5), 24, torch.bfloat16, "bias", 96, 24),  # InceptionNeXt's band branch
+        (16, 16, 3, 2, 1, 16, torch.float32, "gelu", 48, 16),  # depthwise phases, z apart
+        (8, 8, 3, 1, 1, 1, torch.float32, "bn-res-relu", 24, 16),  # residual 'pre' read at K, d residual
+        (8, 12, 3, 1, 1, 1, torch.float32, "relu", 20, 1),  # misaligned slice: copied, dense kernels
+    ],
+    ids=["conv-relu", "grouped-s2", "dw-band-bf16", "dw-s2-gelu", "res-pre", "misaligned"],
+)
+def test_backward_reads_a_dy_slice_in_place(launches, c, k, kernel, stride, pad, groups, dtype, chain, total, lo):
+    """dgrad and wgrad of a conv whose dy is a channel slice of a wider gradient (odd sizes 7 x 5): every gradient
+    matches float64 torch with dx / dw poisoned, and an aligned slice is read in place (spec dy_pixel_stride)."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = _cl(2, c, 7, 5, dtype).requires_grad_()
+    w = (torch.randn(k, c // groups, kh, kw) * (c // groups * kh * kw) ** -0.5).to(dtype).requires_grad_()
+    kwargs: dict = {}
+    if chain == "bias":
+        kwargs = dict(bias=torch.randn(k).to(dtype).requires_grad_())
+    elif chain in ("relu", "gelu"):
+        kwargs = dict(activation=chain)
+    elif chain == "bn-res-relu":
+        ho, wo = 7 + 2 * pad - kh + 1, 5 + 2 * pad - kw + 1
+        kwargs = dict(
+            scale=(torch.rand(k) + 0.5).requires_grad_(),
+            shift=torch.randn(k).requires_grad_(),
+            residual=_cl(2, k, ho, wo).requires_grad_(),
+            residual_mode="pre",
+            activation="relu",
+        )
+    y = autograd_conv(x, w, stride=stride, padding=pad, groups=groups, ndim=2, **kwargs)
+    leaves = [x, w, *(t for t in kwargs.values() if isinstance(t, torch.Tensor))]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_kw = dict(zip([n for n, t in kwargs.items() if isinstance(t, torch.Tensor)], ref_leaves[2:]))
+    ref = F.conv2d(ref_leaves[0], ref_leaves[1], ref_kw.get("bias"), stride, pad, 1, groups)
+    if "scale" in ref_kw:
+        ref = ref * ref_kw["scale"][:, None, None] + ref_kw["shift"][:, None, None] + ref_kw["residual"]
+    ref = {"relu": F.relu, "gelu": F.gelu}.get(kwargs.get("activation", ""), lambda t: t)(ref)
+    dy64, dy = _dy_slice(tuple(ref.shape), total, lo, dtype)
+    grads = torch.autograd.grad(y, leaves, dy)
+    refs = torch.autograd.grad(ref, ref_leaves, dy64)
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    for g, r in zip(grads, refs):
+        assert rel_error(g, r) < tolerance(name), (rel_error(g, r), g.shape)
+    back = [(v, a) for v, a in launches if v.spec.op != "fwd"]
+    assert sorted(v.spec.op for v, _ in back) == ["dgrad", "wgrad"]
+    aligned = lo * dy.element_size() % 16 == 0
+    for v, a in back:
+        assert v.spec.dy_pixel_stride == (total if aligned else None)
+        assert _in_place(a, "dy_ptr", dy) == aligned  # the caller's gradient itself, else a dense copy
+        assert ("DY_PIX" in v.source) == (aligned and v.spec.kind == "conv")  # depthwise kernels take literals
+        assert v.source != generator.render(v.spec.dense(), v.schedule).source or not aligned
+
+
+def test_dy_pixel_stride_in_spec_keys_and_trust():
+    """dy_pixel_stride: a backward field, absent from dense keys (stored ids unchanged), named DY_PIX in conv
+    sources, re-rendered by trust, counted by the int64 rule."""
+    dgrad = conv_spec(n=2, c=32, k=16, in_size=(7, 6), kernel=3, padding=1, op="dgrad")
+    assert "pixel_stride" not in dgrad.to_json()
+    view = dgrad.with_(dy_pixel_stride=40)
+    assert view.key != dgrad.key and view.dense() == dgrad and BlockSpec.from_json(view.to_json()) == view
+    assert dgrad.with_(dy_pixel_stride=16) == dgrad and "pixel-strides dy/40" in view.describe()
+    v = generator.render(view)
+    assert "DY_PIX: tl.constexpr = 40" in v.source and "DY_PIX" not in generator.render(dgrad).source
+    assert trust.verify(view, v.schedule, v.source).source == v.source
+    with pytest.raises(trust.UntrustedSource):
+        trust.verify(view, v.schedule, generator.render(dgrad).source)
+    wgrad = dgrad.with_(op="wgrad", x_pixel_stride=48, dy_pixel_stride=24)
+    assert "pixel-strides x/48,dy/24" in wgrad.describe()
+    for bad, match in [
+        (dict(op="fwd", dy_pixel_stride=40), "backward option"),
+        (dict(dy_pixel_stride=8), "smaller than the 16 channels"),
+        (dict(dy_pixel_stride=40.0), "must be an int"),
+    ]:
+        with pytest.raises(SpecError, match=match):
+            dgrad.with_(**bad)
+    big = dgrad.with_(n=1, in_size=(64, 64), dy_pixel_stride=2**19)  # 2**31 elements spanned: int64 offsets
+    assert generator.batch_range(big).i64 and not generator.batch_range(big.dense()).i64
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,pad,extra",
+    [
+        (3, 2, 1, dict(split_k=2)),
+        (3, 2, 1, dict(stream_k=5)),
+        (3, 2, 1, dict(k_order="flat")),
+        ((5, 13), 1, (2, 6), dict(k_order="tap", block_k=32, block_m=128)),  # 65 taps: per-step index math, no tap bits
+    ],
+    ids=["split", "stream", "flat", "taps-65"],
+)
+def test_dgrad_variants_read_a_dy_slice(launches, kernel, stride, pad, extra):
+    """The dgrad variants with a ranged reduction (split-K, stream-K, over stride-2 phases), the flattened order and
+    per-step tap math on a dy slice, gelu's z read densely beside it."""
+    from dataclasses import replace
+
+    from tunerd.kernels import backward
+
+    x = _cl(2, 16, 9, 7)
+    w = torch.randn(24, 16, *((kernel, kernel) if isinstance(kernel, int) else kernel)) * 0.1
+    ep = kconv.EpilogueArgs(activation="gelu")
+    spec = kconv.make_spec(x, w, 2, stride, pad, 1, 1, ep, save_z=True)
+    z = kconv.to_channels_last(F.conv2d(x, w, None, stride, pad))  # what the forward saves (its test is elsewhere)
+    dy64, dy = _dy_slice((2, 24, *spec.out_size), 40, 8, torch.float32)
+    sched = replace(generator.render(backward.grad_spec(spec, "dgrad", 40)).schedule, **{"block_k": 16, **extra})
+    g = backward.conv_backward(dy, x, w, spec, ep, z, backward.Needs(weight=False), schedules={"dgrad": sched})
+    x64 = x.double().requires_grad_()
+    (rx,) = torch.autograd.grad(F.gelu(F.conv2d(x64, w.double(), None, stride, pad)), (x64,), dy64)
+    assert rel_error(g.input, rx) < tolerance("float32")
+    ((v, a),) = [(v, a) for v, a in launches if v.spec.op == "dgrad"]
+    assert v.spec.dy_pixel_stride == 40 and _in_place(a, "dy_ptr", dy) and v.schedule == sched
+    assert ("tap_ok" in v.source) == (stride == 2 and "k_order" not in extra)  # which reduction form ran
+
+
+def test_cat_backward_of_patched_convs_reads_each_branch_in_place(launches):
+    """torch.cat of three patched conv branches (an InceptionNeXt-like token mixer): autograd's cat backward hands
+    each branch a channel slice of the concat's gradient; the aligned ones are read in place, the misaligned one
+    (channel offset 18 of fp32) is copied, and every gradient equals float64 torch's."""
+    from tunerd import patch
+
+    class Mixer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(16, 8, 3, padding=1)
+            self.b = torch.nn.Conv2d(16, 10, 3, padding=1, groups=2)
+            self.dw = torch.nn.Conv2d(14, 14, (1, 5), padding=(0, 2), groups=14)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.a(x), self.b(x), self.dw(x[:, 2:])], dim=1)
+
+    torch.manual_seed(5)
+    ref = Mixer().double()
+    ours = Mixer()
+    ours.load_state_dict(ref.state_dict())
+    patch(ours)
+    x = _cl(2, 16, 7, 5)
+    g = _cl(2, 32, 7, 5)
+    xs, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    got = torch.autograd.grad((ours(xs) * g).sum(), [xs, *ours.parameters()])
+    want = torch.autograd.grad((ref(x64) * g.double()).sum(), [x64, *ref.parameters()])
+    for a, b in zip(got, want):
+        assert rel_error(a, b) < tolerance("float32")
+    strides = sorted(str(v.spec.dy_pixel_stride) for v, _ in launches if v.spec.op == "dgrad")
+    assert strides == ["32", "32", "None"]  # a and b in place (offsets 0, 8), dw (offset 18) copied
