@@ -21,6 +21,14 @@ Module cases (MODULE_SUITES: repvgg_a0) are timm modules whose training form tun
                  a conv of the statistics-merged weight); the form 'eager' is the eager contender itself
   eager          the timm module's own forward (cuDNN on GPU, channels_last); torch_compile: torch.compile of it
 
+CUDA-graph cases (GRAPH_SUITES: cuda_graphs, GPU only, forward only; in the default suites with CUDA) are timm
+modules at batch 1 in eval without gradients, where launches dominate:
+
+  tunerd              tunerd.patch(module): its kernels launched from Python call by call
+  tunerd_cuda_graphs  tunerd.patch(module, cuda_graphs=True): each patched conv and fused block replays a CUDA graph
+                      captured for the input's signature (tunerd.graphs; the case records captures and fallbacks)
+  eager               the timm module's own forward; torch_compile: torch.compile of it
+
 Every contender's output (and for fwd+bwd the gradients of the input and every parameter) is checked against
 the float64 oracle first; a failing or wrong contender is recorded, never fatal. Beside the times: the modelled
 HBM bytes and launches of the fused plan vs the unfused (eager) plan (kernels.plan.cost; forward only), and
@@ -64,6 +72,7 @@ from .timing import Failure, Timing, TimingConfig, compare, describe_error, sync
 PASSES = ("fwd", "fwd+bwd")
 CONTENDERS = ("tunerd", "eager", "torch_compile")
 FORM_CONTENDERS = ("tunerd_combine", "tunerd_merged")  # module cases: the forced training forms
+GRAPH_CONTENDERS = ("tunerd_cuda_graphs",)  # CUDA-graph cases: tunerd.patch(..., cuda_graphs=True)
 GRAPHED = {"tunerd": "tunerd_graph", "eager": "eager_graph", "torch_compile": "compile_graph"}  # fwd, CUDA only
 # speedup metric -> (contender, tunerd's contender it is divided by); graph_*: device time, no host overhead
 METRICS = {
@@ -71,6 +80,7 @@ METRICS = {
     "vs_compile": ("torch_compile", "tunerd"),
     "graph_vs_eager": ("eager_graph", "tunerd_graph"),
     "graph_vs_compile": ("compile_graph", "tunerd_graph"),
+    "cuda_graphs_vs_patched": ("tunerd", "tunerd_cuda_graphs"),
 }
 GRAD_FACTOR, GRAD_CEILING = 4.0, 0.5  # a gradient's error bound (grad_bound)
 Params = dict[str, torch.Tensor]
@@ -176,6 +186,29 @@ SMALL_MODULES: dict[str, Callable[[str], ModuleEntry]] = {
 }
 
 
+def _cuda_graph_modules(dtype: str) -> list[ModuleEntry]:
+    """Launch-bound inference: a ConvNeXt block (one fused plan) and a ResNet basic block (conv + BN fused convs)
+    at batch 1, 56 x 56."""
+
+    def convnext() -> torch.nn.Module:
+        from timm.models.convnext import ConvNeXtBlock
+
+        return ConvNeXtBlock(96)
+
+    def basic() -> torch.nn.Module:
+        from timm.models.resnet import BasicBlock
+
+        return BasicBlock(64, 64)
+
+    return [
+        ModuleEntry("convnext_block", "ConvNeXtBlock c96", convnext, (1, 96, 56, 56), 1, dtype),
+        ModuleEntry("resnet_basic", "BasicBlock c64", basic, (1, 64, 56, 56), 1, dtype),
+    ]
+
+
+GRAPH_SUITES: dict[str, Callable[[str], list[ModuleEntry]]] = {"cuda_graphs": _cuda_graph_modules}
+
+
 def representative_modules(entries: list[ModuleEntry], k: int) -> list[ModuleEntry]:
     """The k entries that move the most activation traffic (count x input elements)."""
     return sorted(entries, key=lambda e: -e.count * math.prod(e.x_shape))[:k]
@@ -223,7 +256,11 @@ _csv = timing.csv
 
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(prog="python -m benchmarks.blocks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suites", help=f"comma list of {', '.join([*SUITES, *MODULE_SUITES])} (default: all)")
+    p.add_argument(
+        "--suites",
+        help=f"comma list of {', '.join([*SUITES, *MODULE_SUITES, *GRAPH_SUITES])} (default: all; "
+        "cuda_graphs with CUDA only)",
+    )
     p.add_argument("--passes", help="comma list of fwd,fwd+bwd (default: both)")
     p.add_argument("--dtypes", help="comma list of bf16,fp16,fp32 (default: bf16 on GPU, fp32 small)")
     p.add_argument("--blocks-per-suite", type=int, default=1, help="entries per suite, heaviest traffic first")
@@ -249,9 +286,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
     cuda = torch.cuda.is_available() and not runtime.interpreting()
     small = a.small or (not cuda and not a.full)
-    names = _csv(a.suites) or [*SUITES, *MODULE_SUITES]
-    if bad := [n for n in names if n not in SUITES and n not in MODULE_SUITES]:
-        p.error(f"unknown suites {bad}; choose from {[*SUITES, *MODULE_SUITES]}")
+    names = _csv(a.suites) or [*SUITES, *MODULE_SUITES, *(GRAPH_SUITES if cuda and not small else ())]
+    if bad := [n for n in names if n not in SUITES and n not in MODULE_SUITES and n not in GRAPH_SUITES]:
+        p.error(f"unknown suites {bad}; choose from {[*SUITES, *MODULE_SUITES, *GRAPH_SUITES]}")
     passes = _csv(a.passes) or list(PASSES)
     if bad := [x for x in passes if x not in PASSES]:
         p.error(f"passes must be among {list(PASSES)}, got {bad}")
@@ -315,6 +352,11 @@ def plan_cases(cfg: Config) -> list[Case]:
     cases = []
     for si, name in enumerate(cfg.suites):
         for di, dtype in enumerate(cfg.dtypes):
+            if name in GRAPH_SUITES:  # inference only: the forward pass
+                for j, m in enumerate(GRAPH_SUITES[name](dtype)):
+                    if "fwd" in cfg.passes:
+                        cases.append(Case(name, m.name, m.count, None, "fwd", (di, j, 0, si), module=m))
+                continue
             if name in MODULE_SUITES:
                 mods = (
                     [SMALL_MODULES[name](dtype)]
@@ -610,6 +652,8 @@ def run_case(
 ) -> dict[str, Any]:
     """Check and time the contenders of one case; chosen: block key -> (plan, schedules, how), shared by the
     fwd and fwd+bwd cases of a block (tuned once, with harness)."""
+    if case.suite in GRAPH_SUITES and case.module is not None:
+        return run_cuda_graph_case(case, case.module, cfg, device)
     if case.module is not None:
         return run_module_case(case, case.module, cfg, device)
     blk = case.block
@@ -811,6 +855,72 @@ def run_module_case(case: Case, entry: ModuleEntry, cfg: Config, device: torch.d
     return doc
 
 
+def run_cuda_graph_case(case: Case, entry: ModuleEntry, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """A CUDA-graph case: the timm module in eval without gradients, patched (kernels launched call by call) and
+    patched with cuda_graphs=True (graph replays), its own forward and torch.compile of it; each checked against
+    the float64 module, then timed side by side. GPU only: on another device the case records why it did not run."""
+    from tunerd import graphs
+    from tunerd.patching import patch
+
+    doc: dict[str, Any] = {
+        "suite": case.suite,
+        "entry": case.entry,
+        "count": case.count,
+        "name": entry.describe(),
+        "pass": case.op,
+        "dtype": entry.dtype,
+        "module": {"x_shape": list(entry.x_shape)},
+    }
+    t0 = time.perf_counter()
+    if device.type != "cuda":
+        doc.update(error="CUDA graphs need a CUDA device: GPU only", contenders={}, speedups={}, seconds=0.0)
+        return doc
+    dt, cl = SPEC_DTYPES[entry.dtype], torch.channels_last
+    try:
+        base = _module(entry, device, cfg.seed).eval()
+        sets = _module_sets(entry, cfg.n_inputs, device, cfg.seed, False)
+        ref = _module_runner(copy.deepcopy(base).double(), [InputSet(sets[0].x.double(), {}, None)])(0)
+    except Exception as e:
+        doc.update(error=describe_error(e), contenders={}, speedups={}, seconds=time.perf_counter() - t0)
+        return doc
+    checked: dict[str, tuple[Run, Run] | Skip | Failure] = {}
+    mods: dict[str, torch.nn.Module] = {}
+    for name, cuda_graphs in (("tunerd", False), ("tunerd_cuda_graphs", True)):
+        try:
+            mods[name] = copy.deepcopy(base).to(dt).to(memory_format=cl)
+            patch(mods[name], cuda_graphs=cuda_graphs)
+            r = _module_runner(mods[name], sets)
+            checked[name] = (r, r)
+        except Exception as e:
+            checked[name] = Failure("setup", describe_error(e))
+    eager = _module_runner(copy.deepcopy(base).to(dt).to(memory_format=cl), sets)
+    checked["eager"] = (eager, eager)
+    if not cfg.compile:
+        checked["torch_compile"] = Skip("torch.compile off (--compile off)")
+    else:
+        try:
+            torch._dynamo.reset()
+            comp_m = copy.deepcopy(base).to(dt).to(memory_format=cl)
+            comp = _module_runner(torch.compile(comp_m, mode=cfg.compile_mode, dynamic=False), sets)  # type: ignore[arg-type]
+            checked["torch_compile"] = (comp, comp)
+        except Exception as e:
+            checked["torch_compile"] = Failure("setup", describe_error(e))
+    doc["contenders"] = measure(checked, ref, [], reference.tolerance(entry.dtype), cfg.n_inputs, device, cfg.timing)
+    doc["speedups"] = speedups(doc)
+    stats = graphs.stats(mods["tunerd_cuda_graphs"]) if "tunerd_cuda_graphs" in mods else {}
+    doc["cuda_graphs"] = {
+        "modules": len(stats),
+        "captures": sum(s["captures"] for s in stats.values()),
+        "replays": sum(s["replays"] for s in stats.values()),
+        "ordinary": {n: s["last_ordinary"] for n, s in stats.items() if s["last_ordinary"]},
+        "failed": {n: s["failed"] for n, s in stats.items() if s["failed"]},
+    }
+    doc["plan"] = {"source": "tunerd.patch", "plan": "patched module, eval, no grad"}
+    doc["eager_plan"] = {"plan": "the timm module's forward"}
+    doc["seconds"] = time.perf_counter() - t0
+    return doc
+
+
 # ---- summary and report -------------------------------------------------------------------------------------
 def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per suite (and 'all'), per pass: geometric means and counts of the speedups; the fused/eager bytes ratio
@@ -866,7 +976,7 @@ def markdown(doc: dict[str, Any]) -> str:
     # the metrics and contenders this run has (graph ones only with --graphs)
     cols = [(op, m) for op in PASSES for m in METRICS if doc["summary"].get("all", {}).get(op, {}).get(m, {}).get("n")]
     cols = cols or [(op, m) for op in PASSES for m in ("vs_eager", "vs_compile")]
-    every = [*CONTENDERS, *FORM_CONTENDERS, *GRAPHED.values()]
+    every = [*CONTENDERS, *FORM_CONTENDERS, *GRAPH_CONTENDERS, *GRAPHED.values()]
     names = [n for n in every if any(n in c.get("contenders", {}) for c in doc["cases"])]
     metrics = [m for m in METRICS if any(m in c.get("speedups", {}) for c in doc["cases"])]
     lines += [
@@ -905,9 +1015,15 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(where + "error (below) |" + " |" * (3 + len(names) + len(metrics)))
             continue
         p, e, s, r = c["plan"], c["eager_plan"], c["speedups"], c["contenders"]
+        modelled = "launches" in p and "launches" in e  # CUDA-graph cases model no bytes
         lines.append(
-            where + f"{_cell_text(p['plan'])} ({p['source']}) | {p['launches']}/{e['launches']} | "
-            f"{p['bytes'] / 1e6:.3g} | {e['bytes'] / 1e6:.3g} | "
+            where
+            + f"{_cell_text(p['plan'])} ({p['source']}) | "
+            + (
+                f"{p['launches']}/{e['launches']} | {p['bytes'] / 1e6:.3g} | {e['bytes'] / 1e6:.3g} | "
+                if modelled
+                else "— | — | — | "
+            )
             + " | ".join([_cell(r.get(n)) for n in names] + [x(s.get(m)) for m in metrics])
             + " |"
         )
@@ -944,6 +1060,8 @@ def modelled_rows(suites: list[str], batch: int, dtype: str = "bfloat16") -> lis
     the small mode's tiny blocks stand for."""
     rows = []
     for name in suites:
+        if name in GRAPH_SUITES:  # nothing modelled: launch overhead is what they time
+            continue
         if name in MODULE_SUITES:
             rows += _modelled_module_rows(name, batch, dtype)
             continue
@@ -1016,6 +1134,8 @@ def _line(doc: dict[str, Any]) -> str:
     s = doc["speedups"]
     extra = [f"{k} {v:.2f}x" for k, v in s.items() if v]
     p = doc["plan"]
+    if "launches" not in p:  # a CUDA-graph case
+        return ", ".join(cells) + (" | " + ", ".join(extra) if extra else "") + f" | {doc.get('cuda_graphs')}"
     return (
         ", ".join(cells)
         + (" | " + ", ".join(extra) if extra else "")

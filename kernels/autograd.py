@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from . import convargs
+from . import capture, convargs
 from . import epilogue as _ep
 from .backward import Needs, conv_backward
-from .conv import EpilogueArgs, from_channels_last, make_spec, run_forward, to_channels_last
+from .conv import EpilogueArgs, from_channels_last, make_spec, run_forward, starrelu_pair, to_channels_last
 from .schedule import Schedule
 from .spec import BlockSpec
 
@@ -202,14 +202,20 @@ def conv_backward_op(
         needs,
     )
     out = []
+    # storages already held by an input or an output: a view of one must be copied (a custom op's outputs alias
+    # nothing; under a Python dispatch mode views lose their _base, so storages are compared)
+    taken = {t.untyped_storage().data_ptr() for t in (dy, x, weight, z, bias, scale, shift, residual) if t is not None}
     for name, fake in zip(_NEEDS, fakes):
         t = getattr(g, name)
         if t is None:
             out.append(fake)
-        elif t.stride() != fake.stride() or t._base is not None:  # the layout the fake promises
+            continue
+        held = t.numel() > 0 and t.untyped_storage().data_ptr() in taken
+        if t.stride() != fake.stride() or t._base is not None or held:  # the layout the fake promises
             out.append(fake.copy_(t))
         else:
             out.append(t)
+            taken.add(t.untyped_storage().data_ptr())
     return tuple(out)
 
 
@@ -371,10 +377,10 @@ class _EagerConv(torch.autograd.Function):
 def _eager(tensors: tuple[Tensor | None, ...]) -> bool:
     """Whether a call may skip the custom op: plain tensors, no torch.compile tracing, no Python dispatch or
     torch-function mode (fake, functional or meta tracing need the op and its fake implementation)."""
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
+    if torch.compiler.is_compiling():
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()) and not (
+        capture.only_guards_active()  # capture.no_host_sync() observes the path that runs without it
     ):
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
@@ -434,12 +440,7 @@ def conv(
     pads = [v for pair in args.padding for v in pair]
     starrelu = None
     if activation == "starrelu":
-        if isinstance(starrelu_scale, Tensor) or isinstance(starrelu_bias, Tensor):
-            starrelu = torch.stack(
-                [torch.as_tensor(v, device=input.device).to(_F32).reshape(()) for v in (starrelu_scale, starrelu_bias)]
-            )
-        else:
-            starrelu = torch.tensor([float(starrelu_scale), float(starrelu_bias)], dtype=_F32, device=input.device)
+        starrelu = starrelu_pair(starrelu_scale, starrelu_bias, input.device)
     if isinstance(schedule, Schedule):
         schedule = schedule.to_dict()
     sched = json.dumps(schedule, sort_keys=True) if schedule is not None else None

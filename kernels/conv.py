@@ -143,15 +143,22 @@ class EpilogueArgs:
         )
 
     def starrelu_tensor(self, device: torch.device) -> torch.Tensor:
-        """(s, b) as the [2] fp32 tensor the kernels read through starrelu_ptr (no host sync for tensors)."""
-        if isinstance(self.starrelu_scale, torch.Tensor) or isinstance(self.starrelu_bias, torch.Tensor):
-            return torch.stack(
-                [
-                    torch.as_tensor(v, device=device).detach().to(torch.float32).reshape(())
-                    for v in (self.starrelu_scale, self.starrelu_bias)
-                ]
-            )
-        return torch.tensor([float(self.starrelu_scale), float(self.starrelu_bias)], dtype=torch.float32, device=device)
+        """(s, b) as the [2] fp32 tensor the kernels read through starrelu_ptr (starrelu_pair, detached)."""
+        s, b = (v.detach() if isinstance(v, torch.Tensor) else v for v in (self.starrelu_scale, self.starrelu_bias))
+        return starrelu_pair(s, b, device)
+
+
+def starrelu_pair(scale: float | torch.Tensor, bias: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """StarReLU's (s, b) as the [2] fp32 tensor the kernels read through starrelu_ptr, made on device with no
+    host round trip (no H2D copy, no read-back: a CUDA graph can capture it); differentiable in tensor values."""
+    return torch.stack(
+        [
+            v.to(device=device, dtype=torch.float32).reshape(())
+            if isinstance(v, torch.Tensor)
+            else torch.full((), float(v), dtype=torch.float32, device=device)
+            for v in (scale, bias)
+        ]
+    )
 
 
 def _check_tensor(name: str, t: Any) -> torch.Tensor:
@@ -419,7 +426,11 @@ _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def cached_pack(weight: torch.Tensor, form: str, pack: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """pack(weight.detach()), cached per weight tensor, its version, storage and the packed form's name (pass the
-    weight itself, not a fresh .detach(), for the cache to hit). In-place updates and `param.data = ...` repack."""
+    weight itself, not a fresh .detach(), for the cache to hit). In-place updates and `param.data = ...` repack.
+    Under CUDA graph capture the pack is captured with the graph (no cache either way): a replay packs the weight
+    as it is then, so a captured training step sees its optimizer's in-place updates."""
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        return pack(weight.detach())
     layout = (form, tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
     by_layout = _packed.get(weight)
     hit = by_layout.get(layout) if by_layout is not None else None

@@ -9,6 +9,8 @@ import torch
 
 from .spec import Epilogue
 
+LEAKY_SLOPE = 0.01  # leaky_relu's negative slope: torch's default (timm's 'leaky_relu', CSPNet, DarkNet)
+
 # Triton expression of each activation on an fp32 tile `v`; starrelu reads starrelu_scale, starrelu_bias
 # (loaded from starrelu_ptr).
 # tanh is written through sigmoid: tl.math has no tanh on every Triton version we support.
@@ -23,6 +25,7 @@ ACT_TRITON: dict[str, str] = {
     + ")",
     "hardswish": "{v} * tl.minimum(tl.maximum({v} + 3.0, 0.0), 6.0) * 0.16666666666666666",
     "sigmoid": "tl.sigmoid({v})",
+    "leaky_relu": f"tl.where({{v}} > 0.0, {{v}}, {{v}} * {LEAKY_SLOPE!r})",
     "starrelu": "starrelu_scale * tl.maximum({v}, 0.0) * tl.maximum({v}, 0.0) + starrelu_bias",
 }
 
@@ -45,6 +48,7 @@ ACT_GRAD_TRITON: dict[str, str] = {
     ),
     "hardswish": "tl.where({v} < -3.0, 0.0, tl.where({v} <= 3.0, {v} * 0.3333333333333333 + 0.5, 1.0))",
     "sigmoid": "tl.sigmoid({v}) * (1.0 - tl.sigmoid({v}))",
+    "leaky_relu": f"tl.where({{v}} > 0.0, 1.0, {LEAKY_SLOPE!r})",
     "starrelu": "2.0 * starrelu_scale * tl.maximum({v}, 0.0)",
 }
 
@@ -77,6 +81,8 @@ def activation_torch(
         return v * (v + 3.0).clamp(0.0, 6.0) / 6.0
     if name == "sigmoid":
         return torch.sigmoid(v)
+    if name == "leaky_relu":
+        return torch.nn.functional.leaky_relu(v, LEAKY_SLOPE)
     if name == "starrelu":
         return starrelu_scale * torch.relu(v) ** 2 + starrelu_bias
     raise ValueError(f"unknown activation {name!r}")

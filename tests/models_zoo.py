@@ -34,12 +34,14 @@ def _declare_torchvision_ops() -> torch.library.Library | None:
 _TORCHVISION_OPS = _declare_torchvision_ops()
 
 import timm.models.byobnet as byob  # noqa: E402  (torchvision, which timm imports, needs the ops above)
+import timm.models.cspnet as csp  # noqa: E402
 import torchvision.models as tvm  # noqa: E402
 from timm.models._efficientnet_builder import decode_arch_def  # noqa: E402
 from timm.models.efficientnet import EfficientNet  # noqa: E402
 from timm.models.fastvit import FastVit  # noqa: E402
 from timm.models.ghostnet import GhostNet  # noqa: E402
 from timm.models.inception_next import MetaNeXt  # noqa: E402
+from timm.models.res2net import Bottle2neck  # noqa: E402
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: E402
 from timm.models.starnet import StarNet  # noqa: E402
 from torchvision.models.convnext import CNBlockConfig  # noqa: E402
@@ -52,6 +54,18 @@ CLASSES = 10
 
 def _byob(blocks: tuple, stem_type: str, stem_chs: int) -> nn.Module:
     return byob.ByobNet(byob.ByoModelCfg(blocks=blocks, stem_type=stem_type, stem_chs=stem_chs), num_classes=CLASSES)
+
+
+def _timm_cspnet() -> nn.Module:
+    """CSPResNet-style stages: ConvNormAct (BatchNormAct2d with LeakyReLU) everywhere, each stage's blocks
+    working on a channel slice of the expanded input (x.split) and its output concatenated back."""
+    cfg = csp.CspModelCfg(
+        stem=csp.CspStemCfg(out_chs=16, stride=4, kernel_size=3, pool="max"),
+        stages=csp.CspStagesCfg(
+            depth=(1, 1), out_chs=(32, 64), stride=(1, 2), expand_ratio=2.0, bottle_ratio=0.5, cross_linear=True
+        ),
+    )
+    return csp.CspNet(cfg, num_classes=CLASSES)
 
 
 def _tv_mobilenet_v3() -> nn.Module:
@@ -121,6 +135,21 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
         16,
     ),
     "timm_inceptionnext": (lambda: MetaNeXt(depths=(1, 1), dims=(16, 16), num_classes=CLASSES), 16),
+    "timm_cspnet": (_timm_cspnet, 32),
+    # Res2Net: each 3x3 conv of a block reads one channel slice of the 1x1's output (torch.split), then concat
+    "timm_res2net": (
+        lambda: ResNet(
+            block=Bottle2neck,
+            layers=(1, 1, 1, 1),
+            channels=(8, 8, 8, 8),
+            base_width=26,  # Res2Net-50's: 3 channels per slice at this width
+            block_args=dict(scale=4),
+            stem_width=8,
+            output_stride=16,
+            num_classes=CLASSES,
+        ),
+        32,
+    ),
     "timm_starnet": (lambda: StarNet(base_dim=8, depths=[1, 1], num_classes=CLASSES), 16),
     "tv_mobilenet_v2": (
         lambda: tvm.MobileNetV2(
@@ -154,6 +183,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
             last_channel=32,
             num_classes=CLASSES,
         ),
+        16,
+    ),
+    "tv_densenet": (  # pre-activation BN -> ReLU -> conv on concatenated features
+        lambda: tvm.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=CLASSES),
         16,
     ),
     "tv_convnext": (

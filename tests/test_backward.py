@@ -184,7 +184,7 @@ def test_half_precision_grads(case, dtype):
     _assert_ok(grad_errors(case, dtype, channels_last=True), dtype)
 
 
-ACTIVATIONS = ["relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish", "sigmoid", "starrelu"]
+ACTIVATIONS = ["relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish", "sigmoid", "leaky_relu", "starrelu"]
 # dense (dgrad by phases + split-K wgrad) and depthwise (direct) kernels
 EP_GEOM = [Case(2, 16, 16, (7, 7), 3, stride=2, padding=1), Case(2, 16, 16, (7, 7), 3, padding=1, groups=16)]
 

@@ -64,7 +64,8 @@ EPILOGUES = [
     dict(layer_scale=True, activation="hardswish"),
 ]
 EPILOGUES += [
-    dict(bias=True, activation=a) for a in ("relu", "relu6", "silu", "gelu_tanh", "hardswish", "sigmoid", "starrelu")
+    dict(bias=True, activation=a)
+    for a in ("relu", "relu6", "silu", "gelu_tanh", "hardswish", "sigmoid", "leaky_relu", "starrelu")
 ]
 EP_GEOM = [
     Case(2, 16, 32, (7, 7), 3, padding=1),

@@ -56,6 +56,7 @@ from tunerd.kernels.schedule import Schedule
 from tunerd.kernels.spec import SpecError
 from tunerd.kernels.trust import TrustedPlan
 
+from . import graphs
 from .nn import Conv2d, activation_name
 
 REPARAM_BLOCKS = ("RepVggBlock", "MobileOneBlock", "ReparamLargeKernelConv")
@@ -258,10 +259,10 @@ def _norm(bn: nn.BatchNorm2d) -> reparam.Norm:
 
 def _track(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     """torch's BatchNorm buffer update from batch (mean, biased var) over count values per channel."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
+    factor: float | torch.Tensor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        bn.num_batches_tracked.add_(1)  # the cumulative factor below stays on the device (no host read)
+        factor = bn.num_batches_tracked.double().reciprocal() if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
         with torch.no_grad():  # in float64, as torch's CPU kernel
             bn.running_mean.copy_(factor * mean.double() + (1.0 - factor) * bn.running_mean.double())
@@ -1158,6 +1159,9 @@ class _FusedBlock:
     (its own forward otherwise, and for inputs the description does not cover)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return graphs.run(self, x, self._fused_forward)  # type: ignore[arg-type]  (CUDA graphs when enabled)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         graph = self.__dict__["_tunerd_graphs"].get(self.training)  # type: ignore[attr-defined]
         mixed = any(m.training != self.training for m in self.modules())  # type: ignore[attr-defined]
         if graph is None or mixed or not isinstance(x, torch.Tensor):

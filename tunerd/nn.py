@@ -18,6 +18,7 @@ optimizer parameter lists do not change when a model is patched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -25,7 +26,9 @@ from torch import nn
 
 from tunerd.kernels import prologue
 from tunerd.kernels.autograd import conv as _conv
-from tunerd.kernels.epilogue import activation_torch
+from tunerd.kernels.epilogue import LEAKY_SLOPE, activation_torch
+
+from . import graphs
 
 BN_MODES = ("train", "tune", "eval")
 
@@ -39,9 +42,26 @@ def activation_name(m: nn.Module) -> str | None:
     """The epilogue's name for a torch activation module it can absorb, else None."""
     if type(m) is nn.GELU:
         return "gelu_tanh" if m.approximate == "tanh" else "gelu"
+    if type(m) is nn.LeakyReLU:
+        return "leaky_relu" if m.negative_slope == LEAKY_SLOPE else None
     return {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid"}.get(
         type(m)
     )
+
+
+def tf_same_padding(
+    size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
+    """TensorFlow's 'SAME' padding of inputs this size, (low, high) per dim, the extra one at the end (timm's
+    Conv2dSame and pad_same): outputs ceil(size / stride)."""
+    pads = (max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0) for i, k, s, d in zip(size, kernel, stride, dilation))
+    return tuple((p // 2, p - p // 2) for p in pads)
+
+
+def _is_timm(cls: type, module: str, name: str) -> bool:
+    """Whether cls is timm's class name (or a subclass keeping its forward), without importing timm."""
+    forward = getattr(cls, "forward", None)
+    return (getattr(forward, "__module__", ""), getattr(forward, "__qualname__", "")) == (module, f"{name}.forward")
 
 
 class _TunerdConv(_ConvNd):
@@ -49,13 +69,16 @@ class _TunerdConv(_ConvNd):
 
     _ndim: int
     activation: str | None = None
+    _tf_same = False  # padding from each input's size (timm's Conv2dSame), the kernel's own (low, high) pairs
 
     def _convolve(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **options: Any
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """kernels.autograd.conv with this module's geometry and padding_mode."""
-        padding: str | tuple[int, ...] | int = self.padding
-        if self.padding_mode != "zeros":
+        padding: Any = self.padding
+        if self._tf_same:
+            padding = tf_same_padding(input.shape[-self._ndim :], self.kernel_size, self.stride, self.dilation)
+        elif self.padding_mode != "zeros":
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return _conv(input, weight, bias, self.stride, padding, self.dilation, self.groups, ndim=self._ndim, **options)
@@ -66,6 +89,9 @@ class _TunerdConv(_ConvNd):
         return cast(torch.Tensor, self._convolve(input, weight, bias, **epilogue))  # no stats=True: y alone
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return graphs.run(self, input, self._forward)  # the plain forward unless CUDA graphs are enabled
+
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, self.weight, self.bias, activation=self.activation)
 
     def extra_repr(self) -> str:
@@ -76,28 +102,62 @@ class _TunerdConv(_ConvNd):
 class Conv1d(_TunerdConv, nn.Conv1d):
     _ndim = 1
 
-    def __init__(self, *args: Any, activation: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, activation: str | None = None, cuda_graphs: bool | int = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.activation = activation
+        use_cuda_graphs(self, cuda_graphs)
 
 
 class Conv2d(_TunerdConv, nn.Conv2d):
     _ndim = 2
 
-    def __init__(self, *args: Any, activation: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, activation: str | None = None, cuda_graphs: bool | int = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.activation = activation
+        use_cuda_graphs(self, cuda_graphs)
 
 
 class Conv3d(_TunerdConv, nn.Conv3d):
     _ndim = 3
 
-    def __init__(self, *args: Any, activation: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, activation: str | None = None, cuda_graphs: bool | int = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.activation = activation
+        use_cuda_graphs(self, cuda_graphs)
 
 
-TUNERD_CONV = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+class Conv2dSame(Conv2d):
+    """timm's Conv2dSame (TensorFlow 'SAME' padding computed per input size): the padding is the kernel's own,
+    no padded copy of the input."""
+
+    _tf_same = True
+
+
+TUNERD_CONV: dict[type, type] = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+
+
+def _is_tf_same(cls: type) -> bool:
+    return issubclass(cls, nn.Conv2d) and _is_timm(cls, "timm.layers.conv2d_same", "Conv2dSame")
+
+
+def twin_class(cls: type) -> type | None:
+    """The tunerd class a torch conv class is swapped for (torch's three, timm's Conv2dSame), else None."""
+    return TUNERD_CONV.get(cls) or (Conv2dSame if _is_tf_same(cls) else None)
+
+
+def use_cuda_graphs(module: nn.Module, cuda_graphs: bool | int) -> None:
+    """cuda_graphs: False (off), True (tunerd.graphs.MAX_GRAPHS input signatures kept) or how many to keep: eval,
+    no-grad CUDA calls of module replay captured CUDA graphs (tunerd.graphs)."""
+    if cuda_graphs is False:
+        graphs.disable(module)
+    else:
+        graphs.enable(module, graphs.MAX_GRAPHS if cuda_graphs is True else cuda_graphs)
 
 
 class _FusedConvBN(_TunerdConv):
@@ -106,7 +166,7 @@ class _FusedConvBN(_TunerdConv):
     bn: nn.modules.batchnorm._BatchNorm  # not registered as a submodule: it stays in its place
     bn_mode: str = "train"
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         bn = self.__dict__["_tunerd_bn"]
         training = bn.training and self.bn_mode != "eval"
         if training and self.bn_mode == "tune":
@@ -121,10 +181,10 @@ class _FusedConvBN(_TunerdConv):
         """torch's BatchNorm with batch statistics; the mean and variance come from the conv kernel itself."""
         z, mean, var = self._convolve(input, self.weight, None, stats=True)
         count = z.numel() // z.shape[1]
-        factor = 0.0 if bn.momentum is None else bn.momentum
+        factor: float | torch.Tensor = 0.0 if bn.momentum is None else bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.num_batches_tracked.add_(1)  # the cumulative factor below stays on the device (no host read)
+            factor = bn.num_batches_tracked.double().reciprocal() if bn.momentum is None else bn.momentum
         if count == 1:  # after counting the batch, as torch does
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.size()}")
         if bn.training and bn.track_running_stats:
@@ -161,7 +221,11 @@ class FusedConvBN3d(_FusedConvBN, nn.Conv3d):
     _ndim = 3
 
 
-FUSED_CONV = {nn.Conv1d: FusedConvBN1d, nn.Conv2d: FusedConvBN2d, nn.Conv3d: FusedConvBN3d}
+class FusedConvBN2dSame(FusedConvBN2d):
+    _tf_same = True
+
+
+FUSED_CONV: dict[type, type] = {nn.Conv1d: FusedConvBN1d, nn.Conv2d: FusedConvBN2d, nn.Conv3d: FusedConvBN3d}
 
 
 class _PassThrough:
@@ -171,10 +235,34 @@ class _PassThrough:
         return input
 
 
+class _NormActPassThrough:
+    """A BatchNorm + activation module (timm's BatchNormAct2d) whose normalisation a fused conv now does: it still
+    applies its own drop and act children (a pass-through themselves where the conv absorbed the activation)."""
+
+    drop: nn.Module
+    act: nn.Module
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(input))
+
+
+def is_norm_act(m: nn.Module) -> bool:
+    """Whether m is timm's BatchNormAct2d (or a subclass keeping its forward): torch's BatchNorm semantics, then its
+    drop and act children, in one module. Recognised by its forward, so timm need not be importable here."""
+    return (
+        isinstance(m, nn.BatchNorm2d)
+        and _is_timm(type(m), "timm.layers.norm_act", "BatchNormAct2d")
+        and isinstance(getattr(m, "drop", None), nn.Module)
+        and isinstance(getattr(m, "act", None), nn.Module)
+    )
+
+
 def pass_through_class(cls: type) -> type:
-    """A subclass of cls (BatchNorm or activation) that returns its input unchanged."""
+    """A subclass of cls (BatchNorm or activation) that returns its input unchanged; for a BatchNorm + activation
+    module (is_norm_act), one that applies only its drop and act children."""
     name = f"FusedAway{cls.__name__}"
-    return _PASS_THROUGH.setdefault(cls, type(name, (_PassThrough, cls), {"__module__": __name__}))
+    base = _NormActPassThrough if _is_timm(cls, "timm.layers.norm_act", "BatchNormAct2d") else _PassThrough
+    return _PASS_THROUGH.setdefault(cls, type(name, (base, cls), {"__module__": __name__}))
 
 
 _PASS_THROUGH: dict[type, type] = {}
@@ -186,11 +274,12 @@ def fuse_conv_bn(conv: nn.Module, bn: nn.Module, act: nn.Module | None = None, b
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     base = type(conv)
-    if base not in FUSED_CONV:
+    cls = FUSED_CONV.get(base) or (FusedConvBN2dSame if _is_tf_same(base) else None)
+    if cls is None:
         raise TypeError(f"cannot fuse into {base.__name__}")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"BatchNorm has {bn.num_features} features but the conv has {conv.out_channels} outputs")
-    _swap_class(conv, FUSED_CONV[base])
+    _swap_class(conv, cls)
     fused = cast(_FusedConvBN, conv)  # the class swap is beyond the type checker
     fused.__dict__["_tunerd_bn"] = bn
     fused.bn_mode = bn_mode
@@ -230,6 +319,7 @@ class ConvBNAct(nn.Module):
         bn_mode: str = "train",
         eps: float = 1e-5,
         momentum: float | None = 0.1,
+        cuda_graphs: bool | int = False,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -241,6 +331,7 @@ class ConvBNAct(nn.Module):
         )
         self.bn = bn_cls(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
         fuse_conv_bn(self.conv, self.bn, None, bn_mode).activation = activation
+        use_cuda_graphs(self.conv, cuda_graphs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)

@@ -44,9 +44,10 @@ from .blocks import (
     rep_block,
     rep_parts,
 )
-from .nn import BN_MODES, TUNERD_CONV, activation_name, fuse_conv_bn
+from .graphs import check_max_graphs, ordinary
+from .nn import BN_MODES, activation_name, fuse_conv_bn, is_norm_act, twin_class, use_cuda_graphs
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # and their subclasses: timm's BatchNormAct2d (is_norm_act)
 _MODE = {True: "train", False: "eval"}
 
 
@@ -57,6 +58,7 @@ class PatchReport:
     left: list[tuple[str, str]] = field(default_factory=list)  # (module name, why it was left)
     blocks: list[tuple[str, str]] = field(default_factory=list)  # (block module name, modes it runs fused in)
     kernels: list[tuple[str, str]] = field(default_factory=list)  # (conv or block name, tuned or default; plan)
+    graphs: list[str] = field(default_factory=list)  # modules whose eval no-grad CUDA calls replay CUDA graphs
 
     def __str__(self) -> str:
         lines = [
@@ -67,6 +69,11 @@ class PatchReport:
         lines += [f"  fused   {n} <- {w}" for n, w in self.fused]
         lines += [f"  block   {n}: {w}" for n, w in self.blocks]
         lines += [f"  left    {n}: {w}" for n, w in self.left]
+        if self.graphs:
+            lines.append(
+                f"  graphs: {len(self.graphs)} modules replay CUDA graphs in eval no-grad CUDA calls "
+                "(tunerd.graphs.stats(model): captures, replays, and why a call or capture ran the ordinary path)"
+            )
         if self.kernels:
             lines += [f"  kernel  {n}: {w}" for n, w in self.kernels]
         elif self.swapped:
@@ -80,7 +87,7 @@ class PatchReport:
 
 
 def _why_not(m: nn.Module) -> str | None:
-    if type(m) not in TUNERD_CONV:
+    if twin_class(type(m)) is None:
         return f"{type(m).__name__} is a subclass of a torch conv with its own behaviour"
     if m.weight.dtype not in TORCH_DTYPES:
         return f"weight dtype {m.weight.dtype} is not supported (float32, float16, bfloat16)"
@@ -114,15 +121,41 @@ def _meta_state(model: nn.Module) -> Iterator[None]:
 
 
 def _fusible_chains(model: nn.Module) -> tuple[dict[str, tuple[str, str | None]], str | None]:
-    """conv name -> (bn name, act name or None) where the fx graph shows an exclusive chain."""
+    """conv name -> (bn name, act name or None) where an fx graph shows an exclusive chain, and a note naming the
+    submodules torch.fx could not trace. A module that does not trace (data-dependent control flow, shape
+    arithmetic in its forward) is replaced by its children, each traced on its own: a chain inside a child holds
+    as long as the child's submodules are called only through its forward, as PyTorch modules are written."""
+    chains: dict[str, tuple[str, str | None]] = {}
+    untraced: list[str] = []
+    _collect_chains(model, "", chains, untraced)
+    if not untraced:
+        return chains, None
+    where = ", ".join(untraced[:3]) + (f" and {len(untraced) - 3} more" if len(untraced) > 3 else "")
+    return chains, f"torch.fx could not trace {where}; BatchNorm after their own convs left unfused"
+
+
+def _collect_chains(
+    module: nn.Module, prefix: str, chains: dict[str, tuple[str, str | None]], untraced: list[str]
+) -> None:
     try:
-        with _meta_state(model):
-            gm = torch.fx.symbolic_trace(model)
-    except Exception as e:  # untraceable control flow: swap convs only
-        return {}, f"torch.fx could not trace the model ({type(e).__name__}); BatchNorm left unfused"
+        with _meta_state(module):
+            graph = _ChainTracer().trace(module)
+    except Exception as e:  # untraceable control flow: its children one by one, else swap convs only
+        children = list(module.named_children())
+        if any(isinstance(m, nn.modules.conv._ConvNd) for _, m in children):  # their BNs stay unfused
+            untraced.append(f"{prefix.rstrip('.') or 'the model'} ({type(e).__name__})")
+        for name, child in children:
+            _collect_chains(child, f"{prefix}{name}.", chains, untraced)
+        return
+    for conv, (bn, act) in _graph_chains(module, graph).items():
+        chains[prefix + conv] = (prefix + bn, None if act is None else prefix + act)
+
+
+def _graph_chains(model: nn.Module, graph: torch.fx.Graph) -> dict[str, tuple[str, str | None]]:
+    """The conv -> bn (-> act) chains of one traced graph (names relative to model)."""
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
 
@@ -133,16 +166,30 @@ def _fusible_chains(model: nn.Module) -> tuple[dict[str, tuple[str, str | None]]
         return users[0] if isinstance(modules.get(users[0].target), kinds) else None
 
     chains: dict[str, tuple[str, str | None]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1 or type(modules[node.target]) not in TUNERD_CONV:
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or twin_class(type(modules[node.target])) is None:
             continue
         bn_node = only_user(node, _BN)
         if bn_node is None or not bn_node.args or bn_node.args[0] is not node:
             continue
+        bn = modules[bn_node.target]
+        if is_norm_act(bn) and not (type(bn.drop) is nn.Identity and type(bn.act) is nn.Identity):
+            # timm's BatchNorm + drop + act: the conv absorbs the act only right after the normalisation
+            absorbed = type(bn.drop) is nn.Identity and activation_name(bn.act)
+            chains[node.target] = (bn_node.target, f"{bn_node.target}.act" if absorbed else None)
+            continue
         act_node = only_user(bn_node, (nn.Module,))
         act = act_node.target if act_node is not None and activation_name(modules[act_node.target]) else None
         chains[node.target] = (bn_node.target, act)
-    return chains, None
+    return chains
+
+
+class _ChainTracer(torch.fx.Tracer):
+    """torch.fx's tracer, with timm's BatchNorm + activation modules and Conv2dSame kept whole (leaves, like
+    torch's own)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_norm_act(m) or twin_class(type(m)) is not None or super().is_leaf_module(m, module_qualified_name)
 
 
 def _block_graph(module: nn.Module, training: bool) -> BlockGraph | str:
@@ -196,6 +243,7 @@ def patch(
     fuse_blocks: bool = True,
     example_input: Any = None,
     rep_form: str | None = None,
+    cuda_graphs: bool | int = False,
 ) -> PatchReport:
     """Swap every plain torch Conv1d/2d/3d in model for its tunerd twin, in place; return what was done.
 
@@ -206,10 +254,14 @@ def patch(
     tensor or a tuple of forward arguments) runs one forward (no grad, state restored) so the report says
     per conv and block which kernels are tuned winners and which plan each block runs. rep_form: the training
     form of re-parameterizable blocks (tunerd.blocks.REP_FORMS: 'combine', 'merged' or 'eager', the block's own
-    per-branch forward); None picks per input shape by modelled cost.
+    per-branch forward); None picks per input shape by modelled cost. cuda_graphs: True (or how many input
+    signatures to keep per module) makes every patched conv and fused block replay a captured CUDA graph in eval,
+    no-grad calls on CUDA inputs (tunerd.graphs), for launch-bound small layers.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    if not isinstance(cuda_graphs, bool):
+        check_max_graphs(cuda_graphs)  # before anything changes
     report = PatchReport()
     blocks = _fusable_blocks(model) if fuse_blocks else {}
     reps = _rep_blocks(model) if fuse_blocks else {}
@@ -244,7 +296,7 @@ def patch(
                 report.swapped.append((name, type(m).__name__))
                 continue
         m._tunerd_orig_class = type(m)
-        m.__class__ = TUNERD_CONV[type(m)]
+        m.__class__ = twin_class(type(m))
         m.activation = None
         report.swapped.append((name, type(m).__name__))
     for name, graphs in blocks.items():
@@ -274,6 +326,12 @@ def patch(
         )
     if trace_note:
         report.left.append(("<model>", trace_note))
+    if cuda_graphs is not False:
+        for name, m in model.named_modules():
+            patched = "_tunerd_orig_class" in vars(m)
+            if patched and (isinstance(m, nn.modules.conv._ConvNd) or "_tunerd_graphs" in vars(m)):
+                use_cuda_graphs(m, cuda_graphs)
+                report.graphs.append(name)
     if example_input is not None:
         report.kernels = kernel_sources(model, example_input)
     return report
@@ -317,7 +375,7 @@ def kernel_sources(model: nn.Module, example_input: Any) -> list[tuple[str, str]
         m.__dict__.pop("_tunerd_rep_last", None)
     set_schedule_lookup(record)
     try:
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), ordinary():
             model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
     finally:
         set_schedule_lookup(lookup)
@@ -397,6 +455,7 @@ def unpatch(model: nn.Module) -> int:
             "_tunerd_rep",
             "_tunerd_rep_form",
             "_tunerd_rep_last",
+            "_tunerd_cuda_graphs",
         ):
             m.__dict__.pop(attr, None)
         n += 1
