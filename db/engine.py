@@ -46,8 +46,8 @@ _files: weakref.WeakKeyDictionary[Engine, _File] = weakref.WeakKeyDictionary()
 
 
 class Transactional:
-    """Base of the store's operation mixins (db.queue.JobQueue, db.binaries.BinaryStore): db.store.Store provides
-    the read and write transactions they run in."""
+    """Base of the store's operation mixins (db.queue.JobQueue, db.binaries.BinaryStore, db.compiles.CompileQueue):
+    db.store.Store provides the read and write transactions they run in."""
 
     def _read(self) -> AbstractContextManager[Session]:  # pragma: no cover - provided by Store
         raise NotImplementedError

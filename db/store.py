@@ -46,7 +46,8 @@ from tunerd.kernels.schedule import Schedule
 from tunerd.kernels.spec import BlockSpec
 
 from . import engine as _engine
-from .binaries import BinaryStore, check_binary
+from .binaries import BinaryStore, blobs_of, check_binary, keepable
+from .compiles import CompileQueue
 from .errors import (
     InvalidRecord,
     SnapshotExists,
@@ -212,7 +213,7 @@ class _Ingested:
         self.variants |= later.variants
 
 
-class Store(JobQueue, BinaryStore):
+class Store(JobQueue, BinaryStore, CompileQueue):
     """The tuning database. Store(url) or Store.open(url); url defaults to db.engine.default_url()."""
 
     def __init__(self, url: str | URL | None = None, *, busy_timeout_s: float = 30.0) -> None:
@@ -794,8 +795,10 @@ class Store(JobQueue, BinaryStore):
         blocks: fused block winners, each checked and rendered (kernels.trust.verify_plan) before anything is
         written, then merged by the same rules in one transaction after the winners (their outcomes follow the
         winners' in the returned list).
-        binaries: ahead-of-time binaries to keep (BinaryStore), with the key_id of the pinned key that signed them;
-        written in that last transaction too (the caller decides whether they may be kept: db.bundle)."""
+        binaries: ahead-of-time binaries to keep (BinaryStore), with the key_id of the pinned key that signed them
+        (the caller decides whether they may be kept: db.bundle). Their files are written first, one blob per short
+        transaction and invisible until referred to; their rows go into that last transaction (a failed import
+        leaves only unreferenced blobs, which BinaryStore.collect_blobs deletes after a grace period)."""
         origin = _label("origin", origin, 80, optional=False)
         try:
             to_keep = [check_binary(b) for b in binaries]
@@ -820,6 +823,8 @@ class Store(JobQueue, BinaryStore):
             except (InvalidRecord, trust.UntrustedSource) as e:
                 raise InvalidRecord(f"{_which_block(i, b)}: {e}") from None
             checked_blocks.append((b, tp, m))
+        rows_to_keep = keepable(to_keep)
+        self.keep_blobs(blobs_of(to_keep))  # first: no row refers to them until the last transaction
         outcomes: list[str] = []
         done = _Ingested()
         try:
@@ -842,10 +847,13 @@ class Store(JobQueue, BinaryStore):
                 if not self._pg and len(outcomes) < len(checked):  # let waiting writers in: SQLite's busy
                     time.sleep(min(batch_s, time.monotonic() - until + batch_s))  # handler polls, no queue
             if checked_blocks or to_keep:
-                with self._write() as s:
-                    for b, tp, m in checked_blocks:
-                        outcomes.append(self._offer_block(s, b.device, tp, m, origin, b.created_at))
-                    self._add_binaries(s, to_keep, origin, signed_by)
+
+                def last(s: Session) -> list[str]:
+                    got = [self._offer_block(s, b.device, tp, m, origin, b.created_at) for b, tp, m in checked_blocks]
+                    self._add_binaries(s, rows_to_keep, origin, signed_by)
+                    return got
+
+                outcomes += self._referring(to_keep, last, kept=True)
         except BaseException:
             if done.trials:
                 self._take_back(done, batch_rows)

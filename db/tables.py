@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -31,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 TRIAL_STATUSES = ("ok", "wrong-result", "compile-error", "crash", "timeout")
 JOB_STATUSES = ("queued", "running", "done", "failed")
+COMPILE_STATUSES = ("queued", "running", "tried")
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -264,7 +266,8 @@ class MissTable(Base):
 
 class BinaryTable(Base):
     """One kernel compiled ahead of time for one arch (kernels.aot.Binary), kept so exports and GET /v1/bundle?arch
-    ship it again without compiling. Immutable once written: (variant, arch, Triton cache key) names its bytes."""
+    ship it again without compiling. (variant, arch, Triton cache key) names its bytes: its files are blobs, named
+    by their sha256 (binary_files)."""
 
     __tablename__ = "binaries"
     __table_args__ = (UniqueConstraint("variant_id", "arch", "key"), Index(None, "arch", "variant_id"))
@@ -278,9 +281,64 @@ class BinaryTable(Base):
     name: Mapped[str] = mapped_column(String(150))  # the kernel name, as Triton names its cache files
     env: Mapped[str] = mapped_column(Text)  # canonical JSON: Triton's cache-invalidating environment
     signature: Mapped[str] = mapped_column(Text)  # canonical JSON: launch argument types
-    # canonical JSON {file name: {"sha256": hex, "data": base64}}, as in a bundle: checked on every read
-    files: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(Integer)  # the decoded files' bytes together
     origin: Mapped[str] = mapped_column(String(80))  # "compiled": built here; "bundle:<sha256>": imported
     signed_by: Mapped[str | None] = mapped_column(String(16))  # key_id of the pinned key that signed that bundle
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class BlobTable(Base):
+    """Bytes named by their sha256 (a kept binary's files), held in chunks (blob_chunks). Written after all its chunks,
+    each chunk in its own short transaction, and before any row refers to it, so a large import never holds the write
+    lock for long; one nobody refers to is collected after a grace period (db.binaries.BinaryStore.collect_blobs)."""
+
+    __tablename__ = "blobs"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(Integer)
+    chunks: Mapped[int] = mapped_column(Integer)  # blob_chunks rows 0 .. chunks-1
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # also when last written again
+
+
+class BlobChunkTable(Base):
+    """At most db.binaries.CHUNK_BYTES of a blob. No foreign key: chunks are written before their blob's row (a chunk
+    without one is an unfinished write, collected after the grace period)."""
+
+    __tablename__ = "blob_chunks"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # also when last written again
+
+
+class BinaryFileTable(Base):
+    """One file of a kept binary (<name>.json, <name>.cubin): its blob."""
+
+    __tablename__ = "binary_files"
+    __table_args__ = (Index(None, "sha256"),)
+    binary_id: Mapped[int] = mapped_column(ForeignKey("binaries.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(160), primary_key=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+
+
+class BinaryCompileTable(Base):
+    """A (kernel, arch) a GET /v1/bundle?arch= found no kept binary of, for the idle workers of a fleet to compile
+    ahead of time (db.compiles). The row names the kernel by what renders it (aot.describe), never by source: the
+    worker that claims it renders it again and compiles only its own rendering. "tried" rows remember a compile
+    (whatever its outcome) so it is not queued again within the retry back-off."""
+
+    __tablename__ = "binary_compiles"
+    __table_args__ = (
+        CheckConstraint(_in("status", COMPILE_STATUSES), name="status"),
+        UniqueConstraint("variant_id", "arch"),
+        Index(None, "status", "id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    variant_id: Mapped[str] = mapped_column(String(24))
+    arch: Mapped[int] = mapped_column(Integer)
+    kernel: Mapped[str] = mapped_column(Text)  # canonical JSON of kernels.aot.describe(variant)
+    status: Mapped[str] = mapped_column(String(16))
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    tried_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

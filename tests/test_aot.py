@@ -374,10 +374,15 @@ def test_a_damaged_kept_binary_is_never_shipped(svc, exported, tmp_path):
 
     conv_id, fused_id = render(SPEC).id, next(v.id for v in _kernels() if v.id != render(SPEC).id)
     assert sorted(shipped()[0]) == sorted(good) and shipped()[1] == []
-    with sqlite3.connect(tmp_path / "cluster.sqlite") as raw:  # two rows edited behind the store's back
-        files = json.loads(raw.execute("SELECT files FROM binaries WHERE variant_id = ?", (conv_id,)).fetchone()[0])
-        _flip_cubin({"files": files})
-        raw.execute("UPDATE binaries SET files = ? WHERE variant_id = ?", (json.dumps(files), conv_id))
+    with sqlite3.connect(tmp_path / "cluster.sqlite") as raw:  # a blob and a row edited behind the store's back
+        cubin = (
+            "SELECT f.sha256, c.data FROM binary_files f JOIN binaries r ON r.id = f.binary_id JOIN blob_chunks c "
+            "ON c.sha256 = f.sha256 AND c.seq = 0 WHERE r.variant_id = ? AND f.name LIKE '%.cubin'"
+        )
+        sha, data = raw.execute(cubin, (conv_id,)).fetchone()
+        flipped = bytearray(data)
+        flipped[len(flipped) // 2] ^= 0x01
+        raw.execute("UPDATE blob_chunks SET data = ? WHERE sha256 = ? AND seq = 0", (bytes(flipped), sha))
         raw.execute("UPDATE binaries SET source_sha256 = ? WHERE variant_id = ?", ("ab" * 32, fused_id))
     problem = {b.variant_id: b.problem for b in store.binaries()}
     assert "does not match its sha256" in problem[conv_id] and problem[fused_id] is None  # a plausible row ...
@@ -447,7 +452,7 @@ def test_migration_0005_adds_the_binaries_table_to_an_existing_store(svc, export
     with sqlite3.connect(tmp_path / "v4.sqlite") as raw:
         assert raw.execute("SELECT version_num FROM alembic_version").fetchone() == ("0004",)
     with svc.Store(url) as store:
-        assert store.revision == db_engine.head_revision() == "0005"
+        assert store.revision == db_engine.head_revision()
         svc.record(store, v, 2.0, device=svc.GPU)
         binaries = svc.bundle_binaries(svc.read_bundle(exported[0]))
         assert store.add_binaries(binaries) == 2 and len(store.binaries([v.id], [90])) == 1

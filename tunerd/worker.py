@@ -6,7 +6,10 @@ FOR UPDATE SKIP LOCKED), so the workers of a fleet tune one suite side by side; 
 heartbeats while it tunes, and any worker requeues tasks whose holder stopped heartbeating. When
 the queue is empty the worker tunes the specs clients asked for most and nobody has tuned yet
 (the miss queue), for its own device only; before that it compiles ahead of time the kernels a
-GET /v1/bundle?arch= found no kept binary of (want_binaries), a bounded batch per step, and keeps them.
+GET /v1/bundle?arch= found no kept binary of (want_binaries: the store's compile queue, shared by a
+fleet and kept across restarts), a bounded batch per step claimed by this worker alone, each kernel
+rendered here again from what the row names, and keeps them. Every few minutes an idle worker also
+deletes what failed imports left (blobs nobody refers to) and forgets old compile attempts.
 
 A cancelled job (or one requeued away from this worker, or a daemon stopping) ends within seconds:
 the measurement that is running is killed (schedules.harness.guard), not left to finish.
@@ -37,6 +40,7 @@ log = logging.getLogger("tunerd.worker")
 # once per task, with the task's job narrowed to the task's spec (TaskRow.job).
 JobRunner = Callable[[Any, Any, DeviceFingerprint, Callable[[dict], None]], dict]
 MAX_AOT_PENDING = 4096  # (kernel, arch) pairs waiting to be compiled ahead of time; more requests wait their turn
+MAINTAIN_EVERY_S = 300.0  # how often an idle worker collects unreferenced blobs and forgets old compile attempts
 
 
 class JobLost(Exception):
@@ -84,6 +88,7 @@ class JobWorker:
         revalidate: bool = True,
         aot_batch: int = 16,
         aot_timeout_s: float = 600.0,
+        blob_grace_s: float | None = None,
     ) -> None:
         if stale_after_s <= heartbeat_s:
             raise ValueError(f"stale_after_s ({stale_after_s}) must exceed heartbeat_s ({heartbeat_s})")
@@ -111,8 +116,9 @@ class JobWorker:
         self._revalidate_tried: dict[str, float] = {}  # spec key -> when this worker last queued its re-validation
         self.aot_batch = aot_batch  # kernels compiled ahead of time per idle step ...
         self.aot_timeout_s = aot_timeout_s  # ... within this wall time
-        self._aot_pending: dict[tuple[str, int], Any] = {}  # (variant id, arch) -> the Variant, rendered here
-        self._aot_tried: dict[tuple[str, int], float] = {}  # (variant id, arch) -> when this worker compiled it
+        self.blob_grace_s = blob_grace_s  # unreferenced blobs this young may be a running import's (None: the store's)
+        self._maintained = -1e18  # when this worker last collected blobs (time.monotonic)
+        self.binaries_pending: int | None = None  # the store's compile queue as this worker last saw it (no query)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -184,7 +190,7 @@ class JobWorker:
                 "jobs_done": self.jobs_done,
                 "jobs_failed": self.jobs_failed,
                 "last_error": self.last_error,
-                "binaries_pending": len(self._aot_pending),
+                "binaries_pending": self.binaries_pending,
             }
 
     def _loop(self) -> None:
@@ -224,6 +230,8 @@ class JobWorker:
             task = self._claim()
         if task is None and self.revalidate and self._queue_revalidation():
             task = self._claim()
+        if task is None:
+            self._maintain()
         if task is None and self._compile_binaries():
             return None
         if task is None and self.tune_misses and self._queue_top_miss():
@@ -276,52 +284,67 @@ class JobWorker:
         return True
 
     def want_binaries(self, pairs: Sequence[tuple[Any, int]]) -> int:
-        """Queue (kernel, arch) pairs, kernels this process rendered (kernels.generator.Variant), for the idle worker
-        to compile ahead of time and keep in the store; a pair compiled within miss_retry_s is not queued again.
-        Returns how many pairs wait now."""
-        now = time.monotonic()
+        """Queue (kernel, arch) pairs, kernels this process rendered (kernels.generator.Variant), in the store for the
+        idle workers of the fleet to compile ahead of time and keep; a pair tried within miss_retry_s is not queued
+        again, and at most MAX_AOT_PENDING wait. Returns how many pairs wait now."""
+        n = int(self.store.want_compiles(list(pairs), limit=MAX_AOT_PENDING, retry_s=self.miss_retry_s))
         with self._lock:
-            for v, arch in pairs:
-                k = (v.id, arch)
-                if k in self._aot_pending or now - self._aot_tried.get(k, -1e18) < self.miss_retry_s:
-                    continue
-                if len(self._aot_pending) >= MAX_AOT_PENDING:
-                    break
-                self._aot_pending[k] = v
-            return len(self._aot_pending)
+            self.binaries_pending = n
+        return n
 
     def _compile_binaries(self) -> bool:
-        """Compile up to aot_batch queued kernels (want_binaries) within aot_timeout_s and keep them; True if any
-        were queued. A pair is not retried within miss_retry_s, whatever the outcome."""
+        """Claim up to aot_batch queued pairs (want_binaries), render each kernel here again from what its row names,
+        compile them within aot_timeout_s and keep them; True if any were claimed. A pair is not retried within
+        miss_retry_s, whatever the outcome; one whose worker died is claimed again after aot_timeout_s +
+        stale_after_s."""
         from tunerd.kernels import aot
 
-        with self._lock:
-            batch = list(self._aot_pending.items())[: self.aot_batch]
-            for k, _ in batch:
-                del self._aot_pending[k]
-            now = time.monotonic()
-            self._aot_tried = {k: t for k, t in self._aot_tried.items() if now - t < self.miss_retry_s}
-            self._aot_tried.update((k, now) for k, _ in batch)
-        if not batch:
+        rows = self.store.claim_compiles(
+            self.worker_id,
+            limit=self.aot_batch,
+            stale_s=self.aot_timeout_s + self.stale_after_s,
+            max_attempts=self.max_attempts or 3,
+        )
+        if not rows:
             return False
         by_arch: dict[int, list[Any]] = {}
-        for (_, arch), v in batch:
-            by_arch.setdefault(arch, []).append(v)
+        for row in rows:
+            v = _rendered(row)
+            if v is not None:
+                by_arch.setdefault(row.arch, []).append(v)
         deadline = time.monotonic() + self.aot_timeout_s
-        for arch, variants in sorted(by_arch.items()):
-            left = deadline - time.monotonic()
-            try:
-                if left <= 0:
-                    raise subprocess.TimeoutExpired("aot", self.aot_timeout_s)
-                built = aot.build_or_reuse(variants, [arch], timeout=left)
-                self.store.add_binaries(built.compiled)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                self._note_error(f"compiling {len(variants)} kernel(s) for sm_{arch} ahead of time: {e}")
-                continue
-            for err in built.errors:
-                log.warning("no binary (clients compile it): %s", err)
-            log.info("compiled and kept %d kernel(s) for sm_%d ahead of time", len(built.compiled), arch)
+        try:
+            for arch, variants in sorted(by_arch.items()):
+                left = deadline - time.monotonic()
+                try:
+                    if left <= 0:
+                        raise subprocess.TimeoutExpired("aot", self.aot_timeout_s)
+                    built = aot.build_or_reuse(variants, [arch], timeout=left)
+                    self.store.add_binaries(built.compiled)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    self._note_error(f"compiling {len(variants)} kernel(s) for sm_{arch} ahead of time: {e}")
+                    continue
+                for err in built.errors:
+                    log.warning("no binary (clients compile it): %s", err)
+                log.info("compiled and kept %d kernel(s) for sm_%d ahead of time", len(built.compiled), arch)
+        finally:
+            self.store.finish_compiles(self.worker_id, [r.id for r in rows])
+        n = self.store.pending_compiles()
+        with self._lock:
+            self.binaries_pending = n
         return True
+
+    def _maintain(self) -> None:
+        """Every MAINTAIN_EVERY_S: delete blobs nobody refers to (failed imports) older than blob_grace_s, and forget
+        compile attempts older than miss_retry_s. Bounded: a batch of each per step."""
+        now = time.monotonic()
+        if now - self._maintained < MAINTAIN_EVERY_S:
+            return
+        self._maintained = now
+        n = self.store.collect_blobs(self.blob_grace_s)
+        m = self.store.prune_compiles(self.miss_retry_s)
+        if n or m:
+            log.info("collected %d unreferenced blob(s), forgot %d old compile attempt(s)", n, m)
 
     def _queue_top_miss(self) -> bool:
         """Turn the most requested untuned spec for this device into a job; True if one was queued."""
@@ -445,6 +468,28 @@ class JobWorker:
                 return
             except StoreError as e:  # keep beating: the task is ours until the store says otherwise
                 self._note_error(f"heartbeat of task {task_id}: {e}")
+
+
+def _rendered(row: Any) -> Any:
+    """This process's rendering of a claimed compile (db.compiles.CompileRow), or None (logged) when the row's kernel
+    is past this process's work limits, does not render, or renders as another variant than the row names."""
+    from tunerd.kernels import aot, limits, trust
+    from tunerd.kernels.block import Block
+    from tunerd.kernels.spec import BlockSpec
+
+    try:
+        d = row.kernel
+        if "spec" in d:
+            limits.check(BlockSpec.from_dict(d["spec"]))
+        else:
+            trust.check_block(Block.from_dict(d["block"]))
+        v = aot.rendered(d)
+        if v.id != row.variant_id:
+            raise ValueError(f"it renders as variant {v.id} here")
+        return v
+    except Exception as e:  # a row is a claim: whatever it holds, nothing of it but this rendering is compiled
+        log.warning("compile of variant %s for sm_%d dropped: %s: %s", row.variant_id, row.arch, type(e).__name__, e)
+        return None
 
 
 def _json_safe(value: Any) -> Any:
