@@ -162,6 +162,15 @@ def test_failed_capture_runs_the_ordinary_path_once_and_says_why():
     assert "not permitted" in why and st["last_ordinary"] == why
 
 
+def test_failed_signatures_are_remembered_up_to_a_bound(monkeypatch):
+    monkeypatch.setattr(graphs, "MAX_FAILED", 3)
+    m = _conv(FakeBackend(fail=RuntimeError("no")))
+    with torch.no_grad():
+        for w in range(1, 6):
+            m(torch.randn(1, 4, 1, w))
+    assert [k[0] for k in graphs.cache_of(m).failed] == [(1, 4, 1, 3), (1, 4, 1, 4), (1, 4, 1, 5)]  # oldest dropped
+
+
 def test_never_captures_on_cpu_with_grad_or_in_training():
     m = Conv2d(4, 8, 3, padding=1, cuda_graphs=True).eval()  # the real CUDA backend
     x = torch.randn(2, 4, 5, 5)

@@ -31,6 +31,7 @@ Key = tuple[
     tuple[int, ...], tuple[int, ...], torch.dtype, torch.device, bool
 ]  # shape, stride, dtype, device, inference
 MAX_GRAPHS = 4  # signatures per module unless enable() is told otherwise
+MAX_FAILED = 64  # signatures whose capture raised, remembered per module (not tried again)
 _ATTR = "_tunerd_cuda_graphs"
 _OPTIONS = ("bn_mode", "activation")  # module attributes the captured forward depends on
 
@@ -220,6 +221,8 @@ def _replayed(mods: list[nn.Module], cache: GraphCache, x: torch.Tensor, forward
             if not isinstance(static_out, torch.Tensor):
                 raise TypeError(f"the forward returned {type(static_out).__name__}, not a tensor")
         except Exception as e:  # never fail the call: remember why and run it as before
+            if len(cache.failed) >= MAX_FAILED:  # bounded, oldest first, like the graphs
+                del cache.failed[next(iter(cache.failed))]
             cache.failed[key] = f"capture failed: {type(e).__name__}: {str(e)[:200]}"
             cache.counts["ordinary"] += 1
             cache.last_ordinary = cache.failed[key]
