@@ -16,6 +16,7 @@ dtype. Callers that need float64 (gradcheck, numerics references) use torch.nn.f
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,27 @@ import torch
 from .spec import SpecError, normalize_padding
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tf_same_padding(
+    size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
+    """TensorFlow's 'SAME' padding of inputs this size, (low, high) per dim, the extra one at the end (timm's
+    Conv2dSame and pad_same): outputs ceil(size / stride)."""
+    pads = (max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0) for i, k, s, d in zip(size, kernel, stride, dilation))
+    return tuple((p // 2, p - p // 2) for p in pads)
+
+
+def is_timm_class(cls: type, module: str, name: str) -> bool:
+    """Whether cls is timm's module.name (or a subclass keeping its forward), told without importing timm."""
+    forward = getattr(cls, "forward", None)
+    return (getattr(forward, "__module__", ""), getattr(forward, "__qualname__", "")) == (module, f"{name}.forward")
+
+
+def is_tf_same_conv(cls: type) -> bool:
+    """Whether conv modules of class cls pad TensorFlow-'SAME' from each input's size (tf_same_padding; their
+    padding attribute says 0): timm's Conv2dSame, or tunerd's twin of it (class attribute _tf_same)."""
+    return bool(getattr(cls, "_tf_same", False)) or is_timm_class(cls, "timm.layers.conv2d_same", "Conv2dSame")
 
 
 class ConvArgumentError(SpecError, RuntimeError):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tunerd.kernels.conv import TORCH_DTYPES
+from tunerd.kernels.convargs import is_tf_same_conv, tf_same_padding
 from tunerd.kernels.spec import BlockSpec, Epilogue, SpecError, conv_spec
 
 BN_RELU = Epilogue(affine=True, activation="relu")
@@ -314,7 +315,9 @@ def model_specs(model: nn.Module, example_input: Any, strict: bool = True) -> li
                     in_size=tuple(x.shape[2:]),
                     kernel=mod.kernel_size,
                     stride=mod.stride,
-                    padding=mod.padding,
+                    padding=tf_same_padding(x.shape[2:], mod.kernel_size, mod.stride, mod.dilation)
+                    if is_tf_same_conv(type(mod))
+                    else mod.padding,
                     dilation=mod.dilation,
                     groups=mod.groups,
                     dtype=TORCH_DTYPES[x.dtype],

@@ -16,7 +16,8 @@ from timm.layers import Conv2dSame, ConvNormAct
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
-from tunerd.nn import is_norm_act, tf_same_padding
+from tunerd.kernels.convargs import tf_same_padding
+from tunerd.nn import is_norm_act
 from tunerd.patching import patch, unpatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,6 +114,14 @@ def test_conv2d_same_pads_per_input_size_in_the_kernel(kernel, stride, dilation,
     assert report.swapped == [("0", "Conv2dSame")] and not report.left
     pads = tf_same_padding(size, (kernel,) * 2, (stride,) * 2, (dilation,) * 2)
     assert all(high - low in (0, 1) for low, high in pads)
+
+
+def test_tuning_specs_of_conv2d_same_carry_its_padding():
+    """schedules.model_specs: a Conv2dSame's spec pads as the layer does (its padding attribute says 0)."""
+    from tunerd.schedules.suites import model_specs
+
+    (spec,) = model_specs(nn.Sequential(Conv2dSame(4, 8, 3, stride=2)), torch.randn(1, 4, 8, 11))
+    assert spec.padding == ((0, 1), (1, 1)) and spec.out_size == (4, 6)
 
 
 @pytest.mark.parametrize("name, pairs", [("timm_efficientnet", 10), ("timm_cspnet", 14), ("timm_fastvit", 2)])

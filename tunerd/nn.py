@@ -18,7 +18,6 @@ optimizer parameter lists do not change when a model is patched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from tunerd.kernels import prologue
 from tunerd.kernels.autograd import conv as _conv
+from tunerd.kernels.convargs import is_tf_same_conv, is_timm_class, tf_same_padding
 from tunerd.kernels.epilogue import LEAKY_SLOPE, activation_torch
 
 from . import graphs
@@ -47,21 +47,6 @@ def activation_name(m: nn.Module) -> str | None:
     return {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid"}.get(
         type(m)
     )
-
-
-def tf_same_padding(
-    size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
-) -> tuple[tuple[int, int], ...]:
-    """TensorFlow's 'SAME' padding of inputs this size, (low, high) per dim, the extra one at the end (timm's
-    Conv2dSame and pad_same): outputs ceil(size / stride)."""
-    pads = (max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0) for i, k, s, d in zip(size, kernel, stride, dilation))
-    return tuple((p // 2, p - p // 2) for p in pads)
-
-
-def _is_timm(cls: type, module: str, name: str) -> bool:
-    """Whether cls is timm's class name (or a subclass keeping its forward), without importing timm."""
-    forward = getattr(cls, "forward", None)
-    return (getattr(forward, "__module__", ""), getattr(forward, "__qualname__", "")) == (module, f"{name}.forward")
 
 
 class _TunerdConv(_ConvNd):
@@ -143,7 +128,7 @@ TUNERD_CONV: dict[type, type] = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d
 
 
 def _is_tf_same(cls: type) -> bool:
-    return issubclass(cls, nn.Conv2d) and _is_timm(cls, "timm.layers.conv2d_same", "Conv2dSame")
+    return issubclass(cls, nn.Conv2d) and is_tf_same_conv(cls)
 
 
 def twin_class(cls: type) -> type | None:
@@ -251,7 +236,7 @@ def is_norm_act(m: nn.Module) -> bool:
     drop and act children, in one module. Recognised by its forward, so timm need not be importable here."""
     return (
         isinstance(m, nn.BatchNorm2d)
-        and _is_timm(type(m), "timm.layers.norm_act", "BatchNormAct2d")
+        and is_timm_class(type(m), "timm.layers.norm_act", "BatchNormAct2d")
         and isinstance(getattr(m, "drop", None), nn.Module)
         and isinstance(getattr(m, "act", None), nn.Module)
     )
@@ -261,7 +246,7 @@ def pass_through_class(cls: type) -> type:
     """A subclass of cls (BatchNorm or activation) that returns its input unchanged; for a BatchNorm + activation
     module (is_norm_act), one that applies only its drop and act children."""
     name = f"FusedAway{cls.__name__}"
-    base = _NormActPassThrough if _is_timm(cls, "timm.layers.norm_act", "BatchNormAct2d") else _PassThrough
+    base = _NormActPassThrough if is_timm_class(cls, "timm.layers.norm_act", "BatchNormAct2d") else _PassThrough
     return _PASS_THROUGH.setdefault(cls, type(name, (base, cls), {"__module__": __name__}))
 
 
