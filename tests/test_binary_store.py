@@ -132,6 +132,23 @@ def test_an_import_writes_one_chunk_per_transaction_and_its_rows_at_once(tmp_pat
         assert raw.execute("SELECT count(*) FROM blob_chunks").fetchone() == (0,)
     assert store.collect_blobs(0) == 0 and len(store.binaries()) == 8  # referred-to blobs are never collected
 
+    # `tunerd gc` does the same for a store no daemon serves
+    from typer.testing import CliRunner
+
+    from tunerd.cli import app
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BinaryStore, "_add_binaries", full)
+        with pytest.raises(BundleError):
+            import_bundle_bytes(fresh, data, trusted_keys=[load_trusted_key(pub)])
+    db = f"sqlite:///{tmp_path / 'failed.sqlite'}"
+    young = CliRunner().invoke(app, ["gc", "--db", db])  # within the default hour: may be an import's
+    assert young.exit_code == 0 and "removed 0 " in young.output and fresh.blob_count()[0] == 16
+    old = CliRunner().invoke(app, ["gc", "--db", db, "--older-than", "0"])
+    assert old.exit_code == 0 and "removed 16 " in old.output and fresh.blob_count() == (0, 0), old.output
+    kept = CliRunner().invoke(app, ["gc", "--db", f"sqlite:///{tmp_path / 'dest.sqlite'}", "--older-than", "0"])
+    assert kept.exit_code == 0 and "removed 0 " in kept.output and "16 files" in kept.output
+
 
 def test_a_blob_collected_between_its_write_and_its_rows_is_written_again(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")

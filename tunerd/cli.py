@@ -567,6 +567,31 @@ def import_(
         typer.echo(f"warning: {r.binaries_note}", err=True)
 
 
+@app.command()
+def gc(
+    db: str | None = typer.Option(None, help="SQLAlchemy URL"),
+    older_than: float = typer.Option(
+        3600.0, min=0.0, help="seconds: only files an interrupted import left at least this long ago"
+    ),
+) -> None:
+    """Delete binary files no kept binary refers to (what an import that failed or was killed halfway left), as a
+    running daemon's idle worker does every few minutes: for stores no daemon serves. In short transactions."""
+    from tunerd.db.errors import StoreError
+
+    store = _store(db)
+    before, removed = store.blob_count(), 0
+    try:
+        while n := store.collect_blobs(older_than, limit=256):
+            removed += n
+    except StoreError as e:
+        fail(f"cannot collect: {e}")
+    after = store.blob_count()
+    typer.echo(
+        f"removed {removed} unreferenced files and chunks ({(before[1] - after[1]) / 2**20:.1f} MiB); "
+        f"{after[0]} files ({after[1] / 2**20:.1f} MiB) kept"
+    )
+
+
 _SERVE_HELP = {
     "host": "address to listen on (env TUNERD_HOST; default 127.0.0.1)",
     "port": "port (env TUNERD_PORT; default 8521)",
