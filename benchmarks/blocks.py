@@ -794,15 +794,7 @@ def run_module_case(case: Case, entry: ModuleEntry, cfg: Config, device: torch.d
     outputs themselves: no NaN poisoning here, the float64 check is the gate."""
     from tunerd.blocks import last_form, rep_block, rep_costs
 
-    doc: dict[str, Any] = {
-        "suite": case.suite,
-        "entry": case.entry,
-        "count": case.count,
-        "name": entry.describe(),
-        "pass": case.op,
-        "dtype": entry.dtype,
-        "module": {"x_shape": list(entry.x_shape)},
-    }
+    doc = _module_doc(case, entry)
     t0 = time.perf_counter()
     backward = case.op == "fwd+bwd"
     dt = SPEC_DTYPES[entry.dtype]
@@ -855,14 +847,9 @@ def run_module_case(case: Case, entry: ModuleEntry, cfg: Config, device: torch.d
     return doc
 
 
-def run_cuda_graph_case(case: Case, entry: ModuleEntry, cfg: Config, device: torch.device) -> dict[str, Any]:
-    """A CUDA-graph case: the timm module in eval without gradients, patched (kernels launched call by call) and
-    patched with cuda_graphs=True (graph replays), its own forward and torch.compile of it; each checked against
-    the float64 module, then timed side by side. GPU only: on another device the case records why it did not run."""
-    from tunerd import graphs
-    from tunerd.patching import patch
-
-    doc: dict[str, Any] = {
+def _module_doc(case: Case, entry: ModuleEntry) -> dict[str, Any]:
+    """The result document's header of a module case."""
+    return {
         "suite": case.suite,
         "entry": case.entry,
         "count": case.count,
@@ -871,6 +858,16 @@ def run_cuda_graph_case(case: Case, entry: ModuleEntry, cfg: Config, device: tor
         "dtype": entry.dtype,
         "module": {"x_shape": list(entry.x_shape)},
     }
+
+
+def run_cuda_graph_case(case: Case, entry: ModuleEntry, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """A CUDA-graph case: the timm module in eval without gradients, patched (kernels launched call by call) and
+    patched with cuda_graphs=True (graph replays), its own forward and torch.compile of it; each checked against
+    the float64 module, then timed side by side. GPU only: on another device the case records why it did not run."""
+    from tunerd import graphs
+    from tunerd.patching import patch
+
+    doc = _module_doc(case, entry)
     t0 = time.perf_counter()
     if device.type != "cuda":
         doc.update(error="CUDA graphs need a CUDA device: GPU only", contenders={}, speedups={}, seconds=0.0)

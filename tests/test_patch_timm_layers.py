@@ -12,6 +12,7 @@ from functools import partial
 import models_zoo as zoo
 import pytest
 import torch
+from test_train_models import _randomize
 from timm.layers import Conv2dSame, ConvNormAct
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
@@ -30,21 +31,9 @@ class _OwnForward(BatchNormAct2d):
         return super().forward(x) * 2.0
 
 
-def _randomized(model: nn.Module) -> nn.Module:
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.3)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return model
-
-
 def _same_as_torch(base: nn.Module, x: torch.Tensor) -> dict[str, str]:
     """Train step and eval forward of base patched (float32) vs unpatched in float64; the report's fused pairs."""
-    base = _randomized(base)
+    _randomize(base, torch.Generator().manual_seed(3))
     ours, ref = copy.deepcopy(base), copy.deepcopy(base).double()
     report = patch(ours)
     close = dict(rtol=1e-4, atol=1e-5)
