@@ -186,7 +186,8 @@ class _FusedConvBN(_TunerdConv):
         scale = torch.rsqrt(var + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight.float()
-        centred = z.float() - mean.reshape(shape)  # never E[z^2] - E[z]^2: no cancellation for large means
+        # never E[z^2] - E[z]^2: no cancellation for large means; a 16-bit z is promoted inside the subtraction
+        centred = torch.sub(z, mean.reshape(shape).float())
         if bn.bias is None:
             y = centred * scale.reshape(shape)
         else:
