@@ -9,8 +9,8 @@ import copy
 import models_zoo  # noqa: F401  (timm after tunerd, with torchvision's ops declared)
 import pytest
 import torch
+from test_eca_resnet import _eca_resnet
 from timm.models.convnext import ConvNeXt
-from timm.models.resnet import Bottleneck, ResNet
 
 import tunerd
 from tunerd.kernels import capture, reference
@@ -93,19 +93,6 @@ def test_cumulative_batchnorm_counts_on_the_device():
     assert reference.rel_error(ours.bn.running_var, ref.bn.running_var.double()) < 1e-5
 
 
-def _eca_resnet() -> torch.nn.Module:  # ecaresnet26t's settings, narrow and shallow
-    return ResNet(
-        block=Bottleneck,
-        layers=(1, 1, 1, 1),
-        channels=(8, 8, 8, 8),
-        stem_width=8,
-        stem_type="deep_tiered",
-        avg_down=True,
-        block_args=dict(attn_layer="eca"),
-        num_classes=10,
-    )
-
-
 def _head(model: torch.nn.Module, *names: str) -> torch.nn.Module:
     return torch.nn.Sequential(*(model.get_submodule(n) for n in names))
 
@@ -113,7 +100,7 @@ def _head(model: torch.nn.Module, *names: str) -> torch.nn.Module:
 # a real model's first layers (each kind of patched module: fused conv + BN, fused blocks), small input
 MODELS = {
     "timm_resnet": (lambda: _head(models_zoo.build("timm_resnet"), "conv1", "bn1", "act1", "layer1"), (2, 3, 8, 8)),
-    "ecaresnet": (lambda: _head(_eca_resnet(), "layer2"), (2, 32, 6, 6)),  # ResNet-D shortcut, ECA
+    "ecaresnet": (lambda: _head(_eca_resnet((1, 1, 1, 1)), "layer2"), (2, 32, 6, 6)),  # ResNet-D shortcut, ECA
     "convnext": (lambda: _head(ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8)), "stem", "stages.0"), (2, 3, 16, 16)),
 }
 

@@ -190,6 +190,11 @@ def run(module: nn.Module, x: torch.Tensor, forward: Forward) -> torch.Tensor:
         return _replayed(mods, cache, x, forward)
     if why == "training mode":
         cache.clear()  # training updates what the graphs read; eval recaptures
+    return _ordinary(cache, why, forward, x)
+
+
+def _ordinary(cache: GraphCache, why: str, forward: Forward, x: torch.Tensor) -> torch.Tensor:
+    """forward(x) as it is, counted, with why it did not replay a graph."""
     cache.counts["ordinary"] += 1
     cache.last_ordinary = why
     return forward(x)
@@ -199,9 +204,7 @@ def _replayed(mods: list[nn.Module], cache: GraphCache, x: torch.Tensor, forward
     try:
         state, tensors = _state(mods)
     except RuntimeError as e:  # an inference tensor has no version counter: nothing tells when it changes
-        cache.counts["ordinary"] += 1
-        cache.last_ordinary = f"cannot track its tensors ({e})"
-        return forward(x)
+        return _ordinary(cache, f"cannot track its tensors ({e})", forward, x)
     if state != cache.state:
         cache.clear()
         cache.state, cache.held = state, [t.detach() for t in tensors]
@@ -210,9 +213,7 @@ def _replayed(mods: list[nn.Module], cache: GraphCache, x: torch.Tensor, forward
     entry = cache.entries.get(key)
     if entry is None:
         if key in cache.failed:
-            cache.counts["ordinary"] += 1
-            cache.last_ordinary = cache.failed[key]
-            return forward(x)
+            return _ordinary(cache, cache.failed[key], forward, x)
         static_in = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
         static_in.copy_(x)
         try:
@@ -224,9 +225,7 @@ def _replayed(mods: list[nn.Module], cache: GraphCache, x: torch.Tensor, forward
             if len(cache.failed) >= MAX_FAILED:  # bounded, oldest first, like the graphs
                 del cache.failed[next(iter(cache.failed))]
             cache.failed[key] = f"capture failed: {type(e).__name__}: {str(e)[:200]}"
-            cache.counts["ordinary"] += 1
-            cache.last_ordinary = cache.failed[key]
-            return forward(x)
+            return _ordinary(cache, cache.failed[key], forward, x)
         entry = cache.entries[key] = _Entry(replay, static_in, static_out)
         cache.counts["captures"] += 1
         while len(cache.entries) > cache.max_graphs:

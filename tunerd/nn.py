@@ -232,12 +232,15 @@ class _NormActPassThrough:
         return self.act(self.drop(input))
 
 
+_NORM_ACT = ("timm.layers.norm_act", "BatchNormAct2d")
+
+
 def is_norm_act(m: nn.Module) -> bool:
     """Whether m is timm's BatchNormAct2d (or a subclass keeping its forward): torch's BatchNorm semantics, then its
     drop and act children, in one module. Recognised by its forward, so timm need not be importable here."""
     return (
         isinstance(m, nn.BatchNorm2d)
-        and is_timm_class(type(m), "timm.layers.norm_act", "BatchNormAct2d")
+        and is_timm_class(type(m), *_NORM_ACT)
         and isinstance(getattr(m, "drop", None), nn.Module)
         and isinstance(getattr(m, "act", None), nn.Module)
     )
@@ -247,7 +250,7 @@ def pass_through_class(cls: type) -> type:
     """A subclass of cls (BatchNorm or activation) that returns its input unchanged; for a BatchNorm + activation
     module (is_norm_act), one that applies only its drop and act children."""
     name = f"FusedAway{cls.__name__}"
-    base = _NormActPassThrough if is_timm_class(cls, "timm.layers.norm_act", "BatchNormAct2d") else _PassThrough
+    base = _NormActPassThrough if is_timm_class(cls, *_NORM_ACT) else _PassThrough
     return _PASS_THROUGH.setdefault(cls, type(name, (base, cls), {"__module__": __name__}))
 
 
